@@ -1,0 +1,91 @@
+"""The description of a shard set: `dataset.json` (the card) and `manifest.parquet` (one row a shard).
+
+The manifest is written last: its presence means the set is complete. It stores shard names
+relative to the set, so a set can be copied elsewhere (local -> S3) as is; `read_manifest`
+returns full URLs.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from datetime import datetime, timezone
+from importlib import metadata
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+from .storage import filesystem, join, to_url
+
+CARD = "dataset.json"
+MANIFEST = "manifest.parquet"
+NOT_A_SET = "no dataset.json: not an orbitgen shard set (build one with `orbitgen data build`)"
+
+
+def builder() -> str:
+    try:
+        return f"orbitgen {metadata.version('orbitgen')}"
+    except metadata.PackageNotFoundError:  # running from a checkout that isn't installed
+        return "orbitgen unknown"
+
+
+class DatasetCard(BaseModel):
+    layout: str                    # the source layout, e.g. "folder", "synthetic:craters"
+    modalities: list[str]          # sample parts: "image", "cond", "mask", "cls"
+    resolution: int
+    channels: int
+    count: int
+    fingerprint: str               # sha256 over the shards' sha256 hex digests, in order
+    shards: int
+    source: str
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    builder: str = Field(default_factory=builder)
+
+
+def fingerprint(shard_sha256s: list[str]) -> str:
+    h = hashlib.sha256()
+    for s in shard_sha256s:
+        h.update(s.encode("ascii"))
+    return h.hexdigest()
+
+
+def read_card(url: str) -> DatasetCard:
+    fs, path = filesystem(url)
+    try:
+        with fs.open(join(path, CARD), "rb") as f:
+            return DatasetCard.model_validate_json(f.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: {NOT_A_SET}") from None
+
+
+def write_card(url: str, card: DatasetCard) -> None:
+    fs, path = filesystem(url)
+    with fs.open(join(path, CARD), "wb") as f:
+        f.write(card.model_dump_json(indent=2).encode())
+
+
+def read_manifest(url: str) -> pd.DataFrame:
+    """Columns url (full shard URL), samples, bytes, sha256; one row a shard, in order."""
+    fs, path = filesystem(url)
+    try:
+        with fs.open(join(path, MANIFEST), "rb") as f:
+            df = pq.read_table(io.BytesIO(f.read())).to_pandas()
+    except FileNotFoundError:
+        if not fs.exists(join(path, CARD)):
+            raise FileNotFoundError(f"{url}: {NOT_A_SET}") from None
+        raise FileNotFoundError(f"{url}: no {MANIFEST}: the shard set is incomplete "
+                                "(interrupted build?); build it again") from None
+    df["url"] = [u if "://" in u else join(to_url(url), u) for u in df["url"]]
+    return df
+
+
+def write_manifest(url: str, rows: list[dict]) -> None:
+    """rows: {"url": shard name relative to the set, "samples", "bytes", "sha256"}."""
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("url", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())]))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs, path = filesystem(url)
+    with fs.open(join(path, MANIFEST), "wb") as f:
+        f.write(buf.getvalue())

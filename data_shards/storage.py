@@ -1,0 +1,101 @@
+"""Where shards live: fsspec URLs (`file://`, plain paths, `s3://`) and webdataset's opener for them.
+
+S3 settings come from the standard AWS variables plus `AWS_ENDPOINT_URL` for S3-compatible
+servers (moto, MinIO, Ceph). Filesystem instances are cached by fsspec itself: its cache key
+includes the process id (and the thread), so a forked DataLoader worker gets fresh s3fs
+instances instead of sharing the parent's event loop and connections.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+_LOCAL = (None, "", "file", "local")
+
+
+def _split(url: str) -> tuple[str | None, str]:
+    if "://" not in url:
+        return None, url
+    protocol, rest = url.split("://", 1)
+    return protocol, rest
+
+
+def to_url(path_or_url: str) -> str:
+    """Local paths become absolute `file://` URLs (no percent-encoding: fsspec doesn't decode it)."""
+    path_or_url = str(path_or_url)
+    protocol, rest = _split(path_or_url)
+    if protocol is not None:
+        return path_or_url
+    return "file://" + os.path.abspath(os.path.expanduser(rest))
+
+
+def join(url: str, *parts: str) -> str:
+    """`join("s3://b/sets", "x", "shard-000000.tar")` -> "s3://b/sets/x/shard-000000.tar"."""
+    out = str(url).rstrip("/")
+    for p in parts:
+        p = str(p).strip("/")
+        if p:
+            out = f"{out}/{p}"
+    return out
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `url` and the path inside it (no scheme)."""
+    protocol, rest = _split(str(url))
+    if protocol in _LOCAL:
+        # auto_mkdir: writing a file creates its folders, as object stores do implicitly.
+        return fsspec.filesystem("file", auto_mkdir=True), os.path.abspath(os.path.expanduser(rest))
+    if protocol in ("s3", "s3a"):
+        kwargs = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            # Not region_name: with it, s3fs/moto bucket creation fails (see ENVIRONMENT.md).
+            kwargs["client_kwargs"] = {"endpoint_url": endpoint}
+        fs = fsspec.filesystem("s3", **kwargs)
+        return fs, fs._strip_protocol(url)
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+# Errors worth another try when opening remote objects: connection resets, timeouts, 5xx.
+# Missing objects and refused permissions are not transient.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def open_with_retries(url: str, mode: str = "rb", attempts: int = 5, **kwargs):
+    """`fs.open` with exponential backoff on transient errors (s3fs retries single reads itself)."""
+    fs, path = filesystem(url)
+    for attempt in range(attempts):
+        try:
+            return fs.open(path, mode, **kwargs)
+        except _PERMANENT:
+            raise
+        except Exception as exc:  # botocore/aiohttp errors do not share one base class
+            if attempt == attempts - 1:
+                raise
+            delay = min(8.0, 0.25 * 2**attempt) * (0.5 + random.random())
+            log.warning("opening %s failed (%s); retrying in %.1fs", url, exc, delay)
+            time.sleep(delay)
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    # Shards are read front to back: a large read-ahead block keeps request count low.
+    return open_with_retries(url, mode, block_size=16 * 2**20, cache_type="readahead")
+
+
+def register_webdataset_schemes() -> None:
+    """Teach webdataset's `gopen` to read `s3://` through fsspec (it has no handler of its own).
+
+    Idempotent and cheap; the stream calls it again inside each DataLoader worker so that
+    workers started with `spawn` (which do not inherit the parent's registration) work too.
+    """
+    from webdataset.gopen import gopen_schemes  # the module, not the same-named function
+
+    for scheme in ("s3", "s3a"):
+        gopen_schemes[scheme] = _gopen_fsspec

@@ -1,0 +1,138 @@
+"""Run one job spec: resolve data, open the MLflow run, train on Ray, register and promote.
+
+This is the driver side; `jobs/train_loop.py` is what each Ray Train worker runs.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow
+
+from data_shards.builtin import ensure_builtin, is_builtin
+from data_shards.card import read_card
+from data_shards.storage import filesystem
+from jobs import registry, tracking
+from jobs.env import forwarded_env
+from jobs.spec import JobSpec
+
+
+@dataclass
+class JobResult:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    data_url: str
+    storage: str
+    checkpoint: str | None
+    metrics: dict[str, Any]
+    model_version: str | None = None
+    promotion: registry.Promotion | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_data(spec: JobSpec) -> str:
+    if is_builtin(spec.data.train):
+        return ensure_builtin(spec.data.train, str(spec.workdir_path() / "shards"),
+                              spec.data.resolution, spec.data.channels)
+    return spec.data.train
+
+
+def check_data(spec: JobSpec, url: str) -> dict[str, Any]:
+    card = read_card(url)
+    if (card.resolution, card.channels) != (spec.data.resolution, spec.data.channels):
+        raise ValueError(f"data.train {url} holds {card.channels}-channel {card.resolution}² images, "
+                         f"but the spec says data.channels={spec.data.channels}, data.resolution={spec.data.resolution}")
+    return card.model_dump(mode="json")
+
+
+def ray_storage(url: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train: local paths stay paths; other stores go
+    through the same fsspec filesystem the data plane uses, wrapped for pyarrow."""
+    if url.startswith("file://") or "://" not in url:
+        return filesystem(url)[1], None
+    import pyarrow.fs
+
+    fs, path = filesystem(url)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)           # a cluster, or the job's own cluster under Ray Jobs
+    else:
+        # The dashboard stays on: Ray Train's placement-group cleaner queries the state API it serves.
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=300_000_000, log_to_driver=True)
+
+
+def run_job(spec: JobSpec, say: Callable[[str], None] = print) -> JobResult:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.train_loop import train_loop_per_worker
+
+    started = time.perf_counter()
+    spec = spec.model_copy(update={"workdir": str(spec.workdir_path())})  # workers may run elsewhere
+    data_url = resolve_data(spec)
+    card = check_data(spec, data_url)
+    say(f"data      {data_url} ({card['count']} images, fingerprint {card['fingerprint'][:12]})")
+
+    tracking_uri = spec.tracking_uri()
+    experiment_id = tracking.ensure_experiment(tracking_uri, spec.experiment, spec.workdir_path() / "mlartifacts")
+    storage = spec.storage_url()
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        run_id = run.info.run_id
+        mlflow.set_tags({tracking.TAG_FAMILY: spec.family, tracking.TAG_DATA: card["fingerprint"],
+                         tracking.TAG_GIT: tracking.git_sha(), tracking.TAG_SPEC: spec.sha()})
+        mlflow.log_params(tracking.flatten(spec.model_dump(mode="json")))
+        mlflow.log_text(spec.to_yaml(), "spec.yaml")
+        tracking.log_dataset(data_url, card)
+        say(f"mlflow    {tracking_uri} · experiment {spec.experiment} · run {run_id}")
+
+        ensure_ray()
+        storage_path, storage_fs = ray_storage(storage)
+        run_name = f"{spec.name}-{run_id[:8]}"
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"spec": spec.model_dump(mode="json"), "data_url": data_url, "run_id": run_id,
+                               "tracking_uri": tracking_uri, "env": forwarded_env()},
+            scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                         resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo", timeout_s=600),
+            run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+                                 failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures)),
+        )
+        say(f"training  {spec.family} · {spec.total_steps} steps · {spec.scaling.num_workers} workers "
+            f"({spec.strategy.kind}) · checkpoints under {storage.rstrip('/')}/{run_name}")
+        result = trainer.fit()
+        metrics = dict(result.metrics or {})
+        mlflow.set_tag("orbitgen.checkpoint", result.checkpoint.path if result.checkpoint else "")
+
+        out = JobResult(run_id=run_id, experiment_id=experiment_id, tracking_uri=tracking_uri, data_url=data_url,
+                        storage=f"{storage.rstrip('/')}/{run_name}", checkpoint=result.checkpoint.path if result.checkpoint else None,
+                        metrics=metrics)
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
+                spec_file = Path(tmp) / "spec.yaml"
+                spec_file.write_text(spec.to_yaml())
+                version = registry.log_generator(Path(d) / "generator.pt", spec_file, spec.tracking.registry_model)
+            out.model_version = version
+            if version is not None:
+                out.promotion = registry.promote(spec.tracking.registry_model, metric=spec.tracking.promote_metric,
+                                                 mode=spec.tracking.promote_mode, candidate=version)
+                say(f"registry  {spec.tracking.registry_model} v{version}: {out.promotion.reason}")
+    out.seconds = time.perf_counter() - started
+    return out

@@ -1,0 +1,220 @@
+"""The job spec: one YAML file, validated before anything starts; errors name the field.
+
+Section and key names are a contract (DESIGN.md): later work may add keys, never rename them.
+`--set section.key=value` overrides any key; values are parsed as YAML (numbers, booleans, lists).
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.family import available_families, get_family_cls
+
+SPECS_DIR = Path(__file__).parent / "specs"
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the field and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Section):
+    train: str = Field(description="fsspec URL of a shard set (file://, s3://) or builtin:NAME?count=N&seed=S")
+    resolution: int = Field(64, ge=8, le=4096)
+    channels: int = Field(1, ge=1, le=16)
+    shuffle_buffer: int = Field(256, ge=1)
+    loader_workers: int = Field(1, ge=0, description="DataLoader processes per training worker")
+
+
+class AugmentSpec(_Section):
+    ada: dict[str, Any] | None = None
+    mineaug: list[str] = []
+
+
+class TrainSpec(_Section):
+    batch: int = Field(16, ge=1, description="global batch, split evenly over the workers")
+    steps: int | None = Field(None, ge=1, description="overrides kimg when set")
+    kimg: float | None = Field(None, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    log_every: int = Field(10, ge=1)
+
+
+class StrategySpec(_Section):
+    kind: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = Field(1, ge=0, le=3)
+
+
+class ScalingSpec(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+class CheckpointSpec(_Section):
+    every_steps: int = Field(1000, ge=1)
+    keep: int = Field(3, ge=1)
+    storage: str | None = Field(None, description="fsspec URL for run storage; default <workdir>/runs")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
+
+
+class EvalSpec(_Section):
+    every_steps: int | None = Field(None, ge=1)
+    metrics: list[str] = ["fid"]
+    num_samples: int = Field(1000, ge=2)
+    fid_extractor: Literal["randconv", "inception"] = "randconv"
+    inception_weights: str | None = None
+
+    @model_validator(mode="after")
+    def _inception_needs_weights(self) -> "EvalSpec":
+        if self.fid_extractor == "inception":
+            if not self.inception_weights:
+                raise ValueError("fid_extractor 'inception' needs eval.inception_weights (a local file path)")
+            if not Path(self.inception_weights).expanduser().is_file():
+                raise ValueError(f"eval.inception_weights: no file at {self.inception_weights}")
+        return self
+
+
+class TrackingSpec(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite under workdir")
+    experiment: str | None = Field(None, description="default: the spec name")
+    registry_model: str | None = Field(None, description="registered model name; null = do not register")
+    promote_metric: str = "fid"
+    promote_mode: Literal["min", "max"] = "min"
+
+
+class JobSpec(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    family: str
+    workdir: str = Field("orbitgen-work", description="local folder for defaults: built-in data, runs, MLflow store")
+    data: DataSpec
+    model: dict[str, Any] = {}
+    augment: AugmentSpec = AugmentSpec()
+    train: TrainSpec = TrainSpec()
+    strategy: StrategySpec = StrategySpec()
+    scaling: ScalingSpec = ScalingSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    eval: EvalSpec = EvalSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        if v not in available_families():
+            raise ValueError(f"unknown family {v!r}; allowed: {', '.join(available_families())}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "JobSpec":
+        if self.train.batch % self.scaling.num_workers:
+            raise ValueError(f"train.batch ({self.train.batch}) must be divisible by "
+                             f"scaling.num_workers ({self.scaling.num_workers})")
+        if self.train.steps is None and self.train.kimg is None:
+            raise ValueError("set train.steps or train.kimg")
+        family = get_family_cls(self.family)
+        try:
+            self.model = family.config_cls.model_validate(self.model).model_dump()
+        except ValidationError as e:
+            raise SpecError(_format_errors(e, prefix="model")) from None
+        return self
+
+    # Derived values: one place so the driver, the workers and the tests agree.
+    @property
+    def total_steps(self) -> int:
+        if self.train.steps is not None:
+            return self.train.steps
+        return max(1, round(self.train.kimg * 1000 / self.train.batch))
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.train.batch // self.scaling.num_workers
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    def workdir_path(self) -> Path:
+        return Path(self.workdir).expanduser().absolute()
+
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.workdir_path() / 'mlflow.db'}"
+
+    def storage_url(self) -> str:
+        return self.checkpoint.storage or (self.workdir_path() / "runs").as_uri()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def sha(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"]) if p != "__root__")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see jobs/specs/*.yaml for the keys)"
+        got = e.get("input")
+        shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc or '(spec)'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"  --set {item!r}: expected key.path=value")
+        path, value = item.split("=", 1)
+        keys = path.strip().split(".")
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"  --set {path}: {k} is not a section")
+        node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+    return raw
+
+
+def parse_spec(text: str, overrides: list[str] = (), source: str = "<spec>") -> JobSpec:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a spec is a YAML mapping with keys name, family, data, ...")
+    try:
+        return JobSpec.model_validate(apply_overrides(raw, list(overrides)))
+    except SpecError as e:
+        raise SpecError(f"{source} is not a valid job spec:\n{e}") from None
+    except ValidationError as e:
+        raise SpecError(f"{source} is not a valid job spec:\n{_format_errors(e)}") from None
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"no spec file at {p} (ready specs: {', '.join(s.name for s in sorted(SPECS_DIR.glob('*.yaml')))})")
+    return parse_spec(p.read_text(), overrides, source=str(p))
+
+
+def encode_inline(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+def decode_inline(b64: str) -> str:
+    return base64.urlsafe_b64decode(b64.encode()).decode()

@@ -1,0 +1,93 @@
+"""MLflow: experiment per spec name, the run's tags, params, dataset lineage and step metrics.
+
+The driver owns the run (creates it, marks it failed on error); rank 0 of the training workers
+logs step metrics and images into it by run id through `RunLogger`.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+import numpy as np
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+TAG_FAMILY = "orbitgen.family"
+TAG_DATA = "orbitgen.data_fingerprint"
+TAG_GIT = "orbitgen.git_sha"
+TAG_SPEC = "orbitgen.spec_sha"
+
+
+def git_sha() -> str:
+    if os.environ.get("ORBITGEN_GIT_SHA"):
+        return os.environ["ORBITGEN_GIT_SHA"]
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def ensure_experiment(tracking_uri: str, name: str, local_artifacts: Path) -> str:
+    """Experiment id for `name`; a local store keeps artifacts beside it, not in ./mlruns."""
+    mlflow.set_tracking_uri(tracking_uri)
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = local_artifacts.as_uri() if is_local_store(tracking_uri) else None
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+def log_dataset(url: str, card: Mapping[str, Any]) -> None:
+    """Dataset lineage: the shard set's manifest as the source, its content fingerprint as the digest."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": both readings are local files
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(url.rstrip("/") + "/manifest.parquet")
+    mlflow.log_input(MetaDataset(source, name=Path(url.rstrip("/")).name, digest=card["fingerprint"][:36]),
+                     context="train")
+    mlflow.log_dict(dict(card), "dataset/dataset.json")
+
+
+
+class RunLogger:
+    """Logs into an existing run by id (used inside Ray workers, where no active run exists)."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+
+    def metrics(self, step: int, values: Mapping[str, float]) -> None:
+        import time
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items()])
+
+    def params(self, values: Mapping[str, Any]) -> None:
+        for k, v in values.items():
+            self.client.log_param(self.run_id, k, v)
+
+    def image(self, image: np.ndarray, path: str) -> None:
+        self.client.log_image(self.run_id, image[..., 0] if image.shape[-1] == 1 else image, artifact_file=path)

@@ -1,0 +1,1 @@
+"""What is trained: networks, losses, metrics, one "family" per system (see `models.family`)."""

@@ -1,0 +1,104 @@
+"""The family contract: what a trained system must provide to the family-agnostic train loop.
+
+A family builds its networks from the spec, names its training *phases* (one trained network
+each: "D", then "G" for a GAN), computes the loss of one phase on one batch, samples images,
+and says which metrics judge it. It never touches Ray, MLflow or distributed code: engines
+(`jobs/engines.py`) own backward, the optimizer step, precision and gradient sync.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class FamilyConfig(BaseModel):
+    """Base of a family's `model:` section. Families subclass it with published defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Phase:
+    """One trained network per phase; its optimizer settings come from the family."""
+
+    name: str                      # also the key of the network in `networks`
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+
+
+@dataclass
+class StepContext:
+    """What a family's loss sees besides the batch.
+
+    `net(role)` returns the module to call for that role in this phase: the engine-wrapped
+    module (DDP / DeepSpeed) for the network being trained, the bare module for the others,
+    whose gradients are switched off (calling a wrapped module that receives no gradient
+    hangs DDP and breaks DeepSpeed ZeRO >= 2).
+    """
+
+    networks: Mapping[str, nn.Module]
+    trained: Mapping[str, nn.Module]
+    phase: str
+    step: int
+    device: torch.device
+    generator: torch.Generator | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def net(self, role: str) -> nn.Module:
+        return self.trained[role] if role == self.phase else self.networks[role]
+
+
+class Family:
+    """Base class; see module docstring. Subclasses register with `@register_family`."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[FamilyConfig]] = FamilyConfig
+    conditional: ClassVar[bool] = False
+    metrics: ClassVar[tuple[str, ...]] = ("fid",)
+    sampler_role: ClassVar[str] = "G"   # the network that the registered model wraps
+
+    def __init__(self, config: FamilyConfig, *, resolution: int, channels: int, lr: float):
+        self.config = config
+        self.resolution = resolution
+        self.channels = channels
+        self.lr = lr
+
+    def build(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    def loss(self, batch: Mapping[str, torch.Tensor], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """Loss of `ctx.phase` on one batch (images in [-1, 1], NCHW) and named values to log."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, sampler: nn.Module, n: int, *, seed: int = 0, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """n images in [-1, 1], NCHW, deterministic in `seed`."""
+        raise NotImplementedError
+
+
+_FAMILIES: dict[str, type[Family]] = {}
+
+
+def register_family(cls: type[Family]) -> type[Family]:
+    _FAMILIES[cls.name] = cls
+    return cls
+
+
+def available_families() -> list[str]:
+    import models.dcgan  # noqa: F401  (registers itself; later families are imported here too)
+
+    return sorted(_FAMILIES)
+
+
+def get_family_cls(name: str) -> type[Family]:
+    if name not in available_families():
+        raise KeyError(f"unknown family {name!r}; available: {', '.join(available_families())}")
+    return _FAMILIES[name]

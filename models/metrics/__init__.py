@@ -1,0 +1,1 @@
+"""Metrics that judge generated images; they run offline (feature extractors come from local files or a fixed seed)."""

@@ -1,0 +1,39 @@
+"""The inference snapshot: everything needed to rebuild a family's sampler, and nothing else.
+
+It is what a checkpoint hands the registry and what the registered MLflow model loads; it
+depends on `models/` only, so a served model needs no Ray, MLflow server or training code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.family import Family, get_family_cls
+
+
+def save_snapshot(path: str | Path, family: Family, sampler: nn.Module, extra: dict[str, Any] | None = None) -> None:
+    torch.save({
+        "format": "orbitgen-snapshot-v1",
+        "family": family.name,
+        "config": family.config.model_dump(),
+        "resolution": family.resolution,
+        "channels": family.channels,
+        "lr": family.lr,
+        "state_dict": {k: v.detach().cpu() for k, v in sampler.state_dict().items()},
+        "extra": extra or {},
+    }, path)
+
+
+def load_snapshot(path: str | Path, device: str | torch.device = "cpu") -> tuple[Family, nn.Module, dict[str, Any]]:
+    snap = torch.load(path, map_location="cpu", weights_only=True)
+    if snap.get("format") != "orbitgen-snapshot-v1":
+        raise ValueError(f"{path} is not an orbitgen snapshot")
+    cls = get_family_cls(snap["family"])
+    family = cls(cls.config_cls.model_validate(snap["config"]), resolution=snap["resolution"],
+                 channels=snap["channels"], lr=snap["lr"])
+    sampler = family.build()[family.sampler_role]
+    sampler.load_state_dict(snap["state_dict"])
+    return family, sampler.to(device).eval(), snap["extra"]

@@ -1,0 +1,55 @@
+"""Fixtures that start the real parts on loopback: an S3-compatible server, an MLflow server, Ray.
+
+Integration tests (marked `integration`) use them; unit tests need none of them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "infra"))
+import local_stack  # noqa: E402
+
+# Keep Ray, MLflow and torch extensions inside a temp dir and quiet.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 HTTP endpoint with bucket `orbitgen`; the standard AWS variables point at it."""
+    svc = local_stack.start_s3(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in local_stack.s3_env(svc.url)}
+    os.environ.update(local_stack.s3_env(svc.url))
+    local_stack.create_bucket(svc.url, "orbitgen")
+    yield svc
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real `mlflow server` (sqlite backend, artifacts in s3://orbitgen/mlflow)."""
+    svc = local_stack.start_mlflow(tmp_path_factory.mktemp("mlflow"), "s3://orbitgen/mlflow", s3_server.url)
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """A local Ray instance for the whole session (starting one costs seconds)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, object_store_memory=300_000_000,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=True)
+    yield
+    ray.shutdown()

@@ -1,0 +1,76 @@
+"""`orbitgen jobs submit` against a real `ray start --head` on loopback: submit, follow, read logs."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "infra"))
+from local_stack import free_port  # noqa: E402
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def ray_head(tmp_path_factory):
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    temp = tmp_path_factory.mktemp("rayhead")
+    # --block keeps `ray start` in the foreground so that ending its process group stops this
+    # cluster only (`ray stop` would stop every Ray on the machine, the tests' own included).
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+         "--temp-dir", str(temp), "--include-dashboard", "true"],
+        env=env, stdout=(temp / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            JobSubmissionClient(address).list_jobs()
+            break
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray head did not come up: {(temp / 'head.log').read_text()[-3000:]}")
+            time.sleep(1)
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_submit_quickstart_spec_and_follow(ray_head, tmp_path):
+    cli = [str(BIN / "orbitgen"), "jobs"]
+    overrides = ["--set", "train.steps=4", "--set", "train.log_every=2", "--set", "data.resolution=16",
+                 "--set", "data.train=builtin:craters?count=64&seed=1", "--set", "eval.num_samples=32",
+                 "--set", f"workdir={tmp_path}", "--set", "tracking.registry_model=null"]
+    env = {**os.environ}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    sub = subprocess.run([*cli, "submit", "jobs/specs/quickstart.yaml", "--address", ray_head, *overrides],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parents[1])
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().splitlines()[-1]
+
+    deadline, status = time.monotonic() + 400, ""
+    while time.monotonic() < deadline:
+        status = subprocess.run([*cli, "status", job_id, "--address", ray_head],
+                                capture_output=True, text=True, timeout=60).stdout.strip()
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(3)
+    logs = subprocess.run([*cli, "logs", job_id, "--address", ray_head], capture_output=True, text=True, timeout=60).stdout
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "step 4/4" in logs and "done in" in logs
+    assert (tmp_path / "mlflow.db").exists()   # the job tracked where the spec said

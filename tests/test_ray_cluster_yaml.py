@@ -1,0 +1,175 @@
+"""The cluster configs are valid for the tools that read them, and agree with the installed Ray.
+
+ray_cluster.yaml is checked the way `ray up` checks it (Ray's prepare_config + validate_config,
+i.e. ray/autoscaler/ray-schema.json; offline, no AWS credentials), and by plain jsonschema;
+broken copies must fail. infra/Dockerfile and the KubeRay manifests pin the same Ray version.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO / "ray_cluster.yaml"
+DOCKERFILE = REPO / "infra" / "Dockerfile"
+KUBERAY = REPO / "infra" / "kuberay"
+SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+IMAGE_RE = re.compile(r"^rayproject/ray:(?P<version>\d+\.\d+\.\d+)-py3\d+-gpu$")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def ray_validate(config: dict) -> dict:
+    """What `ray up` does before touching the cloud: fill defaults, then validate."""
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+# ------------------------------------------------------------------------------ ray_cluster.yaml
+
+def test_cluster_yaml_passes_rays_validation(cluster):
+    prepared = ray_validate(cluster)
+    assert prepared["cluster_name"] == "orbitgen"
+    assert prepared["provider"]["type"] == "aws"
+    # Our own command lists replace Ray's AWS defaults (which would pip-install a nightly wheel).
+    assert not any("ray-wheels" in c for c in prepared["head_setup_commands"] + prepared["worker_setup_commands"])
+
+
+def test_cluster_yaml_is_complete_for_the_raw_schema(cluster):
+    # Stricter than needed (prepare_config would fill gaps), but keeps the file self-describing.
+    jsonschema.validate(cluster, SCHEMA)
+
+
+def test_image_is_pinned_to_installed_ray(cluster):
+    image = cluster["docker"]["image"]
+    m = IMAGE_RE.match(image)
+    assert m, f"{image!r} is not a pinned rayproject/ray:<version>-py3XX-gpu image"
+    assert m["version"] == ray.__version__, f"image pins Ray {m['version']}, .venv has {ray.__version__}"
+    assert "ray-ml" not in image and "latest" not in image
+    for key in ("head_image", "worker_image"):
+        assert key not in cluster["docker"], "one image for head and workers"
+
+
+def test_node_types_cpu_head_and_autoscaling_gpu_workers(cluster):
+    prepared = ray_validate(cluster)
+    types = prepared["available_node_types"]
+    head = types[prepared["head_node_type"]]
+    assert head["resources"].get("GPU") == 0 and head["resources"].get("CPU", 0) > 0
+    assert head["max_workers"] == 0
+    gpu_workers = {name: t for name, t in types.items()
+                   if name != prepared["head_node_type"] and t["resources"].get("GPU", 0) > 0}
+    assert gpu_workers, "no GPU worker node type"
+    for name, t in gpu_workers.items():
+        assert t["min_workers"] == 0 and t["max_workers"] > 0, name
+        assert t["max_workers"] <= prepared["max_workers"], name
+    assert "--num-gpus=0" in " ".join(prepared["head_start_ray_commands"])
+
+
+def test_nodes_install_the_repo(cluster):
+    assert cluster["file_mounts"] == {"~/orbitgen": "."}
+    install = [c for c in cluster["setup_commands"] if "-e ~/orbitgen" in c]
+    assert len(install) == 1 and "--no-build-isolation" in install[0]
+    # Ray must stay the image's version when pip resolves orbitgen's dependencies.
+    assert any(f"=={ray.__version__}" in c for c in cluster["setup_commands"])
+
+
+@pytest.mark.parametrize("breakage", [
+    "unknown_top_level_key", "max_workers_not_an_int", "negative_gpu_count",
+    "unknown_docker_key", "head_type_missing", "node_type_without_resources",
+])
+def test_broken_copies_fail_validation(cluster, breakage):
+    bad = copy.deepcopy(cluster)
+    worker = next(n for n in bad["available_node_types"] if n != bad["head_node_type"])
+    if breakage == "unknown_top_level_key":
+        bad["max_worker"] = 4  # typo of max_workers
+    elif breakage == "max_workers_not_an_int":
+        bad["max_workers"] = "eight"
+    elif breakage == "negative_gpu_count":
+        bad["available_node_types"][worker]["resources"]["GPU"] = -1
+    elif breakage == "unknown_docker_key":
+        bad["docker"]["run_option"] = ["--gpus all"]  # typo of run_options
+    elif breakage == "head_type_missing":
+        bad["head_node_type"] = "no.such.type"
+    elif breakage == "node_type_without_resources":
+        del bad["available_node_types"][worker]["resources"]
+    with pytest.raises((jsonschema.ValidationError, ValueError)):
+        ray_validate(bad)
+
+
+# ------------------------------------------------------------------------------ Dockerfile
+
+def test_dockerfile_uses_the_same_pinned_ray_image():
+    text = DOCKERFILE.read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S*)$", text, flags=re.M))
+    assert args.get("RAY_VERSION") == ray.__version__
+    froms = re.findall(r"^FROM (\S+)", text, flags=re.M)
+    assert froms == ["rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-gpu"]
+    assert re.fullmatch(r"py3\d+", args.get("PYTHON_TAG", ""))
+    cluster_image = yaml.safe_load(CLUSTER_YAML.read_text())["docker"]["image"]
+    assert cluster_image == f"rayproject/ray:{args['RAY_VERSION']}-{args['PYTHON_TAG']}-gpu"
+    assert "--no-build-isolation" in text
+    assert "RAY_USAGE_STATS_ENABLED=0" in text
+    # Only directories that exist are copied (a missing COPY source fails the build).
+    copied = []
+    for line in re.findall(r"^COPY (.+)$", text, flags=re.M):
+        args = [a for a in line.split() if not a.startswith("--")]
+        copied += args[:-1]
+    assert {"pyproject.toml", "jobs", "models"} <= set(copied)
+    for src in copied:
+        assert (REPO / src).exists(), src
+
+
+# ------------------------------------------------------------------------------ KubeRay
+
+def _containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def _check_cluster_spec(spec: dict) -> None:
+    assert spec["rayVersion"] == ray.__version__
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"].get("num-gpus") == "0"
+    assert all(isinstance(v, str) for v in head["rayStartParams"].values()), "rayStartParams are strings"
+    gpu_groups = [g for g in spec["workerGroupSpecs"]
+                  if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+                         for c in _containers(g["template"]))]
+    assert gpu_groups, "no worker group with nvidia.com/gpu limits"
+    for g in gpu_groups:
+        assert g["minReplicas"] == 0 < g["maxReplicas"]
+    for tmpl in [head["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+        for c in _containers(tmpl):
+            assert c["image"].startswith("orbitgen:"), "image placeholder from infra/Dockerfile"
+            assert {"secretRef": {"name": "orbitgen-env"}} in c.get("envFrom", [])
+
+
+def test_kuberay_raycluster_manifest():
+    doc = yaml.safe_load((KUBERAY / "raycluster.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
+    assert doc["metadata"]["name"] == "orbitgen"
+    _check_cluster_spec(doc["spec"])
+
+
+def test_kuberay_rayjob_manifest():
+    doc = yaml.safe_load((KUBERAY / "rayjob.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    spec = doc["spec"]
+    assert spec["entrypoint"] == "python -m jobs.cli train jobs/specs/quickstart.yaml"
+    assert (REPO / "jobs" / "specs" / "quickstart.yaml").is_file()
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    # The repository baked into the image (infra/Dockerfile's WORKDIR) is the job's cwd.
+    assert runtime_env["working_dir"] == "local:///home/ray/orbitgen"
+    assert "WORKDIR /home/ray/orbitgen" in DOCKERFILE.read_text()
+    assert spec["shutdownAfterJobFinishes"] is True
+    _check_cluster_spec(spec["rayClusterSpec"])

@@ -1,0 +1,80 @@
+"""Job specs: every ready spec validates; a bad spec stops before anything starts, naming the field."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.spec import SPECS_DIR, SpecError, load_spec, parse_spec
+
+GOOD = (SPECS_DIR / "quickstart.yaml").read_text()
+
+
+@pytest.mark.parametrize("path", sorted(SPECS_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_ready_specs_validate(path):
+    spec = load_spec(path)
+    assert spec.total_steps >= 1
+    assert spec.train.batch % spec.scaling.num_workers == 0
+
+
+def test_overrides_parse_yaml_values():
+    spec = parse_spec(GOOD, ["train.steps=7", "scaling.num_workers=1", "model.ngf=8", "tracking.registry_model=null"])
+    assert (spec.train.steps, spec.scaling.num_workers, spec.model["ngf"]) == (7, 1, 8)
+    assert spec.tracking.registry_model is None
+    assert spec.model["nz"] == 64 and spec.model["ndf"] == 32      # family defaults filled, spec's kept
+
+
+def test_kimg_when_steps_unset():
+    spec = parse_spec(GOOD, ["train.steps=null", "train.kimg=3.2", "train.batch=32"])
+    assert spec.total_steps == 100
+
+
+@pytest.mark.parametrize("override, field, hint", [
+    (["strategy.kind=horovod"], "strategy.kind", "'ddp' or 'deepspeed'"),
+    (["train.batch=-4"], "train.batch", "greater than or equal to 1"),
+    (["train.btach=4"], "train.btach", "unknown key"),
+    (["family=gan9000"], "family", "allowed: dcgan"),
+    (["model.ngf=0"], "model.ngf", "greater than 0"),
+    (["model.depth=3"], "model.depth", "unknown key"),
+    (["train.batch=33"], "train.batch", "divisible by scaling.num_workers"),
+    (["eval.fid_extractor=inception"], "eval.inception_weights", "local file"),
+    (["eval.fid_extractor=inception", "eval.inception_weights=/nonexistent/inception.pt"],
+     "eval.inception_weights", "/nonexistent/inception.pt"),
+])
+def test_bad_field_is_named(override, field, hint):
+    with pytest.raises(SpecError) as err:
+        parse_spec(GOOD, override)
+    assert field in str(err.value) and hint in str(err.value)
+
+
+def test_missing_section_and_not_a_mapping():
+    with pytest.raises(SpecError, match="data"):
+        parse_spec("name: x\nfamily: dcgan\n")
+    with pytest.raises(SpecError, match="mapping"):
+        parse_spec("- just\n- a list\n")
+
+
+def test_cli_exit_code_2_names_the_field(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("kind: ddp", "kind: horovod"))
+    cli = Path(sys.executable).parent / "orbitgen"
+    out = subprocess.run([str(cli), "train", str(bad)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "strategy.kind" in out.stderr and "'ddp' or 'deepspeed'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_every_command_has_help():
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    runner = CliRunner()
+    for args in (["--help"], ["quickstart", "--help"], ["train", "--help"], ["data", "build", "--help"],
+                 ["data", "inspect", "--help"], ["models", "list", "--help"], ["models", "show", "--help"],
+                 ["models", "promote", "--help"], ["jobs", "submit", "--help"], ["jobs", "status", "--help"],
+                 ["jobs", "logs", "--help"], ["jobs", "stop", "--help"]):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 0 and "Usage:" in res.output, args
