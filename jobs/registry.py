@@ -6,7 +6,6 @@ version that does not is marked `challenger`. Stages are deprecated in MLflow: a
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,19 +32,17 @@ def log_generator(snapshot: Path, spec_file: Path, registered_name: str | None) 
     inputs = Schema([ColSpec("long", "seed")]) if not family.conditional else Schema([ColSpec("binary", "cond")])
     signature = ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, r, r, c))]))
     example = pd.DataFrame({"seed": [0, 1]}) if not family.conditional else None
-    with warnings.catch_warnings():  # type-hint advice for predict(): the signature is given explicitly
-        warnings.filterwarnings("ignore", message=".*type hints.*")
-        info = mlflow.pyfunc.log_model(
-            name="generator",
-            python_model=str(REPO / "jobs" / "generator_model.py"),
-            artifacts={"snapshot": str(snapshot), "spec": str(spec_file)},
-            code_paths=[str(REPO / "models")],
-            signature=signature,
-            input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "pydantic",
-                              f"mlflow=={mlflow.__version__}"],
-            registered_model_name=registered_name,
-        )
+    info = mlflow.pyfunc.log_model(
+        name="generator",
+        python_model=str(REPO / "jobs" / "generator_model.py"),
+        artifacts={"snapshot": str(snapshot), "spec": str(spec_file)},
+        code_paths=[str(REPO / "models")],
+        signature=signature,
+        input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "pydantic",
+                          f"mlflow=={mlflow.__version__}"],
+        registered_model_name=registered_name,
+    )
     return str(info.registered_model_version) if registered_name else None
 
 
