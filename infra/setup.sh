@@ -16,7 +16,7 @@ pip install -q -U pip setuptools wheel
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   pip install -q torch                      # the registry's default build is the CUDA one
 else
-  pip install -q "torch==${ORBITGEN_CPU_TORCH:-2.13.0}"  # the +cpu wheel where pip's find-links has it
+  pip install -q "torch==${ORBITGEN_CPU_TORCH:-2.13.0}" numpy  # the +cpu wheel where pip's find-links has it
 fi
 # Keep whatever torch was chosen: later resolutions must not swap it for another build.
 echo "torch==$(.venv/bin/python -c 'import torch; print(torch.__version__)')" > .venv/constraints.txt

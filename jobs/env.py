@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GIT_SHA_ENV = "ORBITGEN_GIT_SHA"
 
 FORWARDED_ENV_VARS = (
     "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
@@ -12,3 +17,14 @@ FORWARDED_ENV_VARS = (
 def forwarded_env() -> dict[str, str]:
     """The variables set here that training workers and submitted jobs must see too."""
     return {k: os.environ[k] for k in FORWARDED_ENV_VARS if os.environ.get(k)}
+
+
+def git_sha(path: str | os.PathLike = REPO) -> str | None:
+    """$ORBITGEN_GIT_SHA (set for submitted jobs: their uploaded copy has no .git), else HEAD."""
+    if os.environ.get(GIT_SHA_ENV):
+        return os.environ[GIT_SHA_ENV]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

@@ -17,7 +17,7 @@ from data_shards.builtin import ensure_builtin, is_builtin
 from data_shards.card import read_card
 from data_shards.storage import filesystem
 from jobs import registry, tracking
-from jobs.env import forwarded_env
+from jobs.env import forwarded_env, git_sha
 from jobs.spec import JobSpec
 
 
@@ -95,7 +95,7 @@ def run_job(spec: JobSpec, say: Callable[[str], None] = print) -> JobResult:
     with mlflow.start_run(experiment_id=experiment_id) as run:
         run_id = run.info.run_id
         mlflow.set_tags({tracking.TAG_FAMILY: spec.family, tracking.TAG_DATA: card["fingerprint"],
-                         tracking.TAG_GIT: tracking.git_sha(), tracking.TAG_SPEC: spec.sha()})
+                         tracking.TAG_GIT: git_sha() or "unknown", tracking.TAG_SPEC: spec.sha()})
         mlflow.log_params(tracking.flatten(spec.model_dump(mode="json")))
         mlflow.log_text(spec.to_yaml(), "spec.yaml")
         tracking.log_dataset(data_url, card)

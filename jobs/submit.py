@@ -16,27 +16,22 @@ Everything that talks to the cluster imports Ray lazily: importing this module i
 """
 from __future__ import annotations
 
-import base64
 import os
 import shlex
-import subprocess
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
-from jobs.env import FORWARDED_ENV_VARS
+from jobs.env import FORWARDED_ENV_VARS, GIT_SHA_ENV, git_sha
+from jobs.spec import encode_inline
 
-#: Variables copied from the submitter's environment into the job, when set there: MLflow and
-#: S3 settings (one list for the whole project, in jobs/env.py).
-FORWARDED_ENV = FORWARDED_ENV_VARS
 #: Never uploaded with the working dir (Ray also honours .gitignore). mlruns/mlartifacts: local
 #: MLflow stores, which can be large and mean nothing on the cluster.
 WORKING_DIR_EXCLUDES = [".venv", "orbitgen-work", ".git", "*.egg-info", "__pycache__",
                         "mlruns", "mlartifacts"]
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
-GIT_SHA_ENV = "ORBITGEN_GIT_SHA"
 DEFAULT_DASHBOARD_PORT = 8265
 
 _ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
@@ -46,41 +41,18 @@ _env_lock = threading.Lock()
 # ---------------------------------------------------------------------------------------------
 # Building a submission (pure functions; unit-tested without a cluster)
 
-def encode_spec(spec_yaml_text: str) -> str:
-    """The ``--spec-b64`` value for a spec's YAML text: URL-safe base64 of its UTF-8 bytes
-    (letters, digits, ``-_=``: nothing a shell cares about). ``jobs.spec.decode_inline``
-    reads it back."""
-    return base64.urlsafe_b64encode(spec_yaml_text.encode("utf-8")).decode("ascii")
-
-
-def decode_spec(spec_b64: str) -> str:
-    """Inverse of :func:`encode_spec` (also accepts standard base64)."""
-    return base64.urlsafe_b64decode(spec_b64.encode("ascii")).decode("utf-8")
-
-
 def build_entrypoint(spec_yaml_text: str, overrides: Iterable[str] = ()) -> str:
     """The shell command the job runs: ``python -m jobs.cli train --spec-b64 ... [--set k=v]``.
 
     ``python`` is the interpreter on the PATH of the cluster's ``ray start`` (where orbitgen is
     installed); every argument is shell-quoted.
     """
-    args = ["python", "-m", "jobs.cli", "train", "--spec-b64", encode_spec(spec_yaml_text)]
+    args = ["python", "-m", "jobs.cli", "train", "--spec-b64", encode_inline(spec_yaml_text)]
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form section.key=value")
         args += ["--set", item]
     return shlex.join(args)
-
-
-def git_sha(path: str | os.PathLike | None = None) -> str | None:
-    """``git rev-parse HEAD`` of the repository containing ``path``; None when unavailable."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path or None, capture_output=True,
-                             text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = out.stdout.strip()
-    return sha or None
 
 
 def build_runtime_env(working_dir: str | os.PathLike, env: Mapping[str, str] | None = None, *,
@@ -95,7 +67,7 @@ def build_runtime_env(working_dir: str | os.PathLike, env: Mapping[str, str] | N
     if not wd.is_dir():
         raise ValueError(f"working_dir {str(wd)!r} is not a directory")
     environ = os.environ if environ is None else environ
-    env_vars = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
+    env_vars = {k: environ[k] for k in FORWARDED_ENV_VARS if environ.get(k)}
     sha = sha if sha is not None else (environ.get(GIT_SHA_ENV) or git_sha(wd))
     if sha:
         env_vars[GIT_SHA_ENV] = sha

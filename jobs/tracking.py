@@ -5,8 +5,6 @@ logs step metrics and images into it by run id through `RunLogger`.
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,21 +14,10 @@ import numpy as np
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-REPO = Path(__file__).resolve().parents[1]
 TAG_FAMILY = "orbitgen.family"
 TAG_DATA = "orbitgen.data_fingerprint"
 TAG_GIT = "orbitgen.git_sha"
 TAG_SPEC = "orbitgen.spec_sha"
-
-
-def git_sha() -> str:
-    if os.environ.get("ORBITGEN_GIT_SHA"):
-        return os.environ["ORBITGEN_GIT_SHA"]
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def is_local_store(uri: str) -> bool:

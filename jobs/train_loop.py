@@ -56,6 +56,12 @@ def _gather(value: int, world_size: int) -> list[int]:
     return out
 
 
+def to_device(batch: dict[str, Any], keys: tuple[str, ...], device: torch.device) -> dict[str, torch.Tensor]:
+    """uint8 image tensors become float in [-1, 1] on the device; `cls` stays int64."""
+    return {k: to_float(batch[k].to(device, non_blocking=True)) if batch[k].dtype == torch.uint8
+            else batch[k].to(device) for k in keys}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     os.environ.update(config.get("env", {}))
     spec = JobSpec.model_validate(config["spec"])
@@ -87,19 +93,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total = spec.total_steps
     stream = image_stream(config["data_url"], rank=rank, world_size=world, batch_size=spec.per_worker_batch,
                           seed=spec.train.seed, shuffle_buffer=spec.data.shuffle_buffer,
-                          num_workers=spec.data.loader_workers)
+                          num_workers=spec.data.loader_workers, keys=family.data_keys)
     pending: dict[str, torch.Tensor] = {}
     t0, seen0 = time.perf_counter(), images_seen
     while step < total:
-        batch = next(stream)
-        image = to_float(batch["image"].to(device, non_blocking=True))
+        batch = to_device(next(stream), family.data_keys, device)
         torch.manual_seed(step_seed(spec.train.seed, rank, step))
         for ph in phases:
             for name, e in engines.items():
                 e.set_trainable(name == ph.name)
             ctx = StepContext(networks=networks, trained=trained, phase=ph.name, step=step, device=device)
             with engines[ph.name].autocast():
-                loss, values = family.loss({"image": image}, ctx)
+                loss, values = family.loss(batch, ctx)
             engines[ph.name].step(loss)
             pending.update({k: v.detach() if torch.is_tensor(v) else torch.tensor(float(v)) for k, v in values.items()})
         step += 1

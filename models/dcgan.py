@@ -165,9 +165,10 @@ class DCGAN(Family):
         raise ValueError(f"dcgan has phases 'D' and 'G', got {ctx.phase!r}")
 
     @torch.no_grad()
-    def sample(self, sampler: nn.Module, n: int, *, seed: int = 0, cond: torch.Tensor | None = None) -> torch.Tensor:
-        if cond is not None:
-            raise ValueError("dcgan is unconditional: sample() takes no cond")
+    def sample(self, sampler: nn.Module, n: int, *, seed: int = 0, cond: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None or mask is not None:
+            raise ValueError("dcgan is unconditional: sample() takes no cond or mask")
         # Noise from a local CPU generator: the same images for a seed on any device,
         # whatever the global RNG state is.
         gen = torch.Generator(device="cpu").manual_seed(int(seed))

@@ -59,6 +59,7 @@ class Family:
     name: ClassVar[str]
     config_cls: ClassVar[type[FamilyConfig]] = FamilyConfig
     conditional: ClassVar[bool] = False
+    data_keys: ClassVar[tuple[str, ...]] = ("image",)   # sample keys a batch carries (image, cond, mask, cls)
     metrics: ClassVar[tuple[str, ...]] = ("fid",)
     sampler_role: ClassVar[str] = "G"   # the network that the registered model wraps
 
@@ -75,12 +76,18 @@ class Family:
         raise NotImplementedError
 
     def loss(self, batch: Mapping[str, torch.Tensor], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
-        """Loss of `ctx.phase` on one batch (images in [-1, 1], NCHW) and named values to log."""
+        """Loss of `ctx.phase` on one batch and named values to log.
+
+        The batch holds `data_keys`: image-like keys (image, cond, mask) as float NCHW in [-1, 1]
+        on the device, `cls` as int64.
+        """
         raise NotImplementedError
 
     @torch.no_grad()
-    def sample(self, sampler: nn.Module, n: int, *, seed: int = 0, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """n images in [-1, 1], NCHW, deterministic in `seed`."""
+    def sample(self, sampler: nn.Module, n: int, *, seed: int = 0, cond: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """n images in [-1, 1], NCHW, deterministic in `seed`; conditional families take `cond`
+        (and `mask`), float NCHW in [-1, 1], one per image."""
         raise NotImplementedError
 
 

@@ -22,7 +22,7 @@ def _version(client, fid):
         if fid is not None:
             mlflow.log_metric("fid", fid)
         mlflow.log_text("weights", "generator/MLmodel")
-    if not client.search_registered_models(f"name='g'"):
+    if not client.search_registered_models("name='g'"):
         client.create_registered_model("g")
     return client.create_model_version("g", f"runs:/{run.info.run_id}/generator", run.info.run_id).version
 

@@ -1,0 +1,21 @@
+"""What the `orbitgen` command groups share: the spec-error exit, progress lines, option help."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from jobs.spec import SpecError
+
+DEFAULT_WORKDIR = "orbitgen-work"  # also the default of the spec's `workdir`
+SET_HELP = "Override any spec key, e.g. --set train.steps=20 --set scaling.num_workers=1 (repeatable)."
+
+
+def fail_spec(err: SpecError) -> None:
+    """A spec that cannot run: say why (the message names the field) and exit 2."""
+    click.echo(f"error: {err}", err=True)
+    sys.exit(2)
+
+
+def say(msg: str) -> None:
+    click.echo(f"[orbitgen] {msg}", err=True)

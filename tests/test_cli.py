@@ -1,0 +1,64 @@
+"""The CLI as a user types it: data build/inspect on a folder, models show/promote on a registry."""
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from data_shards.card import read_manifest
+from jobs.cli import main
+
+
+def test_data_build_then_inspect(tmp_path):
+    src = tmp_path / "images" / "nested"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).save(src / f"img{i}.png")
+    dest = tmp_path / "shards"
+    runner = CliRunner()
+    res = runner.invoke(main, ["data", "build", str(tmp_path / "images"), str(dest), "--layout", "folder",
+                               "--resolution", "16", "--channels", "1", "--shard-size", "3"])
+    assert res.exit_code == 0, res.output
+    assert "7 images in 3 shards" in res.output
+    assert read_manifest(dest.as_uri())["samples"].tolist() == [3, 3, 1]
+
+    res = runner.invoke(main, ["data", "inspect", str(dest), "--preview", str(tmp_path / "grid.png")])
+    assert res.exit_code == 0, res.output
+    assert "resolution   16" in res.output and "channels     1" in res.output
+    assert Image.open(tmp_path / "grid.png").size[0] > 16
+
+
+def test_data_build_errors_name_the_source(tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(main, ["data", "build", str(tmp_path / "empty"), str(tmp_path / "out"), "--resolution", "16"])
+    assert res.exit_code != 0 and "no images under" in res.output and "empty" in res.output
+    res = CliRunner().invoke(main, ["data", "inspect", str(tmp_path / "empty")])
+    assert res.exit_code != 0 and "no dataset.json" in res.output
+
+
+def test_models_show_and_promote(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("cli")
+    client = MlflowClient(uri)
+    client.create_registered_model("gen")
+    for fid in (3.0, 1.5):
+        with mlflow.start_run() as run:
+            mlflow.log_metric("fid", fid)
+        client.create_model_version("gen", f"runs:/{run.info.run_id}/generator", run.info.run_id)
+    mlflow.set_tracking_uri(None)
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["models", "promote", "gen", "--metric", "fid", "--mode", "min", "--tracking-uri", uri])
+    assert res.exit_code == 0 and "v2 is the first champion" in res.output, res.output
+    res = runner.invoke(main, ["models", "show", "gen", "--tracking-uri", uri])
+    assert res.exit_code == 0
+    lines = res.output.splitlines()
+    assert "champion" in lines[1] and lines[1].startswith("v2") and "fid=1.5" in lines[1]
+    res = runner.invoke(main, ["models", "list", "--tracking-uri", uri])
+    assert "gen  latest v2  champion=v2" in res.output
+    res = runner.invoke(main, ["models", "promote", "nope", "--tracking-uri", uri])
+    assert res.exit_code != 0 and "no registered model named 'nope'" in res.output
