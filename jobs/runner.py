@@ -18,6 +18,7 @@ from data_shards.card import read_card
 from data_shards.storage import filesystem
 from jobs import registry, tracking
 from jobs.env import forwarded_env, git_sha
+from jobs.model_refs import resolve_model_refs
 from jobs.spec import JobSpec
 
 
@@ -85,6 +86,7 @@ def run_job(spec: JobSpec, say: Callable[[str], None] = print) -> JobResult:
 
     started = time.perf_counter()
     spec = spec.model_copy(update={"workdir": str(spec.workdir_path())})  # workers may run elsewhere
+    spec = resolve_model_refs(spec, spec.workdir_path() / "model-refs")
     data_url = resolve_data(spec)
     card = check_data(spec, data_url)
     say(f"data      {data_url} ({card['count']} images, fingerprint {card['fingerprint'][:12]})")

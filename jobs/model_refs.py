@@ -1,0 +1,40 @@
+"""Model references in a spec: a family that builds on another model (a frozen stage-1
+generator, a ControlNet's base UNet) names it in a `model.*_from` key as a local snapshot path,
+`models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/RUN_ID/generator`. The driver resolves
+each to a local `generator.pt` before the spec reaches the workers, so `models/` stays free of
+MLflow.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from jobs.spec import JobSpec
+
+SNAPSHOT_IN_MODEL = "artifacts/generator.pt"   # where log_generator puts the snapshot
+
+
+def resolve_ref(ref: str, dest: Path) -> str:
+    if not ref.startswith(("models:/", "runs:/")):
+        path = Path(ref).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no snapshot file at {ref}")
+        return str(path.absolute())
+    import mlflow.artifacts
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dest)))
+    snapshot = local / SNAPSHOT_IN_MODEL
+    if not snapshot.is_file():
+        raise FileNotFoundError(f"{ref} has no {SNAPSHOT_IN_MODEL}: not an orbitgen generator")
+    return str(snapshot)
+
+
+def resolve_model_refs(spec: JobSpec, dest: Path) -> JobSpec:
+    """The spec with every `model.*_from` reference replaced by a local snapshot path."""
+    model = dict(spec.model)
+    for key, value in spec.model.items():
+        if key.endswith("_from") and isinstance(value, str) and value:
+            try:
+                model[key] = resolve_ref(value, dest / key)
+            except Exception as e:
+                raise ValueError(f"model.{key}: cannot load {value!r}: {e}") from e
+    return spec.model_copy(update={"model": model})
