@@ -1,19 +1,34 @@
 """Built-in data sets named by URLs such as `builtin:craters?count=512&seed=0`.
 
-They are generated, so every machine can build the same set (same bytes, same fingerprint)
-without any download: the embedded default and the tests train on them.
+    builtin:craters          image: crater fields (the probe-image seeds)
+    builtin:terrain-classes  image, cls: land-cover textures; class names in the card
+    builtin:maps             cond: satellite tile, image: its map (pix2pix)
+    builtin:timeseries       cond: past tile, mask: new built-up area, image: future tile, json: id, dates
+    builtin:sat2ground       cond: satellite tile, image: the ground-level view from its centre
+
+Each takes `count` and `seed`, renders at the spec's resolution with 1 or 3 channels (pairs:
+both images; masks have 1), and is generated, so every machine builds the same set (same bytes,
+same fingerprint) without any download: the embedded default, spec overrides and tests use them.
 """
 from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlsplit
 
 from .card import read_card
+from .landscape import CLASSES, ground_pairs, growth_series, map_pairs, terrain_classes
 from .storage import filesystem, join, to_url
 from .synthetic import crater_field
 from .writer import write_shards
 
-# name -> (generator, query parameters with defaults)
-BUILTINS = {"craters": (crater_field, {"count": 512, "seed": 0})}
+# name -> (generator(count, resolution, channels, seed), query parameters with defaults)
+BUILTINS = {
+    "craters": (crater_field, {"count": 512, "seed": 0}),              # image (StyleGAN / folder sets)
+    "terrain-classes": (terrain_classes, {"count": 500, "seed": 0}),   # image, cls (class folders)
+    "maps": (map_pairs, {"count": 256, "seed": 0}),                    # cond satellite, image map (pix2pix)
+    "timeseries": (growth_series, {"count": 256, "seed": 0}),          # cond past, mask growth, image future, json
+    "sat2ground": (ground_pairs, {"count": 256, "seed": 0}),           # cond satellite, image ground view
+}
+CLASS_NAMES = {"terrain-classes": list(CLASSES)}
 
 
 def _allowed() -> str:
@@ -39,13 +54,15 @@ def parse_builtin(url: str) -> tuple[str, dict[str, int]]:
         except ValueError:
             raise ValueError(f"{url!r}: {k}={v!r} is not an integer; allowed: {_allowed()}") from None
         if params[k] < (1 if k == "count" else 0):
-            raise ValueError(f"{url!r}: {k}={v} out of range")
+            raise ValueError(f"{url!r}: {k}={v} out of range; allowed: {_allowed()}")
     return name, params
 
 
 def ensure_builtin(url: str, root: str, resolution: int, channels: int, shard_samples: int = 128) -> str:
     """Build the set once under `root` and return its `file://` (or other fsspec) URL."""
     name, params = parse_builtin(url)
+    if channels not in (1, 3):
+        raise ValueError(f"{url}: built-in sets have 1 or 3 channels, not {channels}")
     dest = join(to_url(root), f"{name}-n{params['count']}-s{params['seed']}-r{resolution}-c{channels}")
     fs, path = filesystem(dest)
     if fs.exists(join(path, "manifest.parquet")):
@@ -55,5 +72,5 @@ def ensure_builtin(url: str, root: str, resolution: int, channels: int, shard_sa
     generate = BUILTINS[name][0]
     write_shards(generate(params["count"], resolution, channels, params["seed"]), dest,
                  layout=f"synthetic:{name}", resolution=resolution, channels=channels, source=url,
-                 shard_samples=shard_samples, progress=False)
+                 shard_samples=shard_samples, classes=CLASS_NAMES.get(name), progress=False)
     return dest

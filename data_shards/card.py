@@ -20,6 +20,7 @@ from .storage import filesystem, join, to_url
 
 CARD = "dataset.json"
 MANIFEST = "manifest.parquet"
+SKIPPED = "skipped.jsonl"  # what a build left out, one JSON object a line
 NOT_A_SET = "no dataset.json: not an orbitgen shard set (build one with `orbitgen data build`)"
 
 
@@ -32,13 +33,15 @@ def builder() -> str:
 
 class DatasetCard(BaseModel):
     layout: str                    # the source layout, e.g. "folder", "synthetic:craters"
-    modalities: list[str]          # sample parts: "image", "cond", "mask", "cls"
+    modalities: list[str]          # sample keys: "image", "cond", "mask", "cls", "json"
     resolution: int
-    channels: int
+    channels: int                  # of image and cond (mask: 1); PNG up to 4, .npy beyond
     count: int
     fingerprint: str               # sha256 over the shards' sha256 hex digests, in order
     shards: int
     source: str
+    classes: list[str] | None = None  # names of the `cls` values, in order
+    skipped: int = 0               # source items left out (--on-error skip); listed in skipped.jsonl
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     builder: str = Field(default_factory=builder)
 

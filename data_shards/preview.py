@@ -55,15 +55,35 @@ def describe(url: str, max_rows: int = 20) -> str:
     return "\n".join(lines)
 
 
+def _display(a: np.ndarray, bands: int) -> np.ndarray:
+    """(N, H, W, C) -> (N, H, W, bands) for a grid: a 1-band mask next to RGB images becomes
+    gray RGB, and images beyond 3 bands show their first three (2-band: the first)."""
+    c = a.shape[3]
+    if c >= 3:
+        a = a[..., :3]
+    elif c == 2:
+        a = a[..., :1]
+    return np.repeat(a, bands, axis=3) if a.shape[3] == 1 and bands == 3 else a
+
+
 def save_preview(url: str, out_png: str, n: int = 16) -> str:
-    """Decode the first `n` samples (manifest order) and write them as one PNG grid."""
+    """Decode the first `n` samples (manifest order) and write them as one PNG grid: a square of
+    images, or for paired sets one row a sample (cond, mask, image side by side)."""
+    from .decode import IMAGE_KEYS
     from .stream import iterate_once  # torch is only needed here, not for describe()
 
-    batches = list(iterate_once(url, batch_size=n, limit=n))
+    card = read_card(url)
+    keys = tuple(k for k in ("cond", "mask", "image") if k in card.modalities and k in IMAGE_KEYS)
+    batches = list(iterate_once(url, batch_size=n, limit=n, keys=keys))
     if not batches:
         raise ValueError(f"{url}: no readable samples")
-    images = np.concatenate([b["image"].permute(0, 2, 3, 1).numpy() for b in batches])
-    grid = image_grid(images)
+    parts = {k: np.concatenate([b[k].permute(0, 2, 3, 1).numpy() for b in batches]) for k in keys}
+    bands = 1 if card.channels == 1 else 3
+    shown = [_display(parts[k], bands) for k in keys]
+    if len(shown) == 1:
+        grid = image_grid(shown[0])
+    else:  # interleave: sample 0's parts, sample 1's parts, ...
+        grid = image_grid(np.stack(shown, axis=1).reshape(-1, *shown[0].shape[1:]), nrow=len(shown))
     img = Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid)
     buf = io.BytesIO()
     img.save(buf, format="PNG")

@@ -1,17 +1,29 @@
-"""Sources: what a shard set is built from. A source is an iterator of `Sample`s."""
+"""Sources: what a shard set is built from, and the folder-based layouts.
+
+A source is an iterator of `Sample`s and `Skipped` items: an item that can't become a sample
+(unreadable file, unmatched pair) is yielded as `Skipped`, and the build's `--on-error` policy
+decides whether that stops the build or goes to the report. Errors about the source as a whole
+(no such folder) are raised at once.
+
+Every image goes through the same steps: read to an (H, W, C) array (PIL, or tifffile for TIFFs
+with any band count), channel policy, centre crop + resize (`pixels`).
+"""
 from __future__ import annotations
 
 import io
 import re
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from .pixels import apply_channels, channel_policy, fit, from_pil, hwc, to_uint8
 from .storage import filesystem
+from .threads import in_threads
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+TIFF_EXTENSIONS = (".tif", ".tiff")
 
 
 @dataclass
@@ -28,62 +40,183 @@ class Sample:
     cls: int | None = None
 
 
+@dataclass
+class Skipped:
+    """A source item that did not become a sample: `item` names it (a path, `file.csv:7`)."""
+
+    item: str
+    reason: str
+
+
+@dataclass
+class Source:
+    """What a layout reader returns: the items, the class names when samples carry `cls`, and
+    notes for the build summary (e.g. how many nodata tiles were dropped), filled as it runs."""
+
+    items: Iterator[Sample | Skipped]
+    classes: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
 def key_from_path(rel: str) -> str:
     """`a/b/img.01.png` -> `a_b_img_01`. webdataset splits a file name at its FIRST dot, so a
     key must not contain one; slashes are flattened so keys stay file names."""
     return re.sub(r"[/.\\]", "_", rel.rsplit(".", 1)[0])
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and float images (common in planetary TIFFs) scaled to 8 bits instead of clipped."""
-    if img.mode.startswith("I;16"):
-        return Image.fromarray((np.asarray(img, dtype=np.float32) / 257.0 + 0.5).astype(np.uint8))
-    if img.mode in ("I", "F"):
-        a = np.asarray(img, dtype=np.float32)
-        lo, hi = float(a.min()), float(a.max())
-        return Image.fromarray(((a - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5).astype(np.uint8))
-    return img
+def tiff_array(data: bytes) -> np.ndarray:
+    """The first image of a TIFF as (H, W, bands) in its own dtype; a declared alpha band dropped."""
+    import tifffile
+
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        series, page = tif.series[0], tif.pages[0]
+        a = series.asarray()
+        axes = series.axes
+        if axes.endswith("SYX") or (a.ndim == 3 and axes.endswith("YX")):
+            a = np.moveaxis(a, -3, -1)  # planar bands, or a stack of single-band pages
+        a = hwc(a.reshape(a.shape[-3:]) if a.ndim > 3 else a)
+        alpha = [i for i, e in enumerate(page.extrasamples or ()) if int(e) in (1, 2)]  # (un)associated alpha
+        if alpha and a.shape[2] in (2, 4):
+            a = a[:, :, : a.shape[2] - 1]
+        return a
 
 
-def to_mode(img: Image.Image, channels: int | None) -> Image.Image:
-    """8-bit gray ("L") or RGB. channels None keeps gray gray and colour colour (alpha dropped)."""
-    img = _to_8bit(img)
-    if channels is None:
-        channels = 1 if img.mode in ("1", "L", "LA") else 3
-    return img.convert("L" if channels == 1 else "RGB")
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """File bytes -> (H, W, C) uint8. TIFFs keep every band (tifffile; PIL as a fallback for
+    codecs tifffile lacks); other formats are read by PIL (gray stays gray, alpha dropped)."""
+    if name.lower().endswith(TIFF_EXTENSIONS):
+        try:
+            return to_uint8(tiff_array(data))
+        except Exception:  # e.g. JPEG-compressed TIFF without imagecodecs: PIL may manage
+            pass
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return from_pil(img)
 
 
-def to_array(img: Image.Image) -> np.ndarray:
-    a = np.asarray(img, dtype=np.uint8)
-    return a[:, :, None] if a.ndim == 2 else a
+def prepare(a: np.ndarray, resolution: int, policy: str) -> np.ndarray:
+    return fit(apply_channels(a, policy), resolution)
 
 
-def fit(img: Image.Image, resolution: int) -> Image.Image:
-    """Shorter side to `resolution`, centre crop (crop first, then one Lanczos resize)."""
-    return ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.LANCZOS)
+def prepare_mask(a: np.ndarray, resolution: int) -> np.ndarray:
+    """Masks: one band, nearest-neighbour resize (class values and 0/255 edges stay exact)."""
+    return fit(apply_channels(a, "gray"), resolution, Image.Resampling.NEAREST)
 
 
-def read_folder(root: str, resolution: int, channels: int | None) -> Iterator[Sample]:
-    """Every image under `root` (a path or fsspec URL, any depth, sorted by relative path)."""
-    if channels not in (None, 1, 3):
-        raise ValueError(f"channels must be 1, 3 or None, not {channels}")
+def read_item(fs, path: str, item: str, make: Callable[[np.ndarray], Sample | Skipped]) -> Sample | Skipped:
+    """Read and decode one file and hand the array to `make`; any failure becomes `Skipped(item)`."""
+    try:
+        with fs.open(path, "rb") as f:
+            a = decode_image(f.read(), path)
+        return make(a)
+    except Exception as exc:  # one bad file is that file's problem, whatever the library raised
+        return Skipped(item, f"cannot read image: {exc}")
+
+
+def open_folder(root: str):
+    """(fs, path without trailing slash) of an existing folder, or FileNotFoundError."""
     fs, base = filesystem(root)
     base = base.rstrip("/")
     if not fs.isdir(base):
         raise FileNotFoundError(f"{root}: no such folder")
-    files = sorted(p for p in fs.find(base) if p.lower().endswith(IMAGE_EXTENSIONS))
-    seen: dict[str, str] = {}
-    for path in files:
-        rel = path[len(base) + 1:]
+    return fs, base
+
+
+def list_images(fs, base: str) -> list[str]:
+    """Image files under `base`, any depth, as paths relative to it, sorted."""
+    return sorted(p[len(base) + 1:] for p in fs.find(base) if p.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def unique_keys(rels: list[str], root: str) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for rel in rels:
         key = key_from_path(rel)
-        if key in seen:
-            raise ValueError(f"{rel} and {seen[key]} both map to sample key {key!r}")
-        seen[key] = rel
-        try:
-            with fs.open(path, "rb") as f:
-                img = Image.open(io.BytesIO(f.read()))
-                img.load()
-            img = fit(to_mode(ImageOps.exif_transpose(img), channels), resolution)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise ValueError(f"cannot read image {root.rstrip('/')}/{rel}: {exc}") from exc
-        yield Sample(key=key, image=to_array(img), meta={"source": rel})
+        if key in keys:
+            raise ValueError(f"{root}: {rel} and {keys[key]} both map to sample key {key!r}")
+        keys[key] = rel
+    return keys
+
+
+def read_folder(root: str, resolution: int, channels: str | int | None = "keep") -> Iterator[Sample | Skipped]:
+    """`folder`: every image under `root` (a path or fsspec URL, any depth, sorted) -> `image`."""
+    policy = channel_policy(channels)
+    fs, base = open_folder(root)
+
+    def one(key_rel):
+        key, rel = key_rel
+        return read_item(fs, f"{base}/{rel}", rel, lambda a: Sample(
+            key=key, image=prepare(a, resolution, policy), meta={"source": rel}))
+
+    yield from in_threads(one, unique_keys(list_images(fs, base), root).items())
+
+
+def read_class_folders(root: str, resolution: int, channels: str | int | None = "keep") -> Source:
+    """`class-folders`: one sub-folder per class (sorted names -> cls 0, 1, ...), images at any
+    depth inside; files outside a class folder are skipped."""
+    policy = channel_policy(channels)
+    fs, base = open_folder(root)
+    rels = list_images(fs, base)
+    classes = sorted({rel.split("/", 1)[0] for rel in rels if "/" in rel})
+
+    def one(key_rel) -> Sample | Skipped:
+        key, rel = key_rel
+        if "/" not in rel:
+            return Skipped(rel, "not inside a class folder")
+        cls = classes.index(rel.split("/", 1)[0])
+        return read_item(fs, f"{base}/{rel}", rel, lambda a: Sample(
+            key=key, image=prepare(a, resolution, policy), cls=cls, meta={"source": rel, "class": classes[cls]}))
+
+    return Source(in_threads(one, unique_keys(rels, root).items()), classes=classes)
+
+
+def read_side_by_side(root: str, resolution: int, channels: str | int | None = "keep",
+                      input_side: str = "left") -> Iterator[Sample | Skipped]:
+    """`side-by-side`: pix2pix pairs, input and target halves of one image (the maps set:
+    satellite left, map right). `input_side` is the half that becomes `cond`."""
+    if input_side not in ("left", "right"):
+        raise ValueError(f"input_side must be left or right, not {input_side!r}")
+    policy = channel_policy(channels)
+    fs, base = open_folder(root)
+
+    def split(a: np.ndarray, key: str, rel: str) -> Sample | Skipped:
+        half = a.shape[1] // 2
+        if half < 1:
+            return Skipped(rel, f"{a.shape[1]} pixels wide: nothing to split")
+        left, right = a[:, :half], a[:, half:2 * half]
+        cond, image = (left, right) if input_side == "left" else (right, left)
+        return Sample(key=key, image=prepare(image, resolution, policy), cond=prepare(cond, resolution, policy),
+                      meta={"source": rel, "input_side": input_side})
+
+    def one(key_rel):
+        key, rel = key_rel
+        return read_item(fs, f"{base}/{rel}", rel, lambda a: split(a, key, rel))
+
+    yield from in_threads(one, unique_keys(list_images(fs, base), root).items())
+
+
+def read_paired_folders(root: str, resolution: int, channels: str | int | None = "keep",
+                        cond_dir: str = "cond", image_dir: str = "image") -> Iterator[Sample | Skipped]:
+    """`paired-folders`: `root/cond_dir` and `root/image_dir` matched by relative path without
+    extension (satellite tile <-> ground photo); a file without a partner is skipped."""
+    policy = channel_policy(channels)
+    fs, base = open_folder(root)
+    sides = {}
+    for name in (cond_dir, image_dir):
+        _, folder = open_folder(f"{root.rstrip('/')}/{name}")
+        sides[name] = (folder, unique_keys(list_images(fs, folder), f"{root}/{name}"))
+    (cond_base, conds), (image_base, images) = sides[cond_dir], sides[image_dir]
+
+    def one(key: str) -> Sample | Skipped:
+        if key not in images:
+            return Skipped(f"{cond_dir}/{conds[key]}", f"no matching file in {image_dir}/")
+        if key not in conds:
+            return Skipped(f"{image_dir}/{images[key]}", f"no matching file in {cond_dir}/")
+        cond_item, image_item = f"{cond_dir}/{conds[key]}", f"{image_dir}/{images[key]}"
+        cond = read_item(fs, f"{cond_base}/{conds[key]}", cond_item, lambda a: a)
+        if isinstance(cond, Skipped):
+            return cond
+        return read_item(fs, f"{image_base}/{images[key]}", image_item, lambda a: Sample(
+            key=key, image=prepare(a, resolution, policy), cond=prepare(cond, resolution, policy),
+            meta={"source": image_item, "cond_source": cond_item}))
+
+    yield from in_threads(one, sorted(set(conds) | set(images)))

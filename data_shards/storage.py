@@ -45,6 +45,10 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
+def is_local(url: str) -> bool:
+    return _split(str(url))[0] in _LOCAL
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for `url` and the path inside it (no scheme)."""
     protocol, rest = _split(str(url))
@@ -57,6 +61,11 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         if endpoint:
             # Not region_name: with it, s3fs/moto bucket creation fails (see ENVIRONMENT.md).
             kwargs["client_kwargs"] = {"endpoint_url": endpoint}
+        # Credentials from the standard variables go into the instance itself: it is pickled to
+        # Ray actors (run storage) whose processes may have started before they were set.
+        for arg, var in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN")):
+            if os.environ.get(var):
+                kwargs[arg] = os.environ[var]
         fs = fsspec.filesystem("s3", **kwargs)
         return fs, fs._strip_protocol(url)
     fs, path = fsspec.core.url_to_fs(url)

@@ -1,86 +1,54 @@
-"""Shards -> batches of uint8 tensors: an endless shuffled stream for training, one ordered pass
-for evaluation.
+"""Shards -> batches of uint8 tensors: an endless, resumable training stream per rank, and one
+ordered pass for evaluation.
 
-Splitting, for a set of S shards read by W ranks with N DataLoader workers each (every epoch
-the shard order is permuted with the same seed everywhere, so shares never overlap):
-  S >= W*N   each worker reads its own shards (rank share, then worker share of it);
-  S >= W     each rank reads its own shards, its workers take every N-th of their samples;
-  S <  W     everybody reads every shard and keeps every (W*N)-th sample.
-In the last case ranks are interleaved first (sample i goes to rank i mod W), so any set with at
-least W samples feeds every rank; a worker left with nothing to read just ends.
-Sample indices come from the manifest, so a skipped (corrupt) sample never shifts a share.
+An epoch, for a set of N samples read by W ranks with batch size B:
+  * the shards are permuted (same seed everywhere, new order each epoch) and their samples laid
+    end to end; rank r takes the contiguous run [r*E*B, (r+1)*E*B) with E = N // (W*B), so every
+    rank yields exactly E batches per epoch (unequal counts hang DDP) and the shares are disjoint;
+    the last N - W*E*B samples of the permuted run (fewer than W*B, different ones each epoch)
+    wait for a later epoch;
+  * inside a rank, the DataLoader takes batches from its workers in turn (batch i from worker
+    i mod n), so each worker reads the contiguous part of the rank's run that fills exactly its
+    turns of this epoch: disjoint, and the rank's batches e*E .. e*E+E-1 are exactly epoch e;
+  * each worker shuffles its part in a buffer seeded by (seed, epoch, rank, worker), then decodes.
+Shards are read whole by one reader except at the edges of a run, where two neighbours each read
+their samples of it. Positions are counted in the manifest, not in what decodes: a corrupt sample
+is skipped and counted, and its place in the batch is taken by the next good sample, so batch
+counts, shares and resume positions never shift. Resuming at batch k skips whole epochs
+arithmetically and, inside the epoch, drops raw (undecoded) samples up to the position.
 """
 from __future__ import annotations
 
-import io
 import itertools
-import json
 import logging
 import random
 from typing import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
-from PIL import Image
 
-from .card import read_manifest
-from .storage import register_webdataset_schemes
+from .card import read_card, read_manifest
+from .decode import IMAGE_KEYS, check_keys, decode_sample, expected_shapes
+from .shard_reader import Prefetcher, read_piece
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("image", "cond", "mask")
-OTHER_KEYS = ("cls", "json")
-_skipped = 0  # per process: DataLoader workers each count their own
+BARREN_EPOCHS = 3  # epochs in a row without one readable sample before a worker gives up
+_skipped = 0                           # samples this process decoded as corrupt
+_reported: dict[tuple[int, int], int] = {}  # (stream, DataLoader worker) -> that worker's count
 
 
 def skipped() -> int:
-    """Samples this process skipped as unreadable (corrupt PNG, missing part, bad shard)."""
-    return _skipped
+    """Samples skipped as unreadable in this process's streams, its DataLoader workers' included
+    (their counts ride along with the batches): what the training loop logs."""
+    return _skipped + sum(_reported.values())
 
 
-def _wds_url(url: str) -> str:
-    # webdataset percent-decodes file:// URLs; give it the plain path instead.
-    return url[len("file://"):] if url.startswith("file://") else url
-
-
-def _warn_and_continue(exc: Exception) -> bool:
+def _count_skip(raw: dict, exc: Exception) -> None:
     global _skipped
     _skipped += 1
-    log.warning("skipping unreadable shard data: %s", exc)
-    return True
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG -> (H, W, C) uint8 keeping the channel count (gray stays 1 channel)."""
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    if img.mode not in ("L", "RGB"):
-        img = img.convert("L" if img.mode in ("1", "LA", "I", "I;16", "F") else "RGB")
-    a = np.asarray(img, dtype=np.uint8)
-    return a[:, :, None] if a.ndim == 2 else a
-
-
-def _decoder(keys: tuple[str, ...]):
-    def decode(samples):
-        global _skipped
-        for s in samples:
-            try:
-                out = {"__key__": s["__key__"]}
-                for k in keys:
-                    if k in IMAGE_KEYS:
-                        out[k] = decode_png(s[f"{k}.png"])
-                    elif k == "cls":
-                        out[k] = int(s["cls"])
-                    else:
-                        out[k] = json.loads(s["json"])
-            except Exception as exc:
-                _skipped += 1
-                log.warning("skipping corrupt sample %s in %s: %r (%d skipped in this process)",
-                            s.get("__key__"), s.get("__url__"), exc, _skipped)
-                continue
-            yield out
-    return decode
+    log.warning("skipping corrupt sample %s in %s: %s: %s (%d skipped in this process)",
+                raw.get("__key__"), raw.get("__url__"), type(exc).__name__, exc, _skipped)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -96,121 +64,169 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
-def _check_keys(keys) -> tuple[str, ...]:
-    keys = tuple(keys)
-    bad = [k for k in keys if k not in IMAGE_KEYS + OTHER_KEYS]
-    if bad or not keys:
-        raise ValueError(f"keys {keys}: each must be one of {IMAGE_KEYS + OTHER_KEYS}")
-    return keys
+def turns(worker: int, num_workers: int, start: int, stop: int) -> int:
+    """How many of the rank's batches start .. stop-1 come from `worker` (batch i from worker i mod n)."""
+    return len(range(start + (worker - start) % num_workers, stop, num_workers))
 
 
-def _indexed(shard_base: dict[str, int]):
-    """Adds `__index__`: the sample's position in the set, from the manifest's shard offsets."""
-    def index(samples):
-        pos: dict[str, int] = {}
-        for s in samples:
-            j = pos.get(s["__url__"], 0)
-            pos[s["__url__"]] = j + 1
-            s["__index__"] = shard_base[s["__url__"]] + j
-            yield s
-    return index
+def epoch_pieces(counts: list[int], epoch: int, seed: int, rank: int, world_size: int, worker: int,
+                 num_workers: int, batch_size: int) -> list[tuple[int, int, int]]:
+    """What one worker reads in one epoch: (shard index, first sample, end sample) in read order."""
+    per_epoch = sum(counts) // (world_size * batch_size)  # batches per rank
+    first = epoch * per_epoch
+    before = sum(turns(v, num_workers, first, first + per_epoch) for v in range(worker))
+    mine = turns(worker, num_workers, first, first + per_epoch)
+    start = (rank * per_epoch + before) * batch_size
+    stop = start + mine * batch_size
+    order = list(range(len(counts)))
+    random.Random(f"{seed}/{epoch}").shuffle(order)  # the same permutation on every rank and worker
+    pieces, offset = [], 0
+    for shard in order:
+        lo, hi = max(start, offset), min(stop, offset + counts[shard])
+        if lo < hi:
+            pieces.append((shard, lo - offset, hi - offset))
+        offset += counts[shard]
+    return pieces
 
 
-def share(n_shards: int, epoch: int, seed: int, rank: int, world_size: int,
-          worker: int, num_workers: int) -> tuple[list[int], int, int]:
-    """(shards to read, m, r): read these shards in this order, keep samples with index % m == r."""
-    order = list(range(n_shards))
-    random.Random(f"{seed}/{epoch}").shuffle(order)  # same permutation on every rank and worker
-    if n_shards >= world_size * num_workers:
-        return order[rank::world_size][worker::num_workers], 1, 0
-    if n_shards >= world_size:
-        return order[rank::world_size], num_workers, worker
-    # rank-minor, so that any set with >= world_size samples feeds every rank
-    return order, world_size * num_workers, worker * world_size + rank
+def buffer_shuffle(items, size: int, rng: random.Random) -> Iterator:
+    """Shuffle a stream in a buffer of `size`; deterministic for a given rng state."""
+    buf: list = []
+    for x in items:
+        buf.append(x)
+        if len(buf) >= size:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
 
 
-class _Epochs(torch.utils.data.IterableDataset):
-    """Endless samples of one (rank, worker): epoch after epoch, each with its own shuffle."""
+class _Worker(torch.utils.data.IterableDataset):
+    """Endless batches of one (rank, DataLoader worker), from rank batch `start_batch` on."""
 
-    def __init__(self, urls, counts, *, rank, world_size, seed, shuffle_buffer, keys):
+    def __init__(self, urls, counts, shapes, *, rank, world_size, batch_size, seed, shuffle_buffer, keys, start_batch):
         super().__init__()
-        self.urls, self.counts = [_wds_url(u) for u in urls], list(counts)
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.shuffle_buffer, self.keys = shuffle_buffer, keys
+        self.urls, self.counts, self.shapes = list(urls), [int(c) for c in counts], shapes
+        self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, batch_size, seed
+        self.shuffle_buffer, self.keys, self.start_batch = shuffle_buffer, keys, start_batch
+        self.per_epoch = sum(self.counts) // (world_size * batch_size)
 
-    def has_share(self, e: int, worker: int, num_workers: int) -> bool:
-        shards, m, r = share(len(self.urls), e, self.seed, self.rank, self.world_size, worker, num_workers)
-        return sum(self.counts[i] for i in shards) > r
+    def _raw(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict]:
+        pieces = epoch_pieces(self.counts, epoch, self.seed, self.rank, self.world_size, worker, num_workers,
+                              self.batch_size)
+        prefetcher = Prefetcher(self.urls[s] for s, _, _ in pieces)
+        try:
+            raw = itertools.chain.from_iterable(read_piece(self.urls[s], lo, hi, prefetcher=prefetcher)
+                                                for s, lo, hi in pieces)
+            rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
+            yield from buffer_shuffle(raw, self.shuffle_buffer, rng)
+        finally:
+            prefetcher.close()
 
-    def epoch(self, e: int, worker: int, num_workers: int) -> Iterator[dict]:
-        shards, m, r = share(len(self.urls), e, self.seed, self.rank, self.world_size, worker, num_workers)
-        if not self.has_share(e, worker, num_workers):
-            return
-        base, total = {}, 0
-        for i in sorted(shards):  # indices count in manifest order, whatever the read order
-            base[self.urls[i]] = total
-            total += self.counts[i]
-        rng = random.Random(f"{self.seed}/{e}/{self.rank}/{worker}")
-        yield from wds.DataPipeline(
-            wds.SimpleShardList([self.urls[i] for i in shards]),
-            wds.tarfile_to_samples(handler=_warn_and_continue),
-            _indexed(base),
-            wds.select(lambda s: s["__index__"] % m == r),
-            _decoder(self.keys),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
-        )
+    def samples(self, worker: int, num_workers: int) -> Iterator[dict]:
+        """This worker's decoded samples, endless; each slot filled even where a sample is corrupt."""
+        done = turns(worker, num_workers, 0, self.start_batch)  # this worker's batches before the start
+        epoch = (worker + done * num_workers) // self.per_epoch  # epoch of its next batch
+        skip = (done - turns(worker, num_workers, 0, epoch * self.per_epoch)) * self.batch_size
+        owed = 0  # corrupt slots waiting for the next good sample
+        barren = 0  # epochs in a row whose share of this worker had nothing readable
+        while True:
+            slots = turns(worker, num_workers, epoch * self.per_epoch, (epoch + 1) * self.per_epoch) * self.batch_size
+            good = 0
+            for raw in itertools.islice(self._raw(epoch, worker, num_workers), skip, None):
+                try:
+                    s = decode_sample(raw, self.keys, self.shapes)
+                except Exception as exc:  # whatever a decoder raises on bad bytes
+                    _count_skip(raw, exc)
+                    owed += 1
+                    continue
+                good += 1
+                for _ in range(owed + 1):
+                    yield s
+                owed = 0
+            # A share can fall inside one damaged stretch; the next epoch's shares lie elsewhere.
+            if good:
+                barren = 0
+            elif slots > skip:
+                barren += 1
+            if barren >= BARREN_EPOCHS:
+                raise RuntimeError(f"rank {self.rank} worker {worker}: no readable sample in its shares of "
+                                   f"{barren} epochs in a row (up to epoch {epoch}) of "
+                                   f"{self.urls[0].rsplit('/', 1)[0]}")
+            epoch, skip = epoch + 1, 0
 
     def __iter__(self):
-        register_webdataset_schemes()  # again here: spawned workers don't inherit it
         info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        for e in itertools.count():
-            n = 0
-            for s in self.epoch(e, worker, num_workers):
-                n += 1
-                yield s
-            if n == 0:
-                if self.has_share(e, worker, num_workers):
-                    raise RuntimeError(f"{self.urls[0]}...: rank {self.rank} worker {worker} "
-                                       f"found no readable sample in its share (epoch {e})")
-                return  # fewer samples than readers: this worker has none; the others go on
+        loader_worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # A DataLoader always starts its turns at worker 0: after resuming at batch k, its worker j
+        # serves the batches that worker (j + k) mod n served in the uninterrupted stream.
+        worker = (loader_worker + self.start_batch) % num_workers
+        skipped_before = _skipped
+        samples = self.samples(worker, num_workers)
+        while True:
+            batch = collate([next(samples) for _ in range(self.batch_size)])
+            batch["__skipped__"], batch["__worker__"] = _skipped - skipped_before, worker
+            yield batch
 
 
 def image_stream(url: str, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 shuffle_buffer: int = 256, num_workers: int = 1,
-                 keys: tuple[str, ...] = ("image",)) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches `{"image": uint8 (B, C, H, W), "__key__": [...]}` of this rank's share.
-
-    Epochs repeat forever; batches are always full and may straddle an epoch boundary.
-    """
-    keys = _check_keys(keys)
+                 shuffle_buffer: int = 256, num_workers: int = 1, keys: tuple[str, ...] = ("image",),
+                 start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches of this rank's share: `{"image": uint8 (B, C, H, W), "cls": int64 (B,),
+    "json": [...], "__key__": [...]}` for the `keys` asked, always full, E = N // (world_size *
+    batch_size) batches per epoch on every rank. `start_batch` = batches already consumed (a
+    resumed run's step count): the stream yields what an uninterrupted one would from there."""
+    keys = check_keys(keys)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
-    manifest = read_manifest(url)
-    if int(manifest.samples.sum()) < world_size:
-        raise ValueError(f"{url}: {int(manifest.samples.sum())} samples cannot feed {world_size} ranks")
-    register_webdataset_schemes()
-    dataset = wds.DataPipeline(
-        _Epochs(manifest.url, manifest.samples, rank=rank, world_size=world_size, seed=seed,
-                shuffle_buffer=max(1, shuffle_buffer), keys=keys),
-        wds.batched(batch_size, collation_fn=collate, partial=False),
-    )
+    if batch_size < 1 or start_batch < 0:
+        raise ValueError("batch_size must be >= 1 and start_batch >= 0")
+    manifest, card = read_manifest(url), read_card(url)
+    missing = [k for k in keys if k not in card.modalities and k != "json"]
+    if missing:
+        raise ValueError(f"{url} has no {', '.join(missing)} (its samples have {', '.join(card.modalities)})")
+    total = int(manifest.samples.sum())
+    if total < world_size * batch_size:
+        raise ValueError(f"{url}: {total} samples cannot fill a batch of {batch_size} on each of {world_size} ranks")
+    dataset = _Worker(manifest.url, manifest.samples, expected_shapes(card.resolution, card.channels),
+                      rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
+                      shuffle_buffer=max(1, shuffle_buffer), keys=keys, start_batch=start_batch)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                          persistent_workers=num_workers > 0,
                                          prefetch_factor=2 if num_workers > 0 else None)
-    return iter(loader)
+    return _counting(iter(loader), num_workers > 0)
+
+
+def _counting(batches, from_workers: bool) -> Iterator[dict]:
+    """Takes the workers' skip counts off the batches into `skipped()`."""
+    stream = object()
+    for batch in batches:
+        count, worker = batch.pop("__skipped__"), batch.pop("__worker__")
+        if from_workers:
+            _reported[(id(stream), int(worker))] = int(count)
+        yield batch
 
 
 def iterate_once(url: str, batch_size: int, limit: int | None = None,
                  keys: tuple[str, ...] = ("image",)) -> Iterator[dict]:
     """Every readable sample once, in manifest order, in this process (the last batch may be short)."""
-    keys = _check_keys(keys)
-    manifest = read_manifest(url)
-    register_webdataset_schemes()
-    samples = wds.DataPipeline(
-        wds.SimpleShardList([_wds_url(u) for u in manifest.url]),
-        wds.tarfile_to_samples(handler=_warn_and_continue),
-        _decoder(keys),
-    )
-    return wds.batched(batch_size, collation_fn=collate, partial=True)(
-        itertools.islice(iter(samples), limit))
+    keys = check_keys(keys)
+    manifest, card = read_manifest(url), read_card(url)
+    shapes = expected_shapes(card.resolution, card.channels)
+
+    def samples():
+        prefetcher = Prefetcher(manifest.url)
+        try:
+            for shard_url, count in zip(manifest.url, manifest.samples):
+                for raw in read_piece(shard_url, 0, int(count), prefetcher=prefetcher):
+                    try:
+                        yield decode_sample(raw, keys, shapes)
+                    except Exception as exc:
+                        _count_skip(raw, exc)
+        finally:
+            prefetcher.close()
+
+    it = itertools.islice(samples(), limit)
+    while batch := list(itertools.islice(it, batch_size)):
+        yield collate(batch)

@@ -48,7 +48,7 @@ def _params(seed: int, i: int) -> dict:
     }
 
 
-def _upsample(grids: np.ndarray, res: int) -> np.ndarray:
+def value_noise(grids: np.ndarray, res: int) -> np.ndarray:
     """(B, g+1, g+1) lattice values -> (B, res, res), smoothstep-interpolated value noise."""
     g = grids.shape[1] - 1
     u = (np.arange(res, dtype=np.float32) + np.float32(0.5)) * np.float32(g / res)
@@ -99,7 +99,7 @@ def _render(ps: list[dict], res: int, channels: int) -> np.ndarray:
         if g > res // 2:
             break
         amp = np.array([p["roughness"] ** o for p in ps], np.float32)[:, None, None]
-        h += amp * _upsample(np.stack([p["grids"][o] for p in ps]), res)
+        h += amp * value_noise(np.stack([p["grids"][o] for p in ps]), res)
     relief = np.array([p["relief"] for p in ps], np.float32)[:, None, None] * res
     crater_h, dark = _craters(ps, res)
     h = h * relief + crater_h
@@ -108,7 +108,7 @@ def _render(ps: list[dict], res: int, channels: int) -> np.ndarray:
     gy, gx = np.gradient(h, axis=(1, 2))
     lx, ly, lz = np.array([p["sun"] for p in ps], np.float32).T[:, :, None, None]
     lambert = np.maximum(0, lz - gx * lx - gy * ly) / np.sqrt(gx * gx + gy * gy + 1)
-    albedo = 0.85 + 0.3 * _upsample(np.stack([p["albedo"] for p in ps]), res) - 0.35 * dark
+    albedo = 0.85 + 0.3 * value_noise(np.stack([p["albedo"] for p in ps]), res) - 0.35 * dark
     img = np.float32(0.04) + np.float32(0.5) * albedo * lambert / lz
     if channels == 3:
         img = img[..., None] * np.stack([p["tint"] for p in ps])[:, None, None, :]

@@ -18,14 +18,23 @@ def main() -> None:
 
 
 # --------------------------------------------------------------------------- train / quickstart
-def _run_and_report(spec) -> None:
+RESUME_HELP = ("Continue the stopped run RUN (the run name printed at its start, e.g. quickstart-1a2b3c4d) "
+               "from its latest checkpoint under the spec's checkpoint storage, in the same MLflow run.")
+
+
+def _run_and_report(spec, resume: str | None) -> None:
+    from jobs.resume import ResumeError
     from jobs.runner import run_job
 
-    res = run_job(spec, say=say)
+    try:
+        res = run_job(spec, say=say, resume=resume)
+    except ResumeError as e:   # nothing to resume under that name: same exit as a spec that cannot run
+        fail_spec(e)
     fid = res.metrics.get("fid")
     click.echo("")
     click.echo(f"done in {res.seconds:.0f} s")
     click.echo(f"  shards       {res.data_url}")
+    click.echo(f"  run          {res.run_name} (continue it with --resume {res.run_name})")
     click.echo(f"  checkpoints  {res.checkpoint or res.storage}")
     click.echo(f"  mlflow run   {res.run_id} (experiment {spec.experiment}) at {res.tracking_uri}")
     if fid is not None:
@@ -40,8 +49,9 @@ def _run_and_report(spec) -> None:
 @main.command()
 @click.argument("spec_path", required=False, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--resume", metavar="RUN", help=RESUME_HELP)
 @click.option("--spec-b64", hidden=True, help="The spec inline (used by `jobs submit`).")
-def train(spec_path, overrides, spec_b64) -> None:
+def train(spec_path, overrides, resume, spec_b64) -> None:
     """Train the job spec SPEC_PATH on the local Ray (or the cluster RAY_ADDRESS names).
 
     The spec is validated first: a bad key or value stops here with exit code 2, naming the
@@ -57,14 +67,15 @@ def train(spec_path, overrides, spec_b64) -> None:
             raise click.UsageError("give a SPEC_PATH (ready ones: jobs/specs/*.yaml)")
     except SpecError as e:
         fail_spec(e)
-    _run_and_report(spec)
+    _run_and_report(spec, resume)
 
 
 @main.command()
 @click.option("--workdir", default=DEFAULT_WORKDIR, show_default=True, type=click.Path(file_okay=False),
               help="Everything goes here: built-in shards, run storage, the MLflow store and registry.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def quickstart(workdir, overrides) -> None:
+@click.option("--resume", metavar="RUN", help=RESUME_HELP)
+def quickstart(workdir, overrides, resume) -> None:
     """The embedded default, one command: built-in crater images → shards → DCGAN on 2 CPU
     workers (Ray Train, DDP/gloo) → MLflow run with FID → registered model, promoted to
     `champion` if it beats the current one. Takes a few minutes on 2 cores."""
@@ -72,7 +83,7 @@ def quickstart(workdir, overrides) -> None:
         spec = load_spec(SPECS_DIR / "quickstart.yaml", [f"workdir={Path(workdir).absolute()}", *overrides])
     except SpecError as e:
         fail_spec(e)
-    _run_and_report(spec)
+    _run_and_report(spec, resume)
 
 
 def _add_groups() -> None:

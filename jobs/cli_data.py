@@ -1,64 +1,115 @@
-"""`orbitgen data`: build WebDataset shards from a source layout, look at them."""
+"""`orbitgen data`: build WebDataset shards from a source layout, look at them, verify them."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
+
+LAYOUT_HELP = """How SOURCE is laid out:
+folder = images at any depth (image);
+class-folders = one sub-folder per class (image, cls);
+stylegan-zip = a StyleGAN2 dataset_tool zip (image, cls if labelled);
+side-by-side = input and target halves of each image (cond, image);
+paired-folders = SOURCE/COND_DIR and SOURCE/IMAGE_DIR matched by file stem (cond, image);
+timeseries-csv = SOURCE is a CSV: past, mask, future (+ id, past_date, future_date) per row (cond, mask, image, json);
+geotiff = a GeoTIFF or a folder of them, cut into tiles (image, json with CRS and transform)."""
+
+# option -> (reader keyword, the layout it belongs to)
+LAYOUT_OPTIONS = {"input_side": "side-by-side", "cond_dir": "paired-folders", "image_dir": "paired-folders",
+                  "columns": "timeseries-csv", "stride": "geotiff", "max_nodata": "geotiff"}
 
 
 @click.group()
 def data() -> None:
-    """Build WebDataset shards from a source layout and look at them."""
+    """Build WebDataset shards from a source layout, look at them, verify them."""
 
 
 @data.command("build")
 @click.argument("source")
 @click.argument("dest")
-@click.option("--layout", type=click.Choice(["folder"]), default="folder", show_default=True,
-              help="How SOURCE is laid out: `folder` = images at any depth.")
-@click.option("--resolution", type=int, required=True, help="Square side: resize the shorter side, centre-crop.")
-@click.option("--channels", type=click.Choice(["keep", "1", "3"]), default="keep", show_default=True,
-              help="Keep the source's channels, or convert to gray (1) / RGB (3).")
-@click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per shard.")
-def data_build(source, dest, layout, resolution, channels, shard_size) -> None:
-    """Write the images under SOURCE as shards to DEST (a folder or an fsspec URL: file://, s3://).
+@click.option("--layout", type=click.Choice(["folder", "class-folders", "stylegan-zip", "side-by-side", "paired-folders",
+                                             "timeseries-csv", "geotiff"]),
+              default="folder", show_default=True, help=LAYOUT_HELP)
+@click.option("--resolution", type=int, required=True,
+              help="Square side: resize the shorter side and centre-crop (geotiff: the tile size, no resize).")
+@click.option("--channels", type=click.Choice(["keep", "gray", "rgb", "1", "3"]), default="keep", show_default=True,
+              help="keep the source's bands (any count; beyond 4 stored as .npy), or convert to gray / rgb (1 / 3).")
+@click.option("--shard-size", default="1000", show_default=True,
+              help="Per shard: a sample count (1000) or a size (256MB, 1GiB).")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="An unreadable file, unmatched pair, CSV row pointing nowhere or other channel count: "
+                   "fail = stop and name it; skip = leave it out, list it in DEST/skipped.jsonl and the summary.")
+@click.option("--input-side", type=click.Choice(["left", "right"]), help="side-by-side: the half that is the input (cond). [left]")
+@click.option("--cond-dir", help="paired-folders: sub-folder of the inputs (cond). [cond]")
+@click.option("--image-dir", help="paired-folders: sub-folder of the targets (image). [image]")
+@click.option("--columns", help="timeseries-csv: CSV column names, e.g. past=before,future=after,mask=change,id=aoi.")
+@click.option("--stride", type=int, help="geotiff: pixels between tile origins. [the resolution]")
+@click.option("--max-nodata", type=float, help="geotiff: largest nodata fraction a kept tile may have. [0]")
+def data_build(source, dest, layout, resolution, channels, shard_size, on_error, **layout_options) -> None:
+    """Write SOURCE (a path or fsspec URL) as shards to DEST (a folder or fsspec URL: file://, s3://).
 
-    DEST gets shard-NNNNNN.tar, dataset.json (the card) and manifest.parquet, written last:
-    a failed build never looks complete.
+    DEST gets shard-NNNNNN.tar, dataset.json (the card), skipped.jsonl when items were skipped,
+    and manifest.parquet, written last: a failed build never looks complete.
     """
-    import itertools
+    from data_shards.build import build
+    from data_shards.card import SKIPPED
+    from data_shards.storage import join, to_url
 
-    from data_shards.sources import read_folder
-    from data_shards.storage import to_url
-    from data_shards.writer import write_shards
-
-    ch = None if channels == "keep" else int(channels)
-    samples = read_folder(source, resolution, ch)
+    options = {k: v for k, v in layout_options.items() if v is not None}
+    wrong = [k for k in options if LAYOUT_OPTIONS[k] != layout]
+    if wrong:
+        raise click.UsageError(", ".join(f"--{k.replace('_', '-')} is for --layout {LAYOUT_OPTIONS[k]}" for k in wrong))
     try:
-        first = next(samples)
-    except StopIteration:
-        raise click.ClickException(f"no images under {source}") from None
-    except ValueError as e:
+        result = build(source, dest, layout=layout, resolution=resolution, channels=channels,
+                       shard_size=shard_size, on_error=on_error, **options)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise click.ClickException(str(e)) from None
-    try:
-        card = write_shards(itertools.chain([first], samples), to_url(dest), layout=layout, resolution=resolution,
-                            channels=first.image.shape[-1], source=str(Path(source).absolute()), shard_samples=shard_size)
-    except (ValueError, FileExistsError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"{card.count} images in {card.shards} shards → {to_url(dest)} (fingerprint {card.fingerprint[:12]})")
+    card = result.card
+    click.echo(f"{card.count} samples ({', '.join(card.modalities)}; {card.channels} channels, {card.resolution}²) "
+               f"in {card.shards} shards → {to_url(dest)} (fingerprint {card.fingerprint[:12]})")
+    for note in result.notes:
+        click.echo(note)
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} items (all listed in {join(to_url(dest), SKIPPED)}):")
+        for s in result.skipped[:20]:
+            click.echo(f"  {s['item']}: {s['reason']}")
+        if len(result.skipped) > 20:
+            click.echo(f"  ... {len(result.skipped) - 20} more")
 
 
 @data.command("inspect")
 @click.argument("dest")
-@click.option("--preview", type=click.Path(dir_okay=False), help="Also write a PNG grid of the first samples here.")
-def data_inspect(dest, preview) -> None:
+@click.option("--preview", type=click.Path(dir_okay=False),
+              help="Also write a PNG grid of the first samples here (pairs: cond, mask, image side by side).")
+@click.option("--samples", "n", type=int, default=16, show_default=True, help="Samples in the preview grid.")
+def data_inspect(dest, preview, n) -> None:
     """Print the card and per-shard counts of the shard set DEST."""
     from data_shards.preview import describe, save_preview
     from data_shards.storage import to_url
 
     try:
         click.echo(describe(to_url(dest)))
+        if preview:
+            click.echo(f"preview → {save_preview(to_url(dest), preview, n=n)}")
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@data.command("verify")
+@click.argument("dest")
+def data_verify(dest) -> None:
+    """Re-read every shard of DEST: sha256 and size against the manifest, decode every sample.
+
+    Names each corrupt shard or sample and exits with status 1 if there is any.
+    """
+    from data_shards.storage import to_url
+    from data_shards.verify import verify
+
+    try:
+        report = verify(to_url(dest))
     except FileNotFoundError as e:
         raise click.ClickException(str(e)) from None
-    if preview:
-        click.echo(f"preview → {save_preview(to_url(dest), preview)}")
+    if report.ok:
+        click.echo(f"ok: {report.samples} samples in {report.shards} shards; sha256 and decoding checked")
+        return
+    for p in report.problems:
+        click.echo(f"CORRUPT {p}", err=True)
+    raise click.ClickException(f"{len(report.problems)} problems in {report.shards} shards of {report.url}")

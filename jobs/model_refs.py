@@ -13,7 +13,9 @@ from jobs.spec import JobSpec
 SNAPSHOT_IN_MODEL = "artifacts/generator.pt"   # where log_generator puts the snapshot
 
 
-def resolve_ref(ref: str, dest: Path) -> str:
+def resolve_ref(ref: str, dest: Path, tracking_uri: str | None = None) -> str:
+    """A local snapshot path for `ref`; `models:/` and `runs:/` refs are read from the MLflow
+    store at `tracking_uri` (the spec's, which is also its registry)."""
     if not ref.startswith(("models:/", "runs:/")):
         path = Path(ref).expanduser()
         if not path.is_file():
@@ -21,7 +23,8 @@ def resolve_ref(ref: str, dest: Path) -> str:
         return str(path.absolute())
     import mlflow.artifacts
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dest)))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dest), tracking_uri=tracking_uri,
+                                                     registry_uri=tracking_uri))
     snapshot = local / SNAPSHOT_IN_MODEL
     if not snapshot.is_file():
         raise FileNotFoundError(f"{ref} has no {SNAPSHOT_IN_MODEL}: not an orbitgen generator")
@@ -34,7 +37,7 @@ def resolve_model_refs(spec: JobSpec, dest: Path) -> JobSpec:
     for key, value in spec.model.items():
         if key.endswith("_from") and isinstance(value, str) and value:
             try:
-                model[key] = resolve_ref(value, dest / key)
+                model[key] = resolve_ref(value, dest / key, tracking_uri=spec.tracking_uri())
             except Exception as e:
                 raise ValueError(f"model.{key}: cannot load {value!r}: {e}") from e
     return spec.model_copy(update={"model": model})

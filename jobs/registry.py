@@ -25,13 +25,23 @@ def log_generator(snapshot: Path, spec_file: Path, registered_name: str | None) 
     """Logs the snapshot as the active run's model `generator`; returns the registered version."""
     import torch
 
+    from jobs.generator_model import input_columns
+    from models.png import encode_png
     from models.snapshot import load_snapshot
 
     family, _, _ = load_snapshot(snapshot)
     r, c = family.resolution, family.channels
-    inputs = Schema([ColSpec("long", "seed")]) if not family.conditional else Schema([ColSpec("binary", "cond")])
+    columns = input_columns(family)
+    if family.conditional:
+        inputs = Schema([ColSpec("binary", name) for name in columns])
+        # Two mid-grey inputs of the model's size (masks have 1 channel); PNG holds 1 or 3 channels only.
+        shape = {"cond": (r, r, c), "mask": (r, r, 1)}
+        example = (pd.DataFrame({n: [encode_png(np.full(shape[n], 128, np.uint8))] * 2 for n in columns})
+                   if c in (1, 3) else None)
+    else:
+        inputs = Schema([ColSpec("long", "seed")])
+        example = pd.DataFrame({"seed": [0, 1]})
     signature = ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, r, r, c))]))
-    example = pd.DataFrame({"seed": [0, 1]}) if not family.conditional else None
     info = mlflow.pyfunc.log_model(
         name="generator",
         python_model=str(REPO / "jobs" / "generator_model.py"),
@@ -39,8 +49,8 @@ def log_generator(snapshot: Path, spec_file: Path, registered_name: str | None) 
         code_paths=[str(REPO / "models")],
         signature=signature,
         input_example=example,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "pydantic",
-                          f"mlflow=={mlflow.__version__}"],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "pydantic", "pillow",
+                          "torchmetrics", f"mlflow=={mlflow.__version__}"],
         registered_model_name=registered_name,
     )
     return str(info.registered_model_version) if registered_name else None

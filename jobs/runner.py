@@ -15,10 +15,12 @@ import mlflow
 
 from data_shards.builtin import ensure_builtin, is_builtin
 from data_shards.card import read_card
-from data_shards.storage import filesystem
+from data_shards.storage import filesystem, join
 from jobs import registry, tracking
+from jobs.checkpoints import SNAPSHOT
 from jobs.env import forwarded_env, git_sha
 from jobs.model_refs import resolve_model_refs
+from jobs.resume import ResumeError, read_run_info, write_run_info
 from jobs.spec import JobSpec
 
 
@@ -31,6 +33,7 @@ class JobResult:
     storage: str
     checkpoint: str | None
     metrics: dict[str, Any]
+    run_name: str = ""
     model_version: str | None = None
     promotion: registry.Promotion | None = None
     seconds: float = 0.0
@@ -78,12 +81,47 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=300_000_000, log_to_driver=True)
 
 
-def run_job(spec: JobSpec, say: Callable[[str], None] = print) -> JobResult:
+def make_trainer(spec: JobSpec, run_name: str, storage: str, loop_config: dict[str, Any]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.train_loop import train_loop_per_worker
 
+    storage_path, storage_fs = ray_storage(storage)
+    best = spec.checkpoint.best_metric
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                     resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
+        # The collective timeout ends a step that waits on a hung peer (NCCL would wait forever);
+        # evaluation happens outside collectives (see train_loop._report), so it needs no margin.
+        torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo", timeout_s=spec.strategy.timeout_s),
+        # Same storage path and name as an earlier run: Ray continues it from its latest checkpoint.
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep,
+                                                                checkpoint_score_attribute=best,
+                                                                checkpoint_score_order=spec.checkpoint.best_mode),
+                             failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures)),
+    )
+
+
+def _open_run(spec: JobSpec, tracking_uri: str, storage: str, resume: str | None):
+    """The MLflow run to log into: a new one, or, on resume, the one the stopped run logged into."""
+    if resume is None:
+        experiment_id = tracking.ensure_experiment(tracking_uri, spec.experiment, spec.workdir_path() / "mlartifacts")
+        return mlflow.start_run(experiment_id=experiment_id)
+    info = read_run_info(storage, resume)
+    if info["tracking_uri"] != tracking_uri:
+        raise ResumeError(f"run {resume} was tracked at {info['tracking_uri']}, this spec tracks at {tracking_uri} "
+                          f"(set tracking.uri to resume it)")
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.start_run(run_id=info["mlflow_run_id"])
+
+
+def run_job(spec: JobSpec, say: Callable[[str], None] = print, resume: str | None = None) -> JobResult:
+    """Train `spec`; with `resume` (a run name under the spec's checkpoint storage), continue that
+    run from its latest checkpoint, logging into the same MLflow run."""
     started = time.perf_counter()
     spec = spec.model_copy(update={"workdir": str(spec.workdir_path())})  # workers may run elsewhere
     spec = resolve_model_refs(spec, spec.workdir_path() / "model-refs")
@@ -92,45 +130,45 @@ def run_job(spec: JobSpec, say: Callable[[str], None] = print) -> JobResult:
     say(f"data      {data_url} ({card['count']} images, fingerprint {card['fingerprint'][:12]})")
 
     tracking_uri = spec.tracking_uri()
-    experiment_id = tracking.ensure_experiment(tracking_uri, spec.experiment, spec.workdir_path() / "mlartifacts")
     storage = spec.storage_url()
-    with mlflow.start_run(experiment_id=experiment_id) as run:
-        run_id = run.info.run_id
-        mlflow.set_tags({tracking.TAG_FAMILY: spec.family, tracking.TAG_DATA: card["fingerprint"],
-                         tracking.TAG_GIT: git_sha() or "unknown", tracking.TAG_SPEC: spec.sha()})
-        mlflow.log_params(tracking.flatten(spec.model_dump(mode="json")))
+    with _open_run(spec, tracking_uri, storage, resume) as run:
+        run_id, experiment_id = run.info.run_id, run.info.experiment_id
+        run_name = resume or f"{spec.name}-{run_id[:8]}"
+        if resume is None:
+            mlflow.set_tags({tracking.TAG_FAMILY: spec.family, tracking.TAG_DATA: card["fingerprint"],
+                             tracking.TAG_GIT: git_sha() or "unknown", tracking.TAG_SPEC: spec.sha()})
+            mlflow.log_params(tracking.flatten(spec.model_dump(mode="json")))
+            tracking.log_dataset(data_url, card)
+            write_run_info(storage, run_name, {"mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+                                               "experiment": spec.experiment, "spec_sha": spec.sha()})
+        else:
+            # Params are immutable in MLflow: a resumed run keeps its first ones; spec.yaml shows the current spec.
+            mlflow.set_tag(tracking.TAG_SPEC, spec.sha())
         mlflow.log_text(spec.to_yaml(), "spec.yaml")
-        tracking.log_dataset(data_url, card)
         say(f"mlflow    {tracking_uri} · experiment {spec.experiment} · run {run_id}")
 
         ensure_ray()
-        storage_path, storage_fs = ray_storage(storage)
-        run_name = f"{spec.name}-{run_id[:8]}"
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"spec": spec.model_dump(mode="json"), "data_url": data_url, "run_id": run_id,
-                               "tracking_uri": tracking_uri, "env": forwarded_env()},
-            scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-                                         resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
-            torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo", timeout_s=600),
-            run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-                                 failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures)),
-        )
-        say(f"training  {spec.family} · {spec.total_steps} steps · {spec.scaling.num_workers} workers "
-            f"({spec.strategy.kind}) · checkpoints under {storage.rstrip('/')}/{run_name}")
+        trainer = make_trainer(spec, run_name, storage, {
+            "spec": spec.model_dump(mode="json"), "data_url": data_url, "run_id": run_id,
+            "tracking_uri": tracking_uri, "env": forwarded_env()})
+        say(f"{'resuming' if resume else 'training'}  {spec.family} · {spec.total_steps} steps · "
+            f"{spec.scaling.num_workers} workers ({spec.strategy.kind}) · run {run_name} · "
+            f"checkpoints under {join(storage, run_name)}")
         result = trainer.fit()
         metrics = dict(result.metrics or {})
-        mlflow.set_tag("orbitgen.checkpoint", result.checkpoint.path if result.checkpoint else "")
+        checkpoint = result.checkpoint
+        if spec.checkpoint.best_metric and result.best_checkpoints:
+            checkpoint = result.get_best_checkpoint(spec.checkpoint.best_metric, spec.checkpoint.best_mode) or checkpoint
+        mlflow.set_tag("orbitgen.checkpoint", checkpoint.path if checkpoint else "")
 
         out = JobResult(run_id=run_id, experiment_id=experiment_id, tracking_uri=tracking_uri, data_url=data_url,
-                        storage=f"{storage.rstrip('/')}/{run_name}", checkpoint=result.checkpoint.path if result.checkpoint else None,
-                        metrics=metrics)
-        if result.checkpoint is not None:
-            with result.checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
+                        storage=join(storage, run_name), checkpoint=checkpoint.path if checkpoint else None,
+                        metrics=metrics, run_name=run_name)
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
                 spec_file = Path(tmp) / "spec.yaml"
                 spec_file.write_text(spec.to_yaml())
-                version = registry.log_generator(Path(d) / "generator.pt", spec_file, spec.tracking.registry_model)
+                version = registry.log_generator(Path(d) / SNAPSHOT, spec_file, spec.tracking.registry_model)
             out.model_version = version
             if version is not None:
                 out.promotion = registry.promote(spec.tracking.registry_model, metric=spec.tracking.promote_metric,

@@ -42,6 +42,14 @@ class AugmentSpec(_Section):
     mineaug: list[str] = []
 
 
+class SchedulerSpec(_Section):
+    """A learning-rate factor per optimizer step (one per train step), on top of the family's own
+    schedule (a phase's StepLR, see models/family.py), the same for every phase."""
+
+    kind: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0, description="linear ramp from 0 to the full rate first")
+
+
 class TrainSpec(_Section):
     batch: int = Field(16, ge=1, description="global batch, split evenly over the workers")
     steps: int | None = Field(None, ge=1, description="overrides kimg when set")
@@ -50,11 +58,19 @@ class TrainSpec(_Section):
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     log_every: int = Field(10, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per worker batch: same update, less memory")
+    grad_clip: float | None = Field(None, gt=0, description="clip each network's gradient norm to this; null = off")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="betas and weight decay come from the family")
+    scheduler: SchedulerSpec = SchedulerSpec()
+    channels_last: bool = Field(False, description="NHWC memory layout for networks and images (faster convs on GPU)")
+    compile: bool = Field(False, description="torch.compile the trained network of each phase")
 
 
 class StrategySpec(_Section):
     kind: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: int = Field(1, ge=0, le=3)
+    zero_stage: int = Field(1, ge=0, le=2, description="DeepSpeed ZeRO stage (0, 1 or 2)")
+    timeout_s: int = Field(300, ge=10, description="collective timeout: a hung peer fails the group after this long")
+    deepspeed: dict[str, Any] = Field({}, description="extra DeepSpeed config, merged over the one built from the spec")
 
 
 class ScalingSpec(_Section):
@@ -68,6 +84,9 @@ class CheckpointSpec(_Section):
     keep: int = Field(3, ge=1)
     storage: str | None = Field(None, description="fsspec URL for run storage; default <workdir>/runs")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
+    best_metric: str | None = Field(None, description="keep the `keep` best checkpoints by this eval metric "
+                                                       "(evaluated at every checkpoint) instead of the latest")
+    best_mode: Literal["min", "max"] = "min"
 
 
 class EvalSpec(_Section):
@@ -121,9 +140,15 @@ class JobSpec(_Section):
         if self.train.batch % self.scaling.num_workers:
             raise ValueError(f"train.batch ({self.train.batch}) must be divisible by "
                              f"scaling.num_workers ({self.scaling.num_workers})")
+        if self.per_worker_batch % self.train.grad_accum:
+            raise ValueError(f"train.batch / scaling.num_workers ({self.per_worker_batch}) must be divisible by "
+                             f"train.grad_accum ({self.train.grad_accum})")
         if self.train.steps is None and self.train.kimg is None:
             raise ValueError("set train.steps or train.kimg")
         family = get_family_cls(self.family)
+        if self.checkpoint.best_metric is not None and self.checkpoint.best_metric not in family.metrics:
+            raise ValueError(f"checkpoint.best_metric {self.checkpoint.best_metric!r} is not a metric of the "
+                             f"{self.family} family; allowed: {', '.join(family.metrics)}")
         try:
             self.model = family.config_cls.model_validate(self.model).model_dump()
         except ValidationError as e:

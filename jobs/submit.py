@@ -33,6 +33,7 @@ WORKING_DIR_EXCLUDES = [".venv", "orbitgen-work", ".git", "*.egg-info", "__pycac
                         "mlruns", "mlartifacts"]
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 DEFAULT_DASHBOARD_PORT = 8265
+AGENT_WAIT_S = 60
 
 _ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 _env_lock = threading.Lock()
@@ -175,8 +176,16 @@ def submit(spec_yaml_text: str, *, address: str | None, working_dir: str,
     runtime_env = build_runtime_env(working_dir, env)
     metadata = build_metadata(spec_yaml_text, runtime_env["env_vars"].get(GIT_SHA_ENV))
     client = _client(address)
-    return _call(address, lambda: client.submit_job(
-        entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata, submission_id=job_id))
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return _call(address, lambda: client.submit_job(
+                entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata, submission_id=job_id))
+        except RuntimeError as e:
+            # A head that has just started answers before its job agent is up: wait for it.
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def status(job_id: str, *, address: str | None) -> str:

@@ -1,8 +1,11 @@
 """The family-agnostic training loop that Ray Train runs on every worker.
 
 Per step: one batch from this rank's share of the shards; for each phase of the family, only
-that phase's network is trainable, the family computes the loss and the phase's engine steps.
-Rank 0 logs to MLflow, writes checkpoints and evaluates; every rank reports to Ray Train.
+that phase's network is trainable, the family computes the loss (per micro-batch) and the phase's
+engine steps. Every checkpoint interval, every rank saves its part of the training state and
+reports it to Ray Train; rank 0 also logs to MLflow and evaluates. After a failure Ray restarts
+the worker group, and the loop continues from the latest checkpoint at the same step, with the
+same batches and the same noise as an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -11,22 +14,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from data_shards.stream import image_stream
 from data_shards.preview import image_grid
+from data_shards.stream import image_stream
 from jobs import checkpoints
-from jobs.engines import make_engine
-from jobs.evaluate import evaluate
+from jobs.engines import Engine, make_engine
+from jobs.evaluate import evaluate, preview
 from jobs.spec import JobSpec
 from jobs.tracking import RunLogger
-from models.family import StepContext, get_family_cls
-from models.images import nchw_to_nhwc_numpy, to_float, to_uint8
+from models.family import Family, Phase, StepContext, get_family_cls
+from models.images import to_float
 
 GRID_SEED = 123
 
@@ -37,10 +41,26 @@ def say(msg: str) -> None:
     sys.stdout.flush()
 
 
-def build_family(spec: JobSpec):
+def build_family(spec: JobSpec) -> Family:
     cls = get_family_cls(spec.family)
     return cls(cls.config_cls.model_validate(spec.model), resolution=spec.data.resolution,
                channels=spec.data.channels, lr=spec.train.lr)
+
+
+def build_training(spec: JobSpec, device: torch.device, world_size: int
+                   ) -> tuple[Family, dict[str, nn.Module], list[Phase], dict[str, Engine]]:
+    """The family, its networks on the device (bare modules), its phases and one engine per
+    phase, identical on every rank."""
+    family = build_family(spec)
+    torch.manual_seed(spec.train.seed)  # identical init everywhere (DDP also broadcasts rank 0's)
+    networks = family.build()
+    phases = family.phases()
+    engines = {ph.name: make_engine(spec, networks[ph.name], ph, device, world_size) for ph in phases}
+    for name, net in networks.items():
+        if name not in engines:   # EMA copies, frozen networks: no engine, no gradients
+            net.to(device).requires_grad_(False)
+    networks.update({name: e.module for name, e in engines.items()})
+    return family, networks, phases, engines
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -56,10 +76,88 @@ def _gather(value: int, world_size: int) -> list[int]:
     return out
 
 
-def to_device(batch: dict[str, Any], keys: tuple[str, ...], device: torch.device) -> dict[str, torch.Tensor]:
+def open_stream(data_url: str, spec: JobSpec, keys: tuple[str, ...], rank: int, world_size: int,
+                start_batch: int) -> Iterator[dict]:
+    """This rank's batches from batch `start_batch` on: what an uninterrupted stream yields there."""
+    return image_stream(data_url, rank=rank, world_size=world_size, batch_size=spec.per_worker_batch,
+                        seed=spec.train.seed, shuffle_buffer=spec.data.shuffle_buffer,
+                        num_workers=spec.data.loader_workers, keys=keys, start_batch=start_batch)
+
+
+def to_device(batch: Mapping[str, Any], keys: tuple[str, ...], device: torch.device,
+              channels_last: bool = False) -> dict[str, torch.Tensor]:
     """uint8 image tensors become float in [-1, 1] on the device; `cls` stays int64."""
-    return {k: to_float(batch[k].to(device, non_blocking=True)) if batch[k].dtype == torch.uint8
-            else batch[k].to(device) for k in keys}
+    out = {}
+    for k in keys:
+        x = batch[k].to(device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = to_float(x)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+        out[k] = x
+    return out
+
+
+class DevicePrefetcher:
+    """Batches on the device; on CUDA the next batch is copied on a side stream while this step runs."""
+
+    def __init__(self, batches: Iterator[dict], keys: tuple[str, ...], device: torch.device, channels_last: bool):
+        self.batches, self.keys, self.device, self.channels_last = batches, keys, device, channels_last
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ahead = self._load() if self.copy_stream is not None else None
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        raw = next(self.batches)
+        if self.copy_stream is None:
+            return to_device(raw, self.keys, self.device, self.channels_last)
+        with torch.cuda.stream(self.copy_stream):
+            pinned = {k: raw[k].pin_memory() for k in self.keys}   # pinned memory: the copy is asynchronous
+            return to_device(pinned, self.keys, self.device, self.channels_last)
+
+    def __iter__(self) -> "DevicePrefetcher":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.copy_stream is None:
+            return self._load()
+        batch = self.ahead
+        torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        for t in batch.values():
+            t.record_stream(torch.cuda.current_stream(self.device))   # keep the memory until this step is done
+        self.ahead = self._load()
+        return batch
+
+
+def split(batch: Mapping[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    if parts == 1:
+        return [dict(batch)]
+    chunks = {k: v.chunk(parts) for k, v in batch.items()}
+    return [{k: c[i] for k, c in chunks.items()} for i in range(parts)]
+
+
+def train_step(family: Family, phases: list[Phase], engines: Mapping[str, Engine], networks: Mapping[str, nn.Module],
+               batch: Mapping[str, torch.Tensor], *, step: int, device: torch.device,
+               grad_accum: int = 1) -> dict[str, torch.Tensor]:
+    """One optimizer step of every phase on one batch; returns the family's values, still on the device."""
+    trained = {name: e.wrapped for name, e in engines.items()}
+    micro_batches = split(batch, grad_accum)
+    values: dict[str, torch.Tensor] = {}
+    for ph in phases:
+        engine = engines[ph.name]
+        for name, e in engines.items():
+            e.set_trainable(name == ph.name)   # before the forward (DeepSpeed ZeRO >= 2 needs it then)
+        ctx = StepContext(networks=networks, trained=trained, phase=ph.name, step=step, device=device)
+        for micro in micro_batches:
+            with engine.micro_batch():
+                with engine.autocast():
+                    loss, out = family.loss(micro, ctx)
+                engine.step(loss)
+            for k, v in out.items():
+                v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+                values[k] = values[k] + v / grad_accum if k in values else v / grad_accum
+    for e in engines.values():
+        e.set_trainable(True)   # the resting state, the one checkpoints are saved and loaded in
+    return values
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -70,53 +168,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     log = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
 
-    family = build_family(spec)
-    torch.manual_seed(spec.train.seed)  # identical init everywhere (DDP also broadcasts rank 0's)
-    networks = family.build()
-    phases = family.phases()
-    engines = {ph.name: make_engine(spec.strategy.kind, networks[ph.name], ph, device, world,
-                                    spec.train.precision, spec.strategy.zero_stage) for ph in phases}
-    for name, net in networks.items():
-        if name not in engines:
-            net.to(device).requires_grad_(False)
-    trained = {name: e.wrapped for name, e in engines.items()}
+    family, networks, phases, engines = build_training(spec, device, world)
 
     step, images_seen = 0, 0
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
-            state = checkpoints.read(Path(d), engines)
+            state = checkpoints.read(Path(d), engines=engines, networks=networks, family=family)
         step, images_seen = state["step"], state["images_seen"]
-        if rank == 0:
+        if log is not None:
+            log.metrics(step, {"resumed_from_step": step})
             say(f"resumed from step {step} ({images_seen} images)")
 
     total = spec.total_steps
-    stream = image_stream(config["data_url"], rank=rank, world_size=world, batch_size=spec.per_worker_batch,
-                          seed=spec.train.seed, shuffle_buffer=spec.data.shuffle_buffer,
-                          num_workers=spec.data.loader_workers, keys=family.data_keys)
-    pending: dict[str, torch.Tensor] = {}
+    batches = DevicePrefetcher(open_stream(config["data_url"], spec, family.data_keys, rank, world, start_batch=step),
+                               family.data_keys, device, spec.train.channels_last)
     t0, seen0 = time.perf_counter(), images_seen
     while step < total:
-        batch = to_device(next(stream), family.data_keys, device)
+        batch = next(batches)
         torch.manual_seed(step_seed(spec.train.seed, rank, step))
-        for ph in phases:
-            for name, e in engines.items():
-                e.set_trainable(name == ph.name)
-            ctx = StepContext(networks=networks, trained=trained, phase=ph.name, step=step, device=device)
-            with engines[ph.name].autocast():
-                loss, values = family.loss(batch, ctx)
-            engines[ph.name].step(loss)
-            pending.update({k: v.detach() if torch.is_tensor(v) else torch.tensor(float(v)) for k, v in values.items()})
+        values = train_step(family, phases, engines, networks, batch, step=step, device=device,
+                            grad_accum=spec.train.grad_accum)
         step += 1
         images_seen += spec.train.batch
 
         if log is not None and (step % spec.train.log_every == 0 or step == total):
             # Read losses back only here: a .item() every step would sync the device each step.
-            values = {k: float(v) for k, v in pending.items()}
+            shown = {k: float(v) for k, v in values.items()}
             rate = (images_seen - seen0) / max(time.perf_counter() - t0, 1e-9)
-            log.metrics(step, {**values, "images_per_s": rate, "kimg": images_seen / 1000})
-            shown = " · ".join(f"{k} {v:.3f}" for k, v in sorted(values.items()))
-            say(f"step {step}/{total} · {shown} · {rate:.0f} img/s")
+            log.metrics(step, {**shown, "images_per_s": rate, "kimg": images_seen / 1000})
+            say(f"step {step}/{total} · " + " · ".join(f"{k} {v:.3f}" for k, v in sorted(shown.items()))
+                + f" · {rate:.0f} img/s")
 
         if step % spec.checkpoint.every_steps == 0 or step == total:
             _report(spec, config, family, networks, engines, step, images_seen, rank, world, log, device,
@@ -125,24 +207,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _report(spec, config, family, networks, engines, step, images_seen, rank, world, log, device, final):
     steps_per_rank = _gather(step, world)
-    metrics: dict[str, Any] = {"step": step, "images_seen": images_seen}
+    metrics: dict[str, Any] = {"step": step, "images_seen": images_seen, "steps_per_rank": steps_per_rank}
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
+        # Save first (collective for DeepSpeed), then evaluate on rank 0 alone: the other ranks wait
+        # in ray.train.report, not in a process-group barrier that the collective timeout would end.
+        checkpoints.write(Path(tmp), rank=rank, engines=engines, networks=networks, family=family, step=step,
+                          images_seen=images_seen,
+                          extra={"steps_per_rank": steps_per_rank, "mlflow_run_id": config["run_id"]})
+        due = final or (spec.eval.every_steps and step % spec.eval.every_steps == 0)
+        if rank == 0 and (due or spec.checkpoint.best_metric):   # best-by-metric ranks every checkpoint
             sampler = networks[family.sampler_role]
-            if final or (spec.eval.every_steps and step % spec.eval.every_steps == 0):
-                grid = image_grid(nchw_to_nhwc_numpy(to_uint8(family.sample(sampler, 64, seed=GRID_SEED))))
-                log.image(grid, f"samples/grid_step{step:07d}.png")
-                scores, params = evaluate(family, sampler, data_url=config["data_url"],
-                                          num_samples=spec.eval.num_samples, extractor=spec.eval.fid_extractor,
-                                          inception_weights=spec.eval.inception_weights, device=device)
-                log.metrics(step, scores)
-                if final:
-                    log.params(params)
-                    log.metrics(step, {f"steps_rank_{r}": s for r, s in enumerate(steps_per_rank)})
-                metrics.update(scores)
-            checkpoints.write(Path(tmp), engines=engines, family=family, step=step, images_seen=images_seen,
-                              extra={"steps_per_rank": steps_per_rank})
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        metrics["steps_per_rank"] = steps_per_rank
-        ray.train.report(metrics, checkpoint=checkpoint)
+            log.image(image_grid(preview(family, sampler, data_url=config["data_url"], n=64, seed=GRID_SEED,
+                                         device=device)), f"samples/grid_step{step:07d}.png")
+            scores, params = evaluate(family, sampler, data_url=config["data_url"],
+                                      num_samples=spec.eval.num_samples, extractor=spec.eval.fid_extractor,
+                                      inception_weights=spec.eval.inception_weights, device=device)
+            log.metrics(step, scores)
+            if final:
+                log.params(params)
+                log.metrics(step, {f"steps_rank_{r}": s for r, s in enumerate(steps_per_rank)})
+            metrics.update(scores)
+        # Ranks that wrote nothing (DDP's others) report no checkpoint; Ray merges the rest into one.
+        written = any(Path(tmp).iterdir())
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if written else None)

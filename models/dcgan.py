@@ -12,24 +12,20 @@ import operator
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from models.family import Family, FamilyConfig, Phase, StepContext, register_family
+from models.adversarial import TwoPlayerConfig, discriminator_loss, generator_loss, two_player_phases
+from models.family import Family, Phase, StepContext, register_family, run_in_eval
 
 
-class DCGANConfig(FamilyConfig):
+class DCGANConfig(TwoPlayerConfig):
     """The `model:` section of a dcgan spec; defaults are the paper's."""
 
     nz: int = Field(100, gt=0, description="length of the noise vector")
     ngf: int = Field(64, gt=0, description="generator width at the last up-block")
     ndf: int = Field(64, gt=0, description="discriminator width at the first down-block")
     max_channels: int = Field(512, gt=0, description="cap on the width of any block (large resolutions)")
-    lr_g: float | None = Field(None, gt=0, description="generator learning rate; None -> train.lr")
-    lr_d: float | None = Field(None, gt=0, description="discriminator learning rate; None -> train.lr")
-    beta1: float = Field(0.5, ge=0, lt=1)
-    beta2: float = Field(0.999, ge=0, lt=1)
 
 
 def num_stages(resolution: int) -> int:
@@ -45,7 +41,7 @@ def num_stages(resolution: int) -> int:
     return r.bit_length() - 1 - 2   # log2(resolution) - log2(4)
 
 
-def _widths(base: int, stages: int, cap: int) -> list[int]:
+def doubling_widths(base: int, stages: int, cap: int) -> list[int]:
     """base, 2*base, 4*base, ... (one per stage), each capped at `cap`."""
     return [min(base * 2**i, cap) for i in range(stages)]
 
@@ -62,27 +58,49 @@ def dcgan_init_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def up_block(c_in: int, c_out: int) -> list[nn.Module]:
+    """Doubles the size: a stride-2 transposed conv, BatchNorm, ReLU. Convs followed by BatchNorm
+    carry no bias: BN's shift makes it redundant."""
+    return [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+
+
+def down_stack(channels: int, widths: list[int]) -> list[nn.Module]:
+    """Stride-2 convs with LeakyReLU(0.2), one per width, halving the size each time; BatchNorm on
+    all but the first (as in the paper: the first block sees raw pixels)."""
+    layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+    for c_in, c_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
+    return layers
+
+
 class Generator(nn.Module):
-    def __init__(self, *, resolution: int, channels: int, nz: int = 100, ngf: int = 64, max_channels: int = 512):
+    """Noise (N, nz, s, s) -> image. `latent_size` 1: DCGAN's noise vector, projected to 4x4 by a
+    stride-1 transposed conv; 4: a spatial 4x4 latent that stride-2 transposed convs grow from
+    directly (the satellite->ground generator)."""
+
+    def __init__(self, *, resolution: int, channels: int, nz: int = 100, ngf: int = 64, max_channels: int = 512,
+                 latent_size: int = 1):
         super().__init__()
+        if latent_size not in (1, 4):
+            raise ValueError(f"latent_size must be 1 or 4, got {latent_size}")
         stages = num_stages(resolution)
-        self.nz = nz
-        # Widest at 4x4, halving towards the image: e.g. 512, 256, 128, 64 at 64x64.
-        widths = _widths(ngf, stages, max_channels)[::-1]
-        # Convs followed by BatchNorm carry no bias: BN's shift makes it redundant.
-        layers: list[nn.Module] = [
-            nn.ConvTranspose2d(nz, widths[0], 4, 1, 0, bias=False),
-            nn.BatchNorm2d(widths[0]),
-            nn.ReLU(True),
-        ]
-        for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
-        layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.nz, self.latent_size = nz, latent_size
+        # Widest at 4x4, halving towards the image: e.g. 512, 256, 128, 64 at 64x64 (latent_size 1).
+        widths = doubling_widths(ngf, stages if latent_size == 1 else stages - 1, max_channels)[::-1]
+        layers: list[nn.Module] = []
+        c_in = nz
+        if latent_size == 1:
+            layers += [nn.ConvTranspose2d(nz, widths[0], 4, 1, 0, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)]
+            c_in, widths = widths[0], widths[1:]
+        for c_out in widths:
+            layers += up_block(c_in, c_out)
+            c_in = c_out
+        layers += [nn.ConvTranspose2d(c_in, channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.main = nn.Sequential(*layers)
         dcgan_init_(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.dim() == 2:   # accept (N, nz) as well as (N, nz, 1, 1)
+        if z.dim() == 2 and self.latent_size == 1:   # accept (N, nz) as well as (N, nz, 1, 1)
             z = z[:, :, None, None]
         return self.main(z)
 
@@ -90,13 +108,8 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     def __init__(self, *, resolution: int, channels: int, ndf: int = 64, max_channels: int = 512):
         super().__init__()
-        stages = num_stages(resolution)
-        widths = _widths(ndf, stages, max_channels)   # e.g. 64, 128, 256, 512 at 64x64
-        # No BatchNorm on the first block (as in the paper): it sees raw pixels.
-        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
-        for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
-        layers += [nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False)]   # 4x4 -> 1x1: one logit
+        widths = doubling_widths(ndf, num_stages(resolution), max_channels)   # e.g. 64, 128, 256, 512 at 64x64
+        layers = down_stack(channels, widths) + [nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False)]   # 4x4 -> one logit
         self.main = nn.Sequential(*layers)
         dcgan_init_(self)
 
@@ -130,15 +143,16 @@ class DCGAN(Family):
         }
 
     def phases(self) -> list[Phase]:
-        c = self.config
-        betas = (c.beta1, c.beta2)
-        lr_d = c.lr_d if c.lr_d is not None else self.lr
-        lr_g = c.lr_g if c.lr_g is not None else self.lr
-        return [Phase("D", lr_d, betas), Phase("G", lr_g, betas)]
+        return two_player_phases(self.config, self.lr)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """Shape of one noise sample."""
+        return (self.config.nz, 1, 1)
 
     def _noise(self, n: int, ctx: StepContext) -> torch.Tensor:
         # ctx.generator, when given, must live on ctx.device (torch.randn's rule).
-        return torch.randn(n, self.config.nz, 1, 1, device=ctx.device, generator=ctx.generator)
+        return torch.randn(n, *self.latent_shape, device=ctx.device, generator=ctx.generator)
 
     def loss(self, batch: Mapping[str, torch.Tensor], ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         real = batch["image"]
@@ -148,36 +162,21 @@ class DCGAN(Family):
                 fake = ctx.net("G")(z)
             d = ctx.net("D")
             # Separate forward calls: BatchNorm normalises real and fake batches apart, as in DCGAN.
-            logit_real = d(real)
-            logit_fake = d(fake)
-            loss = (F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
-                    + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
-            return loss, {
-                "loss_D": loss.detach(),
-                "D_real": torch.sigmoid(logit_real.detach()).mean(),
-                "D_fake": torch.sigmoid(logit_fake.detach()).mean(),
-            }
+            loss, logs = discriminator_loss(d(real), d(fake))
+            return loss, {"loss_D": loss.detach(), **logs}
         if ctx.phase == "G":
-            logit = ctx.net("D")(ctx.net("G")(z))
-            # Non-saturating generator loss: maximise log D(G(z)) rather than minimise log(1 - D(G(z))).
-            loss = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
+            loss = generator_loss(ctx.net("D")(ctx.net("G")(z)))
             return loss, {"loss_G": loss.detach()}
-        raise ValueError(f"dcgan has phases 'D' and 'G', got {ctx.phase!r}")
+        raise ValueError(f"{self.name} has phases 'D' and 'G', got {ctx.phase!r}")
 
     @torch.no_grad()
     def sample(self, sampler: nn.Module, n: int, *, seed: int = 0, cond: torch.Tensor | None = None,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         if cond is not None or mask is not None:
-            raise ValueError("dcgan is unconditional: sample() takes no cond or mask")
+            raise ValueError(f"{self.name} is unconditional: sample() takes no cond or mask")
         # Noise from a local CPU generator: the same images for a seed on any device,
         # whatever the global RNG state is.
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        z = torch.randn(n, self.config.nz, 1, 1, generator=gen)
-        param = next(sampler.parameters())
-        was_training = sampler.training
-        sampler.eval()   # BatchNorm running statistics: each image depends on its own noise only
-        try:
-            out = sampler(z.to(device=param.device, dtype=param.dtype))
-        finally:
-            sampler.train(was_training)
-        return out.float()
+        z = torch.randn(n, *self.latent_shape, generator=gen)
+        # Eval mode: BatchNorm running statistics, so each image depends on its own noise only.
+        return run_in_eval(sampler, z)

@@ -29,6 +29,16 @@ class Phase:
     lr: float
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
+    # StepLR: the learning rate is multiplied by `lr_gamma` every `lr_step_every` optimizer steps
+    # (None: constant). Engines apply it; `lr_at(step)` is the schedule in one formula.
+    lr_step_every: int | None = None
+    lr_gamma: float = 1.0
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate for optimizer step `step` (0-based)."""
+        if not self.lr_step_every:
+            return self.lr
+        return self.lr * self.lr_gamma ** (step // self.lr_step_every)
 
 
 @dataclass
@@ -91,6 +101,19 @@ class Family:
         raise NotImplementedError
 
 
+def run_in_eval(net: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """`net(*inputs)` in eval mode (BatchNorm running statistics, no dropout: deterministic),
+    inputs moved to the network's device and dtype; the mode is restored; float32 result."""
+    param = next(net.parameters())
+    was_training = net.training
+    net.eval()
+    try:
+        out = net(*(x.to(device=param.device, dtype=param.dtype) for x in inputs))
+    finally:
+        net.train(was_training)
+    return out.float()
+
+
 _FAMILIES: dict[str, type[Family]] = {}
 
 
@@ -100,7 +123,11 @@ def register_family(cls: type[Family]) -> type[Family]:
 
 
 def available_families() -> list[str]:
-    import models.dcgan  # noqa: F401  (registers itself; later families are imported here too)
+    # Each module registers its families on import.
+    import models.cgan  # noqa: F401
+    import models.dcgan  # noqa: F401
+    import models.pix2pix  # noqa: F401
+    import models.sat2ground  # noqa: F401
 
     return sorted(_FAMILIES)
 

@@ -1,4 +1,4 @@
-"""The CLI as a user types it: data build/inspect on a folder, models show/promote on a registry."""
+"""The CLI as a user types it: data build/inspect/verify on small sources, models show/promote on a registry."""
 from __future__ import annotations
 
 import mlflow
@@ -11,31 +11,65 @@ from data_shards.card import read_manifest
 from jobs.cli import main
 
 
-def test_data_build_then_inspect(tmp_path):
+def test_data_build_then_inspect_and_verify(tmp_path):
     src = tmp_path / "images" / "nested"
     src.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(7):
         Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).save(src / f"img{i}.png")
+    (src / "broken.png").write_bytes(b"\x89PNG not really")
     dest = tmp_path / "shards"
     runner = CliRunner()
-    res = runner.invoke(main, ["data", "build", str(tmp_path / "images"), str(dest), "--layout", "folder",
-                               "--resolution", "16", "--channels", "1", "--shard-size", "3"])
+    args = ["data", "build", str(tmp_path / "images"), str(dest), "--layout", "folder", "--resolution", "16",
+            "--channels", "gray", "--shard-size", "3"]
+    res = runner.invoke(main, args)
+    assert res.exit_code == 1 and "nested/broken.png: cannot read image" in res.output, res.output
+    assert not dest.exists() or not list(dest.iterdir())
+    res = runner.invoke(main, args + ["--on-error", "skip"])
     assert res.exit_code == 0, res.output
-    assert "7 images in 3 shards" in res.output
+    assert "7 samples (image, json; 1 channels, 16²) in 3 shards" in res.output
+    assert "skipped 1 items" in res.output and "skipped.jsonl" in res.output and "nested/broken.png" in res.output
     assert read_manifest(dest.as_uri())["samples"].tolist() == [3, 3, 1]
 
     res = runner.invoke(main, ["data", "inspect", str(dest), "--preview", str(tmp_path / "grid.png")])
     assert res.exit_code == 0, res.output
-    assert "resolution   16" in res.output and "channels     1" in res.output
+    assert "resolution   16" in res.output and "channels     1" in res.output and "skipped      1" in res.output
     assert Image.open(tmp_path / "grid.png").size[0] > 16
+
+    res = runner.invoke(main, ["data", "verify", str(dest)])
+    assert res.exit_code == 0 and "ok: 7 samples in 3 shards" in res.output, res.output
+    shard = dest / "shard-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0x01
+    shard.write_bytes(bytes(data))
+    res = runner.invoke(main, ["data", "verify", str(dest)])
+    assert res.exit_code == 1 and "CORRUPT shard-000002.tar: sha256 differs" in res.output, res.output
+
+
+def test_data_build_layout_options(tmp_path):
+    rng = np.random.default_rng(1)
+    (tmp_path / "maps").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (20, 40, 3), dtype=np.uint8)).save(tmp_path / "maps" / f"{i}.png")
+    runner = CliRunner()
+    res = runner.invoke(main, ["data", "build", str(tmp_path / "maps"), str(tmp_path / "a"), "--layout", "side-by-side",
+                               "--resolution", "8", "--input-side", "right", "--shard-size", "1MB"])
+    assert res.exit_code == 0 and "3 samples (image, cond, json; 3 channels, 8²) in 1 shards" in res.output, res.output
+    res = runner.invoke(main, ["data", "build", str(tmp_path / "maps"), str(tmp_path / "b"), "--resolution", "8",
+                               "--stride", "4"])
+    assert res.exit_code == 2 and "--stride is for --layout geotiff" in res.output
+    res = runner.invoke(main, ["data", "build", str(tmp_path / "maps"), str(tmp_path / "b"), "--resolution", "8",
+                               "--shard-size", "big"])
+    assert res.exit_code == 1 and "shard size 'big'" in res.output
 
 
 def test_data_build_errors_name_the_source(tmp_path):
     (tmp_path / "empty").mkdir()
     res = CliRunner().invoke(main, ["data", "build", str(tmp_path / "empty"), str(tmp_path / "out"), "--resolution", "16"])
-    assert res.exit_code != 0 and "no images under" in res.output and "empty" in res.output
+    assert res.exit_code != 0 and "no usable items in" in res.output and "empty" in res.output
     res = CliRunner().invoke(main, ["data", "inspect", str(tmp_path / "empty")])
+    assert res.exit_code != 0 and "no dataset.json" in res.output
+    res = CliRunner().invoke(main, ["data", "verify", str(tmp_path / "empty")])
     assert res.exit_code != 0 and "no dataset.json" in res.output
 
 

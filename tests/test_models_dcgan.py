@@ -6,11 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from family_checks import Recording, check_gradient_isolation, ctx_for, has_grads, mean, param_count, train
 from models.dcgan import DCGAN, DCGANConfig, Discriminator, Generator
-from models.family import StepContext, available_families, get_family_cls
+from models.family import available_families, get_family_cls
 from models.images import nchw_to_nhwc_numpy, to_float, to_uint8
-
-CPU = torch.device("cpu")
 
 
 def tiny_family(resolution: int = 16, channels: int = 3, lr: float = 1e-3, **cfg) -> DCGAN:
@@ -22,10 +21,6 @@ def fixed_images(n: int = 8, channels: int = 3, size: int = 16) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     planes = [torch.stack([torch.sin(3 * xx + i), torch.cos(3 * yy - i), xx * yy]) for i in range(n)]
     return torch.stack(planes)[:, :channels].clamp(-1, 1)
-
-
-def ctx_for(nets, phase: str, trained=None, generator=None) -> StepContext:
-    return StepContext(networks=nets, trained=trained or nets, phase=phase, step=0, device=CPU, generator=generator)
 
 
 def test_registered():
@@ -52,6 +47,20 @@ def test_default_widths_at_64():
     # The published DCGAN at 64x64: these are the PyTorch example's parameter counts.
     assert sum(p.numel() for p in nets["G"].parameters()) == 3_576_704
     assert sum(p.numel() for p in nets["D"].parameters()) == 2_765_568
+
+
+def test_rsicb_structure_at_128():
+    """The remote-sensing DCGAN (dcgan_rsicb.yaml): noise 100 -> 4x4, then 4 stride-2 transposed
+    convs with BatchNorm + ReLU, then a transposed conv to the image with Tanh; D: 5 stride-2 convs
+    with BatchNorm (all but the first) + LeakyReLU, then one logit."""
+    nets = DCGAN(DCGANConfig(), resolution=128, channels=3, lr=2e-4).build()
+    g = [m for m in nets["G"].modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert [m.stride for m in g] == [(1, 1)] + [(2, 2)] * 4 + [(2, 2)] and g[-1].out_channels == 3
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in nets["G"].modules()) == 5   # projection + 4 up-blocks
+    d = [m for m in nets["D"].modules() if isinstance(m, nn.Conv2d)]
+    assert [m.stride for m in d] == [(2, 2)] * 5 + [(1, 1)] and d[-1].out_channels == 1
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in nets["D"].modules()) == 4
+    assert (param_count(nets["G"]), param_count(nets["D"])) == (7_772_032, 6_960_896)
 
 
 def test_max_channels_caps_widths():
@@ -103,32 +112,20 @@ def test_sample_deterministic_in_seed_and_restores_mode():
     assert not G.training
 
 
-class Recording(nn.Module):
-    """Stands in for an engine-wrapped module: records the batch sizes it was called with."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner, self.calls = inner, []
-
-    def forward(self, x):
-        self.calls.append(x.shape[0])
-        return self.inner(x)
-
-
 def test_loss_calls_the_trained_wrapper_and_real_fake_apart():
     fam = tiny_family()
     nets = fam.build()
     real = {"image": fixed_images(8)}
     wrapped_d = Recording(nets["D"])
     loss, logs = fam.loss(real, ctx_for(nets, "D", trained={"D": wrapped_d, "G": nets["G"]}))
-    assert wrapped_d.calls == [8, 8]   # real and fake in separate forward calls
+    assert wrapped_d.calls == [(8, 3), (8, 3)]   # real and fake in separate forward calls
     assert set(logs) == {"loss_D", "D_real", "D_fake"}
     assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in logs.values())
     assert 0 < logs["D_real"] < 1 and 0 < logs["D_fake"] < 1
 
     wrapped_g = Recording(nets["G"])
     loss, logs = fam.loss(real, ctx_for(nets, "G", trained={"D": wrapped_d, "G": wrapped_g}))
-    assert wrapped_g.calls == [8] and wrapped_d.calls == [8, 8]   # phase G calls the bare D
+    assert wrapped_g.calls == [(8, 100)] and len(wrapped_d.calls) == 2   # phase G calls the bare D
     assert set(logs) == {"loss_G"} and loss.ndim == 0
 
     with pytest.raises(ValueError, match="phase"):
@@ -147,10 +144,6 @@ def test_noise_follows_ctx_generator():
     assert a.item() == b.item() != c.item()
 
 
-def grads(module: nn.Module) -> list[bool]:
-    return [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in module.parameters()]
-
-
 def test_gradient_isolation():
     fam = tiny_family()
     batch = {"image": fixed_images(8)}
@@ -160,47 +153,22 @@ def test_gradient_isolation():
     nets["G"].requires_grad_(False)
     loss, _ = fam.loss(batch, ctx_for(nets, "D"))
     loss.backward()
-    assert all(grads(nets["D"])) and not any(grads(nets["G"]))
+    assert all(has_grads(nets["D"])) and not any(has_grads(nets["G"]))
 
-    # Phase D even with G left trainable: the fake batch is made without a graph.
-    nets = fam.build()
-    loss, _ = fam.loss(batch, ctx_for(nets, "D"))
-    loss.backward()
-    assert all(grads(nets["D"])) and all(p.grad is None for p in nets["G"].parameters())
-
-    # Phase G (D frozen): grads reach G only, through D.
-    nets = fam.build()
-    nets["D"].requires_grad_(False)
-    loss, _ = fam.loss(batch, ctx_for(nets, "G"))
-    loss.backward()
-    assert all(grads(nets["G"])) and not any(grads(nets["D"]))
+    # Phase D with G left trainable, and phase G with D frozen.
+    check_gradient_isolation(fam, batch)
 
 
 def test_short_overfit_discriminator_learns_to_separate():
     torch.manual_seed(0)
     fam = tiny_family(resolution=16, lr=1e-3)
-    nets = fam.build()
-    opts = {p.name: torch.optim.Adam(nets[p.name].parameters(), lr=p.lr, betas=p.betas) for p in fam.phases()}
-    noise = torch.Generator().manual_seed(0)
-    batch = {"image": fixed_images(8)}
-    loss_d, last = [], {}
-    for step in range(30):
-        for phase in fam.phases():
-            for role, net in nets.items():
-                net.requires_grad_(role == phase.name)
-            ctx = StepContext(networks=nets, trained=nets, phase=phase.name, step=step, device=CPU, generator=noise)
-            loss, logs = fam.loss(batch, ctx)
-            opts[phase.name].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[phase.name].step()
-            last.update(logs)
-            if phase.name == "D":
-                loss_d.append(loss.item())
+    history = train(fam, fam.build(), {"image": fixed_images(8)}, steps=30)
+    loss_d = [h["loss_D"] for h in history]
     assert all(torch.isfinite(torch.tensor(loss_d)))
     # Starts near 2·ln 2 (D cannot tell); across seeds the last five average 0.2–0.35 of the start.
-    assert sum(loss_d[-5:]) / 5 < 0.7 * loss_d[0]
-    assert last["D_real"] > last["D_fake"]
-    assert torch.isfinite(last["loss_G"])
+    assert mean(loss_d[-5:]) < 0.7 * loss_d[0]
+    assert history[-1]["D_real"] > history[-1]["D_fake"]
+    assert torch.isfinite(torch.tensor(history[-1]["loss_G"]))
 
 
 def test_image_conversions_round_trip():

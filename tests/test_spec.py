@@ -35,7 +35,7 @@ def test_kimg_when_steps_unset():
     (["strategy.kind=horovod"], "strategy.kind", "'ddp' or 'deepspeed'"),
     (["train.batch=-4"], "train.batch", "greater than or equal to 1"),
     (["train.btach=4"], "train.btach", "unknown key"),
-    (["family=gan9000"], "family", "allowed: dcgan"),
+    (["family=gan9000"], "family", "allowed: "),
     (["model.ngf=0"], "model.ngf", "greater than 0"),
     (["model.depth=3"], "model.depth", "unknown key"),
     (["train.batch=33"], "train.batch", "divisible by scaling.num_workers"),
@@ -47,6 +47,8 @@ def test_bad_field_is_named(override, field, hint):
     with pytest.raises(SpecError) as err:
         parse_spec(GOOD, override)
     assert field in str(err.value) and hint in str(err.value)
+    if field == "family":
+        assert "dcgan" in str(err.value)
 
 
 def test_missing_section_and_not_a_mapping():

@@ -15,18 +15,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def to_rgb(x_uint8: Tensor) -> Tensor:
-    """uint8 NCHW with C = 1, 3 or more -> uint8 N3HW (grey repeated; bands past the third dropped)."""
-    if x_uint8.dim() != 4:
-        raise ValueError(f"expected NCHW images, got shape {tuple(x_uint8.shape)}")
-    if x_uint8.dtype != torch.uint8:
-        raise TypeError(f"feature extractors take uint8 images in [0, 255], got {x_uint8.dtype}")
-    c = x_uint8.shape[1]
+def rgb_view(x: Tensor) -> Tensor:
+    """NCHW with C = 1, 3 or more -> N3HW of any dtype (grey repeated; bands past the third dropped)."""
+    if x.dim() != 4:
+        raise ValueError(f"expected NCHW images, got shape {tuple(x.shape)}")
+    c = x.shape[1]
     if c == 1:
-        return x_uint8.expand(-1, 3, -1, -1)
+        return x.expand(-1, 3, -1, -1)
     if c == 2:
         raise ValueError("2-channel images have no RGB reading; convert them before computing FID")
-    return x_uint8[:, :3]
+    return x[:, :3]
+
+
+def to_rgb(x_uint8: Tensor) -> Tensor:
+    """uint8 NCHW with C = 1, 3 or more -> uint8 N3HW (see `rgb_view`)."""
+    if x_uint8.dtype != torch.uint8:
+        raise TypeError(f"feature extractors take uint8 images in [0, 255], got {x_uint8.dtype}")
+    return rgb_view(x_uint8)
 
 
 def _splitmix64_uniform(seed: int, n: int) -> np.ndarray:
@@ -70,14 +75,21 @@ class RandConvExtractor(nn.Module):
             # Buffers, not parameters: they follow .to(device) but are never trained or saved as weights.
             self.register_buffer(f"w{i}", w, persistent=False)
 
+    def feature_maps(self, x: Tensor) -> list[Tensor]:
+        """Every layer's activations for float RGB input scaled as `(x / 255 - 0.5) / 0.25`, at any
+        size; differentiable (the perceptual distance of `models.metrics.perceptual` uses it)."""
+        maps = []
+        for i, (_, _, stride) in enumerate(self.layers):
+            x = F.relu(F.conv2d(x, getattr(self, f"w{i}"), stride=stride, padding=1))
+            maps.append(x)
+        return maps
+
     @torch.no_grad()
     def forward(self, x_uint8: Tensor) -> Tensor:
         x = to_rgb(x_uint8).to(self.w0.device, torch.float32)
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         x = (x / 255.0 - 0.5) / 0.25   # roughly zero-mean, unit-scale input
-        for i, (_, _, stride) in enumerate(self.layers):
-            x = F.relu(F.conv2d(x, getattr(self, f"w{i}"), stride=stride, padding=1))
-        return x.mean(dim=(2, 3))
+        return self.feature_maps(x)[-1].mean(dim=(2, 3))
 
 
 class InceptionExtractor(nn.Module):

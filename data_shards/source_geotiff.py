@@ -1,0 +1,127 @@
+"""`geotiff`: GeoTIFF rasters cut into square tiles of the set's resolution.
+
+SOURCE is one GeoTIFF or a folder of them. Tiles start every `stride` pixels (default: the
+resolution, i.e. no overlap) and are not resized. Any band count is kept (`--channels keep`),
+so multispectral rasters give .npy samples. A pixel is nodata when every band equals the
+raster's GDAL_NODATA value (or is NaN); a tile with more than `max_nodata` of them (default:
+any) is dropped. Rasters that are not 8-bit are stretched per band from the raster's valid
+min to max; `json` records that range, the tile's CRS (`EPSG:n`) and its affine transform
+`[a, b, c, d, e, f]` (x = a*col + b*row + c, y = d*col + e*row + f, GDAL's PixelIsArea
+convention), so a tile can be put back on the map.
+
+The raster is read whole with tifffile (no GDAL needed): fine for scenes of a few GB at most.
+"""
+from __future__ import annotations
+
+import io
+from typing import Iterator
+
+import numpy as np
+
+from .pixels import apply_channels, channel_policy, to_uint8
+from .sources import TIFF_EXTENSIONS, Sample, Skipped, Source, key_from_path, tiff_array
+from .storage import filesystem
+
+USER_DEFINED = 32767  # GeoKey value for "not an EPSG code"
+
+
+def crs_of(geo: dict) -> str | None:
+    for key in ("ProjectedCSTypeGeoKey", "GeographicTypeGeoKey"):
+        code = geo.get(key)
+        if code is not None and int(code) != USER_DEFINED:
+            return f"EPSG:{int(code)}"
+    return None
+
+
+def transform_of(geo: dict) -> list[float] | None:
+    """The raster's affine transform from ModelTransformation, or ModelPixelScale + ModelTiepoint."""
+    if geo.get("ModelTransformation") is not None:
+        m = np.asarray(geo["ModelTransformation"], float).reshape(-1)
+        return [m[0], m[1], m[3], m[4], m[5], m[7]]
+    scale, tie = geo.get("ModelPixelScale"), geo.get("ModelTiepoint")
+    if scale is None or tie is None:
+        return None
+    i, j, _, x, y, _ = tie[:6]
+    return [scale[0], 0.0, x - i * scale[0], 0.0, -scale[1], y + j * scale[1]]
+
+
+def tile_transform(t: list[float] | None, row: int, col: int) -> list[float] | None:
+    if t is None:
+        return None
+    a, b, c, d, e, f = t
+    return [float(v) for v in (a, b, a * col + b * row + c, d, e, d * col + e * row + f)]
+
+
+def read_raster(data: bytes) -> tuple[np.ndarray, dict, float | None]:
+    """(array (H, W, bands) in the file's dtype, GeoTIFF tags, nodata value)."""
+    import tifffile
+
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        page = tif.pages[0]
+        geo = page.geotiff_tags or {}
+        tag = page.tags.get(42113)  # GDAL_NODATA, stored as text
+        nodata = float(str(tag.value).strip("\x00 ")) if tag is not None else None
+    return tiff_array(data), geo, nodata
+
+
+def _rasters(source: str) -> tuple[object, str, list[str]]:
+    fs, path = filesystem(source)
+    path = path.rstrip("/")
+    if fs.isfile(path):
+        return fs, path.rsplit("/", 1)[0], [path.rsplit("/", 1)[1]]
+    if fs.isdir(path):
+        return fs, path, sorted(p[len(path) + 1:] for p in fs.find(path) if p.lower().endswith(TIFF_EXTENSIONS))
+    raise FileNotFoundError(f"{source}: no such file or folder")
+
+
+def read_geotiff(source: str, resolution: int, channels: str | int | None = "keep", stride: int | None = None,
+                 max_nodata: float = 0.0) -> Source:
+    policy = channel_policy(channels)
+    stride = stride or resolution
+    if stride < 1 or not 0 <= max_nodata <= 1:
+        raise ValueError("stride must be >= 1 and max_nodata within [0, 1]")
+    fs, base, rels = _rasters(source)
+    if not rels:
+        raise ValueError(f"{source}: no .tif/.tiff files")
+    source_notes: list[str] = []
+    counts = {"tiles": 0, "dropped": 0}
+
+    def tiles(rel: str) -> Iterator[Sample | Skipped]:
+        try:
+            with fs.open(f"{base}/{rel}", "rb") as f:
+                raster, geo, nodata = read_raster(f.read())
+        except Exception as exc:  # one unreadable raster is that raster's problem
+            yield Skipped(rel, f"cannot read GeoTIFF: {type(exc).__name__}: {exc}")
+            return
+        h, w, bands = raster.shape
+        if h < resolution or w < resolution:
+            yield Skipped(rel, f"{h}x{w} pixels: smaller than one {resolution}x{resolution} tile")
+            return
+        invalid = np.isnan(raster).any(axis=2) if raster.dtype.kind == "f" else np.zeros((h, w), bool)
+        if nodata is not None:
+            invalid |= (raster == nodata).all(axis=2)
+        meta = {"source": rel, "crs": crs_of(geo), "bands": bands, "dtype": str(raster.dtype), "nodata": nodata}
+        if raster.dtype != np.uint8:
+            valid = raster[~invalid]
+            lo, hi = (valid.min(axis=0), valid.max(axis=0)) if valid.size else (np.zeros(bands), np.ones(bands))
+            meta["range"] = [[float(v) for v in lo], [float(v) for v in hi]]  # stretched to 0..255, per band
+            raster = to_uint8(raster, lo, hi)
+        transform = transform_of(geo)
+        stem = key_from_path(rel)
+        for row in range(0, h - resolution + 1, stride):
+            for col in range(0, w - resolution + 1, stride):
+                counts["tiles"] += 1
+                if invalid[row:row + resolution, col:col + resolution].mean() > max_nodata:
+                    counts["dropped"] += 1
+                    continue
+                tile = apply_channels(raster[row:row + resolution, col:col + resolution], policy)
+                yield Sample(key=f"{stem}-r{row:06d}-c{col:06d}", image=np.ascontiguousarray(tile),
+                             meta={**meta, "row": row, "col": col,
+                                   "transform": tile_transform(transform, row, col)})
+
+    def items() -> Iterator[Sample | Skipped]:
+        for rel in rels:
+            yield from tiles(rel)
+        source_notes.append(f"{counts['dropped']} of {counts['tiles']} tiles dropped as nodata")
+
+    return Source(items(), notes=source_notes)

@@ -1,0 +1,85 @@
+"""The DeepSpeed engine: one `deepspeed.initialize` per trained network, configured from the spec.
+
+Rules that two engines in one process need (see ENVIRONMENT.md and DeepSpeed issue #4923):
+- other phases call the bare `module`, never the DeepSpeed engine, so that only the phase's own
+  engine runs its backward hooks;
+- a network not trained in a phase has `requires_grad` off before that phase's forward (the loop
+  does this through `set_trainable`): at ZeRO >= 2 its gradient hooks would otherwise fire for a
+  second reduction ("parameter has already been reduced");
+- each engine saves under its own tag, so two engines never overwrite one `latest` file.
+
+Inside Ray Train, `deepspeed.initialize` finds Ray's process group already set up and reuses it.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from jobs.engines import Engine, make_optimizer, make_scheduler
+from jobs.spec import JobSpec
+from models.family import Phase
+
+
+def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of every engine of a run: the spec's settings, then `strategy.deepspeed` over them."""
+    config: dict[str, Any] = {
+        "train_batch_size": spec.per_worker_batch * world_size,
+        "train_micro_batch_size_per_gpu": spec.per_worker_batch // spec.train.grad_accum,
+        "gradient_accumulation_steps": spec.train.grad_accum,
+        "gradient_clipping": spec.train.grad_clip or 0.0,   # DeepSpeed's own default is 1.0
+        "zero_optimization": {"stage": spec.strategy.zero_stage},
+        # Mixed precision as under DDP: fp32 weights (ZeRO keeps the optimizer state fp32 too) and
+        # torch.autocast. DeepSpeed's "bf16"/"fp16" modes would cast the networks themselves, which
+        # BatchNorm and the bare modules other phases call (fp32 inputs) do not survive.
+        "torch_autocast": {"enabled": spec.train.precision != "fp32",
+                           "dtype": {"bf16": "bfloat16", "fp16": "float16"}.get(spec.train.precision, "float32")},
+        "steps_per_print": 2**31 - 1,   # the loop logs; DeepSpeed's own step lines would only repeat it
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, spec.strategy.deepspeed)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, module: nn.Module, phase: Phase, device: torch.device, spec: JobSpec, world_size: int):
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        super().__init__(module, phase, device, spec)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.module,
+            optimizer=make_optimizer(self.module.parameters(), phase, spec.train),
+            lr_scheduler=lambda optimizer: make_scheduler(optimizer, phase, spec),
+            config=deepspeed_config(spec, world_size),
+        )
+        self.module = self.engine.module
+        if spec.train.compile:
+            self.engine.compile()
+        self.wrapped = self.engine
+
+    def step(self, loss: torch.Tensor) -> None:
+        # DeepSpeed counts micro-batches itself: it scales by 1/grad_accum, reduces gradients and
+        # steps the optimizer and schedule only at the accumulation boundary.
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def save(self, directory: Path, rank: int) -> None:
+        # Collective: rank 0 writes the weights, every rank its ZeRO partition of the optimizer state.
+        self.engine.save_checkpoint(str(directory), tag=self.name, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag=self.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed state for {self.name!r} under {directory}")

@@ -1,0 +1,132 @@
+"""The metrics a family is judged by, behind one interface.
+
+`MetricSuite(family.metrics, extractor=..., device=...)`, then `update(fake=..., real=...,
+cond=...)` with uint8 NCHW batches, then `compute()` -> {name: value} and `params()` -> what the
+values were computed with (log both). Names:
+
+  fid    Fréchet distance in the extractor's feature space (distribution metric: `fake` and
+         `real` may come in separate calls, and need not be pairs)
+  l1     mean |fake - real|, intensities scaled to [0, 1]                          (paired)
+  mse    mean (fake - real)^2, intensities scaled to [0, 1]                        (paired)
+  psnr   peak signal-to-noise ratio in dB, per image, then averaged (torchmetrics) (paired)
+  ssim   structural similarity per image, then averaged (`models.metrics.ssim`)   (paired)
+  lpips  perceptual distance with LPIPS's structure (`models.metrics.perceptual`)  (paired)
+  f1     F1 of the change mask against `cond`, the past image (`models.metrics.change`) (paired)
+
+Paired metrics compare fake[i] with real[i], so they need both in the same call.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, Metric
+from torchmetrics.image import PeakSignalNoiseRatio
+
+from models.metrics.change import CHANGE_THRESHOLD, ChangeF1
+from models.metrics.fid import FrechetDistance
+from models.metrics.perceptual import PerceptualDistance
+from models.metrics.ssim import ssim
+
+# Evaluation runs on rank 0 alone: a metric that synchronised across the process group at
+# compute() would wait for ranks that never call it.
+LOCAL = {"sync_on_compute": False, "dist_sync_on_step": False}
+
+# torchmetrics metrics updated with (fake, real) scaled to [0, 1].
+TORCHMETRICS: dict[str, Callable[[], Metric]] = {
+    "l1": lambda: MeanAbsoluteError(**LOCAL),
+    "mse": lambda: MeanSquaredError(**LOCAL),
+    "psnr": lambda: PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3), **LOCAL),
+}
+
+
+class _Perceptual:
+    def __init__(self) -> None:
+        self.net = PerceptualDistance()
+
+    def __call__(self, f: Tensor, r: Tensor) -> Tensor:
+        return self.net.to(f.device)(2 * f - 1, 2 * r - 1)   # it takes [-1, 1]
+
+
+# Scores of each pair, (fake, real) scaled to [0, 1] -> (N,), averaged over all pairs.
+PER_IMAGE: dict[str, Callable[[], Callable[[Tensor, Tensor], Tensor]]] = {
+    "ssim": lambda: lambda f, r: ssim(f, r, data_range=1.0),
+    "lpips": _Perceptual,
+}
+METRICS = ("fid", *TORCHMETRICS, *PER_IMAGE, "f1")
+
+
+class MetricSuite:
+    def __init__(self, names: Iterable[str], *, extractor: nn.Module | None = None,
+                 device: str | torch.device = "cpu"):
+        self.names = tuple(names)
+        unknown = [n for n in self.names if n not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
+        if "fid" in self.names and extractor is None:
+            raise ValueError("fid needs a feature extractor")
+        self.device = torch.device(device)
+        self.extractor = extractor
+        self.counts = {"fake": 0, "real": 0}
+        self.fid = FrechetDistance(extractor, self.device) if "fid" in self.names else None
+        self.torchmetrics = {n: TORCHMETRICS[n]().to(self.device) for n in self.names if n in TORCHMETRICS}
+        self.per_image = {n: (PER_IMAGE[n](), MeanMetric(**LOCAL).to(self.device)) for n in self.names if n in PER_IMAGE}
+        self.f1 = ChangeF1().to(self.device) if "f1" in self.names else None
+        self.paired = [n for n in self.names if n != "fid"]
+
+    @torch.no_grad()
+    def update(self, *, fake: Tensor | None = None, real: Tensor | None = None, cond: Tensor | None = None) -> None:
+        for side, x in (("fake", fake), ("real", real)):
+            if x is not None and (x.dtype != torch.uint8 or x.dim() != 4):
+                raise TypeError(f"{side} must be uint8 NCHW images, got {x.dtype} {tuple(x.shape)}")
+        if self.paired and (fake is None or real is None or fake.shape != real.shape):
+            raise ValueError(f"{', '.join(self.paired)} compare pairs: pass fake and real images of the same shape together")
+        for side, x in (("fake", fake), ("real", real)):
+            if x is not None:
+                self.counts[side] += x.shape[0]
+                if self.fid is not None:
+                    self.fid.update(x, real=side == "real")
+        if not self.paired:
+            return
+        f, r = (x.to(self.device, torch.float32) / 255.0 for x in (fake, real))
+        for metric in self.torchmetrics.values():
+            metric.update(f, r)
+        for score, mean in self.per_image.values():
+            mean.update(score(f, r))
+        if self.f1 is not None:
+            if cond is None or cond.shape != real.shape:
+                raise ValueError(f"f1 needs `cond`, the past image, shaped like the images; got "
+                                 f"{None if cond is None else tuple(cond.shape)}")
+            self.f1.update(cond, fake, real)
+
+    def compute(self) -> dict[str, float]:
+        out = {}
+        for name in self.names:
+            if name == "fid":
+                out[name] = self.fid.compute()
+            elif name == "f1":
+                out[name] = self.f1.compute()
+            elif name in self.per_image:
+                out[name] = float(self.per_image[name][1].compute())
+            else:
+                out[name] = float(self.torchmetrics[name].compute())
+        return out
+
+    def metrics(self) -> list[Metric]:
+        """The torchmetrics objects inside (all local: none synchronises across processes)."""
+        out = list(self.torchmetrics.values()) + [mean for _, mean in self.per_image.values()]
+        out += [self.fid.metric] if self.fid is not None else []
+        return out + ([self.f1.metric] if self.f1 is not None else [])
+
+    def params(self) -> dict[str, str]:
+        """What the numbers were computed with (MLflow params)."""
+        p = {"eval_metrics": ",".join(self.names), "eval_fake_images": str(self.counts["fake"]),
+             "eval_real_images": str(self.counts["real"])}
+        if self.fid is not None:
+            p |= {"fid_extractor": self.extractor.name, "fid_num_samples": str(self.counts["fake"])}
+        if "lpips" in self.names:
+            p["lpips_network"] = PerceptualDistance.name
+        if self.f1 is not None:
+            p["f1_change_threshold"] = str(CHANGE_THRESHOLD)
+        return p

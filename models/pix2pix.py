@@ -1,0 +1,119 @@
+"""The `pix2pix` family: image-to-image translation with a conditional GAN (Isola et al. 2017).
+
+A UNet generator maps the input image to the output; a PatchGAN discriminator judges (input,
+output) pairs, patch by patch. Objective: adversarial + λ·L1(output, target), λ = 100; the
+discriminator's loss is halved (the paper: "we divide the objective by 2 while optimizing D").
+Adam 2e-4, β1 0.5. The batch carries `cond` (the input, e.g. a satellite tile) and `image` (the
+target, e.g. the map). The spatio-temporal cGANs (`models.cgan`) are this family with another input.
+
+Sampling runs the generator in eval mode (dropout off, BatchNorm running statistics), so the
+output is a deterministic function of the input; `seed` is accepted and unused.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from models.adversarial import TwoPlayerConfig, discriminator_loss, generator_loss, two_player_phases
+from models.family import Family, Phase, StepContext, register_family, run_in_eval
+from models.patchgan import PatchGAN, patch_grid
+from models.unet import UNet
+
+
+class Pix2PixConfig(TwoPlayerConfig):
+    """The `model:` section of pix2pix and the spatio-temporal cGANs; defaults are pix2pix's."""
+
+    ngf: int = Field(64, gt=0, description="UNet width at the outermost level")
+    ndf: int = Field(64, gt=0, description="PatchGAN width at the first conv")
+    depth: int | None = Field(None, ge=2, description="UNet downsamplings; None -> log2(resolution), a 1x1 "
+                                                       "bottleneck (UNet-256 at 256x256)")
+    d_layers: int = Field(3, ge=1, description="PatchGAN stride-2 convs; 3 -> 70x70 patches")
+    dropout: float = Field(0.5, ge=0, lt=1, description="dropout in the UNet's middle decoder blocks")
+    l1_weight: float = Field(100.0, ge=0, description="λ of the L1 term")
+
+
+@register_family
+class Pix2Pix(Family):
+    name = "pix2pix"
+    config_cls = Pix2PixConfig
+    conditional = True
+    data_keys = ("cond", "image")
+    metrics = ("l1", "ssim", "psnr", "fid")
+    sampler_role = "G"
+    attention: ClassVar[bool] = False   # attention gates on the UNet's skips
+    mask_channels: ClassVar[int] = 0    # channels of a `mask` input concatenated to `cond`
+
+    config: Pix2PixConfig
+
+    def __init__(self, config: Pix2PixConfig, *, resolution: int, channels: int, lr: float):
+        super().__init__(config, resolution=resolution, channels=channels, lr=lr)
+        if channels < 1:
+            raise ValueError(f"data.channels must be >= 1, got {channels}")
+        depth = self.depth
+        if resolution < 4 or resolution % 2**depth:
+            raise ValueError(f"data.resolution ({resolution}) must be divisible by 2**model.depth "
+                             f"(2**{depth}) for the {self.name} UNet")
+        if patch_grid(resolution, config.d_layers) < 1:
+            raise ValueError(f"model.d_layers={config.d_layers} is too deep for data.resolution={resolution}: "
+                             f"the PatchGAN needs resolution >= {3 * 2**config.d_layers}")
+
+    @property
+    def depth(self) -> int:
+        if self.config.depth is not None:
+            return self.config.depth
+        if self.resolution < 4 or self.resolution & (self.resolution - 1):
+            raise ValueError(f"data.resolution must be a power of two when model.depth is not set, got {self.resolution}")
+        return self.resolution.bit_length() - 1
+
+    @property
+    def in_channels(self) -> int:
+        return self.channels + self.mask_channels
+
+    def generator_input(self, cond: Tensor | None, mask: Tensor | None) -> Tensor:
+        """What the generator (and, beside the output, the discriminator) sees."""
+        if cond is None:
+            raise ValueError(f"{self.name} is conditional: it needs `cond` images")
+        if mask is not None:
+            raise ValueError(f"{self.name} takes no mask")
+        return cond
+
+    def build(self) -> dict[str, nn.Module]:
+        c = self.config
+        return {
+            "G": UNet(self.in_channels, self.channels, depth=self.depth, ngf=c.ngf, dropout=c.dropout,
+                      attention=self.attention),
+            "D": PatchGAN(self.in_channels + self.channels, ndf=c.ndf, n_layers=c.d_layers),
+        }
+
+    def phases(self) -> list[Phase]:
+        return two_player_phases(self.config, self.lr)
+
+    def loss(self, batch: Mapping[str, Tensor], ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        x, real = self.generator_input(batch.get("cond"), batch.get("mask")), batch["image"]
+        if ctx.phase == "D":
+            with torch.no_grad():   # G is not trained in this phase: no graph through it
+                fake = ctx.net("G")(x)
+            d = ctx.net("D")
+            # Real and fake pairs in separate calls: BatchNorm normalises them apart, as in pix2pix.
+            loss, logs = discriminator_loss(d(torch.cat([x, real], 1)), d(torch.cat([x, fake], 1)))
+            loss = 0.5 * loss
+            return loss, {"loss_D": loss.detach(), **logs}
+        if ctx.phase == "G":
+            fake = ctx.net("G")(x)
+            adv = generator_loss(ctx.net("D")(torch.cat([x, fake], 1)))
+            l1 = F.l1_loss(fake, real)
+            loss = adv + self.config.l1_weight * l1
+            return loss, {"loss_G": loss.detach(), "G_adv": adv.detach(), "G_L1": l1.detach()}
+        raise ValueError(f"{self.name} has phases 'D' and 'G', got {ctx.phase!r}")
+
+    @torch.no_grad()
+    def sample(self, sampler: nn.Module, n: int, *, seed: int = 0, cond: Tensor | None = None,
+               mask: Tensor | None = None) -> Tensor:
+        x = self.generator_input(cond, mask)
+        if x.shape[0] != n:
+            raise ValueError(f"{self.name}: n={n} but {x.shape[0]} input images")
+        return run_in_eval(sampler, x)

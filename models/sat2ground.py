@@ -1,0 +1,196 @@
+"""The `sat2ground` family: satellite tile -> ground view, trained in two stages (two specs).
+
+Stage 1 (`model.stage: 1`) is a DCGAN on ground views whose generator grows a spatial latent
+(N, nz, 4, 4) with 5 stride-2 4x4 transposed convs to 128x128 (BatchNorm + ReLU, Tanh out); the
+discriminator mirrors it (DCGAN's, 5 stride-2 convs to 4x4, then one logit); StepLR decays the
+generator's learning rate. It is unconditional: the registered model takes seeds.
+
+Stage 2 (`model.stage: 2`) names the stage-1 model in `model.generator_from` (a snapshot path,
+`models:/NAME@ALIAS` or `runs:/...`, resolved to a local file by the driver). An encoder that
+mirrors the discriminator maps the satellite tile (`cond`) to that latent; the frozen stage-1
+generator turns it into the ground view, compared with the true one (`image`) by MSE, SSIM or a
+combined loss (MSE + (1 - SSIM) + a perceptual distance). Only the encoder is trained. The one
+network, "E", holds the encoder and the frozen generator, whose weights are buffers (not
+parameters: no engine or optimiser can train them), so its snapshot is self-contained: the
+registered model maps satellite tiles to ground views without the stage-1 file.
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from models.adversarial import two_player_phases
+from models.dcgan import DCGAN, DCGANConfig, Discriminator, Generator, dcgan_init_, doubling_widths, down_stack, num_stages
+from models.family import Phase, StepContext, register_family, run_in_eval
+from models.metrics.perceptual import PerceptualDistance
+from models.metrics.ssim import ssim
+
+ARCH_KEYS = ("nz", "ngf", "max_channels")   # what the stage-2 spec must share with stage 1
+
+
+class Sat2GroundConfig(DCGANConfig):
+    stage: Literal[1, 2] = 1
+    generator_from: str | None = Field(None, description="stage 2: the stage-1 model whose generator is frozen")
+    lr_step_every: int | None = Field(10_000, ge=1, description="stage 1: StepLR period of the generator, in steps")
+    lr_gamma: float = Field(0.5, gt=0, le=1, description="stage 1: StepLR factor")
+    lr_e: float | None = Field(None, gt=0, description="stage 2: encoder learning rate; None -> train.lr")
+    loss: Literal["mse", "ssim", "combined"] = Field("combined", description="stage 2 reconstruction loss")
+    ssim_weight: float = Field(1.0, ge=0, description="stage 2, combined: weight of 1 - SSIM")
+    perceptual_weight: float = Field(1.0, ge=0, description="stage 2, combined: weight of the perceptual distance")
+
+    @model_validator(mode="after")
+    def _stage_needs_its_model(self) -> "Sat2GroundConfig":
+        if self.stage == 2 and not self.generator_from:
+            raise ValueError("stage 2 needs generator_from: the stage-1 model to freeze (path, models:/NAME@ALIAS, runs:/...)")
+        if self.stage == 1 and self.generator_from:
+            raise ValueError("generator_from is for stage 2; stage 1 trains the generator itself")
+        return self
+
+
+def _as_buffers(module: nn.Module) -> nn.Module:
+    """Turns every parameter of `module` into a buffer of the same name: saved and moved with the
+    module, invisible to optimisers, DDP and DeepSpeed, untouched by `requires_grad_`."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                del m._parameters[name]
+                m.register_buffer(name, p.detach())
+    return module
+
+
+class Encoder(nn.Module):
+    """Satellite tile -> (N, nz, 4, 4): DCGAN's discriminator body down to 4x4, a 3x3 conv to nz."""
+
+    def __init__(self, *, resolution: int, channels: int, nz: int, ndf: int, max_channels: int):
+        super().__init__()
+        widths = doubling_widths(ndf, num_stages(resolution), max_channels)
+        self.main = nn.Sequential(*down_stack(channels, widths), nn.Conv2d(widths[-1], nz, 3, 1, 1))
+        dcgan_init_(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.main(x)
+
+
+class SatelliteToGround(nn.Module):
+    """Stage 2's network: the trained encoder, then the frozen stage-1 generator (always in eval mode)."""
+
+    def __init__(self, encoder: Encoder, generator: Generator):
+        super().__init__()
+        self.encoder = encoder
+        self.generator = _as_buffers(generator).eval()
+        # Set once the stage-1 weights are in; a snapshot of a trained network carries it.
+        self.register_buffer("generator_loaded", torch.tensor(False))
+
+    def load_generator(self, state: Mapping[str, Tensor]) -> None:
+        self.generator.load_state_dict(state)
+        self.generator_loaded.fill_(True)
+
+    def train(self, mode: bool = True) -> "SatelliteToGround":
+        super().train(mode)
+        self.generator.eval()   # frozen: BatchNorm keeps stage 1's running statistics
+        return self
+
+    def forward(self, satellite: Tensor) -> Tensor:
+        return self.generator(self.encoder(satellite))
+
+
+@register_family
+class Sat2Ground(DCGAN):
+    """Stage 1 is DCGAN's objective on a 4x4 latent (inherited); stage 2 is written out below."""
+
+    name = "sat2ground"
+    config_cls = Sat2GroundConfig
+
+    config: Sat2GroundConfig
+
+    def __init__(self, config: Sat2GroundConfig, *, resolution: int, channels: int, lr: float):
+        super().__init__(config, resolution=resolution, channels=channels, lr=lr)
+        if config.stage == 2:   # the contract's class attributes, per instance: the stage decides them
+            self.conditional = True
+            self.data_keys = ("cond", "image")
+            self.metrics = ("mse", "ssim", "lpips", "fid")
+            self.sampler_role = "E"
+        self._perceptual = PerceptualDistance() if config.stage == 2 and config.loss == "combined" else None
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.config.nz, 4, 4)
+
+    def _generator(self) -> Generator:
+        c = self.config
+        return Generator(resolution=self.resolution, channels=self.channels, nz=c.nz, ngf=c.ngf,
+                         max_channels=c.max_channels, latent_size=4)
+
+    def build(self) -> dict[str, nn.Module]:
+        c = self.config
+        if c.stage == 1:
+            return {"G": self._generator(),
+                    "D": Discriminator(resolution=self.resolution, channels=self.channels, ndf=c.ndf,
+                                       max_channels=c.max_channels)}
+        net = SatelliteToGround(Encoder(resolution=self.resolution, channels=self.channels, nz=c.nz, ndf=c.ndf,
+                                        max_channels=c.max_channels), self._generator())
+        # Absent when a stage-2 snapshot is loaded elsewhere: its state holds the generator anyway.
+        if os.path.isfile(c.generator_from):
+            net.load_generator(self._stage1_generator(c.generator_from).state_dict())
+        return {"E": net}
+
+    def _stage1_generator(self, path: str) -> nn.Module:
+        from models.snapshot import load_snapshot   # here: models.snapshot imports the family registry
+
+        family, generator, _ = load_snapshot(path)
+        if family.name != self.name or family.config.stage != 1:
+            raise ValueError(f"model.generator_from: {path} is a {family.name} model, not a sat2ground stage-1 model")
+        ours = {k: getattr(self.config, k) for k in ARCH_KEYS} | {"resolution": self.resolution, "channels": self.channels}
+        theirs = {k: getattr(family.config, k) for k in ARCH_KEYS} | {"resolution": family.resolution,
+                                                                       "channels": family.channels}
+        if ours != theirs:
+            diff = ", ".join(f"{k}: stage 1 {theirs[k]}, here {ours[k]}" for k in ours if ours[k] != theirs[k])
+            raise ValueError(f"model.generator_from: the stage-1 generator does not fit this spec ({diff})")
+        return generator
+
+    def phases(self) -> list[Phase]:
+        c = self.config
+        if c.stage == 1:
+            return two_player_phases(c, self.lr, lr_step_every=c.lr_step_every, lr_gamma=c.lr_gamma)
+        return [Phase("E", c.lr_e if c.lr_e is not None else self.lr, (c.beta1, c.beta2))]
+
+    def loss(self, batch: Mapping[str, Tensor], ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.config.stage == 1:
+            return super().loss(batch, ctx)
+        if ctx.phase != "E":
+            raise ValueError(f"sat2ground stage 2 has the phase 'E', got {ctx.phase!r}")
+        if not bool(ctx.networks["E"].generator_loaded):
+            raise RuntimeError(f"model.generator_from: {self.config.generator_from} could not be read on this "
+                               "worker; stage 2 would train against an untrained generator")
+        fake, real = ctx.net("E")(batch["cond"]), batch["image"]
+        return self.reconstruction_loss(fake, real)
+
+    def reconstruction_loss(self, fake: Tensor, real: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        c = self.config
+        terms: dict[str, Tensor] = {}
+        if c.loss in ("mse", "combined"):
+            terms["mse"] = F.mse_loss(fake, real)
+        if c.loss in ("ssim", "combined"):
+            terms["ssim"] = 1 - ssim(fake, real, data_range=2.0).mean()   # images in [-1, 1]
+        if c.loss == "combined":
+            terms["perceptual"] = self._perceptual.to(fake.device)(fake, real).mean()
+            loss = terms["mse"] + c.ssim_weight * terms["ssim"] + c.perceptual_weight * terms["perceptual"]
+        else:
+            loss = terms[c.loss]
+        return loss, {"loss_E": loss.detach(), **{f"E_{k}": v.detach() for k, v in terms.items()}}
+
+    @torch.no_grad()
+    def sample(self, sampler: nn.Module, n: int, *, seed: int = 0, cond: Tensor | None = None,
+               mask: Tensor | None = None) -> Tensor:
+        if self.config.stage == 1:
+            return super().sample(sampler, n, seed=seed, cond=cond, mask=mask)
+        if cond is None or mask is not None:
+            raise ValueError("sat2ground stage 2 takes `cond` (satellite tiles) and no mask")
+        if cond.shape[0] != n:
+            raise ValueError(f"sat2ground: n={n} but {cond.shape[0]} satellite tiles")
+        return run_in_eval(sampler, cond)
