@@ -26,10 +26,15 @@ def ray_head(tmp_path_factory):
     temp = tmp_path_factory.mktemp("rayhead")
     # --block keeps `ray start` in the foreground so that ending its process group stops this
     # cluster only (`ray stop` would stop every Ray on the machine, the tests' own included).
+    # Every agent port free too: the tests' own local Ray may hold the default ones, and a head
+    # whose job agent cannot bind never accepts a job ("No available agent").
+    agent_ports = [arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                    "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port")
+                   for arg in (flag, str(free_port()))]
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-         "--temp-dir", str(temp), "--include-dashboard", "true"],
+         "--temp-dir", str(temp), "--include-dashboard", "true", *agent_ports],
         env=env, stdout=(temp / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     from ray.job_submission import JobSubmissionClient
