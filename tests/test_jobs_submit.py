@@ -23,6 +23,7 @@ def ray_head(tmp_path_factory):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)   # jobs inherit the head's environment: no store of an earlier test
     temp = tmp_path_factory.mktemp("rayhead")
     # --block keeps `ray start` in the foreground so that ending its process group stops this
     # cluster only (`ray stop` would stop every Ray on the machine, the tests' own included).
