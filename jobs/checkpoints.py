@@ -33,11 +33,6 @@ SNAPSHOT = "generator.pt"
 PROGRESS = "progress.json"
 
 
-def _family_state(family: Family) -> dict[str, Any]:
-    # Optional hook: a family with state outside its networks (ADA's p) provides state_dict().
-    return family.state_dict() if hasattr(family, "state_dict") else {}
-
-
 def write(directory: Path, *, rank: int, engines: Mapping, networks: Mapping[str, nn.Module], family: Family,
           step: int, images_seen: int, extra: dict[str, Any] | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
@@ -46,7 +41,7 @@ def write(directory: Path, *, rank: int, engines: Mapping, networks: Mapping[str
     if rank != 0:
         return
     progress = {"step": step, "images_seen": images_seen, **(extra or {})}
-    torch.save({"step": step, "images_seen": images_seen, "family": _family_state(family),
+    torch.save({"step": step, "images_seen": images_seen, "family": family.state_dict(),
                 "networks": {name: net.state_dict() for name, net in networks.items() if name not in engines}},
                directory / TRAINING_STATE)
     save_snapshot(directory / SNAPSHOT, family, networks[family.sampler_role], extra=progress)

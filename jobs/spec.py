@@ -95,14 +95,17 @@ class EvalSpec(_Section):
     num_samples: int = Field(1000, ge=2)
     fid_extractor: Literal["randconv", "inception"] = "randconv"
     inception_weights: str | None = None
+    vgg_weights: str | None = Field(None, description="NVIDIA's VGG-16 TorchScript (vgg16.pt), a local file: the "
+                                                       "feature space of precision/recall; null = the fid_extractor's")
 
     @model_validator(mode="after")
-    def _inception_needs_weights(self) -> "EvalSpec":
-        if self.fid_extractor == "inception":
-            if not self.inception_weights:
-                raise ValueError("fid_extractor 'inception' needs eval.inception_weights (a local file path)")
-            if not Path(self.inception_weights).expanduser().is_file():
-                raise ValueError(f"eval.inception_weights: no file at {self.inception_weights}")
+    def _weights_exist(self) -> "EvalSpec":
+        if self.fid_extractor == "inception" and not self.inception_weights:
+            raise ValueError("fid_extractor 'inception' needs eval.inception_weights (a local file path)")
+        for key in ("inception_weights", "vgg_weights"):
+            path = getattr(self, key)
+            if path and not Path(path).expanduser().is_file():
+                raise ValueError(f"eval.{key}: no file at {path}")
         return self
 
 

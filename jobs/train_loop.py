@@ -29,7 +29,7 @@ from jobs.engines import Engine, make_engine
 from jobs.evaluate import evaluate, preview
 from jobs.spec import JobSpec
 from jobs.tracking import RunLogger
-from models.family import Family, Phase, StepContext, get_family_cls
+from models.family import Family, Phase, StepContext, StepEnd, get_family_cls
 from models.images import to_float
 
 GRID_SEED = 123
@@ -74,6 +74,26 @@ def _gather(value: int, world_size: int) -> list[int]:
     out: list[Any] = [None] * world_size
     dist.all_gather_object(out, value)
     return out
+
+
+def _mean_over_ranks(world_size: int):
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        if world_size == 1:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t / world_size
+    return mean
+
+
+def _from_rank0(world_size: int):
+    def broadcast(obj: Any) -> Any:
+        if world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return broadcast
 
 
 def open_stream(data_url: str, spec: JobSpec, keys: tuple[str, ...], rank: int, world_size: int,
@@ -191,6 +211,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             grad_accum=spec.train.grad_accum)
         step += 1
         images_seen += spec.train.batch
+        values.update(family.after_step(StepEnd(networks=networks, step=step, batch=spec.train.batch, device=device,
+                                                mean_over_ranks=_mean_over_ranks(world),
+                                                from_rank0=_from_rank0(world))))
 
         if log is not None and (step % spec.train.log_every == 0 or step == total):
             # Read losses back only here: a .item() every step would sync the device each step.

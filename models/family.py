@@ -8,7 +8,7 @@ and says which metrics judge it. It never touches Ray, MLflow or distributed cod
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -63,6 +63,27 @@ class StepContext:
         return self.trained[role] if role == self.phase else self.networks[role]
 
 
+@dataclass
+class StepEnd:
+    """What `Family.after_step` sees on every rank once every phase of a step has run.
+
+    The two callables are collectives (every rank calls them, in the same order): a family that
+    keeps state across steps (ADA's p, EMA weights, a training stage) stays identical on every
+    rank without touching distributed code.
+    """
+
+    networks: Mapping[str, nn.Module]   # bare modules, weights already updated by this step
+    step: int                           # steps completed, this one included
+    batch: int                          # images per step over all ranks
+    device: torch.device
+    mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    from_rank0: Callable[[Any], Any] = lambda obj: obj
+
+    @property
+    def images_seen(self) -> int:
+        return self.step * self.batch
+
+
 class Family:
     """Base class; see module docstring. Subclasses register with `@register_family`."""
 
@@ -92,6 +113,17 @@ class Family:
         on the device, `cls` as int64.
         """
         raise NotImplementedError
+
+    def after_step(self, end: StepEnd) -> dict[str, float | torch.Tensor]:
+        """Work between steps (EMA update, ADA's p, stage changes); returns named values to log."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State outside the networks (ADA's p, the current stage): saved in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     @torch.no_grad()
     def sample(self, sampler: nn.Module, n: int, *, seed: int = 0, cond: torch.Tensor | None = None,
