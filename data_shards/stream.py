@@ -170,6 +170,11 @@ class _Worker(torch.utils.data.IterableDataset):
             yield batch
 
 
+def batches_per_epoch(url: str, world_size: int, batch_size: int) -> int:
+    """E: the batches every rank yields per epoch of `image_stream`."""
+    return int(read_manifest(url).samples.sum()) // (world_size * batch_size)
+
+
 def image_stream(url: str, *, rank: int, world_size: int, batch_size: int, seed: int,
                  shuffle_buffer: int = 256, num_workers: int = 1, keys: tuple[str, ...] = ("image",),
                  start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:

@@ -59,7 +59,7 @@ class DeepSpeedEngine(Engine):
         super().__init__(module, phase, device, spec)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module,
-            optimizer=make_optimizer(self.module.parameters(), phase, spec.train),
+            optimizer=make_optimizer(self.params, phase, spec.train),
             lr_scheduler=lambda optimizer: make_scheduler(optimizer, phase, spec),
             config=deepspeed_config(spec, world_size),
         )

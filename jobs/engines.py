@@ -68,13 +68,19 @@ class Engine:
         self.precision = spec.train.precision
         memory_format = torch.channels_last if spec.train.channels_last else torch.preserve_format
         self.module = module.to(device, memory_format=memory_format)
+        # Only what is trainable now is ever trained: a frozen part of the module (ControlNet's
+        # base UNet) stays frozen through set_trainable and stays out of the optimizer.
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"network {phase.name!r} has no trainable parameters")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = autocast_dtype(self.precision)
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def set_trainable(self, flag: bool) -> None:
-        self.module.requires_grad_(flag)
+        for p in self.params:
+            p.requires_grad_(flag)
 
     def micro_batch(self) -> contextlib.AbstractContextManager:
         """Wraps the forward and backward of one micro-batch."""
@@ -102,7 +108,7 @@ class DDPEngine(Engine):
                     if world_size > 1 else None)
         wrapped = self.ddp or self.module
         self.wrapped = torch.compile(wrapped) if spec.train.compile else wrapped
-        self.optimizer = make_optimizer(self.module.parameters(), phase, spec.train)
+        self.optimizer = make_optimizer(self.params, phase, spec.train)
         self.scheduler = make_scheduler(self.optimizer, phase, spec)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
 
@@ -130,7 +136,7 @@ class DDPEngine(Engine):
         if self.grad_clip:
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

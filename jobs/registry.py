@@ -50,7 +50,7 @@ def log_generator(snapshot: Path, spec_file: Path, registered_name: str | None) 
         signature=signature,
         input_example=example,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "pydantic", "pillow",
-                          "torchmetrics", f"mlflow=={mlflow.__version__}"],
+                          "torchmetrics", "kornia", "diffusers", "scikit-learn", f"mlflow=={mlflow.__version__}"],
         registered_model_name=registered_name,
     )
     return str(info.registered_model_version) if registered_name else None

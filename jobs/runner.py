@@ -122,6 +122,19 @@ def _open_run(spec: JobSpec, tracking_uri: str, storage: str, resume: str | None
 def run_job(spec: JobSpec, say: Callable[[str], None] = print, resume: str | None = None) -> JobResult:
     """Train `spec`; with `resume` (a run name under the spec's checkpoint storage), continue that
     run from its latest checkpoint, logging into the same MLflow run."""
+    # mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into the environment: without the
+    # restore, a later spec in this process without tracking.uri would track into this one's store.
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        return _run_job(spec, say, resume)
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> JobResult:
     started = time.perf_counter()
     spec = spec.model_copy(update={"workdir": str(spec.workdir_path())})  # workers may run elsewhere
     spec = resolve_model_refs(spec, spec.workdir_path() / "model-refs")

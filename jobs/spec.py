@@ -149,13 +149,23 @@ class JobSpec(_Section):
         if self.train.steps is None and self.train.kimg is None:
             raise ValueError("set train.steps or train.kimg")
         family = get_family_cls(self.family)
-        if self.checkpoint.best_metric is not None and self.checkpoint.best_metric not in family.metrics:
-            raise ValueError(f"checkpoint.best_metric {self.checkpoint.best_metric!r} is not a metric of the "
-                             f"{self.family} family; allowed: {', '.join(family.metrics)}")
         try:
-            self.model = family.config_cls.model_validate(self.model).model_dump()
+            config = family.config_cls.model_validate(self.model)
         except ValidationError as e:
             raise SpecError(_format_errors(e, prefix="model")) from None
+        self.model = config.model_dump()
+        instance = family(config, resolution=self.data.resolution, channels=self.data.channels, lr=self.train.lr)
+        instance.use_ada(self.augment.ada)
+        if self.checkpoint.best_metric is not None and self.checkpoint.best_metric not in instance.metrics:
+            raise ValueError(f"checkpoint.best_metric {self.checkpoint.best_metric!r} is not a metric of this "
+                             f"{self.family} model; allowed: {', '.join(instance.metrics)}")
+        if self.augment.mineaug:
+            if instance.conditional:
+                raise ValueError(f"augment.mineaug: the {self.family} family is conditional; MineAug augments "
+                                 "unconditional image sets only")
+            from models.mineaug import MineAugExpansion
+
+            MineAugExpansion(self.augment.mineaug, self.data.channels)   # names known and fit the channels
         return self
 
     # Derived values: one place so the driver, the workers and the tests agree.

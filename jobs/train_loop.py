@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data_shards.preview import image_grid
-from data_shards.stream import image_stream
+from data_shards.stream import batches_per_epoch, image_stream
 from jobs import checkpoints
 from jobs.engines import Engine, make_engine
 from jobs.evaluate import evaluate, preview
@@ -43,8 +43,10 @@ def say(msg: str) -> None:
 
 def build_family(spec: JobSpec) -> Family:
     cls = get_family_cls(spec.family)
-    return cls(cls.config_cls.model_validate(spec.model), resolution=spec.data.resolution,
-               channels=spec.data.channels, lr=spec.train.lr)
+    family = cls(cls.config_cls.model_validate(spec.model), resolution=spec.data.resolution,
+                 channels=spec.data.channels, lr=spec.train.lr)
+    family.use_ada(spec.augment.ada)
+    return family
 
 
 def build_training(spec: JobSpec, device: torch.device, world_size: int
@@ -107,7 +109,7 @@ def open_stream(data_url: str, spec: JobSpec, keys: tuple[str, ...], rank: int, 
 def to_device(batch: Mapping[str, Any], keys: tuple[str, ...], device: torch.device,
               channels_last: bool = False) -> dict[str, torch.Tensor]:
     """uint8 image tensors become float in [-1, 1] on the device; `cls` stays int64."""
-    out = {}
+    out: dict[str, Any] = {"__key__": batch["__key__"]} if "__key__" in batch else {}
     for k in keys:
         x = batch[k].to(device, non_blocking=True)
         if x.dtype == torch.uint8:
@@ -116,6 +118,29 @@ def to_device(batch: Mapping[str, Any], keys: tuple[str, ...], device: torch.dev
                 x = x.contiguous(memory_format=torch.channels_last)
         out[k] = x
     return out
+
+
+class MineAugBatches:
+    """The data set expanded to N·(1+K) by MineAug (models/mineaug.py): in epoch e a sample is
+    shown with augmentation (e + hash(key)) mod (K+1) (0: the original), so K+1 epochs show every
+    original once plain and once with each augmentation. Augments on the device, batched."""
+
+    def __init__(self, batches: Iterator[dict], names: list[str], channels: int, batches_per_epoch: int,
+                 start_batch: int):
+        from models.mineaug import MineAugExpansion
+
+        self.batches, self.expansion = batches, MineAugExpansion(names, channels)
+        self.per_epoch, self.index = batches_per_epoch, start_batch
+
+    def __iter__(self) -> "MineAugBatches":
+        return self
+
+    def __next__(self) -> dict:
+        batch = dict(next(self.batches))
+        tags = self.expansion.tags(batch["__key__"], self.index // self.per_epoch)
+        batch["image"] = self.expansion(batch["image"], tags.to(batch["image"].device))
+        self.index += 1
+        return batch
 
 
 class DevicePrefetcher:
@@ -131,7 +156,7 @@ class DevicePrefetcher:
         if self.copy_stream is None:
             return to_device(raw, self.keys, self.device, self.channels_last)
         with torch.cuda.stream(self.copy_stream):
-            pinned = {k: raw[k].pin_memory() for k in self.keys}   # pinned memory: the copy is asynchronous
+            pinned = {**raw, **{k: raw[k].pin_memory() for k in self.keys}}   # pinned memory: the copy is asynchronous
             return to_device(pinned, self.keys, self.device, self.channels_last)
 
     def __iter__(self) -> "DevicePrefetcher":
@@ -142,7 +167,7 @@ class DevicePrefetcher:
             return self._load()
         batch = self.ahead
         torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
-        for t in batch.values():
+        for t in (batch[k] for k in self.keys):
             t.record_stream(torch.cuda.current_stream(self.device))   # keep the memory until this step is done
         self.ahead = self._load()
         return batch
@@ -160,7 +185,7 @@ def train_step(family: Family, phases: list[Phase], engines: Mapping[str, Engine
                grad_accum: int = 1) -> dict[str, torch.Tensor]:
     """One optimizer step of every phase on one batch; returns the family's values, still on the device."""
     trained = {name: e.wrapped for name, e in engines.items()}
-    micro_batches = split(batch, grad_accum)
+    micro_batches = split({k: v for k, v in batch.items() if torch.is_tensor(v)}, grad_accum)
     values: dict[str, torch.Tensor] = {}
     for ph in phases:
         engine = engines[ph.name]
@@ -203,15 +228,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total = spec.total_steps
     batches = DevicePrefetcher(open_stream(config["data_url"], spec, family.data_keys, rank, world, start_batch=step),
                                family.data_keys, device, spec.train.channels_last)
+    if spec.augment.mineaug:
+        batches = MineAugBatches(batches, spec.augment.mineaug, spec.data.channels,
+                                 batches_per_epoch(config["data_url"], world, spec.per_worker_batch), start_batch=step)
     t0, seen0 = time.perf_counter(), images_seen
     while step < total:
+        torch.manual_seed(step_seed(spec.train.seed, rank, step))   # MineAug's draws and the family's noise
         batch = next(batches)
-        torch.manual_seed(step_seed(spec.train.seed, rank, step))
         values = train_step(family, phases, engines, networks, batch, step=step, device=device,
                             grad_accum=spec.train.grad_accum)
         step += 1
         images_seen += spec.train.batch
-        values.update(family.after_step(StepEnd(networks=networks, step=step, batch=spec.train.batch, device=device,
+        values.update(family.after_step(StepEnd(networks=networks, rank=rank, step=step, batch=spec.train.batch, device=device,
                                                 mean_over_ranks=_mean_over_ranks(world),
                                                 from_rank0=_from_rank0(world))))
 

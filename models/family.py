@@ -73,6 +73,7 @@ class StepEnd:
     """
 
     networks: Mapping[str, nn.Module]   # bare modules, weights already updated by this step
+    rank: int
     step: int                           # steps completed, this one included
     batch: int                          # images per step over all ranks
     device: torch.device
@@ -113,6 +114,12 @@ class Family:
         on the device, `cls` as int64.
         """
         raise NotImplementedError
+
+    def use_ada(self, settings: dict[str, Any] | None) -> None:
+        """The spec's `augment.ada`: adaptive discriminator augmentation, for families that have it."""
+        if settings is not None:
+            raise ValueError(f"augment.ada: the {self.name} family has no adaptive discriminator augmentation "
+                             "(stylegan2 has); remove augment.ada")
 
     def after_step(self, end: StepEnd) -> dict[str, float | torch.Tensor]:
         """Work between steps (EMA update, ADA's p, stage changes); returns named values to log."""
@@ -158,8 +165,10 @@ def available_families() -> list[str]:
     # Each module registers its families on import.
     import models.cgan  # noqa: F401
     import models.dcgan  # noqa: F401
+    import models.diffusion  # noqa: F401
     import models.pix2pix  # noqa: F401
     import models.sat2ground  # noqa: F401
+    import models.stylegan2  # noqa: F401
 
     return sorted(_FAMILIES)
 

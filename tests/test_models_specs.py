@@ -11,7 +11,13 @@ from jobs.spec import SPECS_DIR, load_spec
 from models.family import get_family_cls
 
 SPECS = ["dcgan_rsicb", "pix2pix_maps", "spatiotemporal_cgan", "spatiotemporal_attention_cgan",
-         "sat2ground_stage1", "sat2ground_stage2"]
+         "sat2ground_stage1", "sat2ground_stage2", "diffusion_uncond", "spatiotemporal_diffusion",
+         "spatiotemporal_controlnet", "scbgan_rosetta", "scbgan_dawn"]
+# DDPM's CIFAR-10 UNet and process, as every diffusion spec has them.
+DDPM = {"base_channels": 128, "channel_mult": [1, 2, 2, 2], "num_res_blocks": 2, "attention_resolutions": [16],
+        "dropout": 0.1, "timesteps": 1000, "schedule": "cosine", "sample_steps": 50, "ema_decay": 0.9999,
+        "beta1": 0.9, "beta2": 0.999}
+DIFFUSION_LAYOUT = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "timesteps", "schedule")
 
 
 def family_of(spec):
@@ -30,9 +36,26 @@ def tiny_overrides(path) -> list[str]:
 def test_spec_validates_with_published_defaults(name):
     spec = load_spec(SPECS_DIR / f"{name}.yaml")
     fam = family_of(spec)
-    assert spec.train.lr == 2e-4 and spec.model["beta1"] == 0.5     # Adam 2e-4, β1 0.5 everywhere
     assert spec.eval.metrics == list(fam.metrics)                    # what the family is judged by
     assert spec.tracking.registry_model == spec.name
+    if spec.family == "stylegan2":   # MINEAUG.md §4 paper256_2fmap, §2 stages, §1 the published choices
+        m = spec.model
+        assert (m["z_dim"], m["w_dim"], m["mapping_layers"], m["channel_base"], m["channel_max"], m["mbstd_group"]) \
+            == (512, 512, 8, 32768, 512, 4)
+        assert (spec.train.lr, m["r1_gamma"], m["ema_kimg"], m["style_mixing"], m["pl_weight"]) == (0.002, 1, 10, 0.9, 2)
+        assert (m["pl_every"], m["r1_every"], spec.train.batch, spec.scaling.num_workers) == (4, 16, 16, 4)
+        assert (spec.data.resolution, spec.data.channels, spec.augment.ada["target"]) == (256, 1, 0.6)
+        va = m["vision_aided"]
+        assert va["kimg_stages"] == [4000, 2000, 2000] and va["warmup_kimg"] + sum(va["kimg_stages"]) == spec.train.kimg
+        assert spec.augment.mineaug == {"scbgan_rosetta": ["HorizontalFlip", "RandomAffine", "Rotate"],
+                                        "scbgan_dawn": ["HorizontalFlip", "Translation_y", "Zoom_in"]}[name]
+        return
+    if spec.family == "diffusion":
+        assert {k: spec.model[k] for k in DDPM} == DDPM and (spec.data.resolution, spec.train.batch) == (64, 128)
+        # DDPM's Adam 2e-4; a ControlNet fine-tunes at ControlNet's 1e-5.
+        assert spec.train.lr == (1e-5 if spec.model["conditioning"] == "controlnet" else 2e-4)
+        return
+    assert spec.train.lr == 2e-4 and spec.model["beta1"] == 0.5     # the GANs: Adam 2e-4, β1 0.5
     if spec.family in ("pix2pix", "cgan_unet", "cgan_attention_unet"):
         assert (spec.data.resolution, fam.depth, spec.model["d_layers"], spec.model["l1_weight"]) == (256, 8, 3, 100)
         assert spec.per_worker_batch == 1                              # pix2pix's batch of one per device
@@ -48,6 +71,16 @@ def test_sat2ground_stages_fit_together():
     assert (one.data.resolution, one.data.channels) == (two.data.resolution, two.data.channels)
 
 
+def test_controlnet_fits_its_base():
+    base, cn = (load_spec(SPECS_DIR / f"{n}.yaml") for n in ("diffusion_uncond", "spatiotemporal_controlnet"))
+    assert base.model["conditioning"] == "none" and cn.model["conditioning"] == "controlnet"
+    assert cn.model["base_from"] == f"models:/{base.tracking.registry_model}@champion"
+    assert all(base.model[k] == cn.model[k] for k in DIFFUSION_LAYOUT)
+    assert (base.data.train, base.data.resolution, base.data.channels) == (cn.data.train, cn.data.resolution,
+                                                                           cn.data.channels)
+    assert tiny_overrides(SPECS_DIR / "diffusion_uncond.yaml") == tiny_overrides(SPECS_DIR / "spatiotemporal_controlnet.yaml")
+
+
 @pytest.mark.parametrize("name", SPECS)
 def test_tiny_override_builds_and_runs(name, tmp_path):
     path = SPECS_DIR / f"{name}.yaml"
@@ -59,10 +92,16 @@ def test_tiny_override_builds_and_runs(name, tmp_path):
         one = family_of(load_spec(SPECS_DIR / "sat2ground_stage1.yaml", tiny_overrides(SPECS_DIR / "sat2ground_stage1.yaml")))
         save_snapshot(tmp_path / "g.pt", one, one.build()["G"])
         sets.append(f"model.generator_from={tmp_path / 'g.pt'}")
+    if name == "spatiotemporal_controlnet":   # a tiny unconditional snapshot stands in for the base's champion
+        from models.snapshot import save_snapshot
+
+        base = family_of(load_spec(SPECS_DIR / "diffusion_uncond.yaml", tiny_overrides(SPECS_DIR / "diffusion_uncond.yaml")))
+        save_snapshot(tmp_path / "base.pt", base, base.build()["ema"])
+        sets.append(f"model.base_from={tmp_path / 'base.pt'}")
     spec = load_spec(path, sets)
     fam = family_of(spec)
     nets = fam.build()
     batch = {k: torch.rand(2, 1 if k == "mask" else 3, 16, 16) * 2 - 1 for k in fam.data_keys}
     out = fam.sample(nets[fam.sampler_role], 2, cond=batch.get("cond"), mask=batch.get("mask")) if fam.conditional \
         else fam.sample(nets[fam.sampler_role], 2, seed=0)
-    assert out.shape == (2, 3, 16, 16)
+    assert out.shape == (2, spec.data.channels, 16, 16)

@@ -1,0 +1,361 @@
+"""The `stylegan2` family: SCB-GAN = StyleGAN2 + ADA + the vision-aided discriminator loss
+(+ MineAug, which the train loop applies to the data; see models/mineaug.py).
+
+Networks: "G" (mapping + synthesis), "D" (StyleGAN2's residual discriminator together with the
+vision-aided heads, one trained network, so one engine and one optimizer), "G_ema" (the
+generator's moving average, what samples and what is registered). The pretrained backbones the
+heads read are frozen and are not networks of the run: every rank loads them from the local files
+named in `model.vision_aided.weights`, and checkpoints do not copy them.
+
+Losses (MINEAUG.md §2–§4): non-saturating logistic loss; lazy R1 on the (augmented) reals every
+`r1_every` D steps, scaled by `r1_every` (the lazy-regularisation rule of StyleGAN2, here added to
+that step's D loss rather than taken as a separate optimizer step); path-length regularisation
+every `pl_every` G steps, scaled likewise; style mixing. ADA augments every image D sees, in both
+phases, with p adapted between steps from sign(D(real)). Vision-aided: after `warmup_kimg` of
+plain StyleGAN2-ADA, each stage adds the backbone whose pooled features best separate real from
+generated images (linear probe); heads of backbones not yet added receive exactly zero gradient,
+so with Adam they do not move, and the network's parameter set stays fixed for DDP and DeepSpeed.
+The heads share D's optimizer: Adam is per parameter, so one Adam with the heads' settings
+(β = (0, 0.99), D's rate) is the same as the separate Adam of the original.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import Tensor, nn
+
+from models.ada import AdaptiveAugment
+from models.family import Family, FamilyConfig, Phase, StepContext, StepEnd, register_family, run_in_eval
+from models.stylegan2_losses import PathLengthPenalty, r1_penalty, style_mixing_ws
+from models.stylegan2_networks import Discriminator, Generator
+from models.vision_aided import VisionAidedHeads, choose_backbone, d_loss as heads_d_loss, g_loss as heads_g_loss
+from models.vision_backbones import BACKBONES, build_backbone, feature_dims
+
+BackboneKind = Literal["clip_vitb32", "dino_vitb16", "swin_t", "vgg16"]
+
+
+class AdaSettings(BaseModel):
+    """`augment.ada` of the spec (MINEAUG.md §3)."""
+
+    model_config = ConfigDict(extra="forbid")
+    target: float = Field(0.6, gt=0, lt=1, description="the sign(D(real)) mean that p steers towards")
+    interval: int = Field(4, ge=1, description="adjust p every this many steps")
+    speed_kimg: float = Field(500, gt=0, description="kimg for p to go from 0 to 1")
+    initial_p: float = Field(0.0, ge=0, le=1)
+
+
+class VisionAidedConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    candidates: list[BackboneKind] = Field(list(BACKBONES), description="backbones the linear probe chooses from")
+    weights: dict[BackboneKind, str] = Field({}, description="local weights file of each candidate "
+                                                             "(open_clip / timm / torchvision layouts)")
+    size: Literal["base", "tiny"] = Field("base", description="tiny: small random-width backbones for tests")
+    warmup_kimg: float = Field(500, ge=0, description="plain StyleGAN2-ADA before the first backbone")
+    kimg_stages: list[float] = Field([4000, 2000, 2000], description="kimg of each stage; one backbone added per stage")
+    label_smooth: float = Field(0.2, ge=0, lt=1, description="one-sided: real targets 1 - this")
+    ada_target: float = Field(0.3, gt=0, lt=1, description="target of each backbone's own ADA p")
+    probe_images: int = Field(256, ge=8, description="real and generated images per linear probe")
+
+    @field_validator("weights")
+    @classmethod
+    def _absolute(cls, v: dict[str, str]) -> dict[str, str]:
+        # Resolved where the spec is first read (the driver): Ray workers run in other folders.
+        return {k: str(Path(p).expanduser().absolute()) for k, p in v.items()}
+
+    @model_validator(mode="after")
+    def _enough_candidates(self) -> "VisionAidedConfig":
+        if len(self.kimg_stages) > len(self.candidates):
+            raise ValueError(f"{len(self.kimg_stages)} stages need at least as many candidates, "
+                             f"got {len(self.candidates)}")
+        if len(set(self.candidates)) != len(self.candidates):
+            raise ValueError("candidates must not repeat")
+        return self
+
+
+class StyleGAN2Config(FamilyConfig):
+    """Defaults: StyleGAN2-ADA's `paper256_2fmap` as SCB-GAN ran it (MINEAUG.md §4)."""
+
+    z_dim: int = Field(512, ge=1)
+    w_dim: int = Field(512, ge=1)
+    mapping_layers: int = Field(8, ge=1)
+    channel_base: int = Field(32768, ge=1)
+    channel_max: int = Field(512, ge=1)
+    architecture: Literal["skip", "resnet"] = Field("skip", description="the generator's output layout")
+    mbstd_group: int = Field(4, ge=1)
+    conv_clamp: float | None = Field(256, gt=0)
+    r1_gamma: float = Field(1.0, ge=0)
+    r1_every: int = Field(16, ge=1)
+    pl_weight: float = Field(2.0, ge=0)
+    pl_every: int = Field(4, ge=1)
+    style_mixing: float = Field(0.9, ge=0, le=1)
+    ema_kimg: float = Field(10.0, gt=0, description="half-life of the generator EMA in kimg")
+    beta1: float = Field(0.0, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    vision_aided: VisionAidedConfig | None = Field(VisionAidedConfig(), description="null: plain StyleGAN2-ADA")
+
+
+class SCBDiscriminator(nn.Module):
+    """StyleGAN2's discriminator and the vision-aided heads: trained together in phase "D"."""
+
+    def __init__(self, main: Discriminator, heads: VisionAidedHeads | None):
+        super().__init__()
+        self.main, self.heads = main, heads
+
+    def forward(self, images: Tensor, features: dict[str, list[Tensor]] | None = None
+                ) -> tuple[Tensor, dict[str, list[Tensor]]]:
+        logits = self.main(images)
+        return logits, (self.heads(features) if features else {})
+
+
+class MappedGenerator(nn.Module):
+    """The generator as one call (so DDP / DeepSpeed see every use in the wrapped forward):
+    z -> images, with optional style mixing and the w's returned for path-length."""
+
+    def __init__(self, g: Generator):
+        super().__init__()
+        self.g = g
+
+    def forward(self, z: Tensor, mixing: float = 0.0, return_ws: bool = False, noise_mode: str = "random",
+                update_w_avg: bool = False):
+        ws = (style_mixing_ws(self.g.mapping, z, mixing, self.g.num_ws, update_w_avg=update_w_avg) if mixing > 0
+              else self.g.mapping(z, update_w_avg=update_w_avg))
+        img = self.g.synthesis(ws, noise_mode=noise_mode)
+        return (img, ws) if return_ws else img
+
+
+@register_family
+class StyleGAN2(Family):
+    name = "stylegan2"
+    config_cls = StyleGAN2Config
+    conditional = False
+    metrics = ("fid", "kid", "pr")
+    sampler_role = "G_ema"
+
+    config: StyleGAN2Config
+
+    def __init__(self, config: StyleGAN2Config, *, resolution: int, channels: int, lr: float):
+        super().__init__(config, resolution=resolution, channels=channels, lr=lr)
+        if resolution < 8 or resolution & (resolution - 1):
+            raise ValueError(f"stylegan2 needs a power-of-two data.resolution >= 8, got {resolution}")
+        self.ada_settings: AdaSettings | None = None
+        self.ada: AdaptiveAugment | None = None
+        self.backbones: dict[str, nn.Module] = {}
+        va = config.vision_aided
+        self.head_ada = {k: AdaptiveAugment(channels, target=va.ada_target) for k in va.candidates} if va else {}
+        self.active: list[str] = []          # backbones added so far, in order
+        self.probe_real: list[Tensor] = []   # recent reals seen by this rank, for the next probe
+        self.pl = PathLengthPenalty()
+
+    # ---- set-up -------------------------------------------------------------------------
+    def use_ada(self, settings: dict[str, Any] | None) -> None:
+        """The spec's `augment.ada` (None: no ADA)."""
+        self.ada_settings = AdaSettings.model_validate(settings) if settings is not None else None
+        self.ada = (AdaptiveAugment(self.channels, target=self.ada_settings.target, interval=self.ada_settings.interval,
+                                    speed_kimg=self.ada_settings.speed_kimg, p=self.ada_settings.initial_p)
+                    if self.ada_settings else None)
+
+    def build(self) -> dict[str, nn.Module]:
+        c = self.config
+        g = Generator(z_dim=c.z_dim, w_dim=c.w_dim, resolution=self.resolution, channels=self.channels,
+                      channel_base=c.channel_base, channel_max=c.channel_max, mapping_layers=c.mapping_layers,
+                      architecture=c.architecture, conv_clamp=c.conv_clamp)
+        d = Discriminator(resolution=self.resolution, channels=self.channels, channel_base=c.channel_base,
+                          channel_max=c.channel_max, mbstd_group=c.mbstd_group, conv_clamp=c.conv_clamp)
+        va = c.vision_aided
+        heads = VisionAidedHeads({k: feature_dims(k, va.size) for k in va.candidates}) if va else None
+        G = MappedGenerator(g)
+        return {"G": G, "D": SCBDiscriminator(d, heads), "G_ema": copy.deepcopy(G).eval().requires_grad_(False)}
+
+    def phases(self) -> list[Phase]:
+        betas = (self.config.beta1, self.config.beta2)
+        return [Phase("D", self.lr, betas), Phase("G", self.lr, betas)]
+
+    def _load_backbones(self, device: torch.device) -> None:
+        va = self.config.vision_aided
+        if va is None or self.backbones:
+            return
+        for kind in va.candidates:
+            path = va.weights.get(kind)
+            if not path:
+                raise FileNotFoundError(f"model.vision_aided.weights.{kind}: no weights file named for candidate "
+                                        f"backbone {kind!r} (a local file; see jobs/specs/scbgan_rosetta.yaml)")
+            self.backbones[kind] = build_backbone(kind, path, size=va.size).to(device)
+            self.head_ada[kind].to(device)
+
+    # ---- one step -----------------------------------------------------------------------
+    def _augment(self, x: Tensor) -> Tensor:
+        return self.ada(x) if self.ada is not None else x
+
+    def _features(self, x: Tensor, *, grad: bool) -> dict[str, list[Tensor]]:
+        """Backbone features of the active backbones, each behind its own ADA pipeline."""
+        out = {}
+        for kind in self.active:
+            with torch.set_grad_enabled(grad):
+                out[kind] = self.backbones[kind](self.head_ada[kind](x))
+        return out
+
+    def _latents(self, n: int, ctx: StepContext) -> Tensor:
+        return torch.randn(n, self.config.z_dim, device=ctx.device, generator=ctx.generator)
+
+    def loss(self, batch: Mapping[str, Tensor], ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        self._load_backbones(ctx.device)
+        if self.ada is not None:
+            self.ada.to(ctx.device)
+        real = batch["image"]
+        z = self._latents(real.shape[0], ctx)
+        if ctx.phase == "D":
+            return self._d_loss(real, z, ctx)
+        if ctx.phase == "G":
+            return self._g_loss(z, ctx)
+        raise ValueError(f"{self.name} has phases 'D' and 'G', got {ctx.phase!r}")
+
+    def _d_loss(self, real: Tensor, z: Tensor, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        c, va = self.config, self.config.vision_aided
+        d = ctx.net("D")
+        with torch.no_grad():
+            fake = ctx.net("G")(z, mixing=c.style_mixing)
+        do_r1 = c.r1_gamma > 0 and ctx.step % c.r1_every == 0
+        real_in = self._augment(real).detach().requires_grad_(do_r1)
+        real_logits, real_heads = d(real_in, self._features(real, grad=False))
+        fake_logits, fake_heads = d(self._augment(fake), self._features(fake, grad=False))
+        loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+        logs: dict[str, Tensor] = {"loss_D": loss.detach(), "D_real_sign": real_logits.detach().sign().mean()}
+        if self.ada is not None:
+            self.ada.observe(real_logits)
+        if do_r1:
+            r1 = r1_penalty(real_logits, real_in).mean()
+            loss = loss + c.r1_gamma / 2 * r1 * c.r1_every
+            logs["r1"] = r1.detach()
+        if va is not None:
+            if self.active:
+                vloss = heads_d_loss(real_heads, fake_heads, label_smooth=va.label_smooth)
+                loss = loss + vloss
+                logs["loss_D_vision"] = vloss.detach()
+                for kind in self.active:   # each backbone's ADA follows its own head on the reals
+                    self.head_ada[kind].observe(real_heads[kind][-1])
+            # Heads not added yet: an exact zero gradient keeps them still and in the graph.
+            idle = [p for kind in va.candidates if kind not in self.active for p in _heads_of(ctx, kind)]
+            if idle:
+                loss = loss + 0.0 * sum(p.sum() for p in idle)
+            self._remember_reals(real, va.probe_images)
+        return loss, logs
+
+    def _g_loss(self, z: Tensor, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        c, va = self.config, self.config.vision_aided
+        g, d = ctx.net("G"), ctx.net("D")
+        do_pl = c.pl_weight > 0 and ctx.step % c.pl_every == 0
+        # w_avg (the truncation centre) follows the latents of the generator's own steps.
+        fake, ws = g(z, mixing=c.style_mixing, return_ws=True, update_w_avg=True)
+        fake_logits, fake_heads = d(self._augment(fake), self._features(fake, grad=True))
+        loss = F.softplus(-fake_logits).mean()
+        logs: dict[str, Tensor] = {"loss_G": loss.detach()}
+        if va is not None and self.active:
+            vloss = heads_g_loss(fake_heads)
+            loss = loss + vloss
+            logs["loss_G_vision"] = vloss.detach()
+        if do_pl:
+            pl = self.pl(fake, ws)
+            loss = loss + c.pl_weight * pl * c.pl_every
+            logs["pl_penalty"] = pl.detach()
+        return loss, logs
+
+    def _remember_reals(self, real: Tensor, limit: int) -> None:
+        self.probe_real.append(real.detach().to(torch.float16))
+        while sum(len(x) for x in self.probe_real) - len(self.probe_real[0]) >= limit:
+            self.probe_real.pop(0)
+
+    # ---- between steps ------------------------------------------------------------------
+    def after_step(self, end: StepEnd) -> dict[str, float | Tensor]:
+        c = self.config
+        logs: dict[str, float | Tensor] = {}
+        g, g_ema = end.networks["G"], end.networks["G_ema"]
+        beta = 0.5 ** (end.batch / (c.ema_kimg * 1000))
+        with torch.no_grad():
+            for p_ema, p in zip(g_ema.parameters(), g.parameters()):
+                p_ema.lerp_(p.detach(), 1 - beta)
+            for b_ema, b in zip(g_ema.buffers(), g.buffers()):
+                b_ema.copy_(b)
+        if self.ada_settings is not None and end.step % self.ada_settings.interval == 0:
+            images = end.batch * self.ada_settings.interval
+            logs["ada_p"] = self._adjust(self.ada, end, images)
+            for kind in self.active:
+                logs[f"ada_p_{kind}"] = self._adjust(self.head_ada[kind], end, images)
+        va = c.vision_aided
+        if va is not None:
+            due = self._stage_due(end.images_seen)
+            if due:
+                kind, accuracies = self._probe(end) if end.rank == 0 else (None, {})
+                kind, accuracies = end.from_rank0((kind, accuracies))
+                self.active.append(kind)
+                logs.update({f"probe_acc_{k}": v for k, v in accuracies.items()})
+            logs["vision_stage"] = float(len(self.active))
+        return logs
+
+    @staticmethod
+    def _adjust(ada: AdaptiveAugment, end: StepEnd, images: int) -> float:
+        total, count = end.mean_over_ranks(ada.take_stats().to(end.device)).tolist()
+        return ada.adjust(total / count, images) if count else float(ada.p)
+
+    def _stage_due(self, images_seen: int) -> bool:
+        """Whether the next backbone is due: the warm-up and every earlier stage are done."""
+        va = self.config.vision_aided
+        if len(self.active) >= len(va.kimg_stages):
+            return False
+        start = va.warmup_kimg + sum(va.kimg_stages[:len(self.active)])
+        return images_seen >= start * 1000
+
+    @torch.no_grad()
+    def _probe(self, end: StepEnd) -> tuple[str, dict[str, float]]:
+        """The backbone (not yet added) whose pooled features best separate reals from G_ema's images."""
+        self._load_backbones(end.device)
+        real = torch.cat(self.probe_real).float()[: self.config.vision_aided.probe_images]
+        fake = torch.cat([self.sample(end.networks["G_ema"], len(chunk), seed=10_000 + i).to(end.device)
+                          for i, chunk in enumerate(real.split(64))])
+        pooled = {kind: (torch.cat([bb.pooled(x) for x in real.split(64)]).cpu(),
+                         torch.cat([bb.pooled(x) for x in fake.split(64)]).cpu())
+                  for kind, bb in self.backbones.items() if kind not in self.active}
+        kind, accuracies = choose_backbone(pooled)
+        return kind, accuracies
+
+    # ---- state outside the networks --------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"active": list(self.active),
+                "ada_p": float(self.ada.p) if self.ada is not None else None,
+                "head_ada_p": {k: float(a.p) for k, a in self.head_ada.items()},
+                "pl_mean": self.pl.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.active = list(state["active"])
+        if self.ada is not None and state["ada_p"] is not None:
+            self.ada.p.fill_(state["ada_p"])
+        for kind, p in state["head_ada_p"].items():
+            self.head_ada[kind].p.fill_(p)
+        self.pl.load_state_dict(state["pl_mean"])
+
+    @torch.no_grad()
+    def sample(self, sampler: nn.Module, n: int, *, seed: int = 0, cond: Tensor | None = None,
+               mask: Tensor | None = None) -> Tensor:
+        if cond is not None or mask is not None:
+            raise ValueError(f"{self.name} is unconditional: sample() takes no cond or mask")
+        z = torch.randn(n, self.config.z_dim, generator=torch.Generator().manual_seed(int(seed)))
+        return run_in_eval(_Const(sampler), z)
+
+
+class _Const(nn.Module):
+    """Sampling with the fixed noise inputs: a seed gives the same image anywhere."""
+
+    def __init__(self, g: nn.Module):
+        super().__init__()
+        self.g = g
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.g(z, noise_mode="const")
+
+
+def _heads_of(ctx: StepContext, kind: str) -> list[nn.Parameter]:
+    return list(ctx.networks["D"].heads.parameters_of(kind))
