@@ -13,7 +13,7 @@ from torch import nn
 from data_shards.stream import iterate_once
 from models.family import Family
 from models.images import nchw_to_nhwc_numpy, to_float, to_uint8
-from models.metrics.extractors import make_extractor
+from models.metrics.extractors import VGG16Extractor, make_extractor
 from models.metrics.suite import MetricSuite
 
 EVAL_SEED = 1_000_000  # fixed, so two runs are judged on the same noise
@@ -27,10 +27,15 @@ def _conditional_outputs(family: Family, sampler: nn.Module, batch: dict, device
 
 
 def evaluate(family: Family, sampler: nn.Module, *, data_url: str, num_samples: int, extractor: str,
-             inception_weights: str | None, device: torch.device, batch: int = 64) -> tuple[dict[str, float], dict[str, str]]:
-    """Returns (metrics, params): params say what the metrics were computed with."""
-    feature = make_extractor(extractor, inception_weights) if "fid" in family.metrics else None
-    suite = MetricSuite(family.metrics, extractor=feature, device=device)
+             inception_weights: str | None, device: torch.device, batch: int = 64,
+             vgg_weights: str | None = None) -> tuple[dict[str, float], dict[str, str]]:
+    """Returns (metrics, params): params say what the metrics were computed with. With
+    `vgg_weights`, precision/recall use VGG-16 features, else the `extractor`'s (see params)."""
+    metrics = set(family.metrics)
+    pr_feature = VGG16Extractor(vgg_weights) if vgg_weights and "pr" in metrics else None
+    needs_feature = bool(metrics & {"fid", "kid"}) or ("pr" in metrics and pr_feature is None)
+    feature = make_extractor(extractor, inception_weights) if needs_feature else None
+    suite = MetricSuite(family.metrics, extractor=feature, pr_extractor=pr_feature, device=device)
     data = iterate_once(data_url, batch_size=batch, limit=num_samples, keys=family.data_keys)
     if family.conditional:
         for b in data:

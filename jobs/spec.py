@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.family import available_families, get_family_cls
+from models.metrics.suite import reported_names
 
 SPECS_DIR = Path(__file__).parent / "specs"
 
@@ -156,9 +157,10 @@ class JobSpec(_Section):
         self.model = config.model_dump()
         instance = family(config, resolution=self.data.resolution, channels=self.data.channels, lr=self.train.lr)
         instance.use_ada(self.augment.ada)
-        if self.checkpoint.best_metric is not None and self.checkpoint.best_metric not in instance.metrics:
+        logged = reported_names(instance.metrics)
+        if self.checkpoint.best_metric is not None and self.checkpoint.best_metric not in logged:
             raise ValueError(f"checkpoint.best_metric {self.checkpoint.best_metric!r} is not a metric of this "
-                             f"{self.family} model; allowed: {', '.join(instance.metrics)}")
+                             f"{self.family} model; allowed: {', '.join(logged)}")
         if self.augment.mineaug:
             if instance.conditional:
                 raise ValueError(f"augment.mineaug: the {self.family} family is conditional; MineAug augments "

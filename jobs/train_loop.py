@@ -272,7 +272,8 @@ def _report(spec, config, family, networks, engines, step, images_seen, rank, wo
                                          device=device)), f"samples/grid_step{step:07d}.png")
             scores, params = evaluate(family, sampler, data_url=config["data_url"],
                                       num_samples=spec.eval.num_samples, extractor=spec.eval.fid_extractor,
-                                      inception_weights=spec.eval.inception_weights, device=device)
+                                      inception_weights=spec.eval.inception_weights, vgg_weights=spec.eval.vgg_weights,
+                                      device=device)
             log.metrics(step, scores)
             if final:
                 log.params(params)

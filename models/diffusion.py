@@ -38,7 +38,7 @@ SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}   # ours -> diff
 # What a ControlNet spec must share with its base: the network's layout and the noise process it learned.
 BASE_KEYS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "timesteps", "schedule")
 MASK_CHANNELS = 1
-UNCONDITIONAL_METRICS = ("fid",)
+UNCONDITIONAL_METRICS = ("fid", "kid")
 # The spatio-temporal cGANs' metrics: the same task, judged the same way.
 CONDITIONAL_METRICS = ("lpips", "ssim", "psnr", "fid", "f1")
 

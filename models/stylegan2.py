@@ -220,7 +220,7 @@ class StyleGAN2(Family):
         with torch.no_grad():
             fake = ctx.net("G")(z, mixing=c.style_mixing)
         do_r1 = c.r1_gamma > 0 and ctx.step % c.r1_every == 0
-        real_in = self._augment(real).detach().requires_grad_(do_r1)
+        real_in = self._augment(real).detach()
         real_logits, real_heads = d(real_in, self._features(real, grad=False))
         fake_logits, fake_heads = d(self._augment(fake), self._features(fake, grad=False))
         loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
@@ -228,7 +228,10 @@ class StyleGAN2(Family):
         if self.ada is not None:
             self.ada.observe(real_logits)
         if do_r1:
-            r1 = r1_penalty(real_logits, real_in).mean()
+            # Its own forward through the bare module: DeepSpeed treats any backward pass over its
+            # engine's graph, autograd.grad's included, as the training backward.
+            r1_in = real_in.detach().requires_grad_(True)
+            r1 = r1_penalty(ctx.networks["D"].main(r1_in), r1_in).mean()
             loss = loss + c.r1_gamma / 2 * r1 * c.r1_every
             logs["r1"] = r1.detach()
         if va is not None:
@@ -250,7 +253,7 @@ class StyleGAN2(Family):
         g, d = ctx.net("G"), ctx.net("D")
         do_pl = c.pl_weight > 0 and ctx.step % c.pl_every == 0
         # w_avg (the truncation centre) follows the latents of the generator's own steps.
-        fake, ws = g(z, mixing=c.style_mixing, return_ws=True, update_w_avg=True)
+        fake = g(z, mixing=c.style_mixing, update_w_avg=True)
         fake_logits, fake_heads = d(self._augment(fake), self._features(fake, grad=True))
         loss = F.softplus(-fake_logits).mean()
         logs: dict[str, Tensor] = {"loss_G": loss.detach()}
@@ -259,7 +262,9 @@ class StyleGAN2(Family):
             loss = loss + vloss
             logs["loss_G_vision"] = vloss.detach()
         if do_pl:
-            pl = self.pl(fake, ws)
+            # As StyleGAN2, on half the batch in a forward of its own (through the bare module, like R1).
+            pl_fake, pl_ws = ctx.networks["G"](z[: max(1, len(z) // 2)], mixing=c.style_mixing, return_ws=True)
+            pl = self.pl(pl_fake, pl_ws)
             loss = loss + c.pl_weight * pl * c.pl_every
             logs["pl_penalty"] = pl.detach()
         return loss, logs

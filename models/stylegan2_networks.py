@@ -191,7 +191,8 @@ class SynthesisLayer(nn.Module):
         self.affine = EqualLinear(w_dim, in_channels, bias_init=1.0)   # styles start at 1: plain conv
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.noise_strength = nn.Parameter(torch.zeros([]))
+        # Shape (1,), not a scalar: DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as.
+        self.noise_strength = nn.Parameter(torch.zeros(1))
         self.register_buffer("noise_const", torch.randn(resolution, resolution))
         self.register_buffer("fir", fir_kernel(), persistent=False)
         self.up, self.resolution, self.conv_clamp = up, resolution, conv_clamp

@@ -19,6 +19,7 @@ from jobs.spec import JobSpec
 from jobs.train_loop import build_training, step_seed, train_step
 from models.family import available_families, get_family_cls
 from models.snapshot import save_snapshot
+from models.vision_backbones import save_random_backbone
 from test_resume import STRATEGIES  # noqa: F401  (sets the DeepSpeed extension cache before Ray starts)
 
 pytestmark = pytest.mark.integration
@@ -30,6 +31,10 @@ MODELS = {   # the smallest model of every family; a family missing here fails t
     "cgan_unet": {"ngf": 8, "ndf": 8, "d_layers": 2},
     "cgan_attention_unet": {"ngf": 8, "ndf": 8, "d_layers": 2},
     "sat2ground": TINY,   # stage 1; stage 2 is added below with a stage-1 generator to freeze
+    "stylegan2": {"z_dim": 8, "w_dim": 8, "mapping_layers": 2, "channel_base": 64, "channel_max": 8,
+                  "vision_aided": None},   # vision-aided heads are added below, with backbone files
+    "diffusion": {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8],
+                  "sample_steps": 2},      # unconditional; the ControlNet is added below, on this as its base
 }
 STRATEGY_OVERRIDES = {
     "ddp": {"strategy": {"kind": "ddp"}, "train": {"channels_last": True}},
@@ -83,6 +88,20 @@ def test_every_family_trains_under_ddp_and_deepspeed_on_two_workers(ray_local, t
     save_snapshot(tmp_path / "stage1.pt", stage1, stage1.build()["G"])
     cases = {name: (name, model) for name, model in MODELS.items()}
     cases["sat2ground-stage2"] = ("sat2ground", {**TINY, "stage": 2, "generator_from": str(tmp_path / "stage1.pt")})
+    # SCB-GAN's discriminator with its vision-aided heads (not yet added: in the graph with zero gradients).
+    weights = {k: str(save_random_backbone(k, tmp_path / f"{k}.pt", size="tiny")) for k in ("clip_vitb32", "vgg16")}
+    cases["stylegan2-vision-aided"] = ("stylegan2", {**MODELS["stylegan2"], "vision_aided": {
+        "candidates": list(weights), "weights": weights, "size": "tiny", "kimg_stages": [1]}})
+    # A ControlNet: a frozen base inside the trained network.
+    base = get_family_cls("diffusion")
+    base = base(base.config_cls(**MODELS["diffusion"]), resolution=RES, channels=3, lr=2e-4)
+    base_net = base.build()["ema"]
+    with torch.no_grad():   # a trained base: DDPM's zero-initialised output layers would pass no gradient back
+        for p in base_net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_snapshot(tmp_path / "base.pt", base, base_net)
+    cases["diffusion-controlnet"] = ("diffusion", {**MODELS["diffusion"], "conditioning": "controlnet",
+                                                   "base_from": str(tmp_path / "base.pt")})
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the workers cannot import tests/
     out = tmp_path / "report.json"

@@ -137,7 +137,7 @@ def test_suite_interface_and_params():
         MetricSuite(["fid", "iou"], extractor=ex)
     with pytest.raises(ValueError, match="extractor"):
         MetricSuite(["fid"])
-    assert set(METRICS) == {"fid", "l1", "mse", "ssim", "psnr", "lpips", "f1"}
+    assert set(METRICS) == {"fid", "kid", "pr", "l1", "mse", "ssim", "psnr", "lpips", "f1"}
 
 
 def test_metrics_never_synchronise_across_processes():

@@ -59,7 +59,7 @@ def test_registered_and_conditioning_attributes(base_file):
     assert get_family_cls("diffusion") is Diffusion
     assert Diffusion.sampler_role == "ema"
     plain = tiny()
-    assert (plain.conditional, plain.data_keys, plain.metrics) == (False, ("image",), ("fid",))
+    assert (plain.conditional, plain.data_keys, plain.metrics) == (False, ("image",), ("fid", "kid"))
     for fam in (tiny(conditioning="concat"), controlnet(base_file)):
         assert (fam.conditional, fam.data_keys) == (True, ("cond", "mask", "image"))
         assert fam.metrics == ("lpips", "ssim", "psnr", "fid", "f1")

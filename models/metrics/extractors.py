@@ -1,8 +1,9 @@
-"""Feature extractors for FID (and later KID / precision-recall), chosen by name.
+"""Feature extractors for FID, KID and precision/recall, chosen by name.
 
-Both take uint8 NCHW images with 1, 3 or more channels (grey is repeated to RGB, extra bands
+All take uint8 NCHW images with 1, 3 or more channels (grey is repeated to RGB, extra bands
 beyond the first three are dropped) and return float features (N, num_features). Nothing is
-downloaded: `randconv` needs no file at all, `inception` reads a local TorchScript file.
+downloaded: `randconv` needs no file at all, `inception` (and `VGG16Extractor`, the feature
+space of precision/recall) read a local TorchScript file.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 
 def rgb_view(x: Tensor) -> Tensor:
@@ -92,31 +95,33 @@ class RandConvExtractor(nn.Module):
         return self.feature_maps(x)[-1].mean(dim=(2, 3))
 
 
-class InceptionExtractor(nn.Module):
-    """Inception-v3 pool features (2048-d) from NVIDIA's TorchScript file `inception-2015-12-05.pt`.
+class TorchScriptExtractor(nn.Module):
+    """A frozen feature network of NVIDIA's, shipped as a TorchScript file, read from a local path.
 
-    It is the network of StyleGAN2-ADA's and Clean-FID's metrics (the TensorFlow FID Inception
-    translated to PyTorch), so FIDs from it are comparable with published numbers (given the same
-    number of samples). The file is called as StyleGAN2-ADA does: uint8-valued RGB NCHW at the
-    native resolution with `return_features=True`; inside, it casts to float, resizes to 299x299
-    and normalises with (x - 128) / 128.
+    Called as StyleGAN2-ADA calls it: uint8-valued RGB NCHW (as float) at the native resolution
+    with `return_features=True`; the file resizes and normalises inside. Subclasses name the file,
+    the spec key that points at it, and the feature width.
     """
 
-    name = "inception-v3-2015-12-05"
-    num_features = 2048
+    name: str
+    num_features: int
+    label: str        # what the error messages call it
+    file_name: str
+    about: str
+    spec_key: str
+    otherwise: str    # the way out when the file is missing
 
     def __init__(self, weights_path: str | os.PathLike[str] | None):
         super().__init__()
         if weights_path is None or not os.path.isfile(weights_path):
             where = "no path was given" if weights_path is None else f"no file at {os.fspath(weights_path)!r}"
             raise FileNotFoundError(
-                f"Inception weights not found: {where}. They cannot be downloaded here. Copy NVIDIA's "
-                "inception-2015-12-05.pt (the TorchScript Inception-v3 of StyleGAN2-ADA / Clean-FID) onto "
-                "this machine and set the spec key eval.inception_weights to its path, or use the "
-                "'randconv' extractor."
+                f"{self.label} weights not found: {where}. They cannot be downloaded here. Copy NVIDIA's "
+                f"{self.file_name} ({self.about}) onto this machine and set the spec key {self.spec_key} to "
+                f"its path, {self.otherwise}."
             )
         with warnings.catch_warnings():
-            # torch.jit is deprecated in recent torch, but NVIDIA ships this network only as TorchScript.
+            # torch.jit is deprecated in recent torch, but NVIDIA ships these networks only as TorchScript.
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=DeprecationWarning)
             self.model = torch.jit.load(os.fspath(weights_path), map_location="cpu")
         self.model.eval()
@@ -124,7 +129,7 @@ class InceptionExtractor(nn.Module):
             p.requires_grad_(False)
         self.weights_path = os.fspath(weights_path)
 
-    def train(self, mode: bool = True) -> "InceptionExtractor":
+    def train(self, mode: bool = True) -> "TorchScriptExtractor":
         super().train(False)   # a frozen detector: stays in eval mode whatever the caller asks
         return self
 
@@ -137,9 +142,94 @@ class InceptionExtractor(nn.Module):
         if feats.dim() != 2 or feats.shape[1] != self.num_features:
             raise ValueError(
                 f"{self.weights_path} returned features of shape {tuple(feats.shape)}, expected "
-                f"(N, {self.num_features}); is it inception-2015-12-05.pt?"
+                f"(N, {self.num_features}); is it {self.file_name}?"
             )
         return feats
+
+
+class InceptionExtractor(TorchScriptExtractor):
+    """Inception-v3 pool features (2048-d) from NVIDIA's TorchScript file `inception-2015-12-05.pt`.
+
+    It is the network of StyleGAN2-ADA's and Clean-FID's metrics (the TensorFlow FID Inception
+    translated to PyTorch), so FIDs from it are comparable with published numbers (given the same
+    number of samples). Inside, it resizes to 299x299 and normalises with (x - 128) / 128.
+    """
+
+    name = "inception-v3-2015-12-05"
+    num_features = 2048
+    label = "Inception"
+    file_name = "inception-2015-12-05.pt"
+    about = "the TorchScript Inception-v3 of StyleGAN2-ADA / Clean-FID"
+    spec_key = "eval.inception_weights"
+    otherwise = "or use the 'randconv' extractor"
+
+
+class VGG16Extractor(TorchScriptExtractor):
+    """VGG-16 features (4096-d) from NVIDIA's TorchScript file `vgg16.pt`, the feature space
+    of StyleGAN2-ADA's precision/recall (pr50k3), so values from it compare with published ones."""
+
+    name = "vgg16-stylegan2-ada"
+    num_features = 4096
+    label = "VGG-16"
+    file_name = "vgg16.pt"
+    about = "the TorchScript VGG-16 of StyleGAN2-ADA's precision/recall metric"
+    spec_key = "eval.vgg_weights"
+    otherwise = "or leave it unset to measure precision/recall in the FID extractor's feature space"
+
+
+class _FeatureLists(Metric):
+    """The features of both sides as torchmetrics list states (so they can be reset like any metric)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        # Local only: evaluation runs on rank 0 alone, and a synchronising compute() would hang.
+        super().__init__(sync_on_compute=False, dist_sync_on_step=False)
+        self.add_state("real", default=[], dist_reduce_fx="cat")
+        self.add_state("fake", default=[], dist_reduce_fx="cat")
+
+    def update(self, features: Tensor, real: bool) -> None:
+        (self.real if real else self.fake).append(features)
+
+    def cat(self, side: str) -> Tensor:
+        feats = getattr(self, side)
+        return dim_zero_cat(feats) if feats else torch.zeros(0, 0)
+
+    def compute(self) -> dict[str, Tensor]:
+        return {side: self.cat(side) for side in ("real", "fake")}
+
+
+class FeatureStore:
+    """Every extractor feature of both sides, kept on the CPU until a set-level metric (KID,
+    precision/recall) needs them all at once; FID, by contrast, keeps running sums only."""
+
+    def __init__(self, extractor: nn.Module, device: str | torch.device = "cpu"):
+        if not hasattr(extractor, "name"):
+            raise TypeError("the extractor must have a str attribute `name` (it is logged with the values)")
+        self.extractor = extractor.to(device)
+        self.device = device
+        self.metric = _FeatureLists()
+        self.counts = {"real": 0, "fake": 0}
+
+    @torch.no_grad()
+    def extract(self, batch: Tensor) -> Tensor:
+        if not isinstance(batch, Tensor) or batch.dtype != torch.uint8 or batch.dim() != 4:
+            got = f"{batch.dtype} {tuple(batch.shape)}" if isinstance(batch, Tensor) else type(batch).__name__
+            raise TypeError(f"batches must be uint8 NCHW tensors in [0, 255], got {got}")
+        return self.extractor(batch.to(self.device))
+
+    def update(self, batch: Tensor, *, real: bool) -> None:
+        if batch.shape[0]:
+            self.update_features(self.extract(batch), real=real)
+
+    def update_features(self, features: Tensor, *, real: bool) -> None:
+        """Add features already computed with this store's extractor (one pass can serve several metrics)."""
+        self.metric.update(features.detach().to("cpu", torch.float32), real)
+        self.counts["real" if real else "fake"] += features.shape[0]
+
+    def side(self, which: str) -> Tensor:
+        """All features of `which` ("real" or "fake"), (N, num_features)."""
+        return self.metric.cat(which)
 
 
 EXTRACTORS = ("inception", "randconv")

@@ -1,11 +1,16 @@
 """The metrics a family is judged by, behind one interface.
 
-`MetricSuite(family.metrics, extractor=..., device=...)`, then `update(fake=..., real=...,
-cond=...)` with uint8 NCHW batches, then `compute()` -> {name: value} and `params()` -> what the
-values were computed with (log both). Names:
+`MetricSuite(family.metrics, extractor=..., pr_extractor=..., device=...)`, then
+`update(fake=..., real=..., cond=...)` with uint8 NCHW batches, then `compute()` -> {name: value}
+and `params()` -> what the values were computed with (log both). Names:
 
   fid    Fréchet distance in the extractor's feature space (distribution metric: `fake` and
          `real` may come in separate calls, and need not be pairs)
+  kid    kernel distance (unbiased MMD², cubic kernel) in the extractor's feature space (`models.
+         metrics.kid`; distribution metric, like fid)
+  pr     improved precision and recall (k = 3), logged as `precision` and `recall`, in the feature
+         space of `pr_extractor` (VGG-16: published scale), else of the extractor (`models.metrics.
+         precision_recall`; distribution metric, like fid)
   l1     mean |fake - real|, intensities scaled to [0, 1]                          (paired)
   mse    mean (fake - real)^2, intensities scaled to [0, 1]                        (paired)
   psnr   peak signal-to-noise ratio in dB, per image, then averaged (torchmetrics) (paired)
@@ -26,7 +31,9 @@ from torchmetrics.image import PeakSignalNoiseRatio
 
 from models.metrics.change import CHANGE_THRESHOLD, ChangeF1
 from models.metrics.fid import FrechetDistance
+from models.metrics.kid import KernelDistance
 from models.metrics.perceptual import PerceptualDistance
+from models.metrics.precision_recall import PrecisionRecall
 from models.metrics.ssim import ssim
 
 # Evaluation runs on rank 0 alone: a metric that synchronised across the process group at
@@ -54,26 +61,38 @@ PER_IMAGE: dict[str, Callable[[], Callable[[Tensor, Tensor], Tensor]]] = {
     "ssim": lambda: lambda f, r: ssim(f, r, data_range=1.0),
     "lpips": _Perceptual,
 }
-METRICS = ("fid", *TORCHMETRICS, *PER_IMAGE, "f1")
+DISTRIBUTION = ("fid", "kid", "pr")   # fake and real need not come together, nor pair up
+METRICS = (*DISTRIBUTION, *TORCHMETRICS, *PER_IMAGE, "f1")
+
+
+def reported_names(names: Iterable[str]) -> tuple[str, ...]:
+    """The names the values of these metrics are logged under ("pr" logs two)."""
+    return tuple(r for n in names for r in (("precision", "recall") if n == "pr" else (n,)))
 
 
 class MetricSuite:
     def __init__(self, names: Iterable[str], *, extractor: nn.Module | None = None,
-                 device: str | torch.device = "cpu"):
+                 pr_extractor: nn.Module | None = None, device: str | torch.device = "cpu"):
         self.names = tuple(names)
         unknown = [n for n in self.names if n not in METRICS]
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
-        if "fid" in self.names and extractor is None:
-            raise ValueError("fid needs a feature extractor")
+        for name in ("fid", "kid"):
+            if name in self.names and extractor is None:
+                raise ValueError(f"{name} needs a feature extractor")
+        if "pr" in self.names and extractor is None and pr_extractor is None:
+            raise ValueError("pr needs a feature extractor (pr_extractor, or else extractor)")
         self.device = torch.device(device)
         self.extractor = extractor
         self.counts = {"fake": 0, "real": 0}
         self.fid = FrechetDistance(extractor, self.device) if "fid" in self.names else None
+        self.kid = KernelDistance(extractor, self.device) if "kid" in self.names else None
+        pr_space = extractor if pr_extractor is None else pr_extractor
+        self.pr = PrecisionRecall(pr_space, self.device) if "pr" in self.names else None
         self.torchmetrics = {n: TORCHMETRICS[n]().to(self.device) for n in self.names if n in TORCHMETRICS}
         self.per_image = {n: (PER_IMAGE[n](), MeanMetric(**LOCAL).to(self.device)) for n in self.names if n in PER_IMAGE}
         self.f1 = ChangeF1().to(self.device) if "f1" in self.names else None
-        self.paired = [n for n in self.names if n != "fid"]
+        self.paired = [n for n in self.names if n not in DISTRIBUTION]
 
     @torch.no_grad()
     def update(self, *, fake: Tensor | None = None, real: Tensor | None = None, cond: Tensor | None = None) -> None:
@@ -87,6 +106,7 @@ class MetricSuite:
                 self.counts[side] += x.shape[0]
                 if self.fid is not None:
                     self.fid.update(x, real=side == "real")
+                self._update_feature_stores(x, real=side == "real")
         if not self.paired:
             return
         f, r = (x.to(self.device, torch.float32) / 255.0 for x in (fake, real))
@@ -100,11 +120,26 @@ class MetricSuite:
                                  f"{None if cond is None else tuple(cond.shape)}")
             self.f1.update(cond, fake, real)
 
+    def _update_feature_stores(self, x: Tensor, *, real: bool) -> None:
+        """kid and pr in one feature space share one extractor pass per batch."""
+        features: dict[int, Tensor] = {}
+        for store in (self.kid, self.pr):
+            if store is not None and x.shape[0]:
+                key = id(store.extractor)
+                if key not in features:
+                    features[key] = store.extract(x)
+                store.update_features(features[key], real=real)
+
     def compute(self) -> dict[str, float]:
+        """{name: value}; "pr" gives two values, `precision` and `recall`."""
         out = {}
         for name in self.names:
             if name == "fid":
                 out[name] = self.fid.compute()
+            elif name == "kid":
+                out[name] = self.kid.compute()
+            elif name == "pr":
+                out |= self.pr.compute()
             elif name == "f1":
                 out[name] = self.f1.compute()
             elif name in self.per_image:
@@ -117,6 +152,7 @@ class MetricSuite:
         """The torchmetrics objects inside (all local: none synchronises across processes)."""
         out = list(self.torchmetrics.values()) + [mean for _, mean in self.per_image.values()]
         out += [self.fid.metric] if self.fid is not None else []
+        out += [store.metric for store in (self.kid, self.pr) if store is not None]
         return out + ([self.f1.metric] if self.f1 is not None else [])
 
     def params(self) -> dict[str, str]:
@@ -125,6 +161,11 @@ class MetricSuite:
              "eval_real_images": str(self.counts["real"])}
         if self.fid is not None:
             p |= {"fid_extractor": self.extractor.name, "fid_num_samples": str(self.counts["fake"])}
+        if self.kid is not None:
+            p |= {"kid_extractor": self.kid.extractor.name, "kid_subsets": str(self.kid.subsets),
+                  "kid_subset_size": str(min(self.kid.subset_size, *self.counts.values()))}
+        if self.pr is not None:
+            p |= {"pr_extractor": self.pr.extractor.name, "pr_k": str(self.pr.k)}
         if "lpips" in self.names:
             p["lpips_network"] = PerceptualDistance.name
         if self.f1 is not None:
