@@ -36,6 +36,7 @@ from models.stylegan2_networks import Discriminator, Generator
 from models.vision_aided import VisionAidedHeads, choose_backbone, d_loss as heads_d_loss, g_loss as heads_g_loss
 from models.vision_backbones import BACKBONES, build_backbone, feature_dims
 
+PROBE_MIN_IMAGES = 4   # of each side: fewer cannot be split into a fit and a held-out part
 BackboneKind = Literal["clip_vitb32", "dino_vitb16", "swin_t", "vgg16"]
 
 
@@ -292,12 +293,13 @@ class StyleGAN2(Family):
                 logs[f"ada_p_{kind}"] = self._adjust(self.head_ada[kind], end, images)
         va = c.vision_aided
         if va is not None:
-            due = self._stage_due(end.images_seen)
-            if due:
-                kind, accuracies = self._probe(end) if end.rank == 0 else (None, {})
+            if self._stage_due(end.images_seen):   # the same answer on every rank: from the image count
+                ready = sum(len(x) for x in self.probe_real) >= PROBE_MIN_IMAGES
+                kind, accuracies = self._probe(end) if end.rank == 0 and ready else (None, {})
                 kind, accuracies = end.from_rank0((kind, accuracies))
-                self.active.append(kind)
-                logs.update({f"probe_acc_{k}": v for k, v in accuracies.items()})
+                if kind is not None:   # else too few reals seen yet: the probe runs again next step
+                    self.active.append(kind)
+                    logs.update({f"probe_acc_{k}": v for k, v in accuracies.items()})
             logs["vision_stage"] = float(len(self.active))
         return logs
 

@@ -72,8 +72,8 @@ def history(client, run, key) -> list[float]:
 def test_scbgan_rosetta_with_vision_aided_stages(ray_local, store, probe_shards):
     weights = {k: save_random_backbone(k, store[0] / "backbones" / f"{k}.pt", size="tiny", seed=i)
                for i, k in enumerate(["clip_vitb32", "dino_vitb16", "swin_t", "vgg16"])}
-    sets = [f"data.train={probe_shards}", f"data.resolution={RES}", *SCBGAN_TINY, "train.steps=4", "train.batch=4",
-            "model.vision_aided.size=tiny", "model.vision_aided.warmup_kimg=0.004",
+    sets = [f"data.train={probe_shards}", f"data.resolution={RES}", *SCBGAN_TINY, "train.steps=5", "train.batch=4",
+            "model.vision_aided.size=tiny", "model.vision_aided.warmup_kimg=0.008",
             "model.vision_aided.kimg_stages=[0.004,0.004,0.004]", "model.vision_aided.probe_images=8",
             "augment.ada.interval=1", "model.r1_every=2", "model.pl_every=2", "eval.num_samples=8",
             *[f"model.vision_aided.weights.{k}={p}" for k, p in weights.items()]]
@@ -81,11 +81,11 @@ def test_scbgan_rosetta_with_vision_aided_stages(ray_local, store, probe_shards)
     metrics = run.data.metrics
     assert {"fid", "kid", "precision", "recall"} <= set(metrics)
     assert all(np.isfinite(metrics[k]) for k in ("fid", "kid", "precision", "recall"))
-    # One backbone added after each of steps 1, 2, 3 (4 images a step), chosen by the probe.
-    assert history(client, run, "vision_stage") == [1, 2, 3, 3]
+    # One backbone added after each of steps 2, 3, 4 (4 images a step), chosen by the probe.
+    assert history(client, run, "vision_stage") == [0, 1, 2, 3, 3]
     assert len([k for k in metrics if k.startswith("probe_acc_")]) == 4
     assert {"loss_D_vision", "loss_G_vision", "r1", "pl_penalty"} <= set(metrics)
-    assert len(history(client, run, "ada_p")) == 4 and any(k.startswith("ada_p_") for k in metrics)
+    assert len(history(client, run, "ada_p")) == 5 and any(k.startswith("ada_p_") for k in metrics)
     assert parsed.augment.mineaug == ["HorizontalFlip", "RandomAffine", "Rotate"]
     out = sample_registered(parsed, store)
     assert out.shape == (3, RES, RES, 1) and out.dtype == np.uint8 and out.std() > 0
@@ -93,7 +93,8 @@ def test_scbgan_rosetta_with_vision_aided_stages(ray_local, store, probe_shards)
 
 def test_scbgan_dawn_plain_stylegan2_ada_under_deepspeed(ray_local, store, probe_shards):
     sets = [f"data.train={probe_shards}", f"data.resolution={RES}", *SCBGAN_TINY, "train.steps=2", "train.batch=4",
-            "model.vision_aided=null", "eval.num_samples=8", "strategy.kind=deepspeed", "strategy.zero_stage=1"]
+            "model.vision_aided=null", "eval.num_samples=8", "strategy.kind=deepspeed", "strategy.zero_stage=1",
+            "augment.ada.interval=2"]
     parsed, run, client = train("scbgan_dawn", store, sets)
     assert {"fid", "kid", "precision", "recall", "ada_p", "loss_D", "loss_G"} <= set(run.data.metrics)
     assert "vision_stage" not in run.data.metrics
