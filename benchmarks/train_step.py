@@ -48,8 +48,9 @@ FAMILIES = ("dcgan", "pix2pix", "stylegan2", "diffusion")
 SETUPS = {
     "dcgan": {"resolution": 64, "batch": 16, "model": {}},
     "pix2pix": {"resolution": 32, "batch": 4, "model": {}},
-    "stylegan2": {"resolution": 64, "batch": 8, "model": {}},
-    "diffusion": {"resolution": 64, "batch": 8, "model": {}},
+    # paper256 widths (512 channels at 32²) without the vision-aided heads (they need backbone files)
+    "stylegan2": {"resolution": 32, "batch": 4, "model": {"vision_aided": None}},
+    "diffusion": {"resolution": 32, "batch": 4, "model": {}},   # DDPM's CIFAR-10 UNet
 }
 STRATEGIES = {"DDP engine": {"kind": "ddp"}, "DeepSpeed ZeRO-0": {"kind": "deepspeed", "zero_stage": 0},
               "DeepSpeed ZeRO-1": {"kind": "deepspeed", "zero_stage": 1},

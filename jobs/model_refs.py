@@ -2,11 +2,14 @@
 generator, a ControlNet's base UNet) names it in a `model.*_from` key as a local snapshot path,
 `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/RUN_ID/generator`. The driver resolves
 each to a local `generator.pt` before the spec reaches the workers, so `models/` stays free of
-MLflow.
+MLflow. That file is on the driver's disk: its bytes travel to the workers through Ray's object
+store (`ship` on the driver, `place` on each worker), so workers on other nodes read it too.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 from jobs.spec import JobSpec
 
@@ -40,4 +43,32 @@ def resolve_model_refs(spec: JobSpec, dest: Path) -> JobSpec:
                 model[key] = resolve_ref(value, dest / key, tracking_uri=spec.tracking_uri())
             except Exception as e:
                 raise ValueError(f"model.{key}: cannot load {value!r}: {e}") from e
+    return spec.model_copy(update={"model": model})
+
+
+def _refs(spec: JobSpec) -> dict[str, str]:
+    return {k: v for k, v in spec.model.items() if k.endswith("_from") and isinstance(v, str) and v}
+
+
+def ship(spec: JobSpec) -> dict[str, Any]:
+    """On the driver, after `resolve_model_refs`: each referenced file into Ray's object store."""
+    import ray
+
+    return {key: ray.put(Path(path).read_bytes()) for key, path in _refs(spec).items()}
+
+
+def place(spec: JobSpec, shipped: dict[str, Any], dest: Path) -> JobSpec:
+    """On a worker: the spec with each shipped file written under `dest` where this node lacks it."""
+    import ray
+
+    model = dict(spec.model)
+    for key, path in _refs(spec).items():
+        if key in shipped and not Path(path).is_file():
+            local = dest / f"{key}.pt"
+            if not local.is_file():
+                local.parent.mkdir(parents=True, exist_ok=True)
+                tmp = local.with_suffix(f".{os.getpid()}.tmp")   # workers of one node may race
+                tmp.write_bytes(ray.get(shipped[key]))
+                tmp.replace(local)
+            model[key] = str(local)
     return spec.model_copy(update={"model": model})

@@ -16,10 +16,9 @@ import mlflow
 from data_shards.builtin import ensure_builtin, is_builtin
 from data_shards.card import read_card
 from data_shards.storage import filesystem, join
-from jobs import registry, tracking
+from jobs import model_refs, registry, tracking
 from jobs.checkpoints import SNAPSHOT
 from jobs.env import forwarded_env, git_sha
-from jobs.model_refs import resolve_model_refs
 from jobs.resume import ResumeError, read_run_info, write_run_info
 from jobs.spec import JobSpec
 
@@ -137,7 +136,7 @@ def run_job(spec: JobSpec, say: Callable[[str], None] = print, resume: str | Non
 def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> JobResult:
     started = time.perf_counter()
     spec = spec.model_copy(update={"workdir": str(spec.workdir_path())})  # workers may run elsewhere
-    spec = resolve_model_refs(spec, spec.workdir_path() / "model-refs")
+    spec = model_refs.resolve_model_refs(spec, spec.workdir_path() / "model-refs")
     data_url = resolve_data(spec)
     card = check_data(spec, data_url)
     say(f"data      {data_url} ({card['count']} images, fingerprint {card['fingerprint'][:12]})")
@@ -163,7 +162,7 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         ensure_ray()
         trainer = make_trainer(spec, run_name, storage, {
             "spec": spec.model_dump(mode="json"), "data_url": data_url, "run_id": run_id,
-            "tracking_uri": tracking_uri, "env": forwarded_env()})
+            "tracking_uri": tracking_uri, "env": forwarded_env(), "model_files": model_refs.ship(spec)})
         say(f"{'resuming' if resume else 'training'}  {spec.family} · {spec.total_steps} steps · "
             f"{spec.scaling.num_workers} workers ({spec.strategy.kind}) · run {run_name} · "
             f"checkpoints under {join(storage, run_name)}")

@@ -24,7 +24,7 @@ from torch import nn
 
 from data_shards.preview import image_grid
 from data_shards.stream import batches_per_epoch, image_stream
-from jobs import checkpoints
+from jobs import checkpoints, model_refs
 from jobs.engines import Engine, make_engine
 from jobs.evaluate import evaluate, preview
 from jobs.spec import JobSpec
@@ -208,6 +208,9 @@ def train_step(family: Family, phases: list[Phase], engines: Mapping[str, Engine
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     os.environ.update(config.get("env", {}))
     spec = JobSpec.model_validate(config["spec"])
+    # Files the spec names (a frozen stage-1 generator, a ControlNet's base) on this node's disk.
+    spec = model_refs.place(spec, config.get("model_files", {}),
+                            Path(tempfile.gettempdir()) / "orbitgen-model-refs" / config["run_id"])
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     device = ray.train.torch.get_device()

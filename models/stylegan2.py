@@ -246,7 +246,8 @@ class StyleGAN2(Family):
             idle = [p for kind in va.candidates if kind not in self.active for p in _heads_of(ctx, kind)]
             if idle:
                 loss = loss + 0.0 * sum(p.sum() for p in idle)
-            self._remember_reals(real, va.probe_images)
+            if len(self.active) < len(va.kimg_stages):   # a probe is still to come
+                self._remember_reals(real, va.probe_images)
         return loss, logs
 
     def _g_loss(self, z: Tensor, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
