@@ -28,7 +28,7 @@ def _run_and_report(spec, resume: str | None) -> None:
 
     try:
         res = run_job(spec, say=say, resume=resume)
-    except ResumeError as e:   # nothing to resume under that name: same exit as a spec that cannot run
+    except (ResumeError, SpecError) as e:   # nothing to resume / a file it needs is missing: the spec cannot run
         fail_spec(e)
     fid = res.metrics.get("fid")
     click.echo("")

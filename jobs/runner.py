@@ -20,7 +20,7 @@ from jobs import model_refs, registry, tracking
 from jobs.checkpoints import SNAPSHOT
 from jobs.env import forwarded_env, git_sha
 from jobs.resume import ResumeError, read_run_info, write_run_info
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, SpecError
 
 
 @dataclass
@@ -52,6 +52,16 @@ def check_data(spec: JobSpec, url: str) -> dict[str, Any]:
         raise ValueError(f"data.train {url} holds {card.channels}-channel {card.resolution}² images, "
                          f"but the spec says data.channels={spec.data.channels}, data.resolution={spec.data.resolution}")
     return card.model_dump(mode="json")
+
+
+def check_files(spec: JobSpec) -> None:
+    """The local files the family needs (pretrained weights), before Ray starts."""
+    from jobs.train_loop import build_family
+
+    missing = [f"  {key}: " + (f"no file at {path}" if path else "not set")
+               for key, path in build_family(spec).required_files().items() if not (path and Path(path).is_file())]
+    if missing:
+        raise SpecError("files this spec needs are missing (set them with --set KEY=PATH):\n" + "\n".join(missing))
 
 
 def ray_storage(url: str) -> tuple[str, Any]:
@@ -139,6 +149,7 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
     spec = model_refs.resolve_model_refs(spec, spec.workdir_path() / "model-refs")
     data_url = resolve_data(spec)
     card = check_data(spec, data_url)
+    check_files(spec)
     say(f"data      {data_url} ({card['count']} images, fingerprint {card['fingerprint'][:12]})")
 
     tracking_uri = spec.tracking_uri()

@@ -121,6 +121,11 @@ class Family:
             raise ValueError(f"augment.ada: the {self.name} family has no adaptive discriminator augmentation "
                              "(stylegan2 has); remove augment.ada")
 
+    def required_files(self) -> dict[str, str | None]:
+        """Local files the training needs, by spec key (e.g. pretrained backbone weights): the
+        driver checks them before anything starts. None: a file the spec should name but doesn't."""
+        return {}
+
     def after_step(self, end: StepEnd) -> dict[str, float | torch.Tensor]:
         """Work between steps (EMA update, ADA's p, stage changes); returns named values to log."""
         return {}

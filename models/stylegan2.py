@@ -176,6 +176,10 @@ class StyleGAN2(Family):
         betas = (self.config.beta1, self.config.beta2)
         return [Phase("D", self.lr, betas), Phase("G", self.lr, betas)]
 
+    def required_files(self) -> dict[str, str | None]:
+        va = self.config.vision_aided
+        return {f"model.vision_aided.weights.{k}": va.weights.get(k) for k in va.candidates} if va else {}
+
     def _load_backbones(self, device: torch.device) -> None:
         va = self.config.vision_aided
         if va is None or self.backbones:

@@ -9,6 +9,7 @@ from PIL import Image
 
 from data_shards.card import read_manifest
 from jobs.cli import main
+from jobs.spec import SPECS_DIR
 
 
 def test_data_build_then_inspect_and_verify(tmp_path):
@@ -96,3 +97,14 @@ def test_models_show_and_promote(tmp_path):
     assert "gen  latest v2  champion=v2" in res.output
     res = runner.invoke(main, ["models", "promote", "nope", "--tracking-uri", uri])
     assert res.exit_code != 0 and "no registered model named 'nope'" in res.output
+
+
+def test_train_names_missing_backbone_weights_before_starting(tmp_path):
+    """SCB-GAN's backbones are local files: a missing one stops the job before Ray or MLflow start."""
+    res = CliRunner().invoke(main, ["train", str(SPECS_DIR / "scbgan_rosetta.yaml"), "--set", f"workdir={tmp_path}",
+                                    "--set", "data.train=builtin:craters?count=8&seed=0", "--set", "data.resolution=16",
+                                    "--set", f"model.vision_aided.weights.vgg16={tmp_path / 'vgg16.pth'}"])
+    assert res.exit_code == 2, res.output
+    assert "model.vision_aided.weights.clip_vitb32: no file at" in res.output
+    assert f"model.vision_aided.weights.vgg16: no file at {tmp_path / 'vgg16.pth'}" in res.output
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
