@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from jobs.cli_common import DEFAULT_WORKDIR, SET_HELP, fail_spec, say
+from jobs.cli_common import DEFAULT_WORKDIR, RESUME_HELP, SET_HELP, fail_spec, say
 from jobs.spec import SPECS_DIR, SpecError, decode_inline, load_spec, parse_spec
 
 
@@ -18,8 +18,6 @@ def main() -> None:
 
 
 # --------------------------------------------------------------------------- train / quickstart
-RESUME_HELP = ("Continue the stopped run RUN (the run name printed at its start, e.g. quickstart-1a2b3c4d) "
-               "from its latest checkpoint under the spec's checkpoint storage, in the same MLflow run.")
 
 
 def _run_and_report(spec, resume: str | None) -> None:

@@ -9,6 +9,8 @@ from jobs.spec import SpecError
 
 DEFAULT_WORKDIR = "orbitgen-work"  # also the default of the spec's `workdir`
 SET_HELP = "Override any spec key, e.g. --set train.steps=20 --set scaling.num_workers=1 (repeatable)."
+RESUME_HELP = ("Continue the stopped run RUN (the run name printed at its start, e.g. quickstart-1a2b3c4d) "
+               "from its latest checkpoint under the spec's checkpoint storage, in the same MLflow run.")
 
 
 def fail_spec(err: SpecError) -> None:

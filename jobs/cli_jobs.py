@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from jobs.cli_common import SET_HELP, fail_spec, say
+from jobs.cli_common import RESUME_HELP, SET_HELP, fail_spec, say
 from jobs.spec import SpecError, load_spec
 
 
@@ -26,7 +26,9 @@ address_option = click.option("--address", default=lambda: os.environ.get("RAY_A
 @address_option
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--wait/--no-wait", default=False, help="Follow the job's logs until it ends.")
-def jobs_submit(spec_path, address, overrides, wait) -> None:
+@click.option("--resume", metavar="RUN", help=RESUME_HELP + " The run's storage must be one the cluster reads "
+              "(checkpoint.storage on S3, or the head's local workdir).")
+def jobs_submit(spec_path, address, overrides, wait, resume) -> None:
     """Validate SPEC_PATH here, then run it on the cluster as a Ray job (this repository as the
     job's working_dir; MLflow/S3 settings from this shell travel with it). Prints the job id."""
     from jobs import submit
@@ -39,7 +41,7 @@ def jobs_submit(spec_path, address, overrides, wait) -> None:
         say("warning: no tracking.uri and no MLFLOW_TRACKING_URI: the job tracks into a local store "
              "on the cluster's head, under the spec's workdir")
     job_id = submit.submit(Path(spec_path).read_text(), address=address, working_dir=str(Path(__file__).parents[1]),
-                           overrides=list(overrides))
+                           overrides=list(overrides), resume=resume)
     click.echo(job_id)
     if wait:
         status = submit.wait(job_id, address=address, timeout_s=24 * 3600, on_log=lambda t: click.echo(t, nl=False, err=True))

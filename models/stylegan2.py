@@ -56,6 +56,8 @@ class VisionAidedConfig(BaseModel):
     weights: dict[BackboneKind, str] = Field({}, description="local weights file of each candidate "
                                                              "(open_clip / timm / torchvision layouts)")
     size: Literal["base", "tiny"] = Field("base", description="tiny: small random-width backbones for tests")
+    clip_activation: Literal["quick_gelu", "gelu"] = Field("quick_gelu", description="quick_gelu for OpenAI's CLIP "
+                                                                                     "weights, gelu for LAION's")
     warmup_kimg: float = Field(500, ge=0, description="plain StyleGAN2-ADA before the first backbone")
     kimg_stages: list[float] = Field([4000, 2000, 2000], description="kimg of each stage; one backbone added per stage")
     label_smooth: float = Field(0.2, ge=0, lt=1, description="one-sided: real targets 1 - this")
@@ -189,7 +191,8 @@ class StyleGAN2(Family):
             if not path:
                 raise FileNotFoundError(f"model.vision_aided.weights.{kind}: no weights file named for candidate "
                                         f"backbone {kind!r} (a local file; see jobs/specs/scbgan_rosetta.yaml)")
-            self.backbones[kind] = build_backbone(kind, path, size=va.size).to(device)
+            options = {"act": va.clip_activation} if kind == "clip_vitb32" else {}
+            self.backbones[kind] = build_backbone(kind, path, size=va.size, **options).to(device)
             self.head_ada[kind].to(device)
 
     # ---- one step -----------------------------------------------------------------------

@@ -117,3 +117,16 @@ def test_unreachable_cluster_is_a_clear_connection_error(monkeypatch):
     assert address in msg and "ray start --head" in msg and "RAY_ADDRESS" in msg
     import os
     assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:1"  # restored
+
+
+def test_entrypoint_resumes_a_stopped_run():
+    argv = shlex.split(S.build_entrypoint(SPEC, ["train.steps=20"], resume="sat-maps-1a2b3c4d"))
+    assert argv[6:] == ["--set", "train.steps=20", "--resume", "sat-maps-1a2b3c4d"]
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    # Both ends of the job know the option: `jobs submit` takes it, the `train` it runs accepts it.
+    help_text = CliRunner().invoke(main, ["jobs", "submit", "--help"]).output
+    assert "--resume RUN" in help_text
+    assert "--resume" in CliRunner().invoke(main, ["train", "--help"]).output
