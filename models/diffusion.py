@@ -150,19 +150,10 @@ class Diffusion(Family):
         return {"eps": eps, "ema": copy.deepcopy(eps).requires_grad_(False).eval()}
 
     def _base_state(self, path: str) -> dict[str, Tensor]:
-        from models.snapshot import load_snapshot   # here: models.snapshot imports the family registry
+        from models.snapshot import load_reference   # here: models.snapshot imports the family registry
 
-        family, sampler, _ = load_snapshot(path)
-        if family.name != self.name or family.config.conditioning != "none":
-            what = family.name if family.name != self.name else f"diffusion ({family.config.conditioning})"
-            raise ValueError(f"model.base_from: {path} is a {what} model, not an unconditional diffusion model")
-        ours = {k: getattr(self.config, k) for k in BASE_KEYS} | {"resolution": self.resolution, "channels": self.channels}
-        theirs = {k: getattr(family.config, k) for k in BASE_KEYS} | {"resolution": family.resolution,
-                                                                       "channels": family.channels}
-        if ours != theirs:
-            diff = ", ".join(f"{k}: base {theirs[k]}, here {ours[k]}" for k in ours if ours[k] != theirs[k])
-            raise ValueError(f"model.base_from: the base model does not fit this spec ({diff})")
-        return sampler.state_dict()
+        return load_reference(path, family=self, field="base_from", wanted="an unconditional diffusion model",
+                              fits=lambda f: f.config.conditioning == "none", keys=BASE_KEYS, label="base").state_dict()
 
     def phases(self) -> list[Phase]:
         return [Phase("eps", self.lr, (self.config.beta1, self.config.beta2))]

@@ -140,18 +140,10 @@ class Sat2Ground(DCGAN):
         return {"E": net}
 
     def _stage1_generator(self, path: str) -> nn.Module:
-        from models.snapshot import load_snapshot   # here: models.snapshot imports the family registry
+        from models.snapshot import load_reference   # here: models.snapshot imports the family registry
 
-        family, generator, _ = load_snapshot(path)
-        if family.name != self.name or family.config.stage != 1:
-            raise ValueError(f"model.generator_from: {path} is a {family.name} model, not a sat2ground stage-1 model")
-        ours = {k: getattr(self.config, k) for k in ARCH_KEYS} | {"resolution": self.resolution, "channels": self.channels}
-        theirs = {k: getattr(family.config, k) for k in ARCH_KEYS} | {"resolution": family.resolution,
-                                                                       "channels": family.channels}
-        if ours != theirs:
-            diff = ", ".join(f"{k}: stage 1 {theirs[k]}, here {ours[k]}" for k in ours if ours[k] != theirs[k])
-            raise ValueError(f"model.generator_from: the stage-1 generator does not fit this spec ({diff})")
-        return generator
+        return load_reference(path, family=self, field="generator_from", wanted="a sat2ground stage-1 model",
+                              fits=lambda f: f.config.stage == 1, keys=ARCH_KEYS, label="stage-1 generator")
 
     def phases(self) -> list[Phase]:
         c = self.config

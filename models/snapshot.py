@@ -6,7 +6,7 @@ depends on `models/` only, so a served model needs no Ray, MLflow server or trai
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -37,3 +37,19 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu") -> tuple
     sampler = family.build()[family.sampler_role]
     sampler.load_state_dict(snap["state_dict"])
     return family, sampler.to(device).eval(), snap["extra"]
+
+
+def load_reference(path: str | Path, *, family: Family, field: str, wanted: str, fits: Callable[[Family], bool],
+                   keys: tuple[str, ...], label: str) -> nn.Module:
+    """The sampler of the snapshot that `model.<field>` names (a frozen stage-1 generator, a
+    ControlNet's base), checked to be `wanted` (`fits`) and to share the config `keys`, the
+    resolution and the channels with `family`; the errors name the field."""
+    ref, sampler, _ = load_snapshot(path)
+    if ref.name != family.name or not fits(ref):
+        raise ValueError(f"model.{field}: {path} holds a {ref.name} model that is not {wanted}")
+    ours, theirs = ({k: getattr(f.config, k) for k in keys} | {"resolution": f.resolution, "channels": f.channels}
+                    for f in (family, ref))
+    if ours != theirs:
+        diff = ", ".join(f"{k}: {label} {theirs[k]}, here {ours[k]}" for k in ours if ours[k] != theirs[k])
+        raise ValueError(f"model.{field}: the {label} does not fit this spec ({diff})")
+    return sampler

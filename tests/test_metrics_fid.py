@@ -64,18 +64,22 @@ def test_randconv_identical_in_fresh_instances():
     assert a.w0.flatten()[:3].tolist() == pytest.approx([-0.3123052, -0.0920139, 0.0156442], abs=1e-6)
 
 
-class TinyInception(nn.Module):
-    """Has the call signature of NVIDIA's TorchScript Inception (features are not meaningful)."""
+class TinyTorchScriptNet(nn.Module):
+    """Has the call signature of NVIDIA's TorchScript Inception / VGG-16 (features are not meaningful)."""
 
-    def __init__(self, width: int = 2048):
+    def __init__(self, width: int = 2048, logits: int = 1008):
         super().__init__()
         self.proj = nn.Linear(3, width)
+        self.logits = logits
 
     def forward(self, x: Tensor, return_features: bool = False) -> Tensor:
         f = self.proj(x.to(torch.float32).mean(dim=(2, 3)) / 255.0)
         if return_features:
             return f
-        return f[:, :1008]
+        return f[:, :self.logits]
+
+
+TinyInception = TinyTorchScriptNet
 
 
 def save_scripted(module: nn.Module, path) -> None:

@@ -19,6 +19,7 @@ from models.metrics.extractors import RandConvExtractor, VGG16Extractor
 from models.metrics.kid import kernel_distance, kid_from_features
 from models.metrics.precision_recall import precision_recall, precision_recall_from_features
 from models.metrics.suite import MetricSuite
+from test_metrics_fid import TinyTorchScriptNet
 
 
 def smooth_images(n: int, seed: int, channels: int = 3, size: int = 32) -> Tensor:
@@ -93,18 +94,8 @@ def test_precision_recall_identical_and_far_apart():
 
 # -- VGG-16 loading path --------------------------------------------------------------------------
 
-class TinyVGG(nn.Module):
-    """Has the call signature of NVIDIA's TorchScript VGG-16 (features are not meaningful)."""
-
-    def __init__(self, width: int = 4096):
-        super().__init__()
-        self.proj = nn.Linear(3, width)
-
-    def forward(self, x: Tensor, return_features: bool = False) -> Tensor:
-        f = self.proj(x.to(torch.float32).mean(dim=(2, 3)) / 255.0)
-        if return_features:
-            return f
-        return f[:, :1000]
+def TinyVGG() -> nn.Module:
+    return TinyTorchScriptNet(width=4096, logits=1000)
 
 
 @pytest.fixture(scope="module")

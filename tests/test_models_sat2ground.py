@@ -121,7 +121,7 @@ def test_stage2_trains_the_encoder_only(stage1_file):
 
 
 def test_stage2_mismatch_and_missing_file(stage1_file, tmp_path):
-    with pytest.raises(ValueError, match="nz: stage 1 8, here 16"):
+    with pytest.raises(ValueError, match="nz: stage-1 generator 8, here 16"):
         stage2(stage1_file, nz=16).build()
     other = get_family_cls("dcgan")(get_family_cls("dcgan").config_cls(ngf=8, ndf=8), resolution=16, channels=3, lr=1e-3)
     save_snapshot(tmp_path / "dcgan.pt", other, other.build()["G"])
