@@ -138,7 +138,7 @@ class MineAugBatches:
     def __next__(self) -> dict:
         batch = dict(next(self.batches))
         tags = self.expansion.tags(batch["__key__"], self.index // self.per_epoch)
-        batch["image"] = self.expansion(batch["image"], tags.to(batch["image"].device))
+        batch["image"] = self.expansion(batch["image"], tags)
         self.index += 1
         return batch
 

@@ -45,6 +45,7 @@ class AdaptiveAugment(nn.Module):
         super().__init__()
         self.channels, self.target, self.interval, self.speed_kimg = channels, target, interval, speed_kimg
         self.register_buffer("p", torch.tensor(float(p)))
+        self._p = float(p)   # a host copy: reading the buffer each forward would sync the GPU
         # sum of sign(D(real)) and count since the last take_stats(); not part of a checkpoint.
         self.register_buffer("stats", torch.zeros(2), persistent=False)
 
@@ -68,13 +69,21 @@ class AdaptiveAugment(nn.Module):
         """One step of the controller: p moves by images / (speed_kimg * 1000) towards more
         augmentation when D is too sure of the reals (sign_mean > target), less otherwise."""
         step = math.copysign(1.0, sign_mean - self.target) if sign_mean != self.target else 0.0
-        new_p = min(max(float(self.p) + step * images / (self.speed_kimg * 1000), 0.0), 1.0)
-        self.p.fill_(new_p)
+        new_p = min(max(self._p + step * images / (self.speed_kimg * 1000), 0.0), 1.0)
+        self.set_p(new_p)
         return new_p
+
+    def set_p(self, value: float) -> None:
+        self.p.fill_(value)
+        self._p = float(value)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._p = float(self.p)
 
     # ---- augmentation ------------------------------------------------------------------------
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        p = float(self.p)
+        p = self._p
         if p <= 0:
             return images
         with torch.autocast(device_type=images.device.type, enabled=False):

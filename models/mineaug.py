@@ -46,12 +46,13 @@ class MineAugExpansion:
             raise ValueError(f"expected one tag per image ({images.shape[0]}), got tags of shape {tuple(tags.shape)}")
         if self.k == 0:
             return images
-        tags = tags.to(images.device)
+        tags = tags.cpu()   # tags come from keys, on the host: choosing rows there needs no device sync
         out = images.clone()
         for i, aug in enumerate(self.augmentations, start=1):
             idx = (tags == i).nonzero().flatten()
             if idx.numel() == 0:
                 continue
+            idx = idx.to(images.device, non_blocking=True)
             x01 = (images.index_select(0, idx).float() + 1) / 2
             y = aug(x01) * 2 - 1
             out.index_copy_(0, idx, y.to(images.dtype))

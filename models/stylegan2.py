@@ -347,9 +347,9 @@ class StyleGAN2(Family):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.active = list(state["active"])
         if self.ada is not None and state["ada_p"] is not None:
-            self.ada.p.fill_(state["ada_p"])
+            self.ada.set_p(state["ada_p"])
         for kind, p in state["head_ada_p"].items():
-            self.head_ada[kind].p.fill_(p)
+            self.head_ada[kind].set_p(p)
         self.pl.load_state_dict(state["pl_mean"])
 
     @torch.no_grad()

@@ -93,3 +93,13 @@ def test_stats_and_controller():
     for _ in range(100):
         last = aug.adjust(1.0, images_per_adjust)
     assert last == 1.0                            # clamped to [0, 1]
+
+
+def test_loaded_p_takes_effect():
+    """A checkpoint's p is the one the next forward uses (the module keeps a host copy of it)."""
+    src, dst = AdaptiveAugment(1, p=1.0), AdaptiveAugment(1)
+    x = images(c=1)
+    assert torch.equal(dst(x), x)
+    dst.load_state_dict(src.state_dict())
+    torch.manual_seed(0)
+    assert not torch.allclose(dst(x), x, atol=1e-3)

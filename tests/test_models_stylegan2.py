@@ -171,7 +171,7 @@ def test_state_round_trip_and_snapshot(weights, tmp_path):
     fam = family(vision=vision(weights), ada={"target": 0.6})
     nets = fam.build()
     fam.active = ["vgg16"]
-    fam.ada.p.fill_(0.3)
+    fam.ada.set_p(0.3)
     other = family(vision=vision(weights), ada={"target": 0.6})
     other.load_state_dict(fam.state_dict())
     assert other.active == ["vgg16"] and float(other.ada.p) == pytest.approx(0.3)
