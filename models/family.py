@@ -2,8 +2,11 @@
 
 A family builds its networks from the spec, names its training *phases* (one trained network
 each: "D", then "G" for a GAN), computes the loss of one phase on one batch, samples images,
-and says which metrics judge it. It never touches Ray, MLflow or distributed code: engines
-(`jobs/engines.py`) own backward, the optimizer step, precision and gradient sync.
+and says which metrics judge it. Optionally it works between steps (`after_step`: EMA, ADA's p,
+training stages, with collectives handed in), keeps state outside its networks
+(`state_dict`, saved in every checkpoint) and names local files it needs (`required_files`).
+It never touches Ray, MLflow or distributed code: engines (`jobs/engines.py`) own backward, the
+optimizer step, precision and gradient sync.
 """
 from __future__ import annotations
 
