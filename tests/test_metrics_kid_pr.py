@@ -16,10 +16,17 @@ from jobs.evaluate import evaluate
 from models.family import get_family_cls
 from models.images import nchw_to_nhwc_numpy
 from models.metrics.extractors import RandConvExtractor, VGG16Extractor
-from models.metrics.kid import kernel_distance, kid_from_features
-from models.metrics.precision_recall import precision_recall, precision_recall_from_features
+from models.metrics.kid import KernelDistance, kid_from_features
+from models.metrics.precision_recall import PrecisionRecall, precision_recall_from_features
 from models.metrics.suite import MetricSuite
 from test_metrics_fid import TinyTorchScriptNet
+
+
+def fed(metric, real, fake):
+    """The metric's value for one batch of each side, fed on its own (not through the suite)."""
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    return metric.compute()
 
 
 def smooth_images(n: int, seed: int, channels: int = 3, size: int = 32) -> Tensor:
@@ -140,8 +147,8 @@ def test_suite_computes_fid_kid_precision_recall():
     assert all(np.isfinite(v) for v in scores.values()) and scores["fid"] > 0 and scores["kid"] > 0
     assert 0 <= scores["precision"] <= 1 and 0 <= scores["recall"] <= 1
     ex = RandConvExtractor()
-    assert scores["kid"] == pytest.approx(kernel_distance([real], [fake], ex), rel=1e-6)
-    assert scores["precision"] == precision_recall([real], [fake], ex)["precision"]
+    assert scores["kid"] == pytest.approx(fed(KernelDistance(ex), real, fake), rel=1e-6)
+    assert scores["precision"] == fed(PrecisionRecall(ex), real, fake)["precision"]
     params = suite.params()
     assert params["kid_extractor"] == params["pr_extractor"] == RandConvExtractor.name
     assert params["kid_subset_size"] == "40" and params["pr_k"] == "3"

@@ -199,16 +199,15 @@ class _FeatureLists(Metric):
         return {side: self.cat(side) for side in ("real", "fake")}
 
 
-class FeatureStore:
-    """Every extractor feature of both sides, kept on the CPU until a set-level metric (KID,
-    precision/recall) needs them all at once; FID, by contrast, keeps running sums only."""
+class FeatureMetric:
+    """A set-level metric in an extractor's feature space: add uint8 NCHW batches of either side
+    in any order (or their features, when one extractor pass serves several metrics), then
+    `compute()`. Subclasses keep what they need of the features (`_add`). None synchronises
+    across processes: use them where all the images are (e.g. rank 0)."""
 
     def __init__(self, extractor: nn.Module, device: str | torch.device = "cpu"):
-        if not hasattr(extractor, "name"):
-            raise TypeError("the extractor must have a str attribute `name` (it is logged with the values)")
         self.extractor = extractor.to(device)
         self.device = device
-        self.metric = _FeatureLists()
         self.counts = {"real": 0, "fake": 0}
 
     @torch.no_grad()
@@ -219,13 +218,31 @@ class FeatureStore:
         return self.extractor(batch.to(self.device))
 
     def update(self, batch: Tensor, *, real: bool) -> None:
-        if batch.shape[0]:
-            self.update_features(self.extract(batch), real=real)
+        if isinstance(batch, Tensor) and batch.shape[0] == 0:
+            return
+        self.update_features(self.extract(batch), real=real)
 
     def update_features(self, features: Tensor, *, real: bool) -> None:
-        """Add features already computed with this store's extractor (one pass can serve several metrics)."""
-        self.metric.update(features.detach().to("cpu", torch.float32), real)
+        """Add features already computed with this metric's extractor."""
+        self._add(features.detach(), real)
         self.counts["real" if real else "fake"] += features.shape[0]
+
+    def _add(self, features: Tensor, real: bool) -> None:
+        raise NotImplementedError
+
+
+class FeatureStore(FeatureMetric):
+    """Every extractor feature of both sides, kept on the CPU until a set-level metric (KID,
+    precision/recall) needs them all at once; FID, by contrast, keeps running sums only."""
+
+    def __init__(self, extractor: nn.Module, device: str | torch.device = "cpu"):
+        if not hasattr(extractor, "name"):
+            raise TypeError("the extractor must have a str attribute `name` (it is logged with the values)")
+        super().__init__(extractor, device)
+        self.metric = _FeatureLists()
+
+    def _add(self, features: Tensor, real: bool) -> None:
+        self.metric.update(features.to("cpu", torch.float32), real)
 
     def side(self, which: str) -> Tensor:
         """All features of `which` ("real" or "fake"), (N, num_features)."""

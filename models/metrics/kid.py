@@ -7,8 +7,6 @@ extractor caveat as FID: the number is on the scale of the feature space it was 
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import Tensor, nn
 
@@ -69,18 +67,3 @@ class KernelDistance(FeatureStore):
         return kid_from_features(self.side("real"), self.side("fake"), subsets=self.subsets,
                                  subset_size=self.subset_size, seed=self.seed, device=self.device)
 
-
-def kernel_distance(
-    real: Iterable[Tensor],
-    fake: Iterable[Tensor],
-    extractor: nn.Module,
-    device: str | torch.device = "cpu",
-    **kwargs,
-) -> float:
-    """KID between the images of `real` and `fake` (iterables of uint8 NCHW batches); see `KernelDistance`."""
-    kid = KernelDistance(extractor, device, **kwargs)
-    for batch in real:
-        kid.update(batch, real=True)
-    for batch in fake:
-        kid.update(batch, real=False)
-    return kid.compute()

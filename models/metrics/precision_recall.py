@@ -9,8 +9,6 @@ values in another feature space are on their own scale.
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import Tensor, nn
 
@@ -67,18 +65,3 @@ class PrecisionRecall(FeatureStore):
                                               row_batch=self.row_batch, device=self.device)
         return {"precision": p, "recall": r}
 
-
-def precision_recall(
-    real: Iterable[Tensor],
-    fake: Iterable[Tensor],
-    extractor: nn.Module,
-    device: str | torch.device = "cpu",
-    **kwargs,
-) -> dict[str, float]:
-    """Precision and recall of `fake` against `real` (iterables of uint8 NCHW batches); see `PrecisionRecall`."""
-    pr = PrecisionRecall(extractor, device, **kwargs)
-    for batch in real:
-        pr.update(batch, real=True)
-    for batch in fake:
-        pr.update(batch, real=False)
-    return pr.compute()

@@ -104,9 +104,7 @@ class MetricSuite:
         for side, x in (("fake", fake), ("real", real)):
             if x is not None:
                 self.counts[side] += x.shape[0]
-                if self.fid is not None:
-                    self.fid.update(x, real=side == "real")
-                self._update_feature_stores(x, real=side == "real")
+                self._update_feature_metrics(x, real=side == "real")
         if not self.paired:
             return
         f, r = (x.to(self.device, torch.float32) / 255.0 for x in (fake, real))
@@ -120,15 +118,15 @@ class MetricSuite:
                                  f"{None if cond is None else tuple(cond.shape)}")
             self.f1.update(cond, fake, real)
 
-    def _update_feature_stores(self, x: Tensor, *, real: bool) -> None:
-        """kid and pr in one feature space share one extractor pass per batch."""
+    def _update_feature_metrics(self, x: Tensor, *, real: bool) -> None:
+        """fid, kid and pr in one feature space share one extractor pass per batch."""
         features: dict[int, Tensor] = {}
-        for store in (self.kid, self.pr):
-            if store is not None and x.shape[0]:
-                key = id(store.extractor)
+        for metric in (self.fid, self.kid, self.pr):
+            if metric is not None and x.shape[0]:
+                key = id(metric.extractor)
                 if key not in features:
-                    features[key] = store.extract(x)
-                store.update_features(features[key], real=real)
+                    features[key] = metric.extract(x)
+                metric.update_features(features[key], real=real)
 
     def compute(self) -> dict[str, float]:
         """{name: value}; "pr" gives two values, `precision` and `recall`."""
