@@ -234,6 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if spec.augment.mineaug:
         batches = MineAugBatches(batches, spec.augment.mineaug, spec.data.channels,
                                  batches_per_epoch(config["data_url"], world, spec.per_worker_batch), start_batch=step)
+    mean_over_ranks, from_rank0 = _mean_over_ranks(world), _from_rank0(world)
     t0, seen0 = time.perf_counter(), images_seen
     while step < total:
         torch.manual_seed(step_seed(spec.train.seed, rank, step))   # MineAug's draws and the family's noise
@@ -242,9 +243,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             grad_accum=spec.train.grad_accum)
         step += 1
         images_seen += spec.train.batch
-        values.update(family.after_step(StepEnd(networks=networks, rank=rank, step=step, batch=spec.train.batch, device=device,
-                                                mean_over_ranks=_mean_over_ranks(world),
-                                                from_rank0=_from_rank0(world))))
+        values.update(family.after_step(StepEnd(networks=networks, rank=rank, step=step, batch=spec.train.batch,
+                                                device=device, mean_over_ranks=mean_over_ranks, from_rank0=from_rank0)))
 
         if log is not None and (step % spec.train.log_every == 0 or step == total):
             # Read losses back only here: a .item() every step would sync the device each step.
