@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from models.controlnet import ControlledUNet, ControlNet
 from models.diffusion_unet import UNet, check_layout
-from models.family import Family, FamilyConfig, Phase, StepContext, StepEnd, register_family
+from models.family import Family, FamilyConfig, Phase, StepContext, StepEnd, register_family, update_ema
 
 SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}   # ours -> diffusers' beta_schedule
 # What a ControlNet spec must share with its base: the network's layout and the noise process it learned.
@@ -100,6 +100,7 @@ class Diffusion(Family):
         if channels < 1:
             raise ValueError(f"data.channels must be >= 1, got {channels}")
         check_layout(resolution, config.channel_mult, config.attention_resolutions)   # at spec validation
+        self._base_checked = False
         if config.conditioning == "none":
             self.conditional = False
             self.data_keys = ("image",)
@@ -185,9 +186,12 @@ class Diffusion(Family):
     def loss(self, batch: Mapping[str, Tensor], ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         if ctx.phase != "eps":
             raise ValueError(f"{self.name} has the phase 'eps', got {ctx.phase!r}")
-        if self.config.conditioning == "controlnet" and not bool(ctx.networks["eps"].base_loaded):
-            raise RuntimeError(f"model.base_from: {self.config.base_from} could not be read on this worker; the "
-                               "ControlNet would train against an untrained base")
+        # Checked once: reading the device buffer every step would sync the GPU each step.
+        if self.config.conditioning == "controlnet" and not self._base_checked:
+            if not bool(ctx.networks["eps"].base_loaded):
+                raise RuntimeError(f"model.base_from: {self.config.base_from} could not be read on this worker; "
+                                   "the ControlNet would train against an untrained base")
+            self._base_checked = True
         x0 = batch["image"]
         hint = self.condition(batch.get("cond"), batch.get("mask"))
         # ctx.generator, when given, must live on ctx.device (torch's rule); else the global RNG,
@@ -203,11 +207,7 @@ class Diffusion(Family):
         src, dst = end.networks["eps"], end.networks["ema"]
         if isinstance(src, ControlledUNet):   # the base is the same frozen weights in both
             src, dst = src.control, dst.control
-        with torch.no_grad():
-            for p_ema, p in zip(dst.parameters(), src.parameters()):
-                p_ema.lerp_(p.detach(), 1.0 - decay)
-            for b_ema, b in zip(dst.buffers(), src.buffers()):
-                b_ema.copy_(b)
+        update_ema(dst, src, decay)
         return {"ema_decay": decay}
 
     @torch.no_grad()

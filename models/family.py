@@ -161,6 +161,16 @@ def run_in_eval(net: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
     return out.float()
 
 
+@torch.no_grad()
+def update_ema(ema: nn.Module, source: nn.Module, keep: float) -> None:
+    """ema ← keep·ema + (1 − keep)·source for the parameters; buffers (BatchNorm statistics,
+    StyleGAN2's w_avg) are copied."""
+    for p_ema, p in zip(ema.parameters(), source.parameters()):
+        p_ema.lerp_(p.detach(), 1.0 - keep)
+    for b_ema, b in zip(ema.buffers(), source.buffers()):
+        b_ema.copy_(b)
+
+
 _FAMILIES: dict[str, type[Family]] = {}
 
 

@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor, nn
 
 from models.ada import AdaptiveAugment
-from models.family import Family, FamilyConfig, Phase, StepContext, StepEnd, register_family, run_in_eval
+from models.family import (Family, FamilyConfig, Phase, StepContext, StepEnd, register_family, run_in_eval,
+                           update_ema)
 from models.stylegan2_losses import PathLengthPenalty, r1_penalty, style_mixing_ws
 from models.stylegan2_networks import Discriminator, Generator
 from models.vision_aided import VisionAidedHeads, choose_backbone, d_loss as heads_d_loss, g_loss as heads_g_loss
@@ -288,12 +289,7 @@ class StyleGAN2(Family):
         c = self.config
         logs: dict[str, float | Tensor] = {}
         g, g_ema = end.networks["G"], end.networks["G_ema"]
-        beta = 0.5 ** (end.batch / (c.ema_kimg * 1000))
-        with torch.no_grad():
-            for p_ema, p in zip(g_ema.parameters(), g.parameters()):
-                p_ema.lerp_(p.detach(), 1 - beta)
-            for b_ema, b in zip(g_ema.buffers(), g.buffers()):
-                b_ema.copy_(b)
+        update_ema(g_ema, g, keep=0.5 ** (end.batch / (c.ema_kimg * 1000)))
         if self.ada_settings is not None and end.step % self.ada_settings.interval == 0:
             images = end.batch * self.ada_settings.interval
             logs["ada_p"] = self._adjust(self.ada, end, images)
