@@ -27,10 +27,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from jobs.spec import SPECS_DIR, load_spec  # noqa: E402
-from jobs.train_loop import build_family  # noqa: E402
 from models.family import StepContext  # noqa: E402
 from models.snapshot import save_snapshot  # noqa: E402
-from models.vision_backbones import save_random_backbone  # noqa: E402
+from models.nets.vision_backbones import save_random_backbone  # noqa: E402
 
 SPECS = ("scbgan_rosetta", "diffusion_uncond", "spatiotemporal_diffusion", "spatiotemporal_controlnet")
 VISION = ("clip_vitb32", "dino_vitb16", "swin_t")
@@ -43,7 +42,7 @@ def overrides(name: str, tmp: Path) -> list[str]:
             sets.append(f"model.vision_aided.weights.{kind}={save_random_backbone(kind, tmp / f'{kind}.pt', size='base')}")
         sets += [f"model.vision_aided.candidates=[{','.join(VISION)}]"]
     if name == "spatiotemporal_controlnet":
-        base = build_family(load_spec(SPECS_DIR / "diffusion_uncond.yaml"))
+        base = load_spec(SPECS_DIR / "diffusion_uncond.yaml").make_family()
         net = base.build()["ema"]
         with torch.no_grad():   # a trained base: DDPM's zero-initialised output layers would pass no gradient
             for p in net.parameters():
@@ -55,7 +54,7 @@ def overrides(name: str, tmp: Path) -> list[str]:
 
 def measure(name: str, steps: int, tmp: Path) -> dict:
     spec = load_spec(SPECS_DIR / f"{name}.yaml", overrides(name, tmp))
-    family = build_family(spec)
+    family = spec.make_family()
     torch.manual_seed(0)
     nets = family.build()
     phases = family.phases()

@@ -40,8 +40,9 @@ import torch.distributed as dist  # noqa: E402
 
 from jobs.engines import autocast_dtype  # noqa: E402
 from jobs.spec import JobSpec  # noqa: E402
-from jobs.train_loop import build_family, build_training, step_seed, train_step  # noqa: E402
-from models.family import StepContext, available_families  # noqa: E402
+from jobs.worker import build_training, step_seed, train_step  # noqa: E402
+from models.family import StepContext
+from models.registry import available_families  # noqa: E402
 
 FAMILIES = ("dcgan", "pix2pix", "stylegan2", "diffusion")
 # Published default widths; resolution and batch sized for 2 CPU cores.
@@ -78,7 +79,7 @@ def fixed_batch(keys: tuple[str, ...], spec: JobSpec) -> dict[str, torch.Tensor]
 
 def plain_step_fn(spec: JobSpec, batch: dict) -> Callable[[int], None]:
     """The loop one writes by hand for the family: no engine, no wrapper."""
-    family = build_family(spec)
+    family = spec.make_family()
     torch.manual_seed(spec.train.seed)   # the engines' runs start from these same weights
     nets = family.build()
     phases = family.phases()
@@ -130,7 +131,7 @@ def time_steps(step: Callable[[int], None], first: int, n: int) -> list[float]:
 
 def bench_family(name: str, args) -> dict[str, float]:
     spec = make_spec(name, {"kind": "ddp"}, args.precision)
-    batch = fixed_batch(build_family(spec).data_keys, spec)
+    batch = fixed_batch(spec.make_family().data_keys, spec)
     variants = {"plain PyTorch": plain_step_fn(spec, batch)}
     for label, strategy in STRATEGIES.items():
         variants[label] = engine_step_fn(make_spec(name, strategy, args.precision), batch)

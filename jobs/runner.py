@@ -1,6 +1,6 @@
 """Run one job spec: resolve data, open the MLflow run, train on Ray, register and promote.
 
-This is the driver side; `jobs/train_loop.py` is what each Ray Train worker runs.
+This is the driver side; `jobs/worker.py` is what each Ray Train worker runs.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import mlflow
 from data_shards.builtin import ensure_builtin, is_builtin
 from data_shards.card import read_card
 from data_shards.storage import filesystem, join
-from jobs import model_refs, registry, tracking
+from jobs.tracking import model_refs, registry, runs as tracking
 from jobs.checkpoints import SNAPSHOT
 from jobs.env import forwarded_env, git_sha
 from jobs.resume import ResumeError, read_run_info, write_run_info
@@ -56,10 +56,9 @@ def check_data(spec: JobSpec, url: str) -> dict[str, Any]:
 
 def check_files(spec: JobSpec) -> None:
     """The local files the family needs (pretrained weights), before Ray starts."""
-    from jobs.train_loop import build_family
 
     missing = [f"  {key}: " + (f"no file at {path}" if path else "not set")
-               for key, path in build_family(spec).required_files().items() if not (path and Path(path).is_file())]
+               for key, path in spec.make_family().required_files().items() if not (path and Path(path).is_file())]
     if missing:
         raise SpecError("files this spec needs are missing (set them with --set KEY=PATH):\n" + "\n".join(missing))
 
@@ -94,7 +93,7 @@ def make_trainer(spec: JobSpec, run_name: str, storage: str, loop_config: dict[s
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from jobs.train_loop import train_loop_per_worker
+    from jobs.worker import train_loop_per_worker   # imports ray.train: only when training
 
     storage_path, storage_fs = ray_storage(storage)
     best = spec.checkpoint.best_metric
@@ -171,9 +170,11 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         say(f"mlflow    {tracking_uri} · experiment {spec.experiment} · run {run_id}")
 
         ensure_ray()
-        trainer = make_trainer(spec, run_name, storage, {
-            "spec": spec.model_dump(mode="json"), "data_url": data_url, "run_id": run_id,
-            "tracking_uri": tracking_uri, "env": forwarded_env(), "model_files": model_refs.ship(spec)})
+        from jobs.worker import WorkerConfig   # imports ray.train: only when training
+
+        worker = WorkerConfig(spec=spec.model_dump(mode="json"), run_id=run_id, tracking_uri=tracking_uri,
+                              data_url=data_url, env=forwarded_env(), model_files=model_refs.ship(spec))
+        trainer = make_trainer(spec, run_name, storage, worker.as_loop_config())
         say(f"{'resuming' if resume else 'training'}  {spec.family} · {spec.total_steps} steps · "
             f"{spec.scaling.num_workers} workers ({spec.strategy.kind}) · run {run_name} · "
             f"checkpoints under {join(storage, run_name)}")

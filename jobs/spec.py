@@ -16,7 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.family import available_families, get_family_cls
+from models.family import Family
+from models.registry import available_families, get_family_cls, make_family
 from models.metrics.suite import reported_names
 
 SPECS_DIR = Path(__file__).parent / "specs"
@@ -135,8 +136,14 @@ class JobSpec(_Section):
     @field_validator("family")
     @classmethod
     def _known_family(cls, v: str) -> str:
-        if v not in available_families():
-            raise ValueError(f"unknown family {v!r}; allowed: {', '.join(available_families())}")
+        if ":" in v:   # a lab's own family, `pkg.module:Class`
+            try:
+                get_family_cls(v)
+            except KeyError as e:
+                raise ValueError(e.args[0]) from None
+        elif v not in available_families():
+            raise ValueError(f"unknown family {v!r}; allowed: {', '.join(available_families())} "
+                             "or a reference pkg.module:Class")
         return v
 
     @model_validator(mode="after")
@@ -155,8 +162,10 @@ class JobSpec(_Section):
         except ValidationError as e:
             raise SpecError(_format_errors(e, prefix="model")) from None
         self.model = config.model_dump()
-        instance = family(config, resolution=self.data.resolution, channels=self.data.channels, lr=self.train.lr)
-        instance.use_ada(self.augment.ada)
+        try:
+            instance = self.make_family()
+        except ValidationError as e:
+            raise SpecError(_format_errors(e, prefix="augment.ada")) from None
         logged = reported_names(instance.metrics)
         if self.checkpoint.best_metric is not None and self.checkpoint.best_metric not in logged:
             raise ValueError(f"checkpoint.best_metric {self.checkpoint.best_metric!r} is not a metric of this "
@@ -165,10 +174,15 @@ class JobSpec(_Section):
             if instance.conditional:
                 raise ValueError(f"augment.mineaug: the {self.family} family is conditional; MineAug augments "
                                  "unconditional image sets only")
-            from models.mineaug import MineAugExpansion
+            from models.augment.mineaug import MineAugExpansion
 
             MineAugExpansion(self.augment.mineaug, self.data.channels)   # names known and fit the channels
         return self
+
+    def make_family(self) -> Family:
+        """This spec's family (models.registry.make_family: the one construction path)."""
+        return make_family(self.family, self.model, resolution=self.data.resolution, channels=self.data.channels,
+                           lr=self.train.lr, ada=self.augment.ada)
 
     # Derived values: one place so the driver, the workers and the tests agree.
     @property

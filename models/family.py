@@ -5,8 +5,11 @@ each: "D", then "G" for a GAN), computes the loss of one phase on one batch, sam
 and says which metrics judge it. Optionally it works between steps (`after_step`: EMA, ADA's p,
 training stages, with collectives handed in), keeps state outside its networks
 (`state_dict`, saved in every checkpoint) and names local files it needs (`required_files`).
-It never touches Ray, MLflow or distributed code: engines (`jobs/engines.py`) own backward, the
+It never touches Ray, MLflow or distributed code: engines (`jobs/engines/`) own backward, the
 optimizer step, precision and gradient sync.
+
+This file is the contract only. Families live in `models/families/` (one file per reproduced
+system) and are found there by `models.registry`, which is also the one way to construct one.
 """
 from __future__ import annotations
 
@@ -89,14 +92,25 @@ class StepEnd:
 
 
 class Family:
-    """Base class; see module docstring. Subclasses register with `@register_family`."""
+    """Base class; see module docstring. A subclass with a `name` in a module of
+    `models/families/` is found by `models.registry`; construct it with `make_family`.
+
+    `conditional`, `data_keys`, `metrics` and `sampler_role` are class attributes, or read-only
+    properties where the config decides them (a diffusion model's conditioning, sat2ground's stage).
+    """
 
     name: ClassVar[str]
     config_cls: ClassVar[type[FamilyConfig]] = FamilyConfig
+    # The settings model of `augment.ada` for families with adaptive discriminator augmentation
+    # (their __init__ takes `ada=`, the validated settings or None); None: a spec setting it is refused.
+    ada_config: ClassVar[type[BaseModel] | None] = None
     conditional: ClassVar[bool] = False
     data_keys: ClassVar[tuple[str, ...]] = ("image",)   # sample keys a batch carries (image, cond, mask, cls)
     metrics: ClassVar[tuple[str, ...]] = ("fid",)
     sampler_role: ClassVar[str] = "G"   # the network that the registered model wraps
+    # The smallest spec overrides (`--set` keys) that train this family on a CPU in seconds: the
+    # contract tests train every family × ready spec with them. Required of every family.
+    tiny: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: FamilyConfig, *, resolution: int, channels: int, lr: float):
         self.config = config
@@ -117,12 +131,6 @@ class Family:
         on the device, `cls` as int64.
         """
         raise NotImplementedError
-
-    def use_ada(self, settings: dict[str, Any] | None) -> None:
-        """The spec's `augment.ada`: adaptive discriminator augmentation, for families that have it."""
-        if settings is not None:
-            raise ValueError(f"augment.ada: the {self.name} family has no adaptive discriminator augmentation "
-                             "(stylegan2 has); remove augment.ada")
 
     def required_files(self) -> dict[str, str | None]:
         """Local files the training needs, by spec key (e.g. pretrained backbone weights): the
@@ -169,29 +177,3 @@ def update_ema(ema: nn.Module, source: nn.Module, keep: float) -> None:
         p_ema.lerp_(p.detach(), 1.0 - keep)
     for b_ema, b in zip(ema.buffers(), source.buffers()):
         b_ema.copy_(b)
-
-
-_FAMILIES: dict[str, type[Family]] = {}
-
-
-def register_family(cls: type[Family]) -> type[Family]:
-    _FAMILIES[cls.name] = cls
-    return cls
-
-
-def available_families() -> list[str]:
-    # Each module registers its families on import.
-    import models.cgan  # noqa: F401
-    import models.dcgan  # noqa: F401
-    import models.diffusion  # noqa: F401
-    import models.pix2pix  # noqa: F401
-    import models.sat2ground  # noqa: F401
-    import models.stylegan2  # noqa: F401
-
-    return sorted(_FAMILIES)
-
-
-def get_family_cls(name: str) -> type[Family]:
-    if name not in available_families():
-        raise KeyError(f"unknown family {name!r}; available: {', '.join(available_families())}")
-    return _FAMILIES[name]

@@ -11,13 +11,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from models.family import Family, get_family_cls
+from models.family import Family
+from models.registry import family_ref, make_family
 
 
 def save_snapshot(path: str | Path, family: Family, sampler: nn.Module, extra: dict[str, Any] | None = None) -> None:
     torch.save({
         "format": "orbitgen-snapshot-v1",
-        "family": family.name,
+        "family": family_ref(type(family)),
         "config": family.config.model_dump(),
         "resolution": family.resolution,
         "channels": family.channels,
@@ -31,9 +32,8 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu") -> tuple
     snap = torch.load(path, map_location="cpu", weights_only=True)
     if snap.get("format") != "orbitgen-snapshot-v1":
         raise ValueError(f"{path} is not an orbitgen snapshot")
-    cls = get_family_cls(snap["family"])
-    family = cls(cls.config_cls.model_validate(snap["config"]), resolution=snap["resolution"],
-                 channels=snap["channels"], lr=snap["lr"])
+    family = make_family(snap["family"], snap["config"], resolution=snap["resolution"], channels=snap["channels"],
+                         lr=snap["lr"])
     sampler = family.build()[family.sampler_role]
     sampler.load_state_dict(snap["state_dict"])
     return family, sampler.to(device).eval(), snap["extra"]

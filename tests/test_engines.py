@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from jobs import checkpoints
-from jobs.deepspeed_engine import deepspeed_config
+from jobs.engines.deepspeed import deepspeed_config
 from jobs.engines import DDPEngine, lr_factor
 from jobs.spec import JobSpec, SchedulerSpec, SpecError, parse_spec
-from jobs.train_loop import build_training, split, step_seed, to_device, train_step
+from jobs.worker import build_training, split, step_seed, to_device, train_step
 from models.family import Phase
 
 CPU = torch.device("cpu")

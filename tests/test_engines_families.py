@@ -16,10 +16,10 @@ from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from jobs.spec import JobSpec
-from jobs.train_loop import build_training, step_seed, train_step
-from models.family import available_families, get_family_cls
+from jobs.worker import build_training, step_seed, train_step
+from models.registry import available_families, get_family_cls
 from models.snapshot import save_snapshot
-from models.vision_backbones import save_random_backbone
+from models.nets.vision_backbones import save_random_backbone
 from test_resume import STRATEGIES  # noqa: F401  (sets the DeepSpeed extension cache before Ray starts)
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ from PIL import Image
 from data_shards.synthetic import crater_field
 from jobs.cli import main
 from jobs.spec import SPECS_DIR, load_spec
-from models.vision_backbones import save_random_backbone
+from models.nets.vision_backbones import save_random_backbone
 from test_families_train import check, sample_registered
 from test_models_specs import tiny_overrides
 

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from family_checks import smooth_batch
 from jobs.cli import main
 from jobs.spec import SPECS_DIR, load_spec
-from models.family import get_family_cls
+from models.registry import get_family_cls
 from models.images import nchw_to_nhwc_numpy, to_uint8
 from models.png import encode_png
 

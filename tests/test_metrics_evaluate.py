@@ -11,7 +11,7 @@ from data_shards.sources import Sample
 from data_shards.writer import write_shards
 from family_checks import smooth_batch
 from jobs.evaluate import evaluate, preview
-from models.family import get_family_cls
+from models.registry import get_family_cls
 from models.images import nchw_to_nhwc_numpy, to_uint8
 
 RES, N = 16, 10

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from data_shards.sources import Sample
 from data_shards.writer import write_shards
 from jobs.evaluate import evaluate
-from models.family import get_family_cls
+from models.registry import get_family_cls
 from models.images import nchw_to_nhwc_numpy
 from models.metrics.extractors import RandConvExtractor, VGG16Extractor
 from models.metrics.kid import KernelDistance, kid_from_features

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.model_refs import place, ship
+from jobs.tracking.model_refs import place, ship
 from jobs.spec import JobSpec
 
 pytestmark = pytest.mark.integration
 
 
 def test_a_worker_without_the_file_gets_its_bytes(ray_local, tmp_path):
-    from models.family import get_family_cls
+    from models.registry import get_family_cls
     from models.snapshot import save_snapshot
 
     cls = get_family_cls("sat2ground")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from models.ada import AdaptiveAugment, _rotate2d, _scale2d, _translate2d
+from models.augment.ada import AdaptiveAugment, _rotate2d, _scale2d, _translate2d
 
 
 def images(n=4, c=3, size=16, seed=0):

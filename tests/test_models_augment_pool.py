@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.augment_pool import COLOUR_ONLY, POOL_NAMES, apply_uint8, build_augmentation, mse_pm1, names_for
+from models.augment.pool import COLOUR_ONLY, POOL_NAMES, apply_uint8, build_augmentation, mse_pm1, names_for
 
 # Moves pixels by a small fraction of a pixel (kornia reads the listed shear in degrees).
 NEAR_IDENTITY = {"Shear"}

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from family_checks import check_gradient_isolation, ctx_for, mean, paired_batch, param_count, train
-from models.cgan import CGANAttentionUNet, CGANUNet
-from models.family import get_family_cls
-from models.pix2pix import Pix2PixConfig
-from models.unet import AttentionGate
+from models.families.cgan import CGANAttentionUNet, CGANUNet
+from models.registry import get_family_cls
+from models.families.pix2pix import Pix2PixConfig
+from models.nets.pix2pix_unet import AttentionGate
 
 FAMILIES = ["cgan_unet", "cgan_attention_unet"]
 

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from family_checks import Recording, check_gradient_isolation, ctx_for, has_grads, mean, param_count, train
-from models.dcgan import DCGAN, DCGANConfig, Discriminator, Generator
-from models.family import available_families, get_family_cls
+from models.families.dcgan import DCGAN, DCGANConfig
+from models.nets.dcgan import DCGANDiscriminator as Discriminator, DCGANGenerator as Generator
+from models.registry import available_families, get_family_cls
 from models.images import nchw_to_nhwc_numpy, to_float, to_uint8
 
 

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from family_checks import CPU, ctx_for, mean, paired_batch, param_count, smooth_batch
-from models.controlnet import ControlledUNet, ControlNet
-from models.diffusion import Diffusion, DiffusionConfig
-from models.diffusion_unet import SelfAttention, UNet
-from models.family import StepEnd, get_family_cls
+from models.nets.controlnet import ControlledUNet, ControlNet
+from models.families.diffusion import Diffusion, DiffusionConfig
+from models.nets.ddpm_unet import DDPMUNet as UNet, SelfAttention
+from models.family import StepEnd
+from models.registry import get_family_cls
 from models.snapshot import load_snapshot, save_snapshot
 
 TINY = {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [16, 8],

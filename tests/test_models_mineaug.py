@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from models.mineaug import MineAugExpansion, stable_hash
+from models.augment.mineaug import MineAugExpansion, stable_hash
 
 KEYS = [f"rosetta/{i:05d}" for i in range(300)]
 

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from family_checks import Recording, check_gradient_isolation, ctx_for, mean, paired_batch, param_count, train
-from models.family import available_families, get_family_cls
-from models.patchgan import patch_grid, receptive_field
-from models.pix2pix import Pix2Pix, Pix2PixConfig
-from models.unet import AttentionGate, UNet
+from models.registry import available_families, get_family_cls
+from models.nets.patchgan import patch_grid, receptive_field
+from models.families.pix2pix import Pix2Pix, Pix2PixConfig
+from models.nets.pix2pix_unet import AttentionGate, Pix2PixUNet as UNet
 
 
 def tiny(resolution: int = 16, channels: int = 3, lr: float = 1e-3, cls=Pix2Pix, **cfg) -> Pix2Pix:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from family_checks import smooth_batch
-from jobs.registry import log_generator
-from models.family import get_family_cls
+from jobs.tracking.registry import log_generator
+from models.registry import get_family_cls
 from models.images import nchw_to_nhwc_numpy, to_float, to_uint8
 from models.png import decode_pngs, encode_png
 from models.snapshot import save_snapshot

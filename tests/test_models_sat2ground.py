@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from family_checks import check_gradient_isolation, ctx_for, has_grads, mean, smooth_batch, train
-from models.family import get_family_cls
-from models.sat2ground import Sat2Ground, Sat2GroundConfig
+from models.registry import get_family_cls
+from models.families.sat2ground import Sat2Ground, Sat2GroundConfig
 from models.snapshot import load_snapshot, save_snapshot
 
 NZ = 8

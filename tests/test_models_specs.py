@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from jobs.spec import SPECS_DIR, load_spec
-from models.family import get_family_cls
+from models.registry import get_family_cls
 
 SPECS = ["dcgan_rsicb", "pix2pix_maps", "spatiotemporal_cgan", "spatiotemporal_attention_cgan",
          "sat2ground_stage1", "sat2ground_stage2", "diffusion_uncond", "spatiotemporal_diffusion",

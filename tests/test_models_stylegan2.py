@@ -9,8 +9,9 @@ import torch
 from family_checks import CPU, smooth_batch
 from models.family import StepContext, StepEnd
 from models.snapshot import load_snapshot, save_snapshot
-from models.stylegan2 import StyleGAN2, StyleGAN2Config
-from models.vision_backbones import save_random_backbone
+from models.families.stylegan2 import StyleGAN2, StyleGAN2Config
+from models.registry import make_family
+from models.nets.vision_backbones import save_random_backbone
 
 RES, N = 16, 4
 TINY = {"z_dim": 16, "w_dim": 16, "mapping_layers": 2, "channel_base": 128, "channel_max": 16}
@@ -24,9 +25,8 @@ def weights(tmp_path_factory):
 
 
 def family(channels=1, vision=None, ada=None, **model) -> StyleGAN2:
-    fam = StyleGAN2(StyleGAN2Config(**TINY, vision_aided=vision, **model), resolution=RES, channels=channels, lr=2e-3)
-    fam.use_ada(ada)
-    return fam
+    return make_family("stylegan2", StyleGAN2Config(**TINY, vision_aided=vision, **model), resolution=RES,
+                       channels=channels, lr=2e-3, ada=ada)
 
 
 def vision(weights, **over):

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from models.stylegan2_losses import PathLengthPenalty, r1_penalty, style_mixing_ws
-from models.stylegan2_networks import (
-    Discriminator,
-    Generator,
+from models.losses.stylegan2 import PathLengthPenalty, r1_penalty, style_mixing_ws
+from models.nets.stylegan2 import (
+    StyleGAN2Discriminator,
+    StyleGAN2Generator,
     MappingNetwork,
     SynthesisLayer,
     downsample2d,
@@ -21,13 +21,13 @@ from models.stylegan2_networks import (
 TINY = dict(channel_base=256, channel_max=32)
 
 
-def tiny_g(resolution=16, channels=3, architecture="skip", **kw) -> Generator:
-    return Generator(32, 32, resolution=resolution, channels=channels, mapping_layers=2,
+def tiny_g(resolution=16, channels=3, architecture="skip", **kw) -> StyleGAN2Generator:
+    return StyleGAN2Generator(32, 32, resolution=resolution, channels=channels, mapping_layers=2,
                      architecture=architecture, **{**TINY, **kw})
 
 
-def tiny_d(resolution=16, channels=3, **kw) -> Discriminator:
-    return Discriminator(resolution=resolution, channels=channels, **{**TINY, **kw})
+def tiny_d(resolution=16, channels=3, **kw) -> StyleGAN2Discriminator:
+    return StyleGAN2Discriminator(resolution=resolution, channels=channels, **{**TINY, **kw})
 
 
 @pytest.mark.parametrize("architecture", ["skip", "resnet"])
@@ -197,7 +197,7 @@ def test_paper256_kwargs():
 def test_paper256_param_count():
     """Cheap to build on CPU (no forward); printed for reference."""
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    g = Generator(resolution=256, channels=1, **paper256_kwargs("G"))
-    d = Discriminator(resolution=256, channels=1, **paper256_kwargs("D"))
+    g = StyleGAN2Generator(resolution=256, channels=1, **paper256_kwargs("G"))
+    d = StyleGAN2Discriminator(resolution=256, channels=1, **paper256_kwargs("D"))
     print(f"paper256 1-channel: G {count(g):,} (mapping {count(g.mapping):,}), D {count(d):,}")
     assert g.num_ws == 14 and 20e6 < count(g) < 40e6 and 20e6 < count(d) < 40e6

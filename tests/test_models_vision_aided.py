@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from models.vision_aided import VisionAidedHeads, choose_backbone, d_loss, g_loss, head_loss, probe_accuracy
-from models.vision_backbones import (BACKBONES, Backbone, BackboneWeightsError, build_backbone, feature_dims,
+from models.losses.vision_aided import VisionAidedHeads, choose_backbone, d_loss, g_loss, head_loss, probe_accuracy
+from models.nets.vision_backbones import (BACKBONES, Backbone, BackboneWeightsError, build_backbone, feature_dims,
                                      parameter_count, read_state_dict, save_random_backbone)
 
 # Published sizes (no classifier heads): the base configs are the real architectures.

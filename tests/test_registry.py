@@ -5,7 +5,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from jobs.registry import promote
+from jobs.tracking.registry import promote
 
 
 @pytest.fixture

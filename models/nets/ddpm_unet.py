@@ -10,7 +10,7 @@ taking one skip tensor, and nearest-neighbour 2x upsampling followed by a conv. 
 last conv of every block, the attention output and the output conv start at zero.
 
 The encoder half (time embedding, input conv, down path, middle) is its own module, `UNetEncoder`,
-so a ControlNet (models/controlnet.py) can deep-copy it; `UNet.forward` takes residuals to add to
+so a ControlNet (models/nets/controlnet.py) can deep-copy it; `DDPMUNet.forward` takes residuals to add to
 every skip tensor and to the middle output (`control_residuals`).
 """
 from __future__ import annotations
@@ -205,7 +205,7 @@ class UNetDecoder(nn.Module):
         return self.out(h)
 
 
-class UNet(nn.Module):
+class DDPMUNet(nn.Module):
     def __init__(self, *, in_channels: int, out_channels: int, resolution: int, base_channels: int = 64,
                  channel_mult: list[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: list[int] = (16,), dropout: float = 0.1):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.dcgan import dcgan_init_
+from models.nets.dcgan import dcgan_init_
 
 
 def unet_widths(depth: int, ngf: int) -> list[int]:
@@ -39,7 +39,7 @@ class AttentionGate(nn.Module):
         return x * torch.sigmoid(self.psi(torch.relu(self.w_x(x) + self.w_g(g))))
 
 
-class UNet(nn.Module):
+class Pix2PixUNet(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, depth: int, ngf: int = 64, dropout: float = 0.5,
                  attention: bool = False):
         super().__init__()

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from models.family import register_family
-from models.pix2pix import Pix2Pix
+from models.families.pix2pix import Pix2Pix
 
 
 class SpatioTemporalCGAN(Pix2Pix):
@@ -27,12 +26,10 @@ class SpatioTemporalCGAN(Pix2Pix):
         return torch.cat([cond, mask], dim=1)
 
 
-@register_family
 class CGANUNet(SpatioTemporalCGAN):
     name = "cgan_unet"
 
 
-@register_family
 class CGANAttentionUNet(SpatioTemporalCGAN):
     name = "cgan_attention_unet"
     attention = True

@@ -10,6 +10,7 @@ same batches and the same noise as an uninterrupted run.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 import sys
 import tempfile
 import time
@@ -24,15 +25,50 @@ from torch import nn
 
 from data_shards.preview import image_grid
 from data_shards.stream import batches_per_epoch, image_stream
-from jobs import checkpoints, model_refs
+from jobs import checkpoints
+from jobs.tracking import model_refs
 from jobs.engines import Engine, make_engine
 from jobs.evaluate import evaluate, preview
 from jobs.spec import JobSpec
-from jobs.tracking import RunLogger
-from models.family import Family, Phase, StepContext, StepEnd, get_family_cls
+from jobs.tracking.runs import RunLogger
+from models.family import Family, Phase, StepContext, StepEnd
 from models.images import to_float
 
 GRID_SEED = 123
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the driver (`jobs.runner`) hands every worker; Ray pickles it as `train_loop_config["worker"]`."""
+
+    spec: dict[str, Any]                 # the validated spec, as JSON-able data
+    run_id: str                          # the MLflow run rank 0 logs into
+    tracking_uri: str
+    data_url: str                        # the training shards (built-in sets already materialised)
+    env: dict[str, str] = field(default_factory=dict)           # forwarded variables (S3 endpoint, credentials)
+    model_files: dict[str, Any] = field(default_factory=dict)   # files `model.*_from` names, shipped by the driver
+
+    def as_loop_config(self) -> dict[str, Any]:
+        return {"worker": self}
+
+    @classmethod
+    def from_loop_config(cls, config: Mapping[str, Any]) -> "WorkerConfig":
+        return config["worker"]
+
+
+@dataclass
+class Worker:
+    """One rank's training: what every checkpoint report needs, in one place."""
+
+    cfg: WorkerConfig
+    spec: JobSpec
+    family: Family
+    networks: dict[str, nn.Module]
+    engines: dict[str, Engine]
+    rank: int
+    world: int
+    device: torch.device
+    log: RunLogger | None        # rank 0 only
 
 
 def say(msg: str) -> None:
@@ -41,19 +77,11 @@ def say(msg: str) -> None:
     sys.stdout.flush()
 
 
-def build_family(spec: JobSpec) -> Family:
-    cls = get_family_cls(spec.family)
-    family = cls(cls.config_cls.model_validate(spec.model), resolution=spec.data.resolution,
-                 channels=spec.data.channels, lr=spec.train.lr)
-    family.use_ada(spec.augment.ada)
-    return family
-
-
 def build_training(spec: JobSpec, device: torch.device, world_size: int
                    ) -> tuple[Family, dict[str, nn.Module], list[Phase], dict[str, Engine]]:
     """The family, its networks on the device (bare modules), its phases and one engine per
     phase, identical on every rank."""
-    family = build_family(spec)
+    family = spec.make_family()
     torch.manual_seed(spec.train.seed)  # identical init everywhere (DDP also broadcasts rank 0's)
     networks = family.build()
     phases = family.phases()
@@ -127,7 +155,7 @@ class MineAugBatches:
 
     def __init__(self, batches: Iterator[dict], names: list[str], channels: int, batches_per_epoch: int,
                  start_batch: int):
-        from models.mineaug import MineAugExpansion
+        from models.augment.mineaug import MineAugExpansion
 
         self.batches, self.expansion = batches, MineAugExpansion(names, channels)
         self.per_epoch, self.index = batches_per_epoch, start_batch
@@ -206,17 +234,18 @@ def train_step(family: Family, phases: list[Phase], engines: Mapping[str, Engine
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    os.environ.update(config.get("env", {}))
-    spec = JobSpec.model_validate(config["spec"])
+    cfg = WorkerConfig.from_loop_config(config)
+    os.environ.update(cfg.env)
+    spec = JobSpec.model_validate(cfg.spec)
     # Files the spec names (a frozen stage-1 generator, a ControlNet's base) on this node's disk.
-    spec = model_refs.place(spec, config.get("model_files", {}),
-                            Path(tempfile.gettempdir()) / "orbitgen-model-refs" / config["run_id"])
+    spec = model_refs.place(spec, cfg.model_files, Path(tempfile.gettempdir()) / "orbitgen-model-refs" / cfg.run_id)
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     device = ray.train.torch.get_device()
-    log = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    log = RunLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
 
     family, networks, phases, engines = build_training(spec, device, world)
+    worker = Worker(cfg, spec, family, networks, engines, rank, world, device, log)
 
     step, images_seen = 0, 0
     resume = ray.train.get_checkpoint()
@@ -229,11 +258,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             say(f"resumed from step {step} ({images_seen} images)")
 
     total = spec.total_steps
-    batches = DevicePrefetcher(open_stream(config["data_url"], spec, family.data_keys, rank, world, start_batch=step),
+    batches = DevicePrefetcher(open_stream(cfg.data_url, spec, family.data_keys, rank, world, start_batch=step),
                                family.data_keys, device, spec.train.channels_last)
     if spec.augment.mineaug:
         batches = MineAugBatches(batches, spec.augment.mineaug, spec.data.channels,
-                                 batches_per_epoch(config["data_url"], world, spec.per_worker_batch), start_batch=step)
+                                 batches_per_epoch(cfg.data_url, world, spec.per_worker_batch), start_batch=step)
     mean_over_ranks, from_rank0 = _mean_over_ranks(world), _from_rank0(world)
     t0, seen0 = time.perf_counter(), images_seen
     while step < total:
@@ -255,11 +284,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 + f" · {rate:.0f} img/s")
 
         if step % spec.checkpoint.every_steps == 0 or step == total:
-            _report(spec, config, family, networks, engines, step, images_seen, rank, world, log, device,
-                    final=step == total)
+            _report(worker, step, images_seen, final=step == total)
 
 
-def _report(spec, config, family, networks, engines, step, images_seen, rank, world, log, device, final):
+def _report(w: Worker, step: int, images_seen: int, final: bool) -> None:
+    spec, family, networks, engines, rank, log, device = w.spec, w.family, w.networks, w.engines, w.rank, w.log, w.device
+    world, data_url = w.world, w.cfg.data_url
     steps_per_rank = _gather(step, world)
     metrics: dict[str, Any] = {"step": step, "images_seen": images_seen, "steps_per_rank": steps_per_rank}
     with tempfile.TemporaryDirectory() as tmp:
@@ -267,13 +297,13 @@ def _report(spec, config, family, networks, engines, step, images_seen, rank, wo
         # in ray.train.report, not in a process-group barrier that the collective timeout would end.
         checkpoints.write(Path(tmp), rank=rank, engines=engines, networks=networks, family=family, step=step,
                           images_seen=images_seen,
-                          extra={"steps_per_rank": steps_per_rank, "mlflow_run_id": config["run_id"]})
+                          extra={"steps_per_rank": steps_per_rank, "mlflow_run_id": w.cfg.run_id})
         due = final or (spec.eval.every_steps and step % spec.eval.every_steps == 0)
         if rank == 0 and (due or spec.checkpoint.best_metric):   # best-by-metric ranks every checkpoint
             sampler = networks[family.sampler_role]
-            log.image(image_grid(preview(family, sampler, data_url=config["data_url"], n=64, seed=GRID_SEED,
+            log.image(image_grid(preview(family, sampler, data_url=data_url, n=64, seed=GRID_SEED,
                                          device=device)), f"samples/grid_step{step:07d}.png")
-            scores, params = evaluate(family, sampler, data_url=config["data_url"],
+            scores, params = evaluate(family, sampler, data_url=data_url,
                                       num_samples=spec.eval.num_samples, extractor=spec.eval.fid_extractor,
                                       inception_weights=spec.eval.inception_weights, vgg_weights=spec.eval.vgg_weights,
                                       device=device)

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from models.augment_pool import build_augmentation
+from models.augment.pool import build_augmentation
 
 
 def stable_hash(key: str) -> int:

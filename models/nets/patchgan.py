@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from models.dcgan import dcgan_init_
+from models.nets.dcgan import dcgan_init_
 
 
 def patch_grid(resolution: int, n_layers: int) -> int:

@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from models.controlnet import ControlledUNet, ControlNet
-from models.diffusion_unet import UNet, check_layout
-from models.family import Family, FamilyConfig, Phase, StepContext, StepEnd, register_family, update_ema
+from models.nets.controlnet import ControlledUNet, ControlNet
+from models.nets.ddpm_unet import DDPMUNet, check_layout
+from models.snapshot import load_reference
+from models.family import Family, FamilyConfig, Phase, StepContext, StepEnd, update_ema
 
 SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}   # ours -> diffusers' beta_schedule
 # What a ControlNet spec must share with its base: the network's layout and the noise process it learned.
@@ -82,15 +83,9 @@ class DiffusionConfig(FamilyConfig):
         return self
 
 
-@register_family
 class Diffusion(Family):
     name = "diffusion"
     config_cls = DiffusionConfig
-    # The class attributes describe the conditional variants; `conditioning: none` overrides them
-    # per instance (as sat2ground's stages do).
-    conditional = True
-    data_keys = ("cond", "mask", "image")
-    metrics = CONDITIONAL_METRICS
     sampler_role = "ema"
 
     config: DiffusionConfig
@@ -101,10 +96,19 @@ class Diffusion(Family):
             raise ValueError(f"data.channels must be >= 1, got {channels}")
         check_layout(resolution, config.channel_mult, config.attention_resolutions)   # at spec validation
         self._base_checked = False
-        if config.conditioning == "none":
-            self.conditional = False
-            self.data_keys = ("image",)
-            self.metrics = UNCONDITIONAL_METRICS
+
+    # `model.conditioning` decides what the contract's attributes are: read-only, from the config.
+    @property
+    def conditional(self) -> bool:
+        return self.config.conditioning != "none"
+
+    @property
+    def data_keys(self) -> tuple[str, ...]:
+        return ("cond", "mask", "image") if self.conditional else ("image",)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return CONDITIONAL_METRICS if self.conditional else UNCONDITIONAL_METRICS
 
     # diffusers is imported on first use: every process that lists the families imports this module.
     def _schedule(self) -> dict:
@@ -131,9 +135,9 @@ class Diffusion(Family):
         sched.set_timesteps(self.config.sample_steps)
         return sched
 
-    def _unet(self, in_channels: int) -> UNet:
+    def _unet(self, in_channels: int) -> DDPMUNet:
         c = self.config
-        return UNet(in_channels=in_channels, out_channels=self.channels, resolution=self.resolution,
+        return DDPMUNet(in_channels=in_channels, out_channels=self.channels, resolution=self.resolution,
                     base_channels=c.base_channels, channel_mult=c.channel_mult, num_res_blocks=c.num_res_blocks,
                     attention_resolutions=c.attention_resolutions, dropout=c.dropout)
 
@@ -151,7 +155,6 @@ class Diffusion(Family):
         return {"eps": eps, "ema": copy.deepcopy(eps).requires_grad_(False).eval()}
 
     def _base_state(self, path: str) -> dict[str, Tensor]:
-        from models.snapshot import load_reference   # here: models.snapshot imports the family registry
 
         return load_reference(path, family=self, field="base_from", wanted="an unconditional diffusion model",
                               fits=lambda f: f.config.conditioning == "none", keys=BASE_KEYS, label="base").state_dict()

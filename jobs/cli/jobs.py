@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from jobs.cli_common import RESUME_HELP, SET_HELP, fail_spec, say
+from jobs.cli.common import RESUME_HELP, SET_HELP, fail_spec, say
 from jobs.spec import SpecError, load_spec
 
 
@@ -40,7 +40,7 @@ def jobs_submit(spec_path, address, overrides, wait, resume) -> None:
     if not (spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
         say("warning: no tracking.uri and no MLFLOW_TRACKING_URI: the job tracks into a local store "
              "on the cluster's head, under the spec's workdir")
-    job_id = submit.submit(Path(spec_path).read_text(), address=address, working_dir=str(Path(__file__).parents[1]),
+    job_id = submit.submit(Path(spec_path).read_text(), address=address, working_dir=str(Path(__file__).parents[2]),
                            overrides=list(overrides), resume=resume)
     click.echo(job_id)
     if wait:

@@ -1,23 +1,12 @@
-"""`orbitgen`: build shards, train job specs, follow Ray jobs, manage registered models."""
+"""`orbitgen train` and `orbitgen quickstart`: run a job spec on Ray and report where everything went."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
 
-from jobs.cli_common import DEFAULT_WORKDIR, RESUME_HELP, SET_HELP, fail_spec, say
+from jobs.cli.common import DEFAULT_WORKDIR, RESUME_HELP, SET_HELP, fail_spec, say
 from jobs.spec import SPECS_DIR, SpecError, decode_inline, load_spec, parse_spec
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-def main() -> None:
-    """orbitgen trains GANs and diffusion models for satellite and planetary imagery on Ray.
-
-    Start with `orbitgen quickstart`; then `orbitgen train jobs/specs/<spec>.yaml`.
-    """
-
-
-# --------------------------------------------------------------------------- train / quickstart
 
 
 def _run_and_report(spec, resume: str | None) -> None:
@@ -44,7 +33,7 @@ def _run_and_report(spec, resume: str | None) -> None:
         click.echo(f"  open the UI  mlflow ui --backend-store-uri {res.tracking_uri} --port 5000")
 
 
-@main.command()
+@click.command()
 @click.argument("spec_path", required=False, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--resume", metavar="RUN", help=RESUME_HELP)
@@ -68,7 +57,7 @@ def train(spec_path, overrides, resume, spec_b64) -> None:
     _run_and_report(spec, resume)
 
 
-@main.command()
+@click.command()
 @click.option("--workdir", default=DEFAULT_WORKDIR, show_default=True, type=click.Path(file_okay=False),
               help="Everything goes here: built-in shards, run storage, the MLflow store and registry.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
@@ -82,18 +71,3 @@ def quickstart(workdir, overrides, resume) -> None:
     except SpecError as e:
         fail_spec(e)
     _run_and_report(spec, resume)
-
-
-def _add_groups() -> None:
-    from jobs.cli_data import data
-    from jobs.cli_jobs import jobs
-    from jobs.cli_models import models
-
-    for group in (data, models, jobs):
-        main.add_command(group)
-
-
-_add_groups()
-
-if __name__ == "__main__":
-    main()

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from models.ada import AdaptiveAugment
-from models.family import (Family, FamilyConfig, Phase, StepContext, StepEnd, register_family, run_in_eval,
+from models.augment.ada import AdaptiveAugment
+from models.family import (Family, FamilyConfig, Phase, StepContext, StepEnd, run_in_eval,
                            update_ema)
-from models.stylegan2_losses import PathLengthPenalty, r1_penalty, style_mixing_ws
-from models.stylegan2_networks import Discriminator, Generator
-from models.vision_aided import VisionAidedHeads, choose_backbone, d_loss as heads_d_loss, g_loss as heads_g_loss
-from models.vision_backbones import BACKBONES, build_backbone, feature_dims
+from models.losses.stylegan2 import PathLengthPenalty, r1_penalty, style_mixing_ws
+from models.nets.stylegan2 import StyleGAN2Discriminator, StyleGAN2Generator
+from models.losses.vision_aided import VisionAidedHeads, choose_backbone, d_loss as heads_d_loss, g_loss as heads_g_loss
+from models.nets.vision_backbones import BACKBONES, build_backbone, feature_dims
 
 PROBE_MIN_IMAGES = 4   # of each side: fewer cannot be split into a fit and a held-out part
 BackboneKind = Literal["clip_vitb32", "dino_vitb16", "swin_t", "vgg16"]
@@ -106,7 +106,7 @@ class StyleGAN2Config(FamilyConfig):
 class SCBDiscriminator(nn.Module):
     """StyleGAN2's discriminator and the vision-aided heads: trained together in phase "D"."""
 
-    def __init__(self, main: Discriminator, heads: VisionAidedHeads | None):
+    def __init__(self, main: StyleGAN2Discriminator, heads: VisionAidedHeads | None):
         super().__init__()
         self.main, self.heads = main, heads
 
@@ -120,7 +120,7 @@ class MappedGenerator(nn.Module):
     """The generator as one call (so DDP / DeepSpeed see every use in the wrapped forward):
     z -> images, with optional style mixing and the w's returned for path-length."""
 
-    def __init__(self, g: Generator):
+    def __init__(self, g: StyleGAN2Generator):
         super().__init__()
         self.g = g
 
@@ -132,22 +132,24 @@ class MappedGenerator(nn.Module):
         return (img, ws) if return_ws else img
 
 
-@register_family
 class StyleGAN2(Family):
     name = "stylegan2"
     config_cls = StyleGAN2Config
+    ada_config = AdaSettings
     conditional = False
     metrics = ("fid", "kid", "pr")
     sampler_role = "G_ema"
 
     config: StyleGAN2Config
 
-    def __init__(self, config: StyleGAN2Config, *, resolution: int, channels: int, lr: float):
+    def __init__(self, config: StyleGAN2Config, *, resolution: int, channels: int, lr: float,
+                 ada: AdaSettings | None = None):
         super().__init__(config, resolution=resolution, channels=channels, lr=lr)
         if resolution < 8 or resolution & (resolution - 1):
             raise ValueError(f"stylegan2 needs a power-of-two data.resolution >= 8, got {resolution}")
-        self.ada_settings: AdaSettings | None = None
-        self.ada: AdaptiveAugment | None = None
+        self.ada_settings = ada
+        self.ada = (AdaptiveAugment(channels, target=ada.target, interval=ada.interval, speed_kimg=ada.speed_kimg,
+                                    p=ada.initial_p) if ada else None)
         self.backbones: dict[str, nn.Module] = {}
         va = config.vision_aided
         self.head_ada = {k: AdaptiveAugment(channels, target=va.ada_target) for k in va.candidates} if va else {}
@@ -156,19 +158,12 @@ class StyleGAN2(Family):
         self.pl = PathLengthPenalty()
 
     # ---- set-up -------------------------------------------------------------------------
-    def use_ada(self, settings: dict[str, Any] | None) -> None:
-        """The spec's `augment.ada` (None: no ADA)."""
-        self.ada_settings = AdaSettings.model_validate(settings) if settings is not None else None
-        self.ada = (AdaptiveAugment(self.channels, target=self.ada_settings.target, interval=self.ada_settings.interval,
-                                    speed_kimg=self.ada_settings.speed_kimg, p=self.ada_settings.initial_p)
-                    if self.ada_settings else None)
-
     def build(self) -> dict[str, nn.Module]:
         c = self.config
-        g = Generator(z_dim=c.z_dim, w_dim=c.w_dim, resolution=self.resolution, channels=self.channels,
+        g = StyleGAN2Generator(z_dim=c.z_dim, w_dim=c.w_dim, resolution=self.resolution, channels=self.channels,
                       channel_base=c.channel_base, channel_max=c.channel_max, mapping_layers=c.mapping_layers,
                       architecture=c.architecture, conv_clamp=c.conv_clamp)
-        d = Discriminator(resolution=self.resolution, channels=self.channels, channel_base=c.channel_base,
+        d = StyleGAN2Discriminator(resolution=self.resolution, channels=self.channels, channel_base=c.channel_base,
                           channel_max=c.channel_max, mbstd_group=c.mbstd_group, conv_clamp=c.conv_clamp)
         va = c.vision_aided
         heads = VisionAidedHeads({k: feature_dims(k, va.size) for k in va.candidates}) if va else None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from jobs.cli_common import DEFAULT_WORKDIR
+from jobs.cli.common import DEFAULT_WORKDIR
 
 
 def _tracking_uri(uri: str | None) -> str:
@@ -28,7 +28,7 @@ def models_list(tracking_uri) -> None:
     """List registered models with their aliases."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.registry import list_models
+    from jobs.tracking.registry import list_models
 
     for m in list_models(MlflowClient(_tracking_uri(tracking_uri))):
         aliases = ", ".join(f"{a}=v{v}" for a, v in m["aliases"].items()) or "no aliases"
@@ -43,7 +43,7 @@ def models_show(name, metric, tracking_uri) -> None:
     """Every version of NAME with its alias, run and METRIC."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.registry import describe_model
+    from jobs.tracking.registry import describe_model
 
     try:
         rows = describe_model(name, metric, MlflowClient(_tracking_uri(tracking_uri)))
@@ -63,7 +63,7 @@ def models_promote(name, metric, mode, version, tracking_uri) -> None:
     """Move alias `champion` of NAME to the best version, only if it beats the current champion."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.registry import promote
+    from jobs.tracking.registry import promote
 
     try:
         p = promote(name, metric=metric, mode=mode, candidate=version, client=MlflowClient(_tracking_uri(tracking_uri)))

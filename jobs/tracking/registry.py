@@ -17,7 +17,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema, TensorSpec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
@@ -25,7 +25,7 @@ def log_generator(snapshot: Path, spec_file: Path, registered_name: str | None) 
     """Logs the snapshot as the active run's model `generator`; returns the registered version."""
     import torch
 
-    from jobs.generator_model import input_columns
+    from jobs.tracking.pyfunc import input_columns
     from models.png import encode_png
     from models.snapshot import load_snapshot
 
@@ -44,7 +44,7 @@ def log_generator(snapshot: Path, spec_file: Path, registered_name: str | None) 
     signature = ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, r, r, c))]))
     info = mlflow.pyfunc.log_model(
         name="generator",
-        python_model=str(REPO / "jobs" / "generator_model.py"),
+        python_model=str(REPO / "jobs" / "tracking" / "pyfunc.py"),
         artifacts={"snapshot": str(snapshot), "spec": str(spec_file)},
         code_paths=[str(REPO / "models")],
         signature=signature,

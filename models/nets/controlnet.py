@@ -1,4 +1,4 @@
-"""ControlNet (Zhang et al. 2023) for the DDPM UNet of models/diffusion_unet.py.
+"""ControlNet (Zhang et al. 2023) for the DDPM UNet of models/nets/ddpm_unet.py.
 
 `ControlNet(base, cond_channels)` is a trainable copy of the base's encoder (time embedding,
 input conv, down path, middle; weights copied from the base) that also sees the condition: a
@@ -20,13 +20,13 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from models.diffusion_unet import UNet, zero_
+from models.nets.ddpm_unet import DDPMUNet, zero_
 
 HINT_WIDTHS = (16, 32)   # the condition encoder's hidden widths (ControlNet: 16..256, for 8x downsampling)
 
 
 class ControlNet(nn.Module):
-    def __init__(self, base: UNet, cond_channels: int):
+    def __init__(self, base: DDPMUNet, cond_channels: int):
         super().__init__()
         self.encoder = copy.deepcopy(base.encoder).requires_grad_(True)
         width = self.encoder.conv_in.out_channels
@@ -48,7 +48,7 @@ class ControlNet(nn.Module):
 
 
 class ControlledUNet(nn.Module):
-    def __init__(self, base: UNet, control: ControlNet):
+    def __init__(self, base: DDPMUNet, control: ControlNet):
         super().__init__()
         self.base = base.requires_grad_(False).eval()
         self.control = control

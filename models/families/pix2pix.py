@@ -4,7 +4,7 @@ A UNet generator maps the input image to the output; a PatchGAN discriminator ju
 output) pairs, patch by patch. Objective: adversarial + λ·L1(output, target), λ = 100; the
 discriminator's loss is halved (the paper: "we divide the objective by 2 while optimizing D").
 Adam 2e-4, β1 0.5. The batch carries `cond` (the input, e.g. a satellite tile) and `image` (the
-target, e.g. the map). The spatio-temporal cGANs (`models.cgan`) are this family with another input.
+target, e.g. the map). The spatio-temporal cGANs (`models.families.cgan`) are this family with another input.
 
 Sampling runs the generator in eval mode (dropout off, BatchNorm running statistics), so the
 output is a deterministic function of the input; `seed` is accepted and unused.
@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from models.adversarial import TwoPlayerConfig, discriminator_loss, generator_loss, two_player_phases
-from models.family import Family, Phase, StepContext, register_family, run_in_eval
-from models.patchgan import PatchGAN, patch_grid
-from models.unet import UNet
+from models.losses.adversarial import TwoPlayerConfig, discriminator_loss, generator_loss, two_player_phases
+from models.family import Family, Phase, StepContext, run_in_eval
+from models.nets.patchgan import PatchGAN, patch_grid
+from models.nets.pix2pix_unet import Pix2PixUNet
 
 
 class Pix2PixConfig(TwoPlayerConfig):
@@ -36,7 +36,6 @@ class Pix2PixConfig(TwoPlayerConfig):
     l1_weight: float = Field(100.0, ge=0, description="λ of the L1 term")
 
 
-@register_family
 class Pix2Pix(Family):
     name = "pix2pix"
     config_cls = Pix2PixConfig
@@ -84,7 +83,7 @@ class Pix2Pix(Family):
     def build(self) -> dict[str, nn.Module]:
         c = self.config
         return {
-            "G": UNet(self.in_channels, self.channels, depth=self.depth, ngf=c.ngf, dropout=c.dropout,
+            "G": Pix2PixUNet(self.in_channels, self.channels, depth=self.depth, ngf=c.ngf, dropout=c.dropout,
                       attention=self.attention),
             "D": PatchGAN(self.in_channels + self.channels, ndf=c.ndf, n_layers=c.d_layers),
         }

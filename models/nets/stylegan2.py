@@ -297,7 +297,7 @@ class SynthesisNetwork(nn.Module):
         return img
 
 
-class Generator(nn.Module):
+class StyleGAN2Generator(nn.Module):
     def __init__(self, z_dim: int = 512, w_dim: int = 512, *, resolution: int, channels: int,
                  channel_base: int = 32768, channel_max: int = 512, mapping_layers: int = 8,
                  architecture: str = "skip", conv_clamp: float | None = 256):
@@ -352,7 +352,7 @@ class DiscriminatorBlock(nn.Module):
         return y + self.conv1(self.conv0(x), gain=SQRT_HALF)
 
 
-class Discriminator(nn.Module):
+class StyleGAN2Discriminator(nn.Module):
     """Image (N, C, R, R) -> logits (N, 1)."""
 
     def __init__(self, *, resolution: int, channels: int, channel_base: int = 32768, channel_max: int = 512,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.engines import Engine, make_optimizer, make_scheduler
+from jobs.engines.base import Engine, make_optimizer, make_scheduler
 from jobs.spec import JobSpec
 from models.family import Phase
 

@@ -24,9 +24,11 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from models.adversarial import two_player_phases
-from models.dcgan import DCGAN, DCGANConfig, Discriminator, Generator, dcgan_init_, doubling_widths, down_stack, num_stages
-from models.family import Phase, StepContext, register_family, run_in_eval
+from models.losses.adversarial import two_player_phases
+from models.families.dcgan import DCGAN, DCGANConfig
+from models.nets.dcgan import DCGANDiscriminator, DCGANGenerator, dcgan_init_, doubling_widths, down_stack, num_stages
+from models.snapshot import load_reference
+from models.family import Phase, StepContext, run_in_eval
 from models.metrics.perceptual import PerceptualDistance
 from models.metrics.ssim import ssim
 
@@ -79,7 +81,7 @@ class Encoder(nn.Module):
 class SatelliteToGround(nn.Module):
     """Stage 2's network: the trained encoder, then the frozen stage-1 generator (always in eval mode)."""
 
-    def __init__(self, encoder: Encoder, generator: Generator):
+    def __init__(self, encoder: Encoder, generator: DCGANGenerator):
         super().__init__()
         self.encoder = encoder
         self.generator = _as_buffers(generator).eval()
@@ -99,7 +101,6 @@ class SatelliteToGround(nn.Module):
         return self.generator(self.encoder(satellite))
 
 
-@register_family
 class Sat2Ground(DCGAN):
     """Stage 1 is DCGAN's objective on a 4x4 latent (inherited); stage 2 is written out below."""
 
@@ -110,27 +111,39 @@ class Sat2Ground(DCGAN):
 
     def __init__(self, config: Sat2GroundConfig, *, resolution: int, channels: int, lr: float):
         super().__init__(config, resolution=resolution, channels=channels, lr=lr)
-        if config.stage == 2:   # the contract's class attributes, per instance: the stage decides them
-            self.conditional = True
-            self.data_keys = ("cond", "image")
-            self.metrics = ("mse", "ssim", "lpips", "fid")
-            self.sampler_role = "E"
         self._perceptual = PerceptualDistance() if config.stage == 2 and config.loss == "combined" else None
+
+    # The stage decides the contract's attributes: read-only, from the config.
+    @property
+    def conditional(self) -> bool:
+        return self.config.stage == 2
+
+    @property
+    def data_keys(self) -> tuple[str, ...]:
+        return ("cond", "image") if self.config.stage == 2 else ("image",)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return ("mse", "ssim", "lpips", "fid") if self.config.stage == 2 else ("fid",)
+
+    @property
+    def sampler_role(self) -> str:
+        return "E" if self.config.stage == 2 else "G"
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.config.nz, 4, 4)
 
-    def _generator(self) -> Generator:
+    def _generator(self) -> DCGANGenerator:
         c = self.config
-        return Generator(resolution=self.resolution, channels=self.channels, nz=c.nz, ngf=c.ngf,
+        return DCGANGenerator(resolution=self.resolution, channels=self.channels, nz=c.nz, ngf=c.ngf,
                          max_channels=c.max_channels, latent_size=4)
 
     def build(self) -> dict[str, nn.Module]:
         c = self.config
         if c.stage == 1:
             return {"G": self._generator(),
-                    "D": Discriminator(resolution=self.resolution, channels=self.channels, ndf=c.ndf,
+                    "D": DCGANDiscriminator(resolution=self.resolution, channels=self.channels, ndf=c.ndf,
                                        max_channels=c.max_channels)}
         net = SatelliteToGround(Encoder(resolution=self.resolution, channels=self.channels, nz=c.nz, ndf=c.ndf,
                                         max_channels=c.max_channels), self._generator())
@@ -140,7 +153,6 @@ class Sat2Ground(DCGAN):
         return {"E": net}
 
     def _stage1_generator(self, path: str) -> nn.Module:
-        from models.snapshot import load_reference   # here: models.snapshot imports the family registry
 
         return load_reference(path, family=self, field="generator_from", wanted="a sat2ground stage-1 model",
                               fits=lambda f: f.config.stage == 1, keys=ARCH_KEYS, label="stage-1 generator")

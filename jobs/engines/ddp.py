@@ -1,0 +1,81 @@
+"""The DDP engine: torch DistributedDataParallel over the process group Ray Train set up."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from jobs.engines.base import Engine, make_optimizer, make_scheduler
+from jobs.spec import JobSpec
+from models.family import Phase
+
+
+class DDPEngine(Engine):
+    """torch DDP over the process group Ray Train set up (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, module: nn.Module, phase: Phase, device: torch.device, spec: JobSpec, world_size: int):
+        super().__init__(module, phase, device, spec)
+        self.grad_accum, self.grad_clip = spec.train.grad_accum, spec.train.grad_clip
+        self._micro = 0   # micro-batches stepped so far; a multiple of grad_accum after every train step
+        # DDP broadcasts rank 0's weights at construction, so every rank starts identical.
+        self.ddp = (DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None)
+                    if world_size > 1 else None)
+        wrapped = self.ddp or self.module
+        self.wrapped = torch.compile(wrapped) if spec.train.compile else wrapped
+        self.optimizer = make_optimizer(self.params, phase, spec.train)
+        self.scheduler = make_scheduler(self.optimizer, phase, spec)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+
+    def at_boundary(self) -> bool:
+        """Whether the next micro-batch completes the accumulation (its gradients are synced)."""
+        return (self._micro + 1) % self.grad_accum == 0
+
+    def micro_batch(self) -> contextlib.AbstractContextManager:
+        # DDP decides in the forward whether the backward all-reduces: only the last micro-batch does.
+        return self.ddp.no_sync() if self.ddp is not None and not self.at_boundary() else contextlib.nullcontext()
+
+    def step(self, loss: torch.Tensor) -> None:
+        if self._micro % self.grad_accum == 0:
+            # Cleared just before the first backward, as a hand-written loop does: freeing them
+            # right after the optimizer step measured ~4% slower on CPU (the allocator then
+            # hands the backward fresh memory).
+            self.optimizer.zero_grad(set_to_none=True)
+        boundary = self.at_boundary()
+        self._micro += 1
+        if self.grad_accum > 1:
+            loss = loss / self.grad_accum   # the accumulated gradient is the mean over micro-batches
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if not boundary:
+            return
+        if self.grad_clip:
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+
+    def _file(self, directory: Path) -> Path:
+        return directory / f"{self.name}.pt"
+
+    def save(self, directory: Path, rank: int) -> None:
+        if rank != 0:   # every rank holds the same state
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler else None}, self._file(directory))
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(self._file(directory), map_location=self.device, weights_only=False)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,1 @@
+"""Training objectives shared by families: the adversarial game, StyleGAN2's regularisers, the vision-aided loss."""

@@ -1,0 +1,1 @@
+"""Architectures only, one file per paper: no losses, no training logic, no family."""
