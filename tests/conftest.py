@@ -1,6 +1,8 @@
 """Fixtures that start the real parts on loopback: an S3-compatible server, an MLflow server, Ray.
 
-Integration tests (marked `integration`) use them; unit tests need none of them.
+Integration tests (tests/integration/, marked `integration`) use them; unit tests need none of them.
+Layout: unit/ (data, models, metrics, jobs; seconds), families/ (every family against the
+contract), integration/ (real Ray, MLflow and S3; minutes). Shared helpers sit beside this file.
 """
 from __future__ import annotations
 
@@ -53,3 +55,11 @@ def ray_local(tmp_path_factory):
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=True)
     yield
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The folder decides the layer: everything under tests/integration/ is `integration`."""
+    integration = Path(__file__).parent / "integration"
+    for item in items:
+        if integration in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)

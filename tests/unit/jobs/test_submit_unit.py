@@ -11,7 +11,7 @@ import pytest
 from jobs import submit as S
 from jobs.spec import decode_inline
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 SPEC = "name: sat-maps\nfamily: pix2pix\n# ünïcode and 'quotes' survive\ndata: {train: s3://b/x}\n"
 
 

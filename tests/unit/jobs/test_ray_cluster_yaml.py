@@ -17,7 +17,7 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 CLUSTER_YAML = REPO / "ray_cluster.yaml"
 DOCKERFILE = REPO / "infra" / "Dockerfile"
 KUBERAY = REPO / "infra" / "kuberay"

@@ -29,7 +29,7 @@ from jobs.resume import RUN_INFO
 from jobs.runner import JobResult, make_trainer, run_job
 from jobs.spec import SPECS_DIR, JobSpec, load_spec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # DeepSpeed JIT-compiles a comm op once per machine (~25 s); keep it in the repo's ignored cache.
 # Set at import, before the session's Ray starts: local Ray workers inherit the driver's environment.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "infra"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "infra"))
 from local_stack import free_port  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -65,7 +65,7 @@ def test_submit_quickstart_spec_and_follow(ray_head, tmp_path):
     env = {**os.environ}
     env.pop("MLFLOW_TRACKING_URI", None)
     sub = subprocess.run([*cli, "submit", "jobs/specs/quickstart.yaml", "--address", ray_head, *overrides],
-                         capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parents[1])
+                         capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).resolve().parents[2])
     assert sub.returncode == 0, sub.stderr
     job_id = sub.stdout.strip().splitlines()[-1]
 
