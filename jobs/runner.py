@@ -159,7 +159,10 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         if resume is None:
             mlflow.set_tags({tracking.TAG_FAMILY: spec.family, tracking.TAG_DATA: card["fingerprint"],
                              tracking.TAG_GIT: git_sha() or "unknown", tracking.TAG_SPEC: spec.sha()})
-            mlflow.log_params(tracking.flatten(spec.model_dump(mode="json")))
+            if spec.augment.search_run:
+                mlflow.set_tag(tracking.TAG_SEARCH, spec.augment.search_run)
+            # The search section configures `orbitgen search`, not this training: not a param of the run.
+            mlflow.log_params(tracking.flatten(spec.model_dump(mode="json", exclude={"search"})))
             tracking.log_dataset(data_url, card)
             write_run_info(storage, run_name, {"mlflow_run_id": run_id, "tracking_uri": tracking_uri,
                                                "experiment": spec.experiment, "spec_sha": spec.sha()})

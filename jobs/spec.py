@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from models.family import Family
 from models.registry import available_families, get_family_cls, make_family
 from models.metrics.suite import reported_names
+from search.config import SearchConfig, SearchConfigError, resolve_candidates
 
 SPECS_DIR = Path(__file__).parent / "specs"
 
@@ -42,6 +44,7 @@ class DataSpec(_Section):
 class AugmentSpec(_Section):
     ada: dict[str, Any] | None = None
     mineaug: list[str] = []
+    search_run: str | None = Field(None, description="the MLflow run of the `orbitgen search mineaug` that chose `mineaug`")
 
 
 class SchedulerSpec(_Section):
@@ -132,6 +135,7 @@ class JobSpec(_Section):
     checkpoint: CheckpointSpec = CheckpointSpec()
     eval: EvalSpec = EvalSpec()
     tracking: TrackingSpec = TrackingSpec()
+    search: SearchConfig = SearchConfig()   # `orbitgen search mineaug`; training ignores it
 
     @field_validator("family")
     @classmethod
@@ -177,6 +181,13 @@ class JobSpec(_Section):
             from models.augment.mineaug import MineAugExpansion
 
             MineAugExpansion(self.augment.mineaug, self.data.channels)   # names known and fit the channels
+        try:
+            candidates = resolve_candidates(self.search, self.data.channels)
+        except SearchConfigError as e:
+            raise ValueError(str(e)) from None
+        if self.search.k > len(candidates):
+            raise ValueError(f"search.k ({self.search.k}) is larger than the {len(candidates)} candidate(s) "
+                             f"for {self.data.channels}-channel data")
         return self
 
     def make_family(self) -> Family:
@@ -215,6 +226,9 @@ class JobSpec(_Section):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
+_NAMES_FIELD = re.compile(r"^[a-z_]+\.[a-z_.]+\b")
+
+
 def _format_errors(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
@@ -224,7 +238,8 @@ def _format_errors(err: ValidationError, prefix: str = "") -> str:
             msg = "unknown key (check spelling; see jobs/specs/*.yaml for the keys)"
         got = e.get("input")
         shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {loc or '(spec)'}: {msg}{shown}")
+        # Cross-field checks name their fields in the message: no "(spec)" in front of those.
+        lines.append(f"  {msg}{shown}" if not loc and _NAMES_FIELD.match(msg) else f"  {loc or '(spec)'}: {msg}{shown}")
     return "\n".join(lines)
 
 

@@ -42,13 +42,20 @@ _env_lock = threading.Lock()
 # ---------------------------------------------------------------------------------------------
 # Building a submission (pure functions; unit-tested without a cluster)
 
-def build_entrypoint(spec_yaml_text: str, overrides: Iterable[str] = (), resume: str | None = None) -> str:
-    """The shell command the job runs: ``python -m jobs.cli train --spec-b64 ... [--set k=v] [--resume RUN]``.
+COMMANDS = {"train": ("train",), "search": ("search", "mineaug")}   # what a job can run
+
+
+def build_entrypoint(spec_yaml_text: str, overrides: Iterable[str] = (), resume: str | None = None,
+                     command: str = "train") -> str:
+    """The shell command the job runs: ``python -m jobs.cli train --spec-b64 ... [--set k=v] [--resume RUN]``
+    (``search mineaug`` instead of ``train`` for a MineAug search).
 
     ``python`` is the interpreter on the PATH of the cluster's ``ray start`` (where orbitgen is
     installed); every argument is shell-quoted.
     """
-    args = ["python", "-m", "jobs.cli", "train", "--spec-b64", encode_inline(spec_yaml_text)]
+    if command not in COMMANDS:
+        raise ValueError(f"command {command!r}: allowed {', '.join(COMMANDS)}")
+    args = ["python", "-m", "jobs.cli", *COMMANDS[command], "--spec-b64", encode_inline(spec_yaml_text)]
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form section.key=value")
@@ -167,15 +174,16 @@ def _call(address: str | None, fn: Callable):
 
 def submit(spec_yaml_text: str, *, address: str | None, working_dir: str,
            overrides: Iterable[str] = (), env: dict[str, str] | None = None,
-           job_id: str | None = None, resume: str | None = None) -> str:
-    """Submit a training job for ``spec_yaml_text``; returns the job (submission) id.
+           job_id: str | None = None, resume: str | None = None, command: str = "train") -> str:
+    """Submit a training job (or, with ``command="search"``, a MineAug search) for ``spec_yaml_text``;
+    returns the job (submission) id.
 
     ``working_dir`` (normally the repository root) is zipped and uploaded, without
     :data:`WORKING_DIR_EXCLUDES` and what .gitignore lists. ``env`` adds or overrides job
     environment variables. ``job_id`` picks the submission id (it must be unused on the cluster).
     ``resume`` continues that stopped run (see ``orbitgen train --resume``).
     """
-    entrypoint = build_entrypoint(spec_yaml_text, overrides, resume)
+    entrypoint = build_entrypoint(spec_yaml_text, overrides, resume, command)
     runtime_env = build_runtime_env(working_dir, env)
     metadata = build_metadata(spec_yaml_text, runtime_env["env_vars"].get(GIT_SHA_ENV))
     client = _client(address)

@@ -233,6 +233,36 @@ def train_step(family: Family, phases: list[Phase], engines: Mapping[str, Engine
     return values
 
 
+def training_batches(spec: JobSpec, data_url: str, family: Family, rank: int, world: int, device: torch.device,
+                     start_batch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's training batches on the device from `start_batch` on, MineAug applied when the spec asks."""
+    batches: Iterator[dict[str, torch.Tensor]] = DevicePrefetcher(
+        open_stream(data_url, spec, family.data_keys, rank, world, start_batch=start_batch),
+        family.data_keys, device, spec.train.channels_last)
+    if spec.augment.mineaug:
+        batches = MineAugBatches(batches, spec.augment.mineaug, spec.data.channels,
+                                 batches_per_epoch(data_url, world, spec.per_worker_batch), start_batch=start_batch)
+    return batches
+
+
+def run_steps(spec: JobSpec, family: Family, phases: list[Phase], engines: Mapping[str, Engine],
+              networks: Mapping[str, nn.Module], batches: Iterator[dict[str, torch.Tensor]], *, start: int,
+              device: torch.device, rank: int = 0, world: int = 1) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """The loop itself: from step `start` to the spec's last step, yields (steps done, the step's values).
+    Ray Train's workers and the MineAug search's proxy trainings both run it."""
+    mean_over_ranks, from_rank0 = _mean_over_ranks(world), _from_rank0(world)
+    step = start
+    while step < spec.total_steps:
+        torch.manual_seed(step_seed(spec.train.seed, rank, step))   # MineAug's draws and the family's noise
+        batch = next(batches)
+        values = train_step(family, phases, engines, networks, batch, step=step, device=device,
+                            grad_accum=spec.train.grad_accum)
+        step += 1
+        values.update(family.after_step(StepEnd(networks=networks, rank=rank, step=step, batch=spec.train.batch,
+                                                device=device, mean_over_ranks=mean_over_ranks, from_rank0=from_rank0)))
+        yield step, values
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = WorkerConfig.from_loop_config(config)
     os.environ.update(cfg.env)
@@ -258,22 +288,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             say(f"resumed from step {step} ({images_seen} images)")
 
     total = spec.total_steps
-    batches = DevicePrefetcher(open_stream(cfg.data_url, spec, family.data_keys, rank, world, start_batch=step),
-                               family.data_keys, device, spec.train.channels_last)
-    if spec.augment.mineaug:
-        batches = MineAugBatches(batches, spec.augment.mineaug, spec.data.channels,
-                                 batches_per_epoch(cfg.data_url, world, spec.per_worker_batch), start_batch=step)
-    mean_over_ranks, from_rank0 = _mean_over_ranks(world), _from_rank0(world)
+    batches = training_batches(spec, cfg.data_url, family, rank, world, device, start_batch=step)
     t0, seen0 = time.perf_counter(), images_seen
-    while step < total:
-        torch.manual_seed(step_seed(spec.train.seed, rank, step))   # MineAug's draws and the family's noise
-        batch = next(batches)
-        values = train_step(family, phases, engines, networks, batch, step=step, device=device,
-                            grad_accum=spec.train.grad_accum)
-        step += 1
+    for step, values in run_steps(spec, family, phases, engines, networks, batches, start=step, device=device,
+                                  rank=rank, world=world):
         images_seen += spec.train.batch
-        values.update(family.after_step(StepEnd(networks=networks, rank=rank, step=step, batch=spec.train.batch,
-                                                device=device, mean_over_ranks=mean_over_ranks, from_rank0=from_rank0)))
 
         if log is not None and (step % spec.train.log_every == 0 or step == total):
             # Read losses back only here: a .item() every step would sync the device each step.

@@ -27,10 +27,13 @@ address_option = click.option("--address", default=lambda: os.environ.get("RAY_A
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--wait/--no-wait", default=False, help="Follow the job's logs until it ends.")
 @click.option("--resume", metavar="RUN", help=RESUME_HELP + " The run's storage must be one the cluster reads "
-              "(checkpoint.storage on S3, or the head's local workdir).")
-def jobs_submit(spec_path, address, overrides, wait, resume) -> None:
+              "(checkpoint.storage on S3, or the head's local workdir). With --search: the search's name.")
+@click.option("--search", "search", is_flag=True,
+              help="Run the spec's MineAug search (`orbitgen search mineaug`) on the cluster instead of training it.")
+def jobs_submit(spec_path, address, overrides, wait, resume, search) -> None:
     """Validate SPEC_PATH here, then run it on the cluster as a Ray job (this repository as the
-    job's working_dir; MLflow/S3 settings from this shell travel with it). Prints the job id."""
+    job's working_dir; MLflow/S3 settings from this shell travel with it). Prints the job id.
+    With --search the job is `orbitgen search mineaug` of the spec; its trials spread over the cluster."""
     from jobs import submit
 
     try:
@@ -41,7 +44,7 @@ def jobs_submit(spec_path, address, overrides, wait, resume) -> None:
         say("warning: no tracking.uri and no MLFLOW_TRACKING_URI: the job tracks into a local store "
              "on the cluster's head, under the spec's workdir")
     job_id = submit.submit(Path(spec_path).read_text(), address=address, working_dir=str(Path(__file__).parents[2]),
-                           overrides=list(overrides), resume=resume)
+                           overrides=list(overrides), resume=resume, command="search" if search else "train")
     click.echo(job_id)
     if wait:
         status = submit.wait(job_id, address=address, timeout_s=24 * 3600, on_log=lambda t: click.echo(t, nl=False, err=True))

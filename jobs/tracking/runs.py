@@ -18,6 +18,7 @@ TAG_FAMILY = "orbitgen.family"
 TAG_DATA = "orbitgen.data_fingerprint"
 TAG_GIT = "orbitgen.git_sha"
 TAG_SPEC = "orbitgen.spec_sha"
+TAG_SEARCH = "orbitgen.search_run"   # the MineAug search that chose augment.mineaug
 
 
 def is_local_store(uri: str) -> bool:

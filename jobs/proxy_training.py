@@ -1,0 +1,67 @@
+"""Short proxy trainings for the MineAug search's stage 2, on the real training loop.
+
+`search` never imports `jobs` (DESIGN.md): it receives the function made here. One call trains
+the spec's family for `budget_steps` on one worker with the given MineAug augmentations, using the
+same pieces as a Ray Train worker (`jobs.worker.build_training`, `training_batches`, `run_steps`)
+without Ray Train's start-up cost, and scores the generator against the ORIGINAL images only
+(`jobs.evaluate.evaluate` reads the un-augmented shards): scoring against the augmented set would
+reward augmentations that leak into the generated images, the published code's flaw.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from jobs.evaluate import evaluate
+from jobs.spec import JobSpec
+from jobs.worker import build_training, run_steps, training_batches
+from models.images import to_uint8
+
+EVALUATIONS = 4          # FIDs reported per proxy training (ASHA decides on the earlier ones)
+LEAK_SAMPLES_SEED = 7_000_000
+
+
+def proxy_spec(spec: JobSpec, augmentations: list[str], budget_steps: int) -> JobSpec:
+    """`spec` trained for `budget_steps` on one worker with `augmentations` as MineAug's list."""
+    raw = spec.model_dump(mode="json")
+    raw["augment"] = {**raw["augment"], "mineaug": list(augmentations)}
+    raw["train"] = {**raw["train"], "steps": budget_steps, "kimg": None}
+    raw["scaling"] = {**raw["scaling"], "num_workers": 1}
+    raw["strategy"] = {**raw["strategy"], "kind": "ddp"}   # one process: no DeepSpeed start-up per trial
+    return JobSpec.model_validate(raw)
+
+
+def eval_steps(budget_steps: int, evaluations: int = EVALUATIONS) -> list[int]:
+    """Steps after which the proxy is scored: evenly spaced, the last one included."""
+    every = max(1, budget_steps // evaluations)
+    return sorted({*range(every, budget_steps + 1, every), budget_steps})
+
+
+def make_proxy_train_fn(spec: JobSpec, data_url: str, num_samples: int | None = None,
+                        say: Callable[[str], None] | None = None) -> Callable[..., dict[str, Any]]:
+    """The `train_fn` of `search.run_search`: (augmentations, budget_steps, report, trial_dir) ->
+    {"fid": final FID against the originals, "samples": uint8 NCHW generated images}."""
+    n_eval = num_samples or spec.eval.num_samples
+
+    def train(augmentations: list[str], budget_steps: int, report: Callable[[int, float], None],
+              trial_dir: str) -> dict[str, Any]:
+        s = proxy_spec(spec, augmentations, budget_steps)
+        device = torch.device("cuda" if s.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+        family, networks, phases, engines = build_training(s, device, world_size=1)
+        batches = training_batches(s, data_url, family, rank=0, world=1, device=device, start_batch=0)
+        sampler = networks[family.sampler_role]
+        checkpoints, fid = set(eval_steps(budget_steps)), float("nan")
+        for step, _ in run_steps(s, family, phases, engines, networks, batches, start=0, device=device):
+            if step in checkpoints:
+                scores, _ = evaluate(family, sampler, data_url=data_url, num_samples=n_eval,
+                                     extractor=s.eval.fid_extractor, inception_weights=s.eval.inception_weights,
+                                     device=device)
+                fid = scores["fid"]
+                report(step, fid)
+                if say:
+                    say(f"proxy {'+'.join(augmentations) or '(none)'} · step {step}/{budget_steps} · fid {fid:.3f}")
+        samples = to_uint8(family.sample(sampler, min(n_eval, 256), seed=LEAK_SAMPLES_SEED)).cpu()
+        return {"fid": fid, "samples": samples}
+
+    return train

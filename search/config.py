@@ -1,0 +1,117 @@
+"""The `search:` section of a job spec: what a MineAug search scores, keeps and validates.
+
+Errors name the field as it is written in the spec (`search.k`, `search.candidates`, ...), so the
+CLI can print them as one line.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.augment.pool import COLOUR_ONLY, POOL_NAMES, names_for
+
+
+class SearchConfigError(ValueError):
+    """A bad `search:` value; the message starts with the field's name."""
+
+
+class ValidateConfig(BaseModel):
+    """Stage 2: short proxy trainings of subsets of the `top_m` best kept candidates."""
+
+    model_config = ConfigDict(extra="forbid")
+    top_m: int = Field(0, ge=0)          # 0 = stage 2 off
+    trials: int = Field(0, ge=0)         # Optuna trials, seed points included
+    budget_steps: int = Field(0, ge=0)   # training steps of one proxy training
+
+    @model_validator(mode="after")
+    def _complete_when_on(self) -> "ValidateConfig":
+        if self.top_m > 0 and (self.trials < 1 or self.budget_steps < 1):
+            raise ValueError("with top_m > 0, trials and budget_steps must be >= 1")
+        return self
+
+
+class SearchConfig(BaseModel):
+    # `validate` is a (deprecated) BaseModel method, so the field is `validate_` spelled `validate` in specs.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+    k: int = Field(3, ge=1)
+    candidates: Literal["all"] | list[str] = "all"
+    repeats: int = Field(3, ge=1)
+    mse_min: float = Field(0.02, ge=0.0)
+    dedupe: bool = True
+    concurrency: int | None = Field(None, ge=1)
+    # Ray resource names as the spec writes them; fractional GPUs pack several trials on one GPU.
+    resources_per_trial: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0, "GPU": 0.0})
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    select: Literal["singles", "sets"] = "sets"
+    seed: int = Field(0, ge=0)
+    max_images: int | None = Field(None, ge=2)   # cap on the originals, for quick runs
+
+    @field_validator("candidates")
+    @classmethod
+    def _names_known(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty list; use 'all' or name at least one pool entry")
+            unknown = [n for n in v if n not in POOL_NAMES]
+            if unknown:
+                raise ValueError(f"unknown augmentation(s) {', '.join(unknown)}; allowed: {', '.join(POOL_NAMES)}")
+            if len(set(v)) != len(v):
+                raise ValueError("names a candidate twice")
+        return v
+
+    @field_validator("resources_per_trial")
+    @classmethod
+    def _resources(cls, v: dict[str, float]):
+        unknown = [k for k in v if k not in ("CPU", "GPU")]
+        if unknown:
+            raise ValueError(f"unknown resource(s) {', '.join(unknown)}; allowed: CPU, GPU")
+        v = {"CPU": float(v.get("CPU", 1.0)), "GPU": float(v.get("GPU", 0.0))}
+        if v["CPU"] <= 0 or v["GPU"] < 0:
+            raise ValueError("CPU must be > 0 and GPU >= 0")
+        if v["GPU"] > 1 and v["GPU"] != int(v["GPU"]):
+            raise ValueError("a GPU share above 1 must be a whole number of GPUs")
+        return v
+
+    @property
+    def validate_cfg(self) -> ValidateConfig:
+        return self.validate_
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def load_config(values: dict | SearchConfig | None) -> SearchConfig:
+    """Validate a `search:` mapping; errors name the field (`search.<key>: message`)."""
+    if isinstance(values, SearchConfig):
+        return values
+    try:
+        return SearchConfig.model_validate(values or {})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(section)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            lines.append(f"search.{loc}: {msg}")
+        raise SearchConfigError("; ".join(lines)) from None
+
+
+def resolve_candidates(cfg: SearchConfig, channels: int) -> list[str]:
+    """The candidate names for `channels`-channel data, in pool order for "all" (colour-only
+    entries silently dropped for 1 channel) and in the spec's order for a list (where a colour
+    entry on 1-channel data is an error: the user asked for something that cannot run)."""
+    if channels not in (1, 3):
+        raise SearchConfigError(f"data.channels: MineAug searches 1- or 3-channel images, not {channels}")
+    if cfg.candidates == "all":
+        return names_for(channels)
+    unknown = [n for n in cfg.candidates if n not in POOL_NAMES]
+    if unknown:   # a config built without validation (model_construct) still gets a clear error
+        raise SearchConfigError(f"search.candidates: unknown augmentation(s) {', '.join(unknown)}; "
+                                f"allowed: {', '.join(names_for(channels))}")
+    colour = [n for n in cfg.candidates if n in COLOUR_ONLY and channels != 3]
+    if colour:
+        raise SearchConfigError(f"search.candidates: {', '.join(colour)} need(s) 3-channel images, the data has "
+                                f"{channels}; remove them or use 'all' (which skips colour-only entries)")
+    return list(cfg.candidates)
