@@ -17,9 +17,10 @@ def _add_commands() -> None:
     from jobs.cli.data import data
     from jobs.cli.jobs import jobs
     from jobs.cli.models import models
+    from jobs.cli.search import search
     from jobs.cli.train import quickstart, train
 
-    for command in (train, quickstart, data, models, jobs):
+    for command in (train, quickstart, search, data, models, jobs):
         main.add_command(command)
 
 

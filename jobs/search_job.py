@@ -1,0 +1,90 @@
+"""Run a spec's MineAug search (`orbitgen search mineaug`): the driver side.
+
+It resolves what the spec names (data, feature extractor, tracking, storage), hands `search`
+the function that runs one proxy training on the real loop (`jobs.proxy_training`: search never
+imports jobs), and writes the spec back with `augment.mineaug` and `augment.search_run` set, so
+the next command is `orbitgen train <that spec>`.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from data_shards.storage import join
+from jobs.runner import check_data, ensure_ray, resolve_data
+from jobs.spec import JobSpec, SpecError
+
+
+@dataclass
+class SearchJobResult:
+    result: Any            # search.run.SearchResult
+    spec_path: Path        # the written spec, ready for `orbitgen train`
+    tracking_uri: str
+
+
+def search_storage(spec: JobSpec, name: str) -> str:
+    """The search's folder: under checkpoint.storage when the spec sets one (a cluster's trials
+    must all reach it), else under the workdir."""
+    if spec.checkpoint.storage:
+        return join(spec.checkpoint.storage, "search", name)
+    return str(spec.workdir_path() / "search" / name)
+
+
+def written_spec(spec: JobSpec, chosen: list[str], parent_run_id: str) -> str:
+    """The input spec (as validated, overrides applied) with the search's choice filled in."""
+    raw = spec.model_dump(mode="json")
+    raw["augment"] = {**raw["augment"], "mineaug": list(chosen), "search_run": parent_run_id}
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def run_search_job(spec: JobSpec, *, say: Callable[[str], None] = print, resume: str | None = None,
+                   out: str | None = None) -> SearchJobResult:
+    """Search `spec`'s augmentations; with `resume` (a search name), continue that search."""
+    from search.run import run_search   # imports Ray Tune: only when searching
+
+    family = spec.make_family()
+    if family.conditional:
+        raise SpecError(f"family: {spec.family} is conditional; MineAug searches augmentations of unconditional "
+                        "image sets (stylegan2, dcgan, diffusion with conditioning none)")
+    cfg = spec.search
+    local = spec.model_copy(update={"workdir": str(spec.workdir_path())})
+    data_url = resolve_data(local)
+    card = check_data(local, data_url)
+    name = resume or f"{spec.name}-search-{uuid.uuid4().hex[:8]}"
+    storage = search_storage(local, name)
+    tracking_uri = local.tracking_uri()
+    say(f"data      {data_url} ({card['count']} images, fingerprint {card['fingerprint'][:12]})")
+    say(f"search    {name} · storage {storage} · mlflow {tracking_uri}")
+
+    train_fn = None
+    if cfg.validate_.top_m:
+        from jobs.proxy_training import make_proxy_train_fn
+
+        train_fn = make_proxy_train_fn(local, data_url, say=say)
+    ensure_ray()
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        result = run_search(
+            data_url, channels=spec.data.channels, resolution=spec.data.resolution, config=cfg,
+            tracking_uri=tracking_uri, experiment=spec.experiment, name=name, storage=storage,
+            extractor=spec.eval.fid_extractor, extractor_weights=spec.eval.inception_weights,
+            resume=resume is not None, train_fn=train_fn, progress=say,
+            parent_tags={"orbitgen.family": spec.family, "orbitgen.data_fingerprint": card["fingerprint"],
+                         "orbitgen.spec_sha": spec.sha()},
+            validate_resources={"CPU": spec.scaling.cpus_per_worker, "GPU": 1.0 if spec.scaling.use_gpu else 0.0},
+        )
+    finally:   # mlflow.set_tracking_uri writes the variable: leave the process as it was
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+    path = Path(out) if out else spec.workdir_path() / "search" / name / "spec.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# Written by `orbitgen search mineaug` (search {name}, MLflow run {result.parent_run_id}).\n"
+                    + written_spec(spec, result.chosen, result.parent_run_id))
+    return SearchJobResult(result=result, spec_path=path, tracking_uri=tracking_uri)
