@@ -67,6 +67,8 @@ def run_search_job(spec: JobSpec, *, say: Callable[[str], None] = print, resume:
 
         train_fn = make_proxy_train_fn(local, data_url, say=say)
     ensure_ray()
+    # Tune's console box and TensorBoard hint say nothing the search's own progress lines don't.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     before = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         result = run_search(

@@ -1,0 +1,88 @@
+"""The originals of a search: their pixels, keys and features, read and extracted once.
+
+Trials receive this object through Ray's object store (one copy per node), so no candidate
+re-reads the shards or re-extracts the originals' features.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from data_shards.builtin import ensure_builtin, is_builtin
+from data_shards.card import read_card
+from data_shards.stream import iterate_once
+from models.metrics.extractors import make_extractor
+
+BATCH = 256
+
+
+@dataclass
+class Originals:
+    images: torch.Tensor       # uint8 (N, C, H, W)
+    keys: list[str]            # sample keys, in the order of `images`
+    features: np.ndarray       # float32 (N, d), extractor `extractor_name`
+    extractor_name: str        # the extractor's `.name` (logged next to every FID)
+    channels: int
+    url: str = ""
+    fingerprint: str = ""
+
+    @property
+    def count(self) -> int:
+        return int(self.images.shape[0])
+
+
+@torch.no_grad()
+def extract(extractor: torch.nn.Module, images: torch.Tensor, device: str | torch.device = "cpu",
+            batch: int = BATCH) -> np.ndarray:
+    """Features of uint8 NCHW images, in batches, as float32 numpy (N, d)."""
+    out = [extractor(images[s:s + batch].to(device)).float().cpu() for s in range(0, images.shape[0], batch)]
+    return torch.cat(out).numpy()
+
+
+def resolve_url(url: str, root: str, resolution: int | None, channels: int) -> str:
+    """Shard URL for `url`; a `builtin:` set is generated once under `root` (as jobs does for training)."""
+    if is_builtin(url):
+        if resolution is None:
+            raise ValueError(f"data.resolution is needed to render the built-in set {url}")
+        return ensure_builtin(url, root, resolution, channels)
+    return url
+
+
+def load_originals(url: str, channels: int, extractor: str | torch.nn.Module = "randconv",
+                   weights_path: str | None = None, max_images: int | None = None,
+                   device: str | torch.device = "cpu",
+                   progress: Callable[[str], None] | None = None) -> Originals:
+    """Read every image of a shard set once (or the first `max_images`), and extract features."""
+    card = read_card(url)
+    if card.channels != channels:
+        raise ValueError(f"data.train {url} holds {card.channels}-channel images, the spec says data.channels={channels}")
+    images, keys = [], []
+    for batch in iterate_once(url, BATCH, limit=max_images):
+        images.append(batch["image"])
+        keys.extend(batch["__key__"])
+    if not images or sum(b.shape[0] for b in images) < 2:
+        raise ValueError(f"data.train {url}: a search needs at least 2 readable images")
+    pixels = torch.cat(images)
+    net = make_extractor(extractor, weights_path) if isinstance(extractor, str) else extractor
+    net = net.to(device).eval()
+    if progress:
+        progress(f"originals: {pixels.shape[0]} images {tuple(pixels.shape[1:])} from {url}; extracting {net.name} features")
+    return Originals(images=pixels, keys=keys, features=extract(net, pixels, device), extractor_name=net.name,
+                     channels=channels, url=url, fingerprint=getattr(card, "fingerprint", "") or "")
+
+
+def from_tensors(images: torch.Tensor, keys: list[str] | None, extractor: str | torch.nn.Module = "randconv",
+                 weights_path: str | None = None, device: str | torch.device = "cpu") -> Originals:
+    """Originals from images already in memory (tests, callers that hold the data)."""
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise TypeError(f"expected uint8 NCHW images, got {images.dtype} {tuple(images.shape)}")
+    keys = list(keys) if keys is not None else [f"{i:06d}" for i in range(images.shape[0])]
+    if len(keys) != images.shape[0] or len(set(keys)) != len(keys):
+        raise ValueError("need one distinct key per image")
+    net = make_extractor(extractor, weights_path) if isinstance(extractor, str) else extractor
+    net = net.to(device).eval()
+    return Originals(images=images.contiguous(), keys=keys, features=extract(net, images, device),
+                     extractor_name=net.name, channels=int(images.shape[1]))

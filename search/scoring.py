@@ -1,0 +1,78 @@
+"""Execute + Select for one candidate (MINEAUG.md §1), repeated with fresh random parameters.
+
+Pure computation, no Ray: a Tune trial calls `score_candidate`, and so does the serial
+reference computation the tests compare the trials against.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.augment.pool import apply_uint8, mse_pm1
+from search.frechet import Reference
+from search.originals import Originals, extract
+
+
+def repeat_seed(search_seed: int, candidate: str, repeat: int) -> int:
+    """The augmentation seed of one (candidate, repeat): a stable hash (crc32, not Python's
+    salted hash()), so reruns and resumed searches draw the same parameters on any machine."""
+    return zlib.crc32(f"mineaug/{search_seed}/{candidate}/{repeat}".encode("utf-8"))
+
+
+def spread(values) -> float:
+    """Sample standard deviation over repeats (0 for one repeat)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+@dataclass
+class CandidateScore:
+    name: str
+    fids: list[float]                   # FID(augmented copy, originals), one per repeat
+    mses: list[float]                   # pixel MSE in [-1, 1], images matched by key, one per repeat
+    features: list[np.ndarray] = field(repr=False, default_factory=list)   # float32 (N, d) per repeat
+    seconds: float = 0.0
+
+    @property
+    def fid(self) -> float:
+        return float(np.mean(self.fids))
+
+    @property
+    def fid_std(self) -> float:
+        return spread(self.fids)
+
+    @property
+    def mse(self) -> float:
+        return float(np.mean(self.mses))
+
+    @property
+    def mse_std(self) -> float:
+        return spread(self.mses)
+
+
+def augmented_copy(name: str, originals: Originals, search_seed: int, repeat: int,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """Every original with `name` applied once (probability 1), in the originals' order (and keys)."""
+    images = originals.images.to(device)
+    return apply_uint8(name, images, originals.channels, repeat_seed(search_seed, name, repeat)).cpu()
+
+
+def score_candidate(name: str, originals: Originals, extractor: torch.nn.Module, repeats: int, search_seed: int,
+                    reference: Reference | None = None, device: str | torch.device = "cpu") -> CandidateScore:
+    """FID and MSE of `name` for each repeat, keeping every repeat's augmented features."""
+    start = time.perf_counter()
+    reference = reference or Reference(originals.features)
+    extractor = extractor.to(device).eval()
+    fids, mses, feats = [], [], []
+    for r in range(repeats):
+        aug = augmented_copy(name, originals, search_seed, r, device)
+        f = extract(extractor, aug, device)
+        feats.append(f)
+        fids.append(reference.fid(reference.stats(f)))
+        # apply_uint8 keeps row order, so row i is the copy of key i: matched by key by construction.
+        mses.append(mse_pm1(aug, originals.images))
+    return CandidateScore(name, fids, mses, feats, time.perf_counter() - start)

@@ -1,0 +1,194 @@
+"""Select: from per-candidate scores to a ranking, near-duplicate groups, ties and the best K-sets.
+
+All pure functions of cached scores and features (no augmentation, no extraction here).
+
+Near-duplicates are judged from outputs, per image. For candidates a and b with repeats r, r',
+and f_a^r(i) the features of image i under a's r-th draw:
+    cross(a, b) = mean_{i, r} |f_a^r(i) - f_b^r(i)|^2       (different transforms, same image)
+    spread(a)   = mean_{i, r<r'} |f_a^r(i) - f_a^r'(i)|^2    (two draws of the same transform)
+For independent draws cross(a, b) = (spread(a) + spread(b)) / 2 + mean_i |m_a(i) - m_b(i)|^2,
+m the per-image mean output. Two copies of one transform therefore have cross = spread(a) =
+spread(b); different transforms raise cross above the smaller spread, either through their
+means or through unequal spreads. Rule: near-duplicates iff cross(a, b) <= DUP_RATIO *
+min(spread(a), spread(b)) (deterministic transforms, spread 0, group only with identical
+outputs). Why not the FID between the two augmented sets: on rotation-invariant data such as
+the crater fields every geometric transform keeps the set's distribution, so set-level FIDs
+cannot tell Rotate from ThinPlateSpline (measured on builtin:craters, randconv features:
+FID(Rotate, RandomAffine) / FID to originals = 0.09, Rotate vs ThinPlateSpline 0.11), while
+the per-image rule gives 0.99 for Rotate/RandomAffine against >= 1.37 for every other pair
+and 'never' for HorizontalFlip/VerticalFlip. It needs repeats >= 2 to measure spreads; with one
+repeat only identical outputs are grouped.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from search.frechet import MixtureTable, Reference
+from search.scoring import CandidateScore, spread
+
+DUP_RATIO = 1.15
+SCREEN_RANK = 256     # above this reference rank, subsets are screened before exact scoring
+EXACT_TOP = 32
+
+
+@dataclass
+class RankRow:
+    rank: int
+    augmentation: str
+    fid: float
+    fid_std: float
+    mse: float
+    kept: bool
+    reason: str = ""                 # why not kept (MSE gate, near-duplicate)
+    near_duplicate_of: str = ""      # the group's representative (best FID), for its other members
+    tied_with: list[str] = field(default_factory=list)   # kept candidates whose fid ± fid_std overlap
+
+    def as_csv(self) -> dict:
+        d = asdict(self)
+        d["tied_with"] = " ".join(self.tied_with)
+        return d
+
+
+@dataclass
+class SubsetRow:
+    rank: int
+    augmentations: tuple[str, ...]
+    fid: float                       # mixture FID, mean over repeats
+    fid_std: float
+    fids: list[float]
+    exact: bool = True               # False: a screened upper bound (see rank_subsets)
+
+    def as_csv(self) -> dict:
+        return {"rank": self.rank, "augmentations": "+".join(self.augmentations), "fid": self.fid,
+                "fid_std": self.fid_std, "fids": " ".join(f"{v:.6g}" for v in self.fids), "exact": self.exact}
+
+
+def _matched_sq(x: np.ndarray, y: np.ndarray) -> float:
+    d = x.astype(np.float64) - y.astype(np.float64)
+    return float(np.einsum("ij,ij->i", d, d).mean())
+
+
+def output_spread(score: CandidateScore) -> float:
+    """Mean squared feature distance, per image, between two draws of the same candidate."""
+    f = score.features
+    pairs = [_matched_sq(f[r], f[q]) for r in range(len(f)) for q in range(r + 1, len(f))]
+    return float(np.mean(pairs)) if pairs else 0.0
+
+
+def output_cross(a: CandidateScore, b: CandidateScore) -> float:
+    """Mean squared feature distance, per image, between a's and b's outputs (repeat by repeat)."""
+    return float(np.mean([_matched_sq(x, y) for x, y in zip(a.features, b.features)]))
+
+
+def near_duplicate_groups(scores: Mapping[str, CandidateScore], names: Sequence[str],
+                          ratio: float = DUP_RATIO) -> dict[str, str]:
+    """member -> representative for every candidate of `names` that joins a group. Greedy by FID:
+    each candidate, best first, joins the first representative it duplicates (no chains)."""
+    order = sorted(names, key=lambda n: scores[n].fid)
+    spreads = {n: output_spread(scores[n]) for n in order}
+    reps: list[str] = []
+    member_of: dict[str, str] = {}
+    for n in order:
+        for rep in reps:
+            # A tiny absolute floor so that two deterministic, identical transforms (spread 0) group.
+            floor = 1e-12 * (1.0 + np.mean(np.square(scores[n].features[0])))
+            if output_cross(scores[n], scores[rep]) <= ratio * min(spreads[n], spreads[rep]) + floor:
+                member_of[n] = rep
+                break
+        else:
+            reps.append(n)
+    return member_of
+
+
+def tied(rows: Sequence[RankRow]) -> None:
+    """Fill `tied_with`: kept candidates whose intervals fid ± fid_std overlap."""
+    kept = [r for r in rows if r.kept]
+    for r in kept:
+        r.tied_with = [o.augmentation for o in kept if o is not r
+                       and abs(o.fid - r.fid) <= o.fid_std + r.fid_std and (o.fid_std + r.fid_std) > 0]
+
+
+def rank_candidates(scores: Mapping[str, CandidateScore], mse_min: float, dedupe: bool,
+                    dup_ratio: float = DUP_RATIO) -> list[RankRow]:
+    """Kept candidates (MSE > mse_min, not a near-duplicate of a better one when `dedupe`) ranked by
+    FID ascending, then the dropped ones in FID order. Near-duplicate groups are reported even when
+    `dedupe` is off (then all members stay eligible)."""
+    rows = {n: RankRow(0, n, s.fid, s.fid_std, s.mse, True) for n, s in scores.items()}
+    for n, s in scores.items():
+        if not s.mse > mse_min:
+            rows[n].kept, rows[n].reason = False, f"mse {s.mse:.4g} <= mse_min {mse_min:g} (near-identity)"
+    passing = [n for n in scores if rows[n].kept]
+    for member, rep in near_duplicate_groups(scores, passing, dup_ratio).items():
+        rows[member].near_duplicate_of = rep
+        if dedupe:
+            rows[member].kept, rows[member].reason = False, f"near-duplicate of {rep} (lower FID)"
+    ordered = sorted(rows.values(), key=lambda r: (not r.kept, r.fid, r.augmentation))
+    for i, r in enumerate(ordered, start=1):
+        r.rank = i
+    tied(ordered)
+    return ordered
+
+
+def best_singles(rows: Sequence[RankRow], k: int) -> list[str]:
+    """The published choice: the k kept candidates of lowest FID."""
+    return [r.augmentation for r in rows if r.kept][:k]
+
+
+def mixture_table(reference: Reference, scores: Mapping[str, CandidateScore], names: Sequence[str]) -> MixtureTable:
+    return MixtureTable(reference, [[reference.stats(f) for f in scores[n].features] for n in names])
+
+
+def mixture_fid(table: MixtureTable, names: Sequence[str], subset: Sequence[str]) -> tuple[float, float]:
+    """(mean, spread over repeats) of the FID of the originals plus one copy per `subset` member."""
+    index = {n: i for i, n in enumerate(names)}
+    fids = table.fids(np.array([[index[n] for n in subset]], dtype=np.int64).reshape(1, len(subset)))[0]
+    return float(fids.mean()), spread(fids)
+
+
+def rank_subsets(table: MixtureTable, names: Sequence[str], k: int, screen_rank: int = SCREEN_RANK,
+                 exact_top: int = EXACT_TOP, max_exact: int = 4 * EXACT_TOP) -> list[SubsetRow]:
+    """Every k-subset of `names` (the kept candidates, in `table`'s order) by mixture FID ascending;
+    repeat r of a subset mixes the r-th copy of each member.
+
+    Exact when the reference's rank is at most `screen_rank` (64 for random-conv features, or few
+    images). Above it (Inception features of thousands of images: one 2048 x 2048 eigenvalue
+    problem per mixture, ~0.5 s on a CPU core), every subset gets cheap bounds from the
+    `screen_rank` leading directions (MixtureTable.bounds); subsets are then scored exactly in order
+    of their lower bound until the `exact_top` best exact ones provably beat every remaining bound
+    (or `max_exact` were scored). Exact rows come first; the others report their lower bound with
+    `exact=False`."""
+    if k > len(names):
+        raise ValueError(f"search.k={k} is larger than the {len(names)} kept candidates ({', '.join(names)})")
+    combos = np.array(list(itertools.combinations(range(len(names)), k)), dtype=np.int64).reshape(-1, k)
+    exact = np.ones(len(combos), dtype=bool)
+    if table.ref.rank > screen_rank and len(combos) > exact_top:
+        lower, upper = table.bounds(combos, screen_rank)
+        low = lower.mean(axis=1)
+        fids, exact[:] = lower.copy(), False
+        order = np.argsort(low, kind="stable")
+        # Exact scores in order of the lower bound, until the exact_top best exact values cannot be
+        # beaten by any bound left (then that top is certain), or max_exact evaluations were spent.
+        done = 0
+        while done < min(len(order), max_exact):
+            batch = order[done:done + exact_top]
+            fids[batch] = table.fids(combos[batch])
+            exact[batch] = True
+            done += len(batch)
+            best = np.sort(fids[exact].mean(axis=1))[:exact_top]
+            if done >= len(order) or (len(best) >= exact_top and best[-1] <= low[order[done]]):
+                break
+    else:
+        fids = table.fids(combos)
+    means = fids.mean(axis=1)
+    order = np.lexsort((np.arange(len(combos)), means, ~exact))   # exact rows first, each part by FID
+    return [SubsetRow(rank + 1, tuple(names[j] for j in combos[i]), float(means[i]), spread(fids[i]),
+                      [float(v) for v in fids[i]], bool(exact[i])) for rank, i in enumerate(order)]
+
+
+def n_subsets(n: int, k: int) -> int:
+    return math.comb(n, k)

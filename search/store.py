@@ -1,0 +1,76 @@
+"""A search's folder (local path or fsspec URL): per-trial results, written by the trials
+themselves, so that a restarted search finds what already finished.
+
+    <storage>/search.json            the config and the MLflow parent run of this search
+    <storage>/stage1/<name>.npz      fids, mses, features (repeats, N, d) of one candidate
+    <storage>/stage1/<name>.json     written last: its presence marks the trial finished
+    <storage>/stage2/<subset>.json   one validated subset's training outcome
+    <storage>/tune/                  Ray Tune's own experiment folders
+"""
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from data_shards.storage import filesystem, join, to_url
+from search.scoring import CandidateScore
+
+
+class SearchStore:
+    def __init__(self, storage: str):
+        self.url = to_url(storage)
+        self.fs, self.path = filesystem(self.url)
+
+    def _p(self, *parts: str) -> str:
+        return join(self.path, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self._p(*parts))
+
+    def read_json(self, *parts: str) -> Any:
+        with self.fs.open(self._p(*parts), "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+
+    def write_json(self, value: Any, *parts: str) -> None:
+        self.fs.pipe(self._p(*parts), json.dumps(value, indent=1, sort_keys=True).encode("utf-8"))
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        self.fs.pipe(self._p(*parts), data)
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return self.fs.cat_file(self._p(*parts))
+
+    def has_any_state(self) -> bool:
+        return self.exists("search.json")
+
+    # -- stage 1 -------------------------------------------------------------------------------
+    def stage1_done(self, name: str) -> bool:
+        return self.exists("stage1", f"{name}.json")
+
+    def save_score(self, score: CandidateScore) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, fids=np.asarray(score.fids), mses=np.asarray(score.mses),
+                 features=np.stack(score.features).astype(np.float32), seconds=np.asarray(score.seconds))
+        self.write_bytes(buf.getvalue(), "stage1", f"{score.name}.npz")
+        # The marker goes last: a trial killed between the two files counts as unfinished.
+        self.write_json({"candidate": score.name, "fid": score.fid, "fid_std": score.fid_std, "mse": score.mse,
+                         "repeats": len(score.fids), "seconds": score.seconds}, "stage1", f"{score.name}.json")
+
+    def load_score(self, name: str) -> CandidateScore:
+        with np.load(io.BytesIO(self.read_bytes("stage1", f"{name}.npz"))) as z:
+            return CandidateScore(name, [float(v) for v in z["fids"]], [float(v) for v in z["mses"]],
+                                  list(z["features"]), float(z["seconds"]))
+
+    def tune_storage(self) -> tuple[str, Any]:
+        """(storage_path, storage_filesystem) for Tune: local folders as paths, other stores through
+        the data plane's fsspec filesystem wrapped for pyarrow."""
+        url = join(self.url, "tune")
+        if url.startswith("file://"):
+            return filesystem(url)[1], None
+        import pyarrow.fs
+
+        fs, path = filesystem(url)
+        return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
