@@ -108,8 +108,11 @@ class Family:
     data_keys: ClassVar[tuple[str, ...]] = ("image",)   # sample keys a batch carries (image, cond, mask, cls)
     metrics: ClassVar[tuple[str, ...]] = ("fid",)
     sampler_role: ClassVar[str] = "G"   # the network that the registered model wraps
-    # The smallest spec overrides (`--set` keys) that train this family on a CPU in seconds: the
-    # contract tests train every family × ready spec with them. Required of every family.
+    # The smallest model of this family, as spec overrides (`--set` keys: data.resolution and
+    # model.* widths, e.g. {"data.resolution": 16, "model.ngf": 8}) that train it on a CPU in
+    # seconds with any of its ready specs; the run's size (steps, batch, samples, data) is the
+    # caller's. tests/families/test_family_contract.py trains every family × ready spec with it
+    # and fails a family that leaves it empty.
     tiny: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: FamilyConfig, *, resolution: int, channels: int, lr: float):

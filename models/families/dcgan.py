@@ -32,6 +32,7 @@ class DCGAN(Family):
     conditional = False
     metrics = ("fid",)
     sampler_role = "G"
+    tiny = {"data.resolution": 16, "model.nz": 8, "model.ngf": 8, "model.ndf": 8}
 
     config: DCGANConfig
 

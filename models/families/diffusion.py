@@ -87,6 +87,8 @@ class Diffusion(Family):
     name = "diffusion"
     config_cls = DiffusionConfig
     sampler_role = "ema"
+    tiny = {"data.resolution": 16, "model.base_channels": 8, "model.channel_mult": [1, 2], "model.num_res_blocks": 1,
+            "model.attention_resolutions": [8], "model.sample_steps": 2}
 
     config: DiffusionConfig
 

@@ -43,6 +43,7 @@ class Pix2Pix(Family):
     data_keys = ("cond", "image")
     metrics = ("l1", "ssim", "psnr", "fid")
     sampler_role = "G"
+    tiny = {"data.resolution": 16, "model.ngf": 8, "model.ndf": 8, "model.d_layers": 2}
     attention: ClassVar[bool] = False   # attention gates on the UNet's skips
     mask_channels: ClassVar[int] = 0    # channels of a `mask` input concatenated to `cond`
 

@@ -139,6 +139,9 @@ class StyleGAN2(Family):
     conditional = False
     metrics = ("fid", "kid", "pr")
     sampler_role = "G_ema"
+    # Plain StyleGAN2-ADA: the vision-aided heads need backbone weight files.
+    tiny = {"data.resolution": 16, "model.z_dim": 16, "model.w_dim": 16, "model.mapping_layers": 2,
+            "model.channel_base": 128, "model.channel_max": 16, "model.vision_aided": None}
 
     config: StyleGAN2Config
 

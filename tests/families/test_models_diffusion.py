@@ -12,7 +12,7 @@ from models.nets.controlnet import ControlledUNet, ControlNet
 from models.families.diffusion import Diffusion, DiffusionConfig
 from models.nets.ddpm_unet import DDPMUNet as UNet, SelfAttention
 from models.family import StepEnd
-from models.registry import get_family_cls
+from models.registry import get_family_cls, make_family
 from models.snapshot import load_snapshot, save_snapshot
 
 TINY = {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [16, 8],
@@ -20,7 +20,7 @@ TINY = {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "atten
 
 
 def tiny(resolution: int = 16, channels: int = 3, lr: float = 1e-3, **cfg) -> Diffusion:
-    return Diffusion(DiffusionConfig(**{**TINY, **cfg}), resolution=resolution, channels=channels, lr=lr)
+    return make_family("diffusion", {**TINY, **cfg}, resolution=resolution, channels=channels, lr=lr)
 
 
 def trained_like(net: nn.Module, seed: int = 0) -> nn.Module:
@@ -94,7 +94,7 @@ def test_unet_shapes_with_attention(channels):
 
 def test_published_network_size():
     """DDPM's CIFAR-10 network (width 128, [1, 2, 2, 2], 2 blocks, attention at 16x16): 35.7M parameters."""
-    fam = Diffusion(DiffusionConfig(base_channels=128), resolution=32, channels=3, lr=2e-4)
+    fam = make_family("diffusion", {"base_channels": 128}, resolution=32, channels=3, lr=2e-4)
     assert round(param_count(fam.build()["eps"]) / 1e6, 1) == 35.7
 
 

@@ -1,18 +1,14 @@
-"""The ready specs of the model families: they validate, carry the published defaults, build
-their networks, and their tiny `--set` overrides (the ones the integration tests use) work."""
+"""The ready specs of the reproduced systems validate and carry the published defaults; specs
+that build on another spec's model fit it. (That every family × ready spec builds, trains and
+samples at its tiny size: test_family_contract.py.)"""
 from __future__ import annotations
 
-import re
-
 import pytest
-import torch
 
 from jobs.spec import SPECS_DIR, load_spec
-from models.registry import get_family_cls
+from tiny_specs import ready_specs
 
-SPECS = ["dcgan_rsicb", "pix2pix_maps", "spatiotemporal_cgan", "spatiotemporal_attention_cgan",
-         "sat2ground_stage1", "sat2ground_stage2", "diffusion_uncond", "spatiotemporal_diffusion",
-         "spatiotemporal_controlnet", "scbgan_rosetta", "scbgan_dawn"]
+SPECS = [name for name in ready_specs() if name != "quickstart"]   # quickstart: the embedded default, not a paper
 # DDPM's CIFAR-10 UNet and process, as every diffusion spec has them.
 DDPM = {"base_channels": 128, "channel_mult": [1, 2, 2, 2], "num_res_blocks": 2, "attention_resolutions": [16],
         "dropout": 0.1, "timesteps": 1000, "schedule": "cosine", "sample_steps": 50, "ema_decay": 0.9999,
@@ -20,22 +16,10 @@ DDPM = {"base_channels": 128, "channel_mult": [1, 2, 2, 2], "num_res_blocks": 2,
 DIFFUSION_LAYOUT = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "timesteps", "schedule")
 
 
-def family_of(spec):
-    cls = get_family_cls(spec.family)
-    return cls(cls.config_cls.model_validate(spec.model), resolution=spec.data.resolution,
-               channels=spec.data.channels, lr=spec.train.lr)
-
-
-def tiny_overrides(path) -> list[str]:
-    """The `--set` values of the tiny CPU check in the spec's header comment."""
-    header = " ".join(line.lstrip("#") for line in path.read_text().splitlines() if line.startswith("#"))
-    return [v.strip('"') for v in re.findall(r'--set ("[^"]+"|\S+)', header.split("orbitgen train", 1)[1])]
-
-
 @pytest.mark.parametrize("name", SPECS)
 def test_spec_validates_with_published_defaults(name):
     spec = load_spec(SPECS_DIR / f"{name}.yaml")
-    fam = family_of(spec)
+    fam = spec.make_family()
     assert spec.eval.metrics == list(fam.metrics)                    # what the family is judged by
     assert spec.tracking.registry_model == spec.name
     if spec.family == "stylegan2":   # MINEAUG.md §4 paper256_2fmap, §2 stages, §1 the published choices
@@ -78,30 +62,3 @@ def test_controlnet_fits_its_base():
     assert all(base.model[k] == cn.model[k] for k in DIFFUSION_LAYOUT)
     assert (base.data.train, base.data.resolution, base.data.channels) == (cn.data.train, cn.data.resolution,
                                                                            cn.data.channels)
-    assert tiny_overrides(SPECS_DIR / "diffusion_uncond.yaml") == tiny_overrides(SPECS_DIR / "spatiotemporal_controlnet.yaml")
-
-
-@pytest.mark.parametrize("name", SPECS)
-def test_tiny_override_builds_and_runs(name, tmp_path):
-    path = SPECS_DIR / f"{name}.yaml"
-    sets = tiny_overrides(path)
-    assert "train.steps=2" in sets and "data.resolution=16" in sets
-    if name == "sat2ground_stage2":   # a stage-1 snapshot stands in for the registered champion
-        from models.snapshot import save_snapshot
-
-        one = family_of(load_spec(SPECS_DIR / "sat2ground_stage1.yaml", tiny_overrides(SPECS_DIR / "sat2ground_stage1.yaml")))
-        save_snapshot(tmp_path / "g.pt", one, one.build()["G"])
-        sets.append(f"model.generator_from={tmp_path / 'g.pt'}")
-    if name == "spatiotemporal_controlnet":   # a tiny unconditional snapshot stands in for the base's champion
-        from models.snapshot import save_snapshot
-
-        base = family_of(load_spec(SPECS_DIR / "diffusion_uncond.yaml", tiny_overrides(SPECS_DIR / "diffusion_uncond.yaml")))
-        save_snapshot(tmp_path / "base.pt", base, base.build()["ema"])
-        sets.append(f"model.base_from={tmp_path / 'base.pt'}")
-    spec = load_spec(path, sets)
-    fam = family_of(spec)
-    nets = fam.build()
-    batch = {k: torch.rand(2, 1 if k == "mask" else 3, 16, 16) * 2 - 1 for k in fam.data_keys}
-    out = fam.sample(nets[fam.sampler_role], 2, cond=batch.get("cond"), mask=batch.get("mask")) if fam.conditional \
-        else fam.sample(nets[fam.sampler_role], 2, seed=0)
-    assert out.shape == (2, spec.data.channels, 16, 16)

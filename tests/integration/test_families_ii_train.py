@@ -22,12 +22,16 @@ from jobs.cli import main
 from jobs.spec import SPECS_DIR, load_spec
 from models.nets.vision_backbones import save_random_backbone
 from test_families_train import check, sample_registered
-from test_models_specs import tiny_overrides
+from tiny_specs import tiny_sets
 
 pytestmark = pytest.mark.integration
 RES = 16
-SCBGAN_TINY = ["model.channel_base=128", "model.channel_max=16", "model.z_dim=16", "model.w_dim=16",
-               "model.mapping_layers=2", "train.precision=fp32", "scaling.use_gpu=false"]
+
+
+def scbgan_tiny(spec: str, *extra: str) -> list[str]:
+    """The SCB-GAN spec at stylegan2's tiny size on the probe shards, the vision-aided heads as the spec has them
+    (the tiny size switches them off: they need backbone files)."""
+    return [s for s in tiny_sets(spec, *extra) if not s.startswith("model.vision_aided=")]
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +76,11 @@ def history(client, run, key) -> list[float]:
 def test_scbgan_rosetta_with_vision_aided_stages(ray_local, store, probe_shards):
     weights = {k: save_random_backbone(k, store[0] / "backbones" / f"{k}.pt", size="tiny", seed=i)
                for i, k in enumerate(["clip_vitb32", "dino_vitb16", "swin_t", "vgg16"])}
-    sets = [f"data.train={probe_shards}", f"data.resolution={RES}", *SCBGAN_TINY, "train.steps=5", "train.batch=4",
-            "model.vision_aided.size=tiny", "model.vision_aided.warmup_kimg=0.008",
-            "model.vision_aided.kimg_stages=[0.004,0.004,0.004]", "model.vision_aided.probe_images=8",
-            "augment.ada.interval=1", "model.r1_every=2", "model.pl_every=2", "eval.num_samples=8",
-            *[f"model.vision_aided.weights.{k}={p}" for k, p in weights.items()]]
+    sets = scbgan_tiny("scbgan_rosetta", f"data.train={probe_shards}", "train.steps=5",
+                       "model.vision_aided.size=tiny", "model.vision_aided.warmup_kimg=0.008",
+                       "model.vision_aided.kimg_stages=[0.004,0.004,0.004]", "model.vision_aided.probe_images=8",
+                       "augment.ada.interval=1", "model.r1_every=2", "model.pl_every=2",
+                       *[f"model.vision_aided.weights.{k}={p}" for k, p in weights.items()])
     parsed, run, client = train("scbgan_rosetta", store, sets)
     metrics = run.data.metrics
     assert {"fid", "kid", "precision", "recall"} <= set(metrics)
@@ -92,9 +96,8 @@ def test_scbgan_rosetta_with_vision_aided_stages(ray_local, store, probe_shards)
 
 
 def test_scbgan_dawn_plain_stylegan2_ada_under_deepspeed(ray_local, store, probe_shards):
-    sets = [f"data.train={probe_shards}", f"data.resolution={RES}", *SCBGAN_TINY, "train.steps=2", "train.batch=4",
-            "model.vision_aided=null", "eval.num_samples=8", "strategy.kind=deepspeed", "strategy.zero_stage=1",
-            "augment.ada.interval=2"]
+    sets = tiny_sets("scbgan_dawn", f"data.train={probe_shards}", "strategy.kind=deepspeed", "strategy.zero_stage=1",
+                     "augment.ada.interval=2")   # tiny: no vision-aided heads
     parsed, run, client = train("scbgan_dawn", store, sets)
     assert {"fid", "kid", "precision", "recall", "ada_p", "loss_D", "loss_G"} <= set(run.data.metrics)
     assert "vision_stage" not in run.data.metrics
@@ -104,11 +107,11 @@ def test_scbgan_dawn_plain_stylegan2_ada_under_deepspeed(ray_local, store, probe
 
 def test_diffusion_specs_and_a_controlnet_on_the_registered_base(ray_local, store):
     for spec in ("diffusion_uncond", "spatiotemporal_diffusion"):
-        parsed, run, _ = train(spec, store, tiny_overrides(SPECS_DIR / f"{spec}.yaml"))
+        parsed, run, _ = train(spec, store, tiny_sets(spec))
         check(parsed, run, store)
         assert "loss_eps" in run.data.metrics
     # The ControlNet freezes the champion that diffusion_uncond registered in this store.
-    parsed, run, _ = train("spatiotemporal_controlnet", store, tiny_overrides(SPECS_DIR / "spatiotemporal_controlnet.yaml"))
+    parsed, run, _ = train("spatiotemporal_controlnet", store, tiny_sets("spatiotemporal_controlnet"))
     check(parsed, run, store)
     mlflow.set_tracking_uri(store[1])
     base = mlflow.pyfunc.load_model("models:/diffusion-uncond/1").unwrap_python_model().sampler

@@ -15,22 +15,12 @@ from mlflow.tracking import MlflowClient
 from family_checks import smooth_batch
 from jobs.cli import main
 from jobs.spec import SPECS_DIR, load_spec
-from models.registry import get_family_cls
 from models.images import nchw_to_nhwc_numpy, to_uint8
 from models.png import encode_png
+from tiny_specs import tiny_sets
 
 pytestmark = pytest.mark.integration
 RES = 16
-UNET = ["model.ngf=8", "model.ndf=8", "model.d_layers=2"]
-LATENT = ["model.ngf=8", "model.ndf=8", "model.nz=8"]
-SPECS = {   # spec -> (built-in set, model overrides)
-    "dcgan_rsicb": ("terrain-classes", LATENT),
-    "pix2pix_maps": ("maps", UNET),
-    "spatiotemporal_cgan": ("timeseries", UNET),
-    "spatiotemporal_attention_cgan": ("timeseries", UNET),
-    "sat2ground_stage1": ("sat2ground", LATENT),
-    "sat2ground_stage2": ("sat2ground", LATENT),
-}
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +31,10 @@ def store(tmp_path_factory):
 
 
 def overrides(spec: str, store) -> list[str]:
+    """The spec at its family's tiny size (16x16, built-in data, 2 steps of 4 images) on 2 workers."""
     work, uri = store
-    data, model = SPECS[spec]
-    return [f"workdir={work}", f"tracking.uri={uri}", f"data.train=builtin:{data}?count=16&seed=0",
-            f"data.resolution={RES}", "data.shuffle_buffer=8", "train.steps=2", "train.batch=4", "train.log_every=1",
-            "checkpoint.every_steps=2", "eval.num_samples=8", "scaling.num_workers=2", "scaling.use_gpu=false", *model]
+    return tiny_sets(spec, f"workdir={work}", f"tracking.uri={uri}", "data.shuffle_buffer=8", "train.log_every=1",
+                     "checkpoint.every_steps=2", "scaling.num_workers=2")
 
 
 def train(spec: str, store, *extra: str):
@@ -63,8 +52,7 @@ def train(spec: str, store, *extra: str):
 def sample_registered(parsed, store, rows: int = 3) -> np.ndarray:
     mlflow.set_tracking_uri(store[1])
     model = mlflow.pyfunc.load_model(f"models:/{parsed.tracking.registry_model}/1")
-    cls = get_family_cls(parsed.family)
-    fam = cls(cls.config_cls.model_validate(parsed.model), resolution=RES, channels=parsed.data.channels, lr=1e-3)
+    fam = parsed.make_family()
     if not fam.conditional:
         return model.predict(pd.DataFrame({"seed": list(range(rows))}))
     images = nchw_to_nhwc_numpy(to_uint8(smooth_batch(rows, parsed.data.channels, RES, seed=0)))
@@ -76,8 +64,8 @@ def sample_registered(parsed, store, rows: int = 3) -> np.ndarray:
 
 
 def check(parsed, run, store) -> None:
-    fam_cls = get_family_cls(parsed.family)
-    fam = fam_cls(fam_cls.config_cls.model_validate(parsed.model), resolution=RES, channels=3, lr=1e-3)
+    fam = parsed.make_family()
+    assert parsed.data.resolution == RES
     assert set(fam.metrics) <= set(run.data.metrics), f"missing metrics: {set(fam.metrics) - set(run.data.metrics)}"
     assert all(np.isfinite(run.data.metrics[m]) for m in fam.metrics)
     assert run.data.tags["orbitgen.family"] == parsed.family

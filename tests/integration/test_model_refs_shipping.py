@@ -11,11 +11,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_a_worker_without_the_file_gets_its_bytes(ray_local, tmp_path):
-    from models.registry import get_family_cls
+    from models.registry import make_family
     from models.snapshot import save_snapshot
 
-    cls = get_family_cls("sat2ground")
-    stage1 = cls(cls.config_cls(nz=8, ngf=8, ndf=8), resolution=16, channels=3, lr=2e-4)
+    stage1 = make_family("sat2ground", {"nz": 8, "ngf": 8, "ndf": 8}, resolution=16, channels=3, lr=2e-4)
     driver_file = tmp_path / "driver" / "g.pt"
     driver_file.parent.mkdir()
     save_snapshot(driver_file, stage1, stage1.build()["G"])

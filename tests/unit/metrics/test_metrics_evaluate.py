@@ -11,8 +11,9 @@ from data_shards.sources import Sample
 from data_shards.writer import write_shards
 from family_checks import smooth_batch
 from jobs.evaluate import evaluate, preview
-from models.registry import get_family_cls
+from models.registry import make_family
 from models.images import nchw_to_nhwc_numpy, to_uint8
+from tiny_specs import tiny_model
 
 RES, N = 16, 10
 CPU = torch.device("cpu")
@@ -41,9 +42,7 @@ class Flip(nn.Module):
 
 
 def family(name: str, **cfg):
-    cls = get_family_cls(name)
-    base = {"ngf": 8, "ndf": 8} | ({"d_layers": 2} if name in ("pix2pix", "cgan_unet") else {"nz": 8})
-    return cls(cls.config_cls(**base, **cfg), resolution=RES, channels=3, lr=2e-4)
+    return make_family(name, {**tiny_model(name), **cfg}, resolution=RES, channels=3, lr=2e-4)
 
 
 def run(fam, sampler, url, n=N, batch=4):

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from data_shards.sources import Sample
 from data_shards.writer import write_shards
 from jobs.evaluate import evaluate
-from models.registry import get_family_cls
+from models.registry import make_family
 from models.images import nchw_to_nhwc_numpy
 from models.metrics.extractors import RandConvExtractor, VGG16Extractor
 from models.metrics.kid import KernelDistance, kid_from_features
@@ -175,8 +175,7 @@ def test_evaluate_builds_the_pr_extractor(tmp_path, vgg_path):
     url = str(tmp_path / "set")
     write_shards([Sample(key=f"s{i}", image=images[i]) for i in range(10)], url, layout="test", resolution=16,
                  channels=3, source="test", shard_samples=5, progress=False)
-    cls = get_family_cls("dcgan")
-    fam = cls(cls.config_cls(ngf=8, ndf=8, nz=8), resolution=16, channels=3, lr=2e-4)
+    fam = make_family("dcgan", {"ngf": 8, "ndf": 8, "nz": 8}, resolution=16, channels=3, lr=2e-4)
     fam.metrics = ("fid", "kid", "pr")
     torch.manual_seed(0)
     G = fam.build()["G"]
