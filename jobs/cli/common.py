@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from jobs.spec import SpecError
+from jobs.spec import JobSpec, SpecError, decode_inline, load_spec, parse_spec
 
 DEFAULT_WORKDIR = "orbitgen-work"  # also the default of the spec's `workdir`
 SET_HELP = "Override any spec key, e.g. --set train.steps=20 --set scaling.num_workers=1 (repeatable)."
@@ -21,3 +21,16 @@ def fail_spec(err: SpecError) -> None:
 
 def say(msg: str) -> None:
     click.echo(f"[orbitgen] {msg}", err=True)
+
+
+def read_spec(spec_path: str | None, overrides, spec_b64: str | None) -> JobSpec:
+    """The spec a command runs: from SPEC_PATH, or inline (`--spec-b64`, as `jobs submit` sends
+    it); overrides applied; a bad spec exits 2 naming the field."""
+    try:
+        if spec_b64:
+            return parse_spec(decode_inline(spec_b64), overrides, source="<submitted spec>")
+        if spec_path:
+            return load_spec(spec_path, overrides)
+        raise click.UsageError("give a SPEC_PATH (ready ones: jobs/specs/*.yaml)")
+    except SpecError as e:
+        fail_spec(e)

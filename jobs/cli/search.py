@@ -5,8 +5,8 @@ import os
 
 import click
 
-from jobs.cli.common import SET_HELP, fail_spec, say
-from jobs.spec import SpecError, decode_inline, load_spec, parse_spec
+from jobs.cli.common import SET_HELP, fail_spec, read_spec, say
+from jobs.spec import SpecError
 
 
 @click.group()
@@ -40,15 +40,7 @@ def search_mineaug(spec_path, overrides, resume, out, spec_b64) -> None:
     from jobs.search_job import run_search_job
     from search.config import SearchConfigError
 
-    try:
-        if spec_b64:
-            spec = parse_spec(decode_inline(spec_b64), overrides, source="<submitted spec>")
-        elif spec_path:
-            spec = load_spec(spec_path, overrides)
-        else:
-            raise click.UsageError("give a SPEC_PATH (e.g. jobs/specs/quickstart.yaml)")
-    except SpecError as e:
-        fail_spec(e)
+    spec = read_spec(spec_path, overrides, spec_b64)
     try:
         done = run_search_job(spec, say=say, resume=resume, out=out)
     except (SpecError, SearchConfigError) as e:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from jobs.cli.common import DEFAULT_WORKDIR, RESUME_HELP, SET_HELP, fail_spec, say
-from jobs.spec import SPECS_DIR, SpecError, decode_inline, load_spec, parse_spec
+from jobs.cli.common import DEFAULT_WORKDIR, RESUME_HELP, SET_HELP, fail_spec, read_spec, say
+from jobs.spec import SPECS_DIR, SpecError, load_spec
 
 
 def _run_and_report(spec, resume: str | None) -> None:
@@ -45,15 +45,7 @@ def train(spec_path, overrides, resume, spec_b64) -> None:
     field. Storage and tracking come from the spec, else MLFLOW_TRACKING_URI /
     AWS_ENDPOINT_URL / AWS credentials, else local folders under the spec's workdir.
     """
-    try:
-        if spec_b64:
-            spec = parse_spec(decode_inline(spec_b64), overrides, source="<submitted spec>")
-        elif spec_path:
-            spec = load_spec(spec_path, overrides)
-        else:
-            raise click.UsageError("give a SPEC_PATH (ready ones: jobs/specs/*.yaml)")
-    except SpecError as e:
-        fail_spec(e)
+    spec = read_spec(spec_path, overrides, spec_b64)
     _run_and_report(spec, resume)
 
 

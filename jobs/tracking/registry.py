@@ -21,6 +21,18 @@ REPO = Path(__file__).resolve().parents[2]
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
+def family_code(cls: type) -> list[str]:
+    """A family from outside `models/` (a lab's own package): its top-level package travels with
+    the model, so the registered model loads where that package is not installed."""
+    import importlib
+
+    top = cls.__module__.split(".")[0]
+    if top == "models":
+        return []
+    origin = Path(importlib.import_module(top).__file__ or "")
+    return [str(origin.parent if origin.name == "__init__.py" else origin)]
+
+
 def log_generator(snapshot: Path, spec_file: Path, registered_name: str | None) -> str | None:
     """Logs the snapshot as the active run's model `generator`; returns the registered version."""
     import torch
@@ -46,7 +58,7 @@ def log_generator(snapshot: Path, spec_file: Path, registered_name: str | None) 
         name="generator",
         python_model=str(REPO / "jobs" / "tracking" / "pyfunc.py"),
         artifacts={"snapshot": str(snapshot), "spec": str(spec_file)},
-        code_paths=[str(REPO / "models")],
+        code_paths=[str(REPO / "models"), *family_code(type(family))],
         signature=signature,
         input_example=example,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "pydantic", "pillow",

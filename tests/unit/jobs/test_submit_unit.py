@@ -25,6 +25,20 @@ def test_entrypoint_carries_spec_inline_and_quoted_overrides():
     assert S.build_entrypoint(SPEC) == shlex.join(argv[:6])
 
 
+def test_a_search_job_runs_search_mineaug_on_the_same_spec(tmp_path):
+    argv = shlex.split(S.build_entrypoint(SPEC, ["search.k=2"], resume="maps-search-1", command="search"))
+    assert argv[:6] == ["python", "-m", "jobs.cli", "search", "mineaug", "--spec-b64"]
+    assert decode_inline(argv[6]) == SPEC and argv[7:] == ["--set", "search.k=2", "--resume", "maps-search-1"]
+    # The job's command line is one the CLI accepts.
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    assert CliRunner().invoke(main, argv[3:5] + ["--help"]).exit_code == 0
+    with pytest.raises(ValueError, match="command"):
+        S.build_entrypoint(SPEC, command="eval")
+
+
 def test_entrypoint_rejects_malformed_override():
     with pytest.raises(ValueError, match="train.steps"):
         S.build_entrypoint(SPEC, ["train.steps"])
