@@ -103,7 +103,7 @@ def make_trainer(spec: JobSpec, run_name: str, storage: str, loop_config: dict[s
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         # The collective timeout ends a step that waits on a hung peer (NCCL would wait forever);
-        # evaluation happens outside collectives (see train_loop._report), so it needs no margin.
+        # evaluation happens outside collectives (see worker._report), so it needs no margin.
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo", timeout_s=spec.strategy.timeout_s),
         # Same storage path and name as an earlier run: Ray continues it from its latest checkpoint.
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,

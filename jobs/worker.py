@@ -149,7 +149,7 @@ def to_device(batch: Mapping[str, Any], keys: tuple[str, ...], device: torch.dev
 
 
 class MineAugBatches:
-    """The data set expanded to N·(1+K) by MineAug (models/mineaug.py): in epoch e a sample is
+    """The data set expanded to N·(1+K) by MineAug (models/augment/mineaug.py): in epoch e a sample is
     shown with augmentation (e + hash(key)) mod (K+1) (0: the original), so K+1 epochs show every
     original once plain and once with each augmentation. Augments on the device, batched."""
 

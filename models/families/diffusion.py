@@ -10,13 +10,13 @@ what samples and what is registered. `model.conditioning` picks what the UNet se
               `image`: past -> future, as the spatio-temporal cGANs)
   controlnet  a frozen unconditional diffusion model of the same images (`model.base_from`: a
               snapshot path, `models:/NAME@ALIAS` or `runs:/...`, resolved to a local file by the
-              driver) steered by a ControlNet that sees past image ⊕ mask (models/controlnet.py);
+              driver) steered by a ControlNet that sees past image ⊕ mask (models/nets/controlnet.py);
               only the ControlNet trains. The network holds the base too, so its snapshot is
               self-contained: the registered model needs no base file.
 
 The noise schedules come from diffusers (DDPMScheduler for the forward process, DDIMScheduler
 for sampling in `sample_steps` steps, ε-prediction, x̂_0 clipped to [-1, 1]); the UNet is ours
-(models/diffusion_unet.py).
+(models/nets/ddpm_unet.py).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The `stylegan2` family: SCB-GAN = StyleGAN2 + ADA + the vision-aided discriminator loss
-(+ MineAug, which the train loop applies to the data; see models/mineaug.py).
+(+ MineAug, which the train loop applies to the data; see models/augment/mineaug.py).
 
 Networks: "G" (mapping + synthesis), "D" (StyleGAN2's residual discriminator together with the
 vision-aided heads, one trained network, so one engine and one optimizer), "G_ema" (the
