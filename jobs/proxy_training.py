@@ -9,10 +9,12 @@ reward augmentations that leak into the generated images, the published code's f
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
 
+from jobs.env import forwarded_env
 from jobs.evaluate import evaluate
 from jobs.spec import JobSpec
 from jobs.worker import build_training, run_steps, training_batches
@@ -43,9 +45,13 @@ def make_proxy_train_fn(spec: JobSpec, data_url: str, num_samples: int | None = 
     """The `train_fn` of `search.run_search`: (augmentations, budget_steps, report, trial_dir) ->
     {"fid": final FID against the originals, "samples": uint8 NCHW generated images}."""
     n_eval = num_samples or spec.eval.num_samples
+    # The trial runs in a Ray worker that may have started before the driver's S3 settings were
+    # set (or on another node): they travel with the function, as they do with a training's workers.
+    env = forwarded_env()
 
     def train(augmentations: list[str], budget_steps: int, report: Callable[[int, float], None],
               trial_dir: str) -> dict[str, Any]:
+        os.environ.update(env)
         s = proxy_spec(spec, augmentations, budget_steps)
         device = torch.device("cuda" if s.scaling.use_gpu and torch.cuda.is_available() else "cpu")
         family, networks, phases, engines = build_training(s, device, world_size=1)
