@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     port, dash = free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
@@ -80,3 +80,18 @@ def test_submit_quickstart_spec_and_follow(ray_head, tmp_path):
     assert status == "SUCCEEDED", logs[-4000:]
     assert "step 4/4" in logs and "done in" in logs
     assert (tmp_path / "mlflow.db").exists()   # the job tracked where the spec said
+
+
+def test_submit_a_mineaug_search(ray_head, tmp_path):
+    """`jobs submit --search`: the spec's MineAug search runs as the job, its trials on the cluster."""
+    env = {**os.environ}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    sets = ["data.resolution=16", "data.train=builtin:craters?count=48&seed=1", f"workdir={tmp_path}",
+            "search.candidates=[HorizontalFlip,VerticalFlip,Translation_x]", "search.k=2", "search.repeats=2"]
+    done = subprocess.run([str(BIN / "orbitgen"), "jobs", "submit", "jobs/specs/quickstart.yaml", "--search",
+                           "--wait", "--address", ray_head, *[a for s in sets for a in ("--set", s)]],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0 and done.stdout.strip().endswith("SUCCEEDED"), done.stderr[-4000:]
+    assert "orbitgen train" in done.stderr and "HorizontalFlip" in done.stderr   # the job's log, followed
+    (written,) = (tmp_path / "search").glob("*/spec.yaml")
+    assert "search_run:" in written.read_text()
