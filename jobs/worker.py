@@ -9,6 +9,7 @@ same batches and the same noise as an uninterrupted run.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 import sys
@@ -94,8 +95,12 @@ def build_training(spec: JobSpec, device: torch.device, world_size: int
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
-    # Noise depends on (seed, rank, step) only: a resumed run draws what an uninterrupted one would.
-    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+    """The noise seed of one rank's step: a function of (seed, rank, step) only, so a resumed run
+    draws what an uninterrupted one would. Hashed, not a linear mix: `seed·a + rank·b + step`
+    gives rank r at step s the seed of rank r+1 at step s−b, so ranks of long runs would reuse
+    each other's noise."""
+    digest = hashlib.blake2b(f"orbitgen-step/{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1   # 63 bits: what torch.manual_seed takes without wrapping
 
 
 def _gather(value: int, world_size: int) -> list[int]:

@@ -180,7 +180,9 @@ class Sat2Ground(DCGAN):
         if c.loss in ("mse", "combined"):
             terms["mse"] = F.mse_loss(fake, real)
         if c.loss in ("ssim", "combined"):
-            terms["ssim"] = 1 - ssim(fake, real, data_range=2.0).mean()   # images in [-1, 1]
+            # On [0, 1] with data_range 1, as the metric: SSIM's luminance term is not shift-invariant,
+            # so [-1, 1] with data_range 2 would score a 1% brightness shift near mid-grey as 0.52.
+            terms["ssim"] = 1 - ssim((fake + 1) / 2, (real + 1) / 2, data_range=1.0).mean()
         if c.loss == "combined":
             terms["perceptual"] = self._perceptual.to(fake.device)(fake, real).mean()
             loss = terms["mse"] + c.ssim_weight * terms["ssim"] + c.perceptual_weight * terms["perceptual"]

@@ -55,7 +55,9 @@ class PathLengthPenalty(nn.Module):
         y = torch.randn(fake_images.shape, device=fake_images.device, dtype=torch.float32,
                         generator=generator) / math.sqrt(h * w)
         (grad,) = torch.autograd.grad((fake_images.float() * y).sum(), ws, create_graph=True)
-        lengths = grad.float().square().sum(dim=1).mean(dim=1).sqrt()           # (N,)
+        # grad is (N, num_ws, w_dim): the squared length sums over w's dimensions and averages over
+        # the style vectors (StyleGAN2's pl_lengths), not the other way round.
+        lengths = grad.float().square().sum(dim=2).mean(dim=1).sqrt()           # (N,)
         if self.pl_mean.device != lengths.device:
             self.pl_mean = self.pl_mean.to(lengths.device)
         with torch.no_grad():

@@ -164,3 +164,22 @@ def test_stage2_snapshot_is_self_contained(tmp_path, channels=1):   # RGB: test_
     with pytest.raises(ValueError, match="cond"):
         fam2.sample(sampler, 3)
 
+
+
+def test_stage2_ssim_loss_is_scikit_images_ssim_on_0_1():
+    """The `ssim` loss is 1 − SSIM of the images read in [0, 1] (data_range 1), as the metric and
+    scikit-image compute it; on [-1, 1] with data_range 2 a 1% brightness shift near mid-grey
+    would cost 0.48 instead of almost nothing."""
+    import numpy as np
+    from skimage.metrics import structural_similarity
+
+    fam = stage2("/unused.pt", resolution=32, channels=1, loss="ssim")
+    real = smooth_batch(2, 1, 32, seed=4) * 0.1            # near mid-grey
+    for fake in (real + 0.02, smooth_batch(2, 1, 32, seed=5) * 0.5):
+        loss, _ = fam.reconstruction_loss(fake, real)
+        ref = np.mean([structural_similarity(((real[i, 0] + 1) / 2).numpy(), ((fake[i, 0] + 1) / 2).numpy(),
+                                             data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                             use_sample_covariance=False) for i in range(2)])
+        assert abs(float(loss) - (1 - ref)) < 1e-4
+    shifted, _ = fam.reconstruction_loss(real + 0.02, real)
+    assert float(shifted) < 0.01

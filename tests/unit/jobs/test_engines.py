@@ -193,3 +193,14 @@ def test_deepspeed_config_follows_the_spec():
 def test_spec_rejects_what_the_engines_cannot_do(overrides, field):
     with pytest.raises(SpecError, match=field.replace(".", r"\.")):
         make_spec(*overrides)
+
+
+def test_step_seeds_of_ranks_never_coincide():
+    """Every (rank, step) of a long run has its own noise seed (the old linear mix gave rank r at
+    step s the seed of rank r+1 at step s − 7,919), and the seed depends on the tuple only."""
+    ranks, steps = 8, 20_000
+    seeds = {step_seed(0, r, s) for r in range(ranks) for s in range(steps)}
+    assert len(seeds) == ranks * steps
+    assert step_seed(0, 0, 7_919) != step_seed(0, 1, 0)
+    assert step_seed(3, 2, 10) == step_seed(3, 2, 10) != step_seed(4, 2, 10)
+    assert all(0 <= step_seed(s, r, t) < 2**63 for s, r, t in [(0, 0, 0), (2**40, 63, 10**9)])

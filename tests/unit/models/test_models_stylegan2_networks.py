@@ -187,6 +187,26 @@ def test_path_length_penalty():
     assert g.synthesis.blocks[0].conv1.weight.grad is not None
 
 
+def test_path_length_norm_sums_over_w_dims_and_averages_over_styles():
+    """Against the formula written out by hand: for a generator that is linear in ws,
+    img = Σ_k ws[:, k] @ A_k, the gradient of Σ img·y w.r.t. ws[:, k] is A_k @ y, so the length is
+    sqrt(mean_k |A_k y|²), with |.|² summed over w's dimensions."""
+    torch.manual_seed(0)
+    n, num_ws, w_dim, h = 3, 5, 7, 4
+    a = torch.randn(num_ws, w_dim, h * h)
+    ws = torch.randn(n, num_ws, w_dim, requires_grad=True)
+    images = torch.einsum("nkd,kdp->np", ws, a).reshape(n, 1, h, h)
+    pl = PathLengthPenalty(decay=1.0)      # decay 1: pl_mean becomes this batch's mean length
+    gen = torch.Generator().manual_seed(3)
+    penalty = pl(images, ws, generator=gen)
+    y = torch.randn(images.shape, generator=torch.Generator().manual_seed(3)) / h
+    per_style = torch.einsum("kdp,np->nkd", a, y.reshape(n, -1))            # dL/dws, (n, num_ws, w_dim)
+    lengths = torch.tensor([[float(per_style[i, k].pow(2).sum()) for k in range(num_ws)] for i in range(n)]
+                           ).mean(dim=1).sqrt()
+    assert torch.allclose(pl.pl_mean, lengths.mean(), rtol=1e-5)
+    assert torch.allclose(penalty, (lengths - lengths.mean()).square().mean(), rtol=1e-4, atol=1e-8)
+
+
 def test_paper256_kwargs():
     kw = paper256_kwargs()
     assert kw == dict(z_dim=512, w_dim=512, mapping_layers=8, channel_base=32768, channel_max=512,
