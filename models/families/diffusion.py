@@ -133,7 +133,9 @@ class Diffusion(Family):
         """A fresh DDIM scheduler (set_timesteps mutates it) set to `sample_steps`."""
         from diffusers import DDIMScheduler
 
-        sched = DDIMScheduler(**self._schedule(), set_alpha_to_one=True)
+        # "trailing" spacing (Lin et al. 2024, Table 2): the first step is t = T-1, pure noise, as the
+        # model was trained; diffusers' default "leading" would start at T - T/steps (t = 980 of 1000).
+        sched = DDIMScheduler(**self._schedule(), set_alpha_to_one=True, timestep_spacing="trailing")
         sched.set_timesteps(self.config.sample_steps)
         return sched
 

@@ -111,6 +111,7 @@ class Sat2Ground(DCGAN):
 
     def __init__(self, config: Sat2GroundConfig, *, resolution: int, channels: int, lr: float):
         super().__init__(config, resolution=resolution, channels=channels, lr=lr)
+        self._generator_checked = False
         self._perceptual = PerceptualDistance() if config.stage == 2 and config.loss == "combined" else None
 
     # The stage decides the contract's attributes: read-only, from the config.
@@ -168,9 +169,12 @@ class Sat2Ground(DCGAN):
             return super().loss(batch, ctx)
         if ctx.phase != "E":
             raise ValueError(f"sat2ground stage 2 has the phase 'E', got {ctx.phase!r}")
-        if not bool(ctx.networks["E"].generator_loaded):
-            raise RuntimeError(f"model.generator_from: {self.config.generator_from} could not be read on this "
-                               "worker; stage 2 would train against an untrained generator")
+        # Checked once: reading the device buffer every step would sync the GPU each step.
+        if not self._generator_checked:
+            if not bool(ctx.networks["E"].generator_loaded):
+                raise RuntimeError(f"model.generator_from: {self.config.generator_from} could not be read on this "
+                                   "worker; stage 2 would train against an untrained generator")
+            self._generator_checked = True
         fake, real = ctx.net("E")(batch["cond"]), batch["image"]
         return self.reconstruction_loss(fake, real)
 

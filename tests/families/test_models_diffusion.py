@@ -217,6 +217,17 @@ def test_ddim_sample_is_deterministic_in_seed(eta):
     assert len(fam.sampling_scheduler().timesteps) == TINY["sample_steps"]
 
 
+@pytest.mark.parametrize("timesteps, steps", [(1000, 50), (100, 5), (1000, 3)])
+def test_ddim_starts_from_pure_noise(timesteps, steps):
+    """Trailing spacing, written out from Lin et al. 2024 (Table 2): round(arange(T, 0, -T/S)) - 1,
+    so the first step is t = T - 1 (the leading default would start at T - T/S)."""
+    import numpy as np
+
+    got = tiny(timesteps=timesteps, sample_steps=steps).sampling_scheduler().timesteps
+    want = np.round(np.arange(timesteps, 0, -timesteps / steps)).astype(np.int64) - 1
+    assert got.tolist() == want.tolist() and int(got[0]) == timesteps - 1
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_schedules(schedule):
     fam = tiny(schedule=schedule, timesteps=100, sample_steps=5)
