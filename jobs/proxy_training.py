@@ -58,7 +58,8 @@ def make_proxy_train_fn(spec: JobSpec, data_url: str, num_samples: int | None = 
         batches = training_batches(s, data_url, family, rank=0, world=1, device=device, start_batch=0)
         sampler = networks[family.sampler_role]
         checkpoints, fid = set(eval_steps(budget_steps)), float("nan")
-        for step, _ in run_steps(s, family, phases, engines, networks, batches, start=0, device=device):
+        for step, _ in run_steps(s, family, phases, engines, networks, batches, start=0, device=device,
+                                 data_url=data_url):
             if step in checkpoints:
                 scores, _ = evaluate(family, sampler, data_url=data_url, num_samples=n_eval,
                                      extractor=s.eval.fid_extractor, inception_weights=s.eval.inception_weights,

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import ray.train
 import ray.train.torch
@@ -25,12 +25,12 @@ import torch.distributed as dist
 from torch import nn
 
 from data_shards.preview import image_grid
-from data_shards.stream import batches_per_epoch, image_stream
+from data_shards.stream import batches_per_epoch, image_stream, iterate_once
 from jobs import checkpoints
-from jobs.tracking import model_refs
 from jobs.engines import Engine, make_engine
 from jobs.evaluate import evaluate, preview
 from jobs.spec import JobSpec
+from jobs.tracking import model_refs
 from jobs.tracking.runs import RunLogger
 from models.family import Family, Phase, StepContext, StepEnd
 from models.images import to_float
@@ -250,12 +250,22 @@ def training_batches(spec: JobSpec, data_url: str, family: Family, rank: int, wo
     return batches
 
 
+def data_reals(data_url: str, device: torch.device) -> Callable[[int], Iterator[torch.Tensor]]:
+    """`StepEnd.reals`: up to n images of the data set as stored (manifest order), float on the device."""
+    def reals(n: int) -> Iterator[torch.Tensor]:
+        for b in iterate_once(data_url, batch_size=64, limit=n, keys=("image",)):
+            yield to_float(b["image"]).to(device)
+    return reals
+
+
 def run_steps(spec: JobSpec, family: Family, phases: list[Phase], engines: Mapping[str, Engine],
               networks: Mapping[str, nn.Module], batches: Iterator[dict[str, torch.Tensor]], *, start: int,
-              device: torch.device, rank: int = 0, world: int = 1) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+              device: torch.device, rank: int = 0, world: int = 1, data_url: str | None = None
+              ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """The loop itself: from step `start` to the spec's last step, yields (steps done, the step's values).
     Ray Train's workers and the MineAug search's proxy trainings both run it."""
     mean_over_ranks, from_rank0 = _mean_over_ranks(world), _from_rank0(world)
+    reals = data_reals(data_url, device) if data_url else (lambda n: iter(()))
     step = start
     while step < spec.total_steps:
         torch.manual_seed(step_seed(spec.train.seed, rank, step))   # MineAug's draws and the family's noise
@@ -264,7 +274,8 @@ def run_steps(spec: JobSpec, family: Family, phases: list[Phase], engines: Mappi
                             grad_accum=spec.train.grad_accum)
         step += 1
         values.update(family.after_step(StepEnd(networks=networks, rank=rank, step=step, batch=spec.train.batch,
-                                                device=device, mean_over_ranks=mean_over_ranks, from_rank0=from_rank0)))
+                                                device=device, mean_over_ranks=mean_over_ranks, from_rank0=from_rank0,
+                                                reals=reals)))
         yield step, values
 
 
@@ -296,7 +307,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = training_batches(spec, cfg.data_url, family, rank, world, device, start_batch=step)
     t0, seen0 = time.perf_counter(), images_seen
     for step, values in run_steps(spec, family, phases, engines, networks, batches, start=step, device=device,
-                                  rank=rank, world=world):
+                                  rank=rank, world=world, data_url=cfg.data_url):
         images_seen += spec.train.batch
 
         if log is not None and (step % spec.train.log_every == 0 or step == total):

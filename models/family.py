@@ -14,7 +14,7 @@ system) and are found there by `models.registry`, which is also the one way to c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -85,6 +85,10 @@ class StepEnd:
     device: torch.device
     mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     from_rank0: Callable[[Any], Any] = lambda obj: obj
+    # Up to n training images as the data set holds them (float NCHW in [-1, 1] on the device, in
+    # batches), read from the shards, not from the steps' batches, which MineAug and ADA change:
+    # for what must see the real distribution (SCB-GAN's linear probe). Not a collective.
+    reals: Callable[[int], Iterator[torch.Tensor]] = lambda n: iter(())
 
     @property
     def images_seen(self) -> int:

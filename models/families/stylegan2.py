@@ -63,7 +63,8 @@ class VisionAidedConfig(BaseModel):
     kimg_stages: list[float] = Field([4000, 2000, 2000], description="kimg of each stage; one backbone added per stage")
     label_smooth: float = Field(0.2, ge=0, lt=1, description="one-sided: real targets 1 - this")
     ada_target: float = Field(0.3, gt=0, lt=1, description="target of each backbone's own ADA p")
-    probe_images: int = Field(256, ge=8, description="real and generated images per linear probe")
+    probe_images: int = Field(10_000, ge=8, description="real images (un-augmented, from the data set; all of a "
+                                                         "smaller set) and as many generated ones per linear probe")
 
     @field_validator("weights")
     @classmethod
@@ -157,7 +158,6 @@ class StyleGAN2(Family):
         va = config.vision_aided
         self.head_ada = {k: AdaptiveAugment(channels, target=va.ada_target) for k in va.candidates} if va else {}
         self.active: list[str] = []          # backbones added so far, in order
-        self.probe_real: list[Tensor] = []   # recent reals seen by this rank, for the next probe
         self.pl = PathLengthPenalty()
 
     # ---- set-up -------------------------------------------------------------------------
@@ -252,8 +252,6 @@ class StyleGAN2(Family):
             idle = [p for kind in va.candidates if kind not in self.active for p in _heads_of(ctx, kind)]
             if idle:
                 loss = loss + 0.0 * sum(p.sum() for p in idle)
-            if len(self.active) < len(va.kimg_stages):   # a probe is still to come
-                self._remember_reals(real, va.probe_images)
         return loss, logs
 
     def _g_loss(self, z: Tensor, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
@@ -277,11 +275,6 @@ class StyleGAN2(Family):
             logs["pl_penalty"] = pl.detach()
         return loss, logs
 
-    def _remember_reals(self, real: Tensor, limit: int) -> None:
-        self.probe_real.append(real.detach().to(torch.float16))
-        while sum(len(x) for x in self.probe_real) - len(self.probe_real[0]) >= limit:
-            self.probe_real.pop(0)
-
     # ---- between steps ------------------------------------------------------------------
     def after_step(self, end: StepEnd) -> dict[str, float | Tensor]:
         c = self.config
@@ -296,12 +289,10 @@ class StyleGAN2(Family):
         va = c.vision_aided
         if va is not None:
             if self._stage_due(end.images_seen):   # the same answer on every rank: from the image count
-                ready = sum(len(x) for x in self.probe_real) >= PROBE_MIN_IMAGES
-                kind, accuracies = self._probe(end) if end.rank == 0 and ready else (None, {})
+                kind, accuracies = self._probe(end) if end.rank == 0 else (None, {})
                 kind, accuracies = end.from_rank0((kind, accuracies))
-                if kind is not None:   # else too few reals seen yet: the probe runs again next step
-                    self.active.append(kind)
-                    logs.update({f"probe_acc_{k}": v for k, v in accuracies.items()})
+                self.active.append(kind)
+                logs.update({f"probe_acc_{k}": v for k, v in accuracies.items()})
             logs["vision_stage"] = float(len(self.active))
         return logs
 
@@ -320,16 +311,27 @@ class StyleGAN2(Family):
 
     @torch.no_grad()
     def _probe(self, end: StepEnd) -> tuple[str, dict[str, float]]:
-        """The backbone (not yet added) whose pooled features best separate reals from G_ema's images."""
+        """The backbone (not yet added) whose pooled features best separate reals from G_ema's images.
+
+        As the vision-aided reference: the reals are the data set's own images (up to
+        `probe_images`, all of a smaller set), never the MineAug/ADA-augmented batches; as many
+        fakes from random latents; each side split 50/50 for the logistic-regression probe."""
         self._load_backbones(end.device)
-        real = torch.cat(self.probe_real).float()[: self.config.vision_aided.probe_images]
-        fake = torch.cat([self.sample(end.networks["G_ema"], len(chunk), seed=10_000 + i).to(end.device)
-                          for i, chunk in enumerate(real.split(64))])
-        pooled = {kind: (torch.cat([bb.pooled(x) for x in real.split(64)]).cpu(),
-                         torch.cat([bb.pooled(x) for x in fake.split(64)]).cpu())
-                  for kind, bb in self.backbones.items() if kind not in self.active}
-        kind, accuracies = choose_backbone(pooled)
-        return kind, accuracies
+        kinds = [kind for kind in self.backbones if kind not in self.active]
+        real = {kind: [] for kind in kinds}
+        fake = {kind: [] for kind in kinds}
+        count = 0
+        for x in end.reals(self.config.vision_aided.probe_images):   # in batches: no set held in memory
+            g = self.sample(end.networks["G_ema"], len(x), seed=10_000 + count).to(end.device)
+            for kind in kinds:
+                real[kind].append(self.backbones[kind].pooled(x).cpu())
+                fake[kind].append(self.backbones[kind].pooled(g).cpu())
+            count += len(x)
+        if count < PROBE_MIN_IMAGES:
+            raise RuntimeError(f"model.vision_aided: the linear probe read {count} real images from the data set; "
+                               f"it needs at least {PROBE_MIN_IMAGES}")
+        pooled = {kind: (torch.cat(real[kind]), torch.cat(fake[kind])) for kind in kinds}
+        return choose_backbone(pooled)
 
     # ---- state outside the networks --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

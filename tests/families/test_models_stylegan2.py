@@ -38,8 +38,12 @@ def ctx(nets, phase, step=1) -> StepContext:
     return StepContext(networks=nets, trained=nets, phase=phase, step=step, device=CPU)
 
 
-def end(nets, step, batch=N) -> StepEnd:
-    return StepEnd(networks=nets, rank=0, step=step, batch=batch, device=CPU)
+DATA = smooth_batch(12, 1, RES, seed=99)   # the data set as stored, un-augmented
+
+
+def end(nets, step, batch=N, reals=None) -> StepEnd:
+    return StepEnd(networks=nets, rank=0, step=step, batch=batch, device=CPU,
+                   reals=reals or (lambda n: iter(DATA[:n].split(4))))
 
 
 def grads_after(fam, nets, phase, step=1, channels=1):
@@ -152,6 +156,28 @@ def test_stages_add_the_backbone_the_probe_prefers(weights):
     first = fam.active[0]
     assert {f"probe_acc_{k}" for k in KINDS} <= set(logs[1])
     assert logs[1][f"probe_acc_{first}"] == max(logs[1][f"probe_acc_{k}"] for k in KINDS)
+
+
+def test_the_probe_scores_the_data_sets_own_images(weights):
+    """Not the (MineAug- and ADA-augmented) training batches: the reals come from StepEnd.reals,
+    as many as `probe_images`, against as many generated images."""
+    fam = family(vision=vision(weights))
+    nets = fam.build()
+    fam.loss({"image": -torch.ones(N, 1, RES, RES)}, ctx(nets, "D", 1))   # a batch unlike the data set
+    asked, seen = [], {}
+    fam._load_backbones(CPU)
+    for kind, bb in fam.backbones.items():
+        inner, calls = bb.pooled, seen.setdefault(kind, [])
+        bb.pooled = lambda x, inner=inner, calls=calls: (calls.append(x.clone()), inner(x))[1]
+
+    def reals(n):
+        asked.append(n)
+        return iter(DATA[:n].split(4))
+
+    fam.after_step(end(nets, 1, reals=reals))
+    assert asked == [8]                                   # probe_images of the tiny config
+    for calls in seen.values():                           # per chunk: the reals, then as many fakes
+        assert torch.equal(torch.cat(calls[0::2]), DATA[:8]) and sum(len(x) for x in calls[1::2]) == 8
 
 
 def test_generator_ema_follows_g():

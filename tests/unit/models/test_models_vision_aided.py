@@ -222,6 +222,26 @@ def test_probe_and_choose_backbone():
         choose_backbone({"swin_t": separable}, exclude=["swin_t"])
 
 
+def test_probe_is_the_references_logistic_regression():
+    """Written out independently: three random 50/50 splits of each side (the reference halves its
+    reals and its fakes), LogisticRegression(C=0.2) on the raw features, held-out accuracy averaged."""
+    from sklearn.linear_model import LogisticRegression
+
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(60, 8, generator=g) + 0.4, torch.randn(60, 8, generator=g) * 3   # unequal scales
+    got = probe_accuracy(real, fake, repeats=3, seed=0)
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    x = torch.cat([real, fake]).double().numpy()
+    y = [1] * 60 + [0] * 60
+    scores = []
+    for train, test in StratifiedShuffleSplit(n_splits=3, test_size=0.5, random_state=0).split(x, y):
+        assert sum(y[i] for i in test) == 30                  # half of each side held out
+        clf = LogisticRegression(C=0.2, max_iter=5000, random_state=0).fit(x[train], [y[i] for i in train])
+        scores.append(clf.score(x[test], [y[i] for i in test]))
+    assert got == pytest.approx(sum(scores) / 3, abs=1e-12)
+
+
 def test_base_architectures_have_published_parameter_counts():
     start = time.perf_counter()
     for kind, n in PUBLISHED.items():
