@@ -237,8 +237,10 @@ class StyleGAN2(Family):
         if do_r1:
             # Its own forward through the bare module: DeepSpeed treats any backward pass over its
             # engine's graph, autograd.grad's included, as the training backward.
-            r1_in = real_in.detach().requires_grad_(True)
-            r1 = r1_penalty(ctx.networks["D"].main(r1_in), r1_in).mean()
+            # The gradient is taken w.r.t. the un-augmented reals, through the (differentiable) ADA
+            # pipeline, as StyleGAN2-ADA does; here with a fresh draw of its parameters.
+            r1_in = real.detach().requires_grad_(True)
+            r1 = r1_penalty(ctx.networks["D"].main(self._augment(r1_in)), r1_in).mean()
             loss = loss + c.r1_gamma / 2 * r1 * c.r1_every
             logs["r1"] = r1.detach()
         if va is not None:
@@ -264,7 +266,7 @@ class StyleGAN2(Family):
         loss = F.softplus(-fake_logits).mean()
         logs: dict[str, Tensor] = {"loss_G": loss.detach()}
         if va is not None and self.active:
-            vloss = heads_g_loss(fake_heads)
+            vloss = heads_g_loss(fake_heads, label_smooth=va.label_smooth)
             loss = loss + vloss
             logs["loss_G_vision"] = vloss.detach()
         if do_pl:

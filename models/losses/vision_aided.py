@@ -113,12 +113,13 @@ def d_loss(real_logits: Mapping[str, Sequence[Tensor]] | Sequence[Tensor],
     return sum(head_loss(r, True, label_smooth) + head_loss(f, False) for r, f in zip(reals, fakes))
 
 
-def g_loss(fake_logits: Mapping[str, Sequence[Tensor]] | Sequence[Tensor]) -> Tensor:
-    """Σ_k L_k(fake, 1): the generator wants every head to call its images real (no smoothing)."""
+def g_loss(fake_logits: Mapping[str, Sequence[Tensor]] | Sequence[Tensor], label_smooth: float = 0.0) -> Tensor:
+    """Σ_k L_k(fake, 1 − label_smooth): the generator wants every head to call its images real, with
+    the same smoothed target the heads learn for reals (as the vision-aided reference)."""
     fakes = _per_backbone(fake_logits)
     if not fakes:
         raise ValueError("vision-aided g_loss: no backbone logits")
-    return sum(head_loss(f, True) for f in fakes)
+    return sum(head_loss(f, True, label_smooth) for f in fakes)
 
 
 # ---- the linear probe ---------------------------------------------------------------------------

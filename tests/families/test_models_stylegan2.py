@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from family_checks import CPU, smooth_batch
 from models.family import StepContext, StepEnd
@@ -178,6 +179,30 @@ def test_the_probe_scores_the_data_sets_own_images(weights):
     assert asked == [8]                                   # probe_images of the tiny config
     for calls in seen.values():                           # per chunk: the reals, then as many fakes
         assert torch.equal(torch.cat(calls[0::2]), DATA[:8]) and sum(len(x) for x in calls[1::2]) == 8
+
+
+def test_r1_is_taken_at_the_unaugmented_reals_through_the_augmentation():
+    """Hand-worked: D(x) = Σ w·x and an "augmentation" x ↦ 2x give ∂D(A(x))/∂x = 2w, so
+    R1 = 4|w|² per image; a gradient at the augmented images would give |w|²."""
+    class Doubling(nn.Module):   # stands in for ADA: differentiable, no randomness
+        def forward(self, x):
+            return 2 * x
+
+        def observe(self, logits):
+            pass
+
+    fam = family(r1_gamma=1.0)
+    nets = fam.build()
+    fam.ada = Doubling()
+    w = torch.randn(1, RES, RES)
+
+    class Linear(nn.Module):
+        def forward(self, x):
+            return (x * w).flatten(1).sum(dim=1)
+
+    nets["D"].main = Linear()
+    _, logs = fam.loss({"image": smooth_batch(N, 1, RES, seed=1)}, ctx(nets, "D", step=fam.config.r1_every))
+    assert float(logs["r1"]) == pytest.approx(4 * float(w.square().sum()), rel=1e-5)
 
 
 def test_generator_ema_follows_g():

@@ -198,6 +198,8 @@ def test_loss_values_and_one_sided_smoothing():
     torch.testing.assert_close(d_loss(real, fake), expect)
     torch.testing.assert_close(d_loss({"a": real, "b": real}, {"a": fake, "b": fake}), 2 * expect)
     torch.testing.assert_close(g_loss(fake), sum(bce(f, torch.ones_like(f)) for f in fake))
+    # With smoothing the generator's target is smoothed too (0.8), as the reference's.
+    torch.testing.assert_close(g_loss(fake, label_smooth=0.2), sum(bce(f, torch.full_like(f, 0.8)) for f in fake))
     for s in (0.0, 0.2):   # smoothing moves only the real term
         torch.testing.assert_close(d_loss(real, fake, label_smooth=s) - head_loss(real, True, s),
                                    head_loss(fake, False))
