@@ -284,10 +284,11 @@ class StyleGAN2(Family):
         g, g_ema = end.networks["G"], end.networks["G_ema"]
         update_ema(g_ema, g, keep=0.5 ** (end.batch / (c.ema_kimg * 1000)))
         if self.ada_settings is not None and end.step % self.ada_settings.interval == 0:
-            images = end.batch * self.ada_settings.interval
-            logs["ada_p"] = self._adjust(self.ada, end, images)
-            for kind in self.active:
-                logs[f"ada_p_{kind}"] = self._adjust(self.head_ada[kind], end, images)
+            logs["ada_p"] = self._adjust(self.ada, end, end.batch * self.ada_settings.interval)
+        for kind in self.active:   # each backbone's own p adapts whether or not the main ADA is on
+            head_ada = self.head_ada[kind]
+            if end.step % head_ada.interval == 0:
+                logs[f"ada_p_{kind}"] = self._adjust(head_ada, end, end.batch * head_ada.interval)
         va = c.vision_aided
         if va is not None:
             if self._stage_due(end.images_seen):   # the same answer on every rank: from the image count

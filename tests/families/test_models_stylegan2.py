@@ -181,6 +181,21 @@ def test_the_probe_scores_the_data_sets_own_images(weights):
         assert torch.equal(torch.cat(calls[0::2]), DATA[:8]) and sum(len(x) for x in calls[1::2]) == 8
 
 
+def test_backbone_ada_adapts_without_the_main_ada(weights):
+    """Each active backbone's p follows its own head on the reals (target 0.3) even with augment.ada off."""
+    fam = family(vision=vision(weights))
+    assert fam.ada is None
+    nets = fam.build()
+    fam.active = [KINDS[0]]
+    fam._load_backbones(CPU)
+    interval = fam.head_ada[KINDS[0]].interval
+    for step in range(1, interval + 1):
+        fam.loss({"image": smooth_batch(N, 1, RES, seed=step)}, ctx(nets, "D", step))
+        logs = fam.after_step(end(nets, step))
+    assert f"ada_p_{KINDS[0]}" in logs and "ada_p" not in logs
+    assert logs[f"ada_p_{KINDS[0]}"] == pytest.approx(float(fam.head_ada[KINDS[0]].p))
+
+
 def test_r1_is_taken_at_the_unaugmented_reals_through_the_augmentation():
     """Hand-worked: D(x) = Σ w·x and an "augmentation" x ↦ 2x give ∂D(A(x))/∂x = 2w, so
     R1 = 4|w|² per image; a gradient at the augmented images would give |w|²."""
