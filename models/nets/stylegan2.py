@@ -75,7 +75,9 @@ def upsample2d(x: Tensor, f: Tensor) -> Tensor:
 
 
 def bias_act(x: Tensor, bias: Tensor | None, act: bool, clamp: float | None, gain: float = 1.0) -> Tensor:
-    """bias, then lrelu(0.2) scaled by sqrt(2) (keeps unit variance), then optional clamp."""
+    """bias, then lrelu(0.2) scaled by sqrt(2) (keeps unit variance), times `gain`, then the optional
+    clamp scaled by the same `gain` (StyleGAN2-ADA's conv_clamp · gain: a residual branch's
+    sqrt(1/2) halves the output's range, so its clamp is tightened alike)."""
     if bias is not None:
         x = x + bias.to(x.dtype).reshape(1, -1, *([1] * (x.dim() - 2)))
     if act:
@@ -83,7 +85,7 @@ def bias_act(x: Tensor, bias: Tensor | None, act: bool, clamp: float | None, gai
     if gain != 1.0:
         x = x * gain
     if clamp is not None:
-        x = x.clamp(-clamp, clamp)
+        x = x.clamp(-clamp * gain, clamp * gain)
     return x
 
 

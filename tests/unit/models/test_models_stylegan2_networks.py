@@ -8,6 +8,7 @@ from torch import nn
 from models.losses.stylegan2 import PathLengthPenalty, r1_penalty, style_mixing_ws
 from models.nets.stylegan2 import (
     StyleGAN2Discriminator,
+    bias_act,
     StyleGAN2Generator,
     MappingNetwork,
     SynthesisLayer,
@@ -205,6 +206,17 @@ def test_path_length_norm_sums_over_w_dims_and_averages_over_styles():
                            ).mean(dim=1).sqrt()
     assert torch.allclose(pl.pl_mean, lengths.mean(), rtol=1e-5)
     assert torch.allclose(penalty, (lengths - lengths.mean()).square().mean(), rtol=1e-4, atol=1e-8)
+
+
+def test_activation_clamp_scales_with_the_layer_gain():
+    """bias_act(x, b, lrelu, clamp=c, gain=g) = clamp(g·sqrt(2)·lrelu(x + b), ±c·g), written out."""
+    x = torch.tensor([[-3.0, -0.5, 0.5, 200.0, 400.0]])
+    b = torch.zeros(5)
+    g, c = 0.5 ** 0.5, 256.0
+    lrelu = torch.where(x > 0, x, 0.2 * x) * 2 ** 0.5 * g
+    want = lrelu.clamp(-c * g, c * g)
+    torch.testing.assert_close(bias_act(x[:, :, None], b, True, c, g)[:, :, 0], want)
+    assert float(bias_act(x[:, :, None], b, True, c, g).max()) == pytest.approx(c * g)   # 181.02, not 256
 
 
 def test_paper256_kwargs():
