@@ -36,8 +36,11 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
         # Mixed precision as under DDP: fp32 weights (ZeRO keeps the optimizer state fp32 too) and
         # torch.autocast. DeepSpeed's "bf16"/"fp16" modes would cast the networks themselves, which
         # BatchNorm and the bare modules other phases call (fp32 inputs) do not survive.
+        # No module's gradients reduced in the autocast dtype (DeepSpeed's default for Linear/Conv):
+        # fp32 reductions, as DDP does with fp32 weights, so the two strategies train alike.
         "torch_autocast": {"enabled": spec.train.precision != "fp32",
-                           "dtype": {"bf16": "bfloat16", "fp16": "float16"}.get(spec.train.precision, "float32")},
+                           "dtype": {"bf16": "bfloat16", "fp16": "float16"}.get(spec.train.precision, "float32"),
+                           "lower_precision_safe_modules": []},
         "steps_per_print": 2**31 - 1,   # the loop logs; DeepSpeed's own step lines would only repeat it
         "wall_clock_breakdown": False,
     }

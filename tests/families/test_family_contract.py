@@ -290,3 +290,16 @@ def test_trains_under_deepspeed(family, spec_name, tmp_path, process_group):
     tiny = Tiny(family, spec_name, tmp_path)
     trains_steps(tiny_spec(tiny.spec_name, tiny.workdir, "strategy.kind=deepspeed", "strategy.zero_stage=2",
                            "train.precision=bf16", "scaling.num_workers=1"))
+
+
+@pytest.mark.integration
+def test_deepspeed_reduces_bf16_gradients_in_fp32_as_ddp(tmp_path, process_group):
+    """DeepSpeed's torch_autocast marks Linear/Conv parameters for bf16 gradient communication by
+    default; ours marks none, so gradients are reduced in fp32 under both strategies."""
+    from deepspeed.runtime.torch_autocast import get_comm_dtype
+
+    spec = tiny_spec("quickstart", tmp_path, "strategy.kind=deepspeed", "train.precision=bf16",
+                     "scaling.num_workers=1")
+    _, _, _, engines = build_training(spec, CPU, 1)
+    dtypes = {get_comm_dtype(p) for e in engines.values() for p in e.module.parameters()}
+    assert dtypes == {torch.float32}

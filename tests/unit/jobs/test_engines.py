@@ -179,7 +179,9 @@ def test_deepspeed_config_follows_the_spec():
     c = deepspeed_config(spec, world_size=2)
     assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (16, 4, 2)
     assert c["zero_optimization"] == {"stage": 2, "overlap_comm": True}   # merged, not replaced
-    assert c["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in c
+    # Gradients reduced in fp32 under DeepSpeed as under DDP: no module marked for bf16 communication.
+    assert c["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert "bf16" not in c and "communication_data_type" not in c
     assert c["gradient_clipping"] == 0.0   # DeepSpeed would clip at 1.0 unless told
     assert deepspeed_config(make_spec("train.grad_clip=0.5"), 1)["gradient_clipping"] == 0.5
 
