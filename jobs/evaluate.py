@@ -6,6 +6,8 @@ set (`cond`, and `mask` where the family uses one) against their targets (`image
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -28,14 +30,17 @@ def _conditional_outputs(family: Family, sampler: nn.Module, batch: dict, device
 
 def evaluate(family: Family, sampler: nn.Module, *, data_url: str, num_samples: int, extractor: str,
              inception_weights: str | None, device: torch.device, batch: int = 64,
-             vgg_weights: str | None = None) -> tuple[dict[str, float], dict[str, str]]:
-    """Returns (metrics, params): params say what the metrics were computed with. With
-    `vgg_weights`, precision/recall use VGG-16 features, else the `extractor`'s (see params)."""
-    metrics = set(family.metrics)
+             vgg_weights: str | None = None, metrics: Sequence[str] | None = None
+             ) -> tuple[dict[str, float], dict[str, str]]:
+    """Returns (metrics, params): params say what the metrics were computed with. `metrics` picks
+    among the family's (default: all of them). With `vgg_weights`, precision/recall use VGG-16
+    features, else the `extractor`'s (see params)."""
+    names = tuple(metrics) if metrics is not None else tuple(family.metrics)
+    metrics = set(names)
     pr_feature = VGG16Extractor(vgg_weights) if vgg_weights and "pr" in metrics else None
     needs_feature = bool(metrics & {"fid", "kid"}) or ("pr" in metrics and pr_feature is None)
     feature = make_extractor(extractor, inception_weights) if needs_feature else None
-    suite = MetricSuite(family.metrics, extractor=feature, pr_extractor=pr_feature, device=device)
+    suite = MetricSuite(names, extractor=feature, pr_extractor=pr_feature, device=device)
     data = iterate_once(data_url, batch_size=batch, limit=num_samples, keys=family.data_keys)
     if family.conditional:
         for b in data:

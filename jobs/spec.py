@@ -96,7 +96,8 @@ class CheckpointSpec(_Section):
 
 class EvalSpec(_Section):
     every_steps: int | None = Field(None, ge=1)
-    metrics: list[str] = ["fid"]
+    metrics: list[str] | None = Field(None, description="which of the family's metrics evaluation computes; "
+                                                     "null = all of them")
     num_samples: int = Field(1000, ge=2)
     fid_extractor: Literal["randconv", "inception"] = "randconv"
     inception_weights: str | None = None
@@ -170,7 +171,15 @@ class JobSpec(_Section):
             instance = self.make_family()
         except ValidationError as e:
             raise SpecError(_format_errors(e, prefix="augment.ada")) from None
-        logged = reported_names(instance.metrics)
+        if self.eval.metrics is not None:
+            unknown = [m for m in self.eval.metrics if m not in instance.metrics]
+            if unknown or not self.eval.metrics:
+                raise ValueError(f"eval.metrics: {', '.join(unknown) or 'an empty list'} — the {self.family} family is "
+                                 f"judged by {', '.join(instance.metrics)}; pick among those (or null for all)")
+        logged = reported_names(self.eval_metrics(instance))
+        if self.tracking.registry_model and self.tracking.promote_metric not in logged:
+            raise ValueError(f"tracking.promote_metric {self.tracking.promote_metric!r} is not computed; "
+                             f"eval.metrics gives {', '.join(logged)}")
         if self.checkpoint.best_metric is not None and self.checkpoint.best_metric not in logged:
             raise ValueError(f"checkpoint.best_metric {self.checkpoint.best_metric!r} is not a metric of this "
                              f"{self.family} model; allowed: {', '.join(logged)}")
@@ -189,6 +198,10 @@ class JobSpec(_Section):
             raise ValueError(f"search.k ({self.search.k}) is larger than the {len(candidates)} candidate(s) "
                              f"for {self.data.channels}-channel data")
         return self
+
+    def eval_metrics(self, family: Family) -> tuple[str, ...]:
+        """What evaluation computes: `eval.metrics`, else every metric the family is judged by."""
+        return tuple(self.eval.metrics) if self.eval.metrics is not None else tuple(family.metrics)
 
     def make_family(self) -> Family:
         """This spec's family (models.registry.make_family: the one construction path)."""

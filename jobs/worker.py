@@ -341,7 +341,7 @@ def _report(w: Worker, step: int, images_seen: int, final: bool) -> None:
             scores, params = evaluate(family, sampler, data_url=data_url,
                                       num_samples=spec.eval.num_samples, extractor=spec.eval.fid_extractor,
                                       inception_weights=spec.eval.inception_weights, vgg_weights=spec.eval.vgg_weights,
-                                      device=device)
+                                      device=device, metrics=spec.eval_metrics(family))
             log.metrics(step, scores)
             if final:
                 log.params(params)

@@ -40,6 +40,8 @@ def test_kimg_when_steps_unset():
     (["model.depth=3"], "model.depth", "unknown key"),
     (["train.batch=33"], "train.batch", "divisible by scaling.num_workers"),
     (["eval.fid_extractor=inception"], "eval.inception_weights", "local file"),
+    (["eval.metrics=[fid,lpips]"], "eval.metrics", "judged by fid"),
+    (["eval.metrics=[]"], "eval.metrics", "an empty list"),
     (["eval.fid_extractor=inception", "eval.inception_weights=/nonexistent/inception.pt"],
      "eval.inception_weights", "/nonexistent/inception.pt"),
 ])
@@ -49,6 +51,17 @@ def test_bad_field_is_named(override, field, hint):
     assert field in str(err.value) and hint in str(err.value)
     if field == "family":
         assert "dcgan" in str(err.value)
+
+
+def test_eval_metrics_choose_among_the_familys():
+    """Unset: every metric the family is judged by; set: those, and promotion must use one of them."""
+    spec = load_spec(SPECS_DIR / "scbgan_rosetta.yaml", ["eval.metrics=null", "model.vision_aided=null"])
+    assert spec.eval_metrics(spec.make_family()) == ("fid", "kid", "pr")
+    spec = load_spec(SPECS_DIR / "scbgan_rosetta.yaml", ["eval.metrics=[fid]", "model.vision_aided=null"])
+    assert spec.eval_metrics(spec.make_family()) == ("fid",)
+    with pytest.raises(SpecError, match="tracking.promote_metric 'kid' is not computed"):
+        load_spec(SPECS_DIR / "scbgan_rosetta.yaml", ["eval.metrics=[fid]", "tracking.promote_metric=kid",
+                                                      "model.vision_aided=null"])
 
 
 def test_missing_section_and_not_a_mapping():

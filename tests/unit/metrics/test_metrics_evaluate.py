@@ -63,6 +63,14 @@ def test_conditional_outputs_are_paired_with_their_targets(shards):
     assert worse["l1"] > 0.05 and worse["ssim"] < 0.9 and worse["psnr"] < 30 and worse["fid"] > 1
 
 
+def test_only_the_chosen_metrics_are_computed(shards):
+    fam = family("pix2pix")
+    scores, params = evaluate(fam, Flip(), data_url=shards, num_samples=N, extractor="randconv",
+                              inception_weights=None, device=CPU, batch=4, metrics=["ssim", "fid"])
+    assert set(scores) == {"ssim", "fid"} and params["eval_metrics"] == "ssim,fid"
+    assert scores["ssim"] == pytest.approx(1, abs=1e-6)
+
+
 def test_spatiotemporal_metrics_and_limit(shards):
     fam = family("cgan_unet")
     scores, params = run(fam, Flip(), shards, n=6)
