@@ -12,6 +12,8 @@ import os
 import random
 import time
 
+from typing import Any
+
 import fsspec
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,17 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 # Errors worth another try when opening remote objects: connection resets, timeouts, 5xx.
 # Missing objects and refused permissions are not transient.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def ray_storage(url: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train and Tune: local paths stay paths; other
+    stores go through the same fsspec filesystem the data plane uses, wrapped for pyarrow."""
+    fs, path = filesystem(url)
+    if is_local(url):
+        return path, None
+    import pyarrow.fs
+
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 def open_with_retries(url: str, mode: str = "rb", attempts: int = 5, **kwargs):

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 GIT_SHA_ENV = "ORBITGEN_GIT_SHA"
@@ -28,3 +30,17 @@ def git_sha(path: str | os.PathLike = REPO) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+@contextmanager
+def tracking_uri_restored() -> Iterator[None]:
+    """Leave MLFLOW_TRACKING_URI as it was: mlflow.set_tracking_uri() writes it into the
+    environment, so a later spec in this process without tracking.uri would track into this one's store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before

@@ -15,10 +15,10 @@ import mlflow
 
 from data_shards.builtin import ensure_builtin, is_builtin
 from data_shards.card import read_card
-from data_shards.storage import filesystem, join
+from data_shards.storage import join, ray_storage
 from jobs.tracking import model_refs, registry, runs as tracking
 from jobs.checkpoints import SNAPSHOT
-from jobs.env import forwarded_env, git_sha
+from jobs.env import forwarded_env, git_sha, tracking_uri_restored
 from jobs.resume import ResumeError, read_run_info, write_run_info
 from jobs.spec import JobSpec, SpecError
 
@@ -61,17 +61,6 @@ def check_files(spec: JobSpec) -> None:
                for key, path in spec.make_family().required_files().items() if not (path and Path(path).is_file())]
     if missing:
         raise SpecError("files this spec needs are missing (set them with --set KEY=PATH):\n" + "\n".join(missing))
-
-
-def ray_storage(url: str) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Ray Train: local paths stay paths; other stores go
-    through the same fsspec filesystem the data plane uses, wrapped for pyarrow."""
-    if url.startswith("file://") or "://" not in url:
-        return filesystem(url)[1], None
-    import pyarrow.fs
-
-    fs, path = filesystem(url)
-    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -130,16 +119,8 @@ def _open_run(spec: JobSpec, tracking_uri: str, storage: str, resume: str | None
 def run_job(spec: JobSpec, say: Callable[[str], None] = print, resume: str | None = None) -> JobResult:
     """Train `spec`; with `resume` (a run name under the spec's checkpoint storage), continue that
     run from its latest checkpoint, logging into the same MLflow run."""
-    # mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into the environment: without the
-    # restore, a later spec in this process without tracking.uri would track into this one's store.
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
+    with tracking_uri_restored():
         return _run_job(spec, say, resume)
-    finally:
-        if before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> JobResult:

@@ -16,8 +16,10 @@ from typing import Any, Callable
 import yaml
 
 from data_shards.storage import join
+from jobs.env import tracking_uri_restored
 from jobs.runner import check_data, ensure_ray, resolve_data
 from jobs.spec import JobSpec, SpecError
+from jobs.tracking.runs import TAG_DATA, TAG_FAMILY, TAG_SPEC
 
 
 @dataclass
@@ -69,22 +71,15 @@ def run_search_job(spec: JobSpec, *, say: Callable[[str], None] = print, resume:
     ensure_ray()
     # Tune's console box and TensorBoard hint say nothing the search's own progress lines don't.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
+    with tracking_uri_restored():
         result = run_search(
             data_url, channels=spec.data.channels, resolution=spec.data.resolution, config=cfg,
             tracking_uri=tracking_uri, experiment=spec.experiment, name=name, storage=storage,
             extractor=spec.eval.fid_extractor, extractor_weights=spec.eval.inception_weights,
             resume=resume is not None, train_fn=train_fn, progress=say,
-            parent_tags={"orbitgen.family": spec.family, "orbitgen.data_fingerprint": card["fingerprint"],
-                         "orbitgen.spec_sha": spec.sha()},
+            parent_tags={TAG_FAMILY: spec.family, TAG_DATA: card["fingerprint"], TAG_SPEC: spec.sha()},
             validate_resources={"CPU": spec.scaling.cpus_per_worker, "GPU": 1.0 if spec.scaling.use_gpu else 0.0},
         )
-    finally:   # mlflow.set_tracking_uri writes the variable: leave the process as it was
-        if before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before
     path = Path(out) if out else spec.workdir_path() / "search" / name / "spec.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# Written by `orbitgen search mineaug` (search {name}, MLflow run {result.parent_run_id}).\n"

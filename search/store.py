@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from data_shards.storage import filesystem, join, to_url
+from data_shards.storage import filesystem, join, ray_storage, to_url
 from search.scoring import CandidateScore
 
 
@@ -65,12 +65,5 @@ class SearchStore:
                                   list(z["features"]), float(z["seconds"]))
 
     def tune_storage(self) -> tuple[str, Any]:
-        """(storage_path, storage_filesystem) for Tune: local folders as paths, other stores through
-        the data plane's fsspec filesystem wrapped for pyarrow."""
-        url = join(self.url, "tune")
-        if url.startswith("file://"):
-            return filesystem(url)[1], None
-        import pyarrow.fs
-
-        fs, path = filesystem(url)
-        return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+        """(storage_path, storage_filesystem) for Tune's own folders, under this search's."""
+        return ray_storage(join(self.url, "tune"))
