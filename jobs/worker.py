@@ -266,6 +266,10 @@ def run_steps(spec: JobSpec, family: Family, phases: list[Phase], engines: Mappi
     Ray Train's workers and the MineAug search's proxy trainings both run it."""
     mean_over_ranks, from_rank0 = _mean_over_ranks(world), _from_rank0(world)
     reals = data_reals(data_url, device) if data_url else (lambda n: iter(()))
+
+    def restart_optimizer(role: str, params: list[nn.Parameter]) -> None:
+        engines[role].restart_state(params)
+
     step = start
     while step < spec.total_steps:
         torch.manual_seed(step_seed(spec.train.seed, rank, step))   # MineAug's draws and the family's noise
@@ -275,7 +279,7 @@ def run_steps(spec: JobSpec, family: Family, phases: list[Phase], engines: Mappi
         step += 1
         values.update(family.after_step(StepEnd(networks=networks, rank=rank, step=step, batch=spec.train.batch,
                                                 device=device, mean_over_ranks=mean_over_ranks, from_rank0=from_rank0,
-                                                reals=reals)))
+                                                reals=reals, restart_optimizer=restart_optimizer)))
         yield step, values
 
 

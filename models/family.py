@@ -39,6 +39,10 @@ class Phase:
     # (None: constant). Engines apply it; `lr_at(step)` is the schedule in one formula.
     lr_step_every: int | None = None
     lr_gamma: float = 1.0
+    # Splits the network's parameters into optimizer groups (None: one group). A group is what
+    # `StepEnd.restart_optimizer` can give fresh optimizer state on its own: parameters that start
+    # training late (SCB-GAN's vision-aided heads) need a group of their own.
+    param_groups: Callable[[nn.Module], list[list[nn.Parameter]]] | None = None
 
     def lr_at(self, step: int) -> float:
         """The learning rate for optimizer step `step` (0-based)."""
@@ -89,6 +93,10 @@ class StepEnd:
     # batches), read from the shards, not from the steps' batches, which MineAug and ADA change:
     # for what must see the real distribution (SCB-GAN's linear probe). Not a collective.
     reals: Callable[[int], Iterator[torch.Tensor]] = lambda n: iter(())
+    # restart_optimizer(role, params): fresh optimizer state (Adam's moments and step count at
+    # zero) for one group of `Phase.param_groups` of network `role`, as if its parameters had
+    # just been added to the optimizer. Every rank calls it alike; no communication.
+    restart_optimizer: Callable[[str, list[nn.Parameter]], None] = lambda role, params: None
 
     @property
     def images_seen(self) -> int:

@@ -7,10 +7,12 @@ contract), integration/ (real Ray, MLflow and S3; minutes). Shared helpers sit b
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "infra"))
@@ -55,6 +57,30 @@ def ray_local(tmp_path_factory):
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=True)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """DeepSpeed needs a process group and the launcher's variables, even alone: one gloo rank."""
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    # DeepSpeed JIT-compiles a comm op once per machine: keep it in the repo's ignored cache.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,6 +9,7 @@ The train loop sees one interface (`Engine`), whatever the strategy:
         loss = ...                 the family's forward through `engine.wrapped` / `.module`
     engine.step(loss)              backward; optimizer step at the accumulation boundary
     engine.save(dir, rank) / engine.load(dir)    every rank calls both
+    engine.restart_state(params)   fresh optimizer state for one parameter group
 
 `DDPEngine` (jobs/engines/ddp.py) wraps torch DDP over Ray Train's process group;
 `DeepSpeedEngine` (jobs/engines/deepspeed.py) runs one `deepspeed.initialize` per network.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,10 +29,31 @@ from jobs.spec import JobSpec, SchedulerSpec, TrainSpec
 from models.family import Phase
 
 
-def make_optimizer(params: Iterable[nn.Parameter], phase: Phase, train: TrainSpec) -> torch.optim.Optimizer:
+def make_optimizer(groups: list[list[nn.Parameter]], phase: Phase, train: TrainSpec) -> torch.optim.Optimizer:
     # torch's own Adam under both strategies: DeepSpeed's fused/CPU Adam would need a JIT compile.
     cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=phase.lr, betas=phase.betas, weight_decay=phase.weight_decay)
+    return cls([{"params": g} for g in groups], lr=phase.lr, betas=phase.betas, weight_decay=phase.weight_decay)
+
+
+def param_groups(module: nn.Module, phase: Phase) -> list[list[nn.Parameter]]:
+    """The phase's optimizer groups of the module's trainable parameters; each exactly once."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if phase.param_groups is None:
+        return [trainable]
+    groups = [[p for p in g if p.requires_grad] for g in phase.param_groups(module)]
+    ids = [id(p) for g in groups for p in g]
+    if len(ids) != len(set(ids)) or set(ids) != {id(p) for p in trainable}:
+        raise ValueError(f"phase {phase.name!r}: param_groups must hold every trainable parameter of the "
+                         f"network exactly once ({len(set(ids))} distinct of {len(trainable)}, {len(ids)} listed)")
+    return [g for g in groups if g]
+
+
+def zero_state_(state: dict) -> None:
+    """Adam's per-tensor state back to its initial values in place (moments and step count 0):
+    the same as state never created, and it survives checkpoints that expect every key."""
+    for value in state.values():
+        if torch.is_tensor(value):
+            value.zero_()
 
 
 def lr_factor(phase: Phase, schedule: SchedulerSpec, total_steps: int) -> Callable[[int], float]:
@@ -73,6 +95,7 @@ class Engine:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError(f"network {phase.name!r} has no trainable parameters")
+        self.groups = param_groups(self.module, phase)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = autocast_dtype(self.precision)
@@ -87,6 +110,19 @@ class Engine:
         return contextlib.nullcontext()
 
     def step(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def group_index(self, params: list[nn.Parameter]) -> int:
+        """The index of the optimizer group that holds exactly `params`."""
+        ids = {id(p) for p in params}
+        for i, group in enumerate(self.groups):
+            if {id(p) for p in group} == ids:
+                return i
+        raise ValueError(f"network {self.name!r}: the {len(params)} parameters given are not one optimizer group; "
+                         f"declare them a group of their own in Phase.param_groups")
+
+    def restart_state(self, params: list[nn.Parameter]) -> None:
+        """Fresh optimizer state for the group holding exactly `params` (see StepEnd.restart_optimizer)."""
         raise NotImplementedError
 
     def save(self, directory: Path, rank: int) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from jobs.engines.base import Engine, make_optimizer, make_scheduler
+from jobs.engines.base import Engine, make_optimizer, make_scheduler, zero_state_
 from jobs.spec import JobSpec
 from models.family import Phase
 
@@ -25,7 +25,7 @@ class DDPEngine(Engine):
                     if world_size > 1 else None)
         wrapped = self.ddp or self.module
         self.wrapped = torch.compile(wrapped) if spec.train.compile else wrapped
-        self.optimizer = make_optimizer(self.params, phase, spec.train)
+        self.optimizer = make_optimizer(self.groups, phase, spec.train)
         self.scheduler = make_scheduler(self.optimizer, phase, spec)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
 
@@ -60,6 +60,10 @@ class DDPEngine(Engine):
         else:
             self.optimizer.step()
         self.scheduler.step()
+
+    def restart_state(self, params: list[nn.Parameter]) -> None:
+        for p in self.groups[self.group_index(params)]:
+            zero_state_(self.optimizer.state.get(p, {}))
 
     def _file(self, directory: Path) -> Path:
         return directory / f"{self.name}.pt"

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.engines.base import Engine, make_optimizer, make_scheduler
+from jobs.engines.base import Engine, make_optimizer, make_scheduler, zero_state_
 from jobs.spec import JobSpec
 from models.family import Phase
 
@@ -62,7 +62,7 @@ class DeepSpeedEngine(Engine):
         super().__init__(module, phase, device, spec)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module,
-            optimizer=make_optimizer(self.params, phase, spec.train),
+            optimizer=make_optimizer(self.groups, phase, spec.train),
             lr_scheduler=lambda optimizer: make_scheduler(optimizer, phase, spec),
             config=deepspeed_config(spec, world_size),
         )
@@ -76,6 +76,19 @@ class DeepSpeedEngine(Engine):
         # steps the optimizer and schedule only at the accumulation boundary.
         self.engine.backward(loss)
         self.engine.step()
+
+    def restart_state(self, params: list[nn.Parameter]) -> None:
+        i = self.group_index(params)
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "single_partition_of_fp32_groups"):
+            # ZeRO 1/2: the torch optimizer steps one flat fp32 partition per group (this rank's
+            # share), in the order of our groups; its state is that group's state.
+            assert {id(p) for p in optimizer.bit16_groups[i]} == {id(p) for p in params}
+            flat = optimizer.single_partition_of_fp32_groups[i]
+            zero_state_(optimizer.optimizer.state.get(flat, {}))
+        else:   # ZeRO 0: the torch optimizer itself, per parameter
+            for p in self.groups[i]:
+                zero_state_(optimizer.state.get(p, {}))
 
     def save(self, directory: Path, rank: int) -> None:
         # Collective: rank 0 writes the weights, every rank its ZeRO partition of the optimizer state.

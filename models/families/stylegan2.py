@@ -15,8 +15,10 @@ phases, with p adapted between steps from sign(D(real)). Vision-aided: after `wa
 plain StyleGAN2-ADA, each stage adds the backbone whose pooled features best separate real from
 generated images (linear probe); heads of backbones not yet added receive exactly zero gradient,
 so with Adam they do not move, and the network's parameter set stays fixed for DDP and DeepSpeed.
-The heads share D's optimizer: Adam is per parameter, so one Adam with the heads' settings
-(β = (0, 0.99), D's rate) is the same as the separate Adam of the original.
+Each backbone's heads are a parameter group of D's optimizer (β = (0, 0.99), D's rate, as the
+reference's separate optimizer); the group gets fresh Adam state when its stage starts, so its
+first update is ≈ lr as in the reference, not the ≈ 10·lr that Adam's bias correction, spent on
+the zero-gradient steps, would give (β2 = 0.99: √(1 − 0.99) = 0.1).
 """
 from __future__ import annotations
 
@@ -175,7 +177,13 @@ class StyleGAN2(Family):
 
     def phases(self) -> list[Phase]:
         betas = (self.config.beta1, self.config.beta2)
-        return [Phase("D", self.lr, betas), Phase("G", self.lr, betas)]
+        return [Phase("D", self.lr, betas, param_groups=self._d_groups), Phase("G", self.lr, betas)]
+
+    def _d_groups(self, d: "SCBDiscriminator") -> list[list[nn.Parameter]]:
+        """StyleGAN2's discriminator, then one group per backbone's heads (fresh state per stage)."""
+        va = self.config.vision_aided
+        heads = [list(d.heads.parameters_of(kind)) for kind in va.candidates] if va else []
+        return [list(d.main.parameters()), *heads]
 
     def required_files(self) -> dict[str, str | None]:
         va = self.config.vision_aided
@@ -295,6 +303,7 @@ class StyleGAN2(Family):
                 kind, accuracies = self._probe(end) if end.rank == 0 else (None, {})
                 kind, accuracies = end.from_rank0((kind, accuracies))
                 self.active.append(kind)
+                end.restart_optimizer("D", list(end.networks["D"].heads.parameters_of(kind)))
                 logs.update({f"probe_acc_{k}": v for k, v in accuracies.items()})
             logs["vision_stage"] = float(len(self.active))
         return logs

@@ -11,7 +11,6 @@ own tests (test_models_*.py) check what is particular to each system."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import mlflow
@@ -19,7 +18,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from family_checks import CPU, check_gradient_isolation, has_grads, paired_batch
@@ -258,30 +256,6 @@ def test_trains_under_ddp(family, spec_name, tmp_path):
     tiny = Tiny(family, spec_name, tmp_path)
     trains_steps(tiny_spec(tiny.spec_name, tiny.workdir, "strategy.kind=ddp", "scaling.num_workers=1",
                            "train.grad_accum=2", "train.grad_clip=1.0"))
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """DeepSpeed needs a process group and the launcher's variables, even alone: one gloo rank."""
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    # DeepSpeed JIT-compiles a comm op once per machine: keep it in the repo's ignored cache.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.mark.integration
