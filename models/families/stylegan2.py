@@ -366,7 +366,9 @@ class StyleGAN2(Family):
         if cond is not None or mask is not None:
             raise ValueError(f"{self.name} is unconditional: sample() takes no cond or mask")
         z = torch.randn(n, self.config.z_dim, generator=torch.Generator().manual_seed(int(seed)))
-        return run_in_eval(_Const(sampler), z)
+        # The synthesis network's output is unbounded (no tanh); the reference clips it where it
+        # writes images, (x·127.5 + 128).clamp(0, 255); the contract's range is [-1, 1].
+        return run_in_eval(_Const(sampler), z).clamp(-1, 1)
 
 
 class _Const(nn.Module):
