@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from models.family import Family
+from models.safe_load import load_weights_only
 from models.snapshot import save_snapshot
 
 ENGINES = "engines"
@@ -50,7 +51,7 @@ def write(directory: Path, *, rank: int, engines: Mapping, networks: Mapping[str
 
 def read(directory: Path, *, engines: Mapping, networks: Mapping[str, nn.Module], family: Family) -> dict[str, Any]:
     """Restores everything `write` saved into the live objects; returns step and images seen."""
-    state = torch.load(directory / TRAINING_STATE, map_location="cpu", weights_only=False)
+    state = load_weights_only(directory / TRAINING_STATE)
     for engine in engines.values():
         engine.load(directory / ENGINES)
     for name, weights in state["networks"].items():

@@ -13,6 +13,7 @@ from torch import nn
 
 from models.family import Family
 from models.registry import family_ref, make_family
+from models.safe_load import load_weights_only
 
 
 def save_snapshot(path: str | Path, family: Family, sampler: nn.Module, extra: dict[str, Any] | None = None) -> None:
@@ -29,7 +30,7 @@ def save_snapshot(path: str | Path, family: Family, sampler: nn.Module, extra: d
 
 
 def load_snapshot(path: str | Path, device: str | torch.device = "cpu") -> tuple[Family, nn.Module, dict[str, Any]]:
-    snap = torch.load(path, map_location="cpu", weights_only=True)
+    snap = load_weights_only(path)
     if snap.get("format") != "orbitgen-snapshot-v1":
         raise ValueError(f"{path} is not an orbitgen snapshot")
     family = make_family(snap["family"], snap["config"], resolution=snap["resolution"], channels=snap["channels"],

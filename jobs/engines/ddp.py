@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 from jobs.engines.base import Engine, make_optimizer, make_scheduler, zero_state_
 from jobs.spec import JobSpec
 from models.family import Phase
+from models.safe_load import load_weights_only
 
 
 class DDPEngine(Engine):
@@ -77,7 +78,7 @@ class DDPEngine(Engine):
                     "scaler": self.scaler.state_dict() if self.scaler else None}, self._file(directory))
 
     def load(self, directory: Path) -> None:
-        state = torch.load(self._file(directory), map_location=self.device, weights_only=False)
+        state = load_weights_only(self._file(directory), map_location=self.device)
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

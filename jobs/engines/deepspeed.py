@@ -23,6 +23,7 @@ from torch import nn
 from jobs.engines.base import Engine, make_optimizer, make_scheduler, zero_state_
 from jobs.spec import JobSpec
 from models.family import Phase
+from models.safe_load import deepspeed_safe_classes, load_weights_only
 
 
 def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
@@ -67,6 +68,7 @@ class DeepSpeedEngine(Engine):
             config=deepspeed_config(spec, world_size),
         )
         self.module = self.engine.module
+        _load_weights_only(self.engine.checkpoint_engine)
         if spec.train.compile:
             self.engine.compile()
         self.wrapped = self.engine
@@ -99,3 +101,11 @@ class DeepSpeedEngine(Engine):
                                               load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state for {self.name!r} under {directory}")
+
+
+def _load_weights_only(checkpoint_engine: Any) -> None:
+    """DeepSpeed's checkpoint engine reads with torch.load(weights_only=False): every file of an
+    engine state goes through our restricted load instead (models/safe_load.py)."""
+    allow = deepspeed_safe_classes()
+    checkpoint_engine.load = lambda path, map_location=None: load_weights_only(path, map_location=map_location,
+                                                                               allow=allow)
