@@ -11,6 +11,9 @@ An epoch, for a set of N samples read by W ranks with batch size B:
     i mod n), so each worker reads the contiguous part of the rank's run that fills exactly its
     turns of this epoch: disjoint, and the rank's batches e*E .. e*E+E-1 are exactly epoch e;
   * each worker shuffles its part in a buffer seeded by (seed, epoch, rank, worker), then decodes.
+Held-out samples (`holdout`, see split.py) are not part of the run at all: N counts the training
+samples only, positions are places among a shard's training samples, and readers drop the
+held-out ones they pass, so every guarantee above holds for the training samples.
 Shards are read whole by one reader except at the edges of a run, where two neighbours each read
 their samples of it. Positions are counted in the manifest, not in what decodes: a corrupt sample
 is skipped and counted, and its place in the batch is taken by the next good sample, so batch
@@ -30,6 +33,7 @@ import torch
 from .card import read_card, read_manifest
 from .decode import IMAGE_KEYS, check_keys, decode_sample, expected_shapes
 from .shard_reader import Prefetcher, read_piece
+from .split import Holdout, Positions, holdout_split
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +106,33 @@ def buffer_shuffle(items, size: int, rng: random.Random) -> Iterator:
     yield from buf
 
 
+def read_positions(url: str, indices: np.ndarray, prefetcher: Prefetcher | None = None) -> Iterator[dict]:
+    """The raw samples of a shard at `indices` (sorted), skipping those in between unread."""
+    if not len(indices):
+        return
+    wanted = set(indices.tolist())
+    for raw in read_piece(url, int(indices[0]), int(indices[-1]) + 1, prefetcher=prefetcher):
+        if raw["__index__"] in wanted:
+            yield raw
+
+
+def training_share(url: str, holdout: Holdout = None) -> tuple[list[int], Positions | None]:
+    """(training samples per shard, their indices per shard): the whole shards (indices None)
+    without a holdout."""
+    if holdout is None:
+        return [int(c) for c in read_manifest(url).samples], None
+    kept = holdout_split(url, holdout).training
+    return [len(k) for k in kept], kept
+
+
 class _Worker(torch.utils.data.IterableDataset):
     """Endless batches of one (rank, DataLoader worker), from rank batch `start_batch` on."""
 
-    def __init__(self, urls, counts, shapes, *, rank, world_size, batch_size, seed, shuffle_buffer, keys, start_batch):
+    def __init__(self, urls, counts, shapes, *, rank, world_size, batch_size, seed, shuffle_buffer, keys, start_batch,
+                 kept: Positions | None = None):
         super().__init__()
         self.urls, self.counts, self.shapes = list(urls), [int(c) for c in counts], shapes
+        self.kept = kept  # per shard, the indices of its training samples; None: all of them
         self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, batch_size, seed
         self.shuffle_buffer, self.keys, self.start_batch = shuffle_buffer, keys, start_batch
         self.per_epoch = sum(self.counts) // (world_size * batch_size)
@@ -117,8 +142,10 @@ class _Worker(torch.utils.data.IterableDataset):
                               self.batch_size)
         prefetcher = Prefetcher(self.urls[s] for s, _, _ in pieces)
         try:
-            raw = itertools.chain.from_iterable(read_piece(self.urls[s], lo, hi, prefetcher=prefetcher)
-                                                for s, lo, hi in pieces)
+            raw = itertools.chain.from_iterable(
+                read_piece(self.urls[s], lo, hi, prefetcher=prefetcher) if self.kept is None
+                else read_positions(self.urls[s], self.kept[s][lo:hi], prefetcher=prefetcher)
+                for s, lo, hi in pieces)
             rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
             yield from buffer_shuffle(raw, self.shuffle_buffer, rng)
         finally:
@@ -170,18 +197,19 @@ class _Worker(torch.utils.data.IterableDataset):
             yield batch
 
 
-def batches_per_epoch(url: str, world_size: int, batch_size: int) -> int:
-    """E: the batches every rank yields per epoch of `image_stream`."""
-    return int(read_manifest(url).samples.sum()) // (world_size * batch_size)
+def batches_per_epoch(url: str, world_size: int, batch_size: int, holdout: Holdout = None) -> int:
+    """E: the batches every rank yields per epoch of `image_stream` (with the same `holdout`)."""
+    return sum(training_share(url, holdout)[0]) // (world_size * batch_size)
 
 
 def image_stream(url: str, *, rank: int, world_size: int, batch_size: int, seed: int,
                  shuffle_buffer: int = 256, num_workers: int = 1, keys: tuple[str, ...] = ("image",),
-                 start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+                 start_batch: int = 0, holdout: Holdout = None) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches of this rank's share: `{"image": uint8 (B, C, H, W), "cls": int64 (B,),
     "json": [...], "__key__": [...]}` for the `keys` asked, always full, E = N // (world_size *
     batch_size) batches per epoch on every rank. `start_batch` = batches already consumed (a
-    resumed run's step count): the stream yields what an uninterrupted one would from there."""
+    resumed run's step count): the stream yields what an uninterrupted one would from there.
+    `holdout` (split.py): those samples are never yielded, N counts the others."""
     keys = check_keys(keys)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -191,12 +219,15 @@ def image_stream(url: str, *, rank: int, world_size: int, batch_size: int, seed:
     missing = [k for k in keys if k not in card.modalities and k != "json"]
     if missing:
         raise ValueError(f"{url} has no {', '.join(missing)} (its samples have {', '.join(card.modalities)})")
-    total = int(manifest.samples.sum())
+    counts, kept = training_share(url, holdout)
+    total = sum(counts)
     if total < world_size * batch_size:
-        raise ValueError(f"{url}: {total} samples cannot fill a batch of {batch_size} on each of {world_size} ranks")
-    dataset = _Worker(manifest.url, manifest.samples, expected_shapes(card.resolution, card.channels),
+        held = f" ({int(manifest.samples.sum()) - total} more held out by data.holdout={holdout!r})" if kept else ""
+        raise ValueError(f"{url}: {total} samples{held} cannot fill a batch of {batch_size} on each of "
+                         f"{world_size} ranks")
+    dataset = _Worker(manifest.url, counts, expected_shapes(card.resolution, card.channels),
                       rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
-                      shuffle_buffer=max(1, shuffle_buffer), keys=keys, start_batch=start_batch)
+                      shuffle_buffer=max(1, shuffle_buffer), keys=keys, start_batch=start_batch, kept=kept)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                          persistent_workers=num_workers > 0,
                                          prefetch_factor=2 if num_workers > 0 else None)
@@ -214,17 +245,23 @@ def _counting(batches, from_workers: bool) -> Iterator[dict]:
 
 
 def iterate_once(url: str, batch_size: int, limit: int | None = None,
-                 keys: tuple[str, ...] = ("image",)) -> Iterator[dict]:
-    """Every readable sample once, in manifest order, in this process (the last batch may be short)."""
+                 keys: tuple[str, ...] = ("image",), positions: Positions | None = None) -> Iterator[dict]:
+    """Every readable sample once, in manifest order, in this process (the last batch may be short).
+    `positions` (per shard, sorted sample indices; see split.py) reads only those samples."""
     keys = check_keys(keys)
     manifest, card = read_manifest(url), read_card(url)
     shapes = expected_shapes(card.resolution, card.channels)
+    if positions is None:
+        positions = [np.arange(int(c)) for c in manifest.samples]
+    if len(positions) != len(manifest):
+        raise ValueError(f"{url}: positions for {len(positions)} shards, the set has {len(manifest)}")
+    shards = [(u, p) for u, p in zip(manifest.url, positions) if len(p)]
 
     def samples():
-        prefetcher = Prefetcher(manifest.url)
+        prefetcher = Prefetcher(u for u, _ in shards)
         try:
-            for shard_url, count in zip(manifest.url, manifest.samples):
-                for raw in read_piece(shard_url, 0, int(count), prefetcher=prefetcher):
+            for shard_url, indices in shards:
+                for raw in read_positions(shard_url, indices, prefetcher=prefetcher):
                     try:
                         yield decode_sample(raw, keys, shapes)
                     except Exception as exc:

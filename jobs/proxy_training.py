@@ -63,7 +63,8 @@ def make_proxy_train_fn(spec: JobSpec, data_url: str, num_samples: int | None = 
             if step in checkpoints:
                 scores, _ = evaluate(family, sampler, data_url=data_url, num_samples=n_eval,
                                      extractor=s.eval.fid_extractor, inception_weights=s.eval.inception_weights,
-                                     device=device, metrics=["fid"])   # the objective; nothing else is needed
+                                     device=device, metrics=["fid"],   # the objective; nothing else is needed
+                                     holdout=s.data.holdout)
                 fid = scores["fid"]
                 report(step, fid)
                 if say:

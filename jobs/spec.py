@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from data_shards.builtin import is_builtin, parse_builtin
+from data_shards.split import holdout_problem
 from models.family import Family
 from models.registry import available_families, get_family_cls, make_family
 from models.metrics.suite import reported_names
@@ -39,6 +41,28 @@ class DataSpec(_Section):
     channels: int = Field(1, ge=1, le=16)
     shuffle_buffer: int = Field(256, ge=1)
     loader_workers: int = Field(1, ge=0, description="DataLoader processes per training worker")
+    # A float or an int on purpose: 0.1 is a fraction, 100 a count (data_shards/split.py).
+    holdout: float | int | None = Field(None, description="samples set aside for evaluation, chosen by a hash of "
+                                                          "their key: a fraction 0<x<1, a count >= 2, or null (none)")
+
+    @field_validator("holdout", mode="before")
+    @classmethod
+    def _holdout_is_a_fraction_or_a_count(cls, v: Any) -> Any:
+        if problem := holdout_problem(v):
+            raise ValueError(problem)
+        return v
+
+    @model_validator(mode="after")
+    def _holdout_fits_a_builtin_set(self) -> "DataSpec":
+        if isinstance(self.holdout, int) and is_builtin(self.train):
+            try:
+                count = parse_builtin(self.train)[1]["count"]
+            except ValueError:
+                return self   # a bad URL is reported where the set is built, with what is allowed
+            if self.holdout >= count:
+                raise ValueError(f"data.holdout ({self.holdout}) must be smaller than the {count} samples of "
+                                 f"{self.train}: training needs some")
+        return self
 
 
 class AugmentSpec(_Section):

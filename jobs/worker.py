@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from data_shards.preview import image_grid
-from data_shards.stream import batches_per_epoch, image_stream, iterate_once
+from data_shards.split import Holdout
+from data_shards.stream import batches_per_epoch, image_stream, iterate_once, training_share
 from jobs import checkpoints
 from jobs.engines import Engine, make_engine
 from jobs.evaluate import evaluate, preview
@@ -136,7 +137,8 @@ def open_stream(data_url: str, spec: JobSpec, keys: tuple[str, ...], rank: int, 
     """This rank's batches from batch `start_batch` on: what an uninterrupted stream yields there."""
     return image_stream(data_url, rank=rank, world_size=world_size, batch_size=spec.per_worker_batch,
                         seed=spec.train.seed, shuffle_buffer=spec.data.shuffle_buffer,
-                        num_workers=spec.data.loader_workers, keys=keys, start_batch=start_batch)
+                        num_workers=spec.data.loader_workers, keys=keys, start_batch=start_batch,
+                        holdout=spec.data.holdout)
 
 
 def to_device(batch: Mapping[str, Any], keys: tuple[str, ...], device: torch.device,
@@ -246,14 +248,17 @@ def training_batches(spec: JobSpec, data_url: str, family: Family, rank: int, wo
         family.data_keys, device, spec.train.channels_last)
     if spec.augment.mineaug:
         batches = MineAugBatches(batches, spec.augment.mineaug, spec.data.channels,
-                                 batches_per_epoch(data_url, world, spec.per_worker_batch), start_batch=start_batch)
+                                 batches_per_epoch(data_url, world, spec.per_worker_batch, spec.data.holdout),
+                                 start_batch=start_batch)
     return batches
 
 
-def data_reals(data_url: str, device: torch.device) -> Callable[[int], Iterator[torch.Tensor]]:
-    """`StepEnd.reals`: up to n images of the data set as stored (manifest order), float on the device."""
+def data_reals(data_url: str, device: torch.device, holdout: Holdout = None) -> Callable[[int], Iterator[torch.Tensor]]:
+    """`StepEnd.reals`: up to n training images of the data set as stored (manifest order; held-out
+    samples left out), float on the device."""
     def reals(n: int) -> Iterator[torch.Tensor]:
-        for b in iterate_once(data_url, batch_size=64, limit=n, keys=("image",)):
+        kept = training_share(data_url, holdout)[1]
+        for b in iterate_once(data_url, batch_size=64, limit=n, keys=("image",), positions=kept):
             yield to_float(b["image"]).to(device)
     return reals
 
@@ -265,7 +270,7 @@ def run_steps(spec: JobSpec, family: Family, phases: list[Phase], engines: Mappi
     """The loop itself: from step `start` to the spec's last step, yields (steps done, the step's values).
     Ray Train's workers and the MineAug search's proxy trainings both run it."""
     mean_over_ranks, from_rank0 = _mean_over_ranks(world), _from_rank0(world)
-    reals = data_reals(data_url, device) if data_url else (lambda n: iter(()))
+    reals = data_reals(data_url, device, spec.data.holdout) if data_url else (lambda n: iter(()))
 
     def restart_optimizer(role: str, params: list[nn.Parameter]) -> None:
         engines[role].restart_state(params)
@@ -341,11 +346,12 @@ def _report(w: Worker, step: int, images_seen: int, final: bool) -> None:
         if rank == 0 and (due or spec.checkpoint.best_metric):   # best-by-metric ranks every checkpoint
             sampler = networks[family.sampler_role]
             log.image(image_grid(preview(family, sampler, data_url=data_url, n=64, seed=GRID_SEED,
-                                         device=device)), f"samples/grid_step{step:07d}.png")
+                                         device=device, holdout=spec.data.holdout)),
+                      f"samples/grid_step{step:07d}.png")
             scores, params = evaluate(family, sampler, data_url=data_url,
                                       num_samples=spec.eval.num_samples, extractor=spec.eval.fid_extractor,
                                       inception_weights=spec.eval.inception_weights, vgg_weights=spec.eval.vgg_weights,
-                                      device=device, metrics=spec.eval_metrics(family))
+                                      device=device, metrics=spec.eval_metrics(family), holdout=spec.data.holdout)
             log.metrics(step, scores)
             if final:
                 log.params(params)
