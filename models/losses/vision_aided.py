@@ -1,8 +1,9 @@
 """The trainable part of the vision-aided discriminator (Kumari et al., CVPR 2022; MINEAUG.md §2).
 
-Per backbone, one small head per feature level ("multilevel"): map levels (ViT tokens (N, L, C),
-conv maps (N, C, H, W)) get a conv head giving one logit per location (N, k); the pooled vector
-(the last level) gets an MLP giving one logit (N,). The loss of a head is BCE-with-logits summed
+Per backbone, as the reference's `get_decoder`: a multilevel backbone (CLIP, DINO) gets one small
+head per feature level: its map levels (ViT tokens (N, L, C)) a conv head giving one logit per
+location (N, k), its pooled vector (the last level) an MLP giving one logit (N,); a single-level
+backbone (Swin, VGG) gets one head on its one map (N, C, H, W) giving one logit (N,). The loss of a head is BCE-with-logits summed
 over its levels ("multilevel_sigmoid"), with optional one-sided label smoothing of the reals.
 
 Also the linear probe that picks which backbone to add next: a logistic regression on pooled
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
+
+from models.nets.vision_backbones import is_multilevel
 
 
 def _sn(module: nn.Module, on: bool) -> nn.Module:
@@ -49,6 +52,31 @@ class MapHead(nn.Module):
         return self.net(x).flatten(1)
 
 
+class ImageHead(nn.Module):
+    """A feature map -> one logit per image, (N,): the reference's `SimpleD` for single-level
+    backbones (an unpadded 3x3 stride-2 conv, 7x7 -> 3x3, then an MLP on the flattened grid)."""
+
+    GRID = 3
+
+    def __init__(self, channels: int, hidden: int = 256, *, spectral: bool = True):
+        super().__init__()
+        hidden = min(hidden, channels)
+        # The pool is the identity on the published backbones' 7x7 maps; it lets the tiny test
+        # backbones' smaller maps (padded to 3x3 first, in forward) reach the same grid.
+        self.conv = nn.Sequential(_sn(nn.Conv2d(channels, hidden, 3, stride=2), spectral), nn.LeakyReLU(0.2),
+                                  nn.AdaptiveAvgPool2d(self.GRID))
+        self.mlp = nn.Sequential(_sn(nn.Linear(hidden * self.GRID ** 2, hidden), spectral), nn.LeakyReLU(0.2),
+                                 _sn(nn.Linear(hidden, 1), spectral))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"image head: expected (N, C, H, W) maps, got {tuple(x.shape)}")
+        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2]).permute(0, 3, 1, 2)   # as MapHead
+        if min(x.shape[-2:]) < 3:
+            x = F.pad(x, (0, max(0, 3 - x.shape[-1]), 0, max(0, 3 - x.shape[-2])))
+        return self.mlp(self.conv(x).flatten(1)).squeeze(1)
+
+
 class VectorHead(nn.Module):
     """A pooled (N, C) vector -> one logit, (N,)."""
 
@@ -63,8 +91,9 @@ class VectorHead(nn.Module):
 
 
 class VisionAidedHeads(nn.Module):
-    """Heads for each backbone: `level_dims[kind]` = channels per level (the last level pooled),
-    or a backbone (anything with `level_dims`)."""
+    """Heads for each backbone: `level_dims[kind]` = channels per level, or a backbone (anything
+    with `level_dims`); `is_multilevel(kind)` says whether the last level is pooled (CLIP, DINO) or
+    the one level a map (Swin, VGG)."""
 
     def __init__(self, level_dims: Mapping[str, Sequence[int] | nn.Module], *, hidden: int = 256,
                  spectral: bool = True):
@@ -73,10 +102,16 @@ class VisionAidedHeads(nn.Module):
         for kind, d in dims.items():
             if len(d) < 1:
                 raise ValueError(f"vision-aided heads: backbone {kind!r} has no feature levels")
-        self.heads = nn.ModuleDict({
-            kind: nn.ModuleList([MapHead(c, hidden, spectral=spectral) for c in d[:-1]]
-                                + [VectorHead(d[-1], hidden, spectral=spectral)])
-            for kind, d in dims.items()})
+        self.heads = nn.ModuleDict({kind: self._heads_of(kind, d, hidden, spectral) for kind, d in dims.items()})
+
+    @staticmethod
+    def _heads_of(kind: str, dims: list[int], hidden: int, spectral: bool) -> nn.ModuleList:
+        if not is_multilevel(kind):
+            if len(dims) != 1:
+                raise ValueError(f"vision-aided heads: {kind!r} is single-level, got {len(dims)} levels")
+            return nn.ModuleList([ImageHead(dims[0], hidden, spectral=spectral)])
+        return nn.ModuleList([MapHead(c, hidden, spectral=spectral) for c in dims[:-1]]
+                             + [VectorHead(dims[-1], hidden, spectral=spectral)])
 
     def forward(self, features: Mapping[str, Sequence[Tensor]]) -> dict[str, list[Tensor]]:
         out = {}

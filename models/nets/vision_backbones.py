@@ -11,10 +11,19 @@ checkpoints, so a user points `model.vision_aided.weights.<kind>` at a real loca
   the older Microsoft / timm < 0.9 layout (downsample at the end of stages 0..2) is converted.
 - `vgg16`: torchvision / timm `features.{i}.weight` conv layout.
 
-Every backbone takes images in [-1, 1] (any size, 1 or 3 channels) and returns a list of
-feature levels: maps first (ViT patch tokens (N, L, C) without CLS; Swin / VGG (N, C, H, W)),
-then one pooled vector (N, C). The parameters are frozen, but gradients flow to the input:
-the generator trains through the backbone.
+Every backbone takes images in [-1, 1] (any size, 1 or 3 channels) and returns the list of
+feature levels that the vision-aided reference (Kumari et al., `vision_aided_loss/cvmodel.py`)
+gives its discriminator heads:
+
+- CLIP and DINO are "multilevel" (`conv_multi_level`): two maps of patch tokens (N, L, C) without
+  CLS, then the image embedding (N, C), read by one head per level.
+- Swin and VGG are single-level (`conv`): one feature map (N, C, 7, 7) at 224, the network's last
+  (Swin: norm after stage 4; VGG: `features` through pool5), read by one head giving one logit.
+
+`level_dims` gives each level's channels, `multilevel` which of the two layouts a backbone has.
+`pooled` is what the linear probe reads (the reference's `pool` output): the embedding of a
+multilevel backbone, the spatial mean of a single-level one's map. The parameters are frozen,
+but gradients flow to the input: the generator trains through the backbone.
 
 `size="tiny"` builds the same classes with a few channels (input 32) so tests run on CPU.
 """
@@ -73,6 +82,8 @@ class Backbone(nn.Module):
     """A frozen feature extractor; subclasses define the network and `levels`."""
 
     kind: str = ""
+    # True: maps, then a pooled embedding last (CLIP, DINO); False: one feature map (Swin, VGG).
+    multilevel: bool = True
     external_prefix: str = ""   # what the published files put before this module's own keys
     anchor: str = ""            # a key every checkpoint of the kind has: finds wrapper prefixes
 
@@ -104,8 +115,10 @@ class Backbone(nn.Module):
         return self.levels(self.preprocess(x))
 
     def pooled(self, x: Tensor) -> Tensor:
-        """The last level: one (N, C) vector per image (what the linear probe reads)."""
-        return self(x)[-1]
+        """One (N, C) vector per image (what the linear probe reads): the last level, averaged over
+        space when it is a map."""
+        last = self(x)[-1]
+        return last if self.multilevel else last.mean((2, 3))
 
     def train(self, mode: bool = True) -> "Backbone":
         return super().train(False)   # frozen means frozen: a parent's .train() must not flip it
@@ -378,16 +391,15 @@ class _SwinStage(nn.Module):
 
 
 class SwinT(Backbone):
-    """Levels: [stage-3 map (N, 384, 14, 14), norm(stage-4 map) (N, 768, 7, 7), its spatial mean
-    (N, 768) = timm's pooled features]."""
+    """One level: [norm(stage-4 map) (N, 768, 7, 7)]; `pooled` is its spatial mean = timm's pooled features."""
 
     kind, anchor = "swin_t", "patch_embed.proj.weight"
+    multilevel = False
 
     def __init__(self, *, image_size: int = 224, patch: int = 4, embed_dim: int = 96,
                  depths: tuple[int, ...] = (2, 2, 6, 2), heads: tuple[int, ...] = (3, 6, 12, 24), window: int = 7):
         dims = [embed_dim * 2**i for i in range(len(depths))]
-        super().__init__(input_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                         level_dims=[dims[-2], dims[-1], dims[-1]])
+        super().__init__(input_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, level_dims=[dims[-1]])
         self.patch_embed = _PatchEmbed(patch, embed_dim, norm=True)
         res = image_size // patch
         stages = []
@@ -411,44 +423,33 @@ class SwinT(Backbone):
 
     def levels(self, x: Tensor) -> list[Tensor]:
         x = self.patch_embed.norm(self.patch_embed.proj(x).permute(0, 2, 3, 1))
-        third = x
-        for i, stage in enumerate(self.layers):
+        for stage in self.layers:
             x = stage(x)
-            if i == len(self.layers) - 2:
-                third = x
-        x = self.norm(x)
-        return [third.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), x.mean((1, 2))]
+        return [self.norm(x).permute(0, 3, 1, 2)]
 
 
 # ---- VGG-16 (torchvision / timm `features` layout) ----------------------------------------------
 class VGG16(Backbone):
-    """Levels: [relu4_3 (N, 512, 28, 28), relu5_3 (N, 512, 14, 14), relu5_3's spatial mean (N, 512)]
-    (tiny: the ends of its last two stages)."""
+    """One level: [pool5 (N, 512, 7, 7)], the output of all of `features` (tiny: of its last
+    stage's pool); `pooled` is its spatial mean."""
 
     kind, anchor = "vgg16", "features.0.weight"
+    multilevel = False
 
     def __init__(self, *, image_size: int = 224,
                  stages: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256,) * 3, (512,) * 3, (512,) * 3)):
-        super().__init__(input_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                         level_dims=[stages[-2][-1], stages[-1][-1], stages[-1][-1]])
+        super().__init__(input_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, level_dims=[stages[-1][-1]])
         layers: list[nn.Module] = []
-        self.taps: list[int] = []   # index of each stage's last ReLU in `features`
         c = 3
         for widths in stages:
             for w in widths:
                 layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU()]
                 c = w
-            self.taps.append(len(layers) - 1)
             layers.append(nn.MaxPool2d(2, 2))
         self.features = nn.Sequential(*layers)   # same indices as torchvision's vgg16().features
 
     def levels(self, x: Tensor) -> list[Tensor]:
-        mid = None
-        for i, layer in enumerate(self.features[: self.taps[-1] + 1]):
-            x = layer(x)
-            if i == self.taps[-2]:
-                mid = x
-        return [mid, x, x.mean((2, 3))]
+        return [self.features(x)]
 
 
 _CLASSES: dict[str, type[Backbone]] = {"clip_vitb32": CLIPVisual, "dino_vitb16": DINOViT, "swin_t": SwinT,
@@ -547,3 +548,8 @@ def feature_dims(kind: str, size: Size = "base") -> list[int]:
 def parameter_count(kind: str, size: Size = "base") -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in _instantiate(kind, size, {}).parameters())
+
+
+def is_multilevel(kind: str) -> bool:
+    """Whether `kind`'s levels are maps then an embedding (CLIP, DINO) rather than one map (Swin, VGG)."""
+    return _check(kind, "base").multilevel
