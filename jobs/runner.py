@@ -19,6 +19,7 @@ from data_shards.storage import join, ray_storage
 from jobs.tracking import model_refs, registry, runs as tracking
 from jobs.checkpoints import SNAPSHOT
 from jobs.env import forwarded_env, git_sha, tracking_uri_restored
+from jobs.redact import redact, redact_values
 from jobs.resume import ResumeError, read_run_info, write_run_info
 from jobs.spec import JobSpec, SpecError
 
@@ -110,7 +111,8 @@ def _open_run(spec: JobSpec, tracking_uri: str, storage: str, resume: str | None
         return mlflow.start_run(experiment_id=experiment_id)
     info = read_run_info(storage, resume)
     if info["tracking_uri"] != tracking_uri:
-        raise ResumeError(f"run {resume} was tracked at {info['tracking_uri']}, this spec tracks at {tracking_uri} "
+        raise ResumeError(f"run {resume} was tracked at {redact(info['tracking_uri'])}, this spec tracks at "
+                          f"{redact(tracking_uri)} "
                           f"(set tracking.uri to resume it)")
     mlflow.set_tracking_uri(tracking_uri)
     return mlflow.start_run(run_id=info["mlflow_run_id"])
@@ -143,15 +145,15 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
             if spec.augment.search_run:
                 mlflow.set_tag(tracking.TAG_SEARCH, spec.augment.search_run)
             # The search section configures `orbitgen search`, not this training: not a param of the run.
-            mlflow.log_params(tracking.flatten(spec.model_dump(mode="json", exclude={"search"})))
+            mlflow.log_params(redact_values(tracking.flatten(spec.model_dump(mode="json", exclude={"search"}))))
             tracking.log_dataset(data_url, card)
             write_run_info(storage, run_name, {"mlflow_run_id": run_id, "tracking_uri": tracking_uri,
                                                "experiment": spec.experiment, "spec_sha": spec.sha()})
         else:
             # Params are immutable in MLflow: a resumed run keeps its first ones; spec.yaml shows the current spec.
             mlflow.set_tag(tracking.TAG_SPEC, spec.sha())
-        mlflow.log_text(spec.to_yaml(), "spec.yaml")
-        say(f"mlflow    {tracking_uri} · experiment {spec.experiment} · run {run_id}")
+        mlflow.log_text(redact(spec.to_yaml()), "spec.yaml")
+        say(f"mlflow    {redact(tracking_uri)} · experiment {spec.experiment} · run {run_id}")
 
         ensure_ray()
         from jobs.worker import WorkerConfig   # imports ray.train: only when training
@@ -175,7 +177,7 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         if checkpoint is not None:
             with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
                 spec_file = Path(tmp) / "spec.yaml"
-                spec_file.write_text(spec.to_yaml())
+                spec_file.write_text(redact(spec.to_yaml()))
                 version = registry.log_generator(Path(d) / SNAPSHOT, spec_file, spec.tracking.registry_model)
             out.model_version = version
             if version is not None:

@@ -17,6 +17,7 @@ import yaml
 
 from data_shards.storage import join
 from jobs.env import tracking_uri_restored
+from jobs.redact import redact
 from jobs.runner import check_data, ensure_ray, resolve_data
 from jobs.spec import JobSpec, SpecError
 from jobs.tracking.runs import TAG_DATA, TAG_FAMILY, TAG_SPEC
@@ -61,7 +62,7 @@ def run_search_job(spec: JobSpec, *, say: Callable[[str], None] = print, resume:
     storage = search_storage(local, name)
     tracking_uri = local.tracking_uri()
     say(f"data      {data_url} ({card['count']} images, fingerprint {card['fingerprint'][:12]})")
-    say(f"search    {name} · storage {storage} · mlflow {tracking_uri}")
+    say(f"search    {name} · storage {storage} · mlflow {redact(tracking_uri)}")
 
     train_fn = None
     if cfg.validate_.top_m:

@@ -2,7 +2,13 @@
 registered models. One module per command group: train, data, models, jobs (and search)."""
 from __future__ import annotations
 
+import os
+
 import click
+
+# MLflow prints "View run ... at <tracking URI>" whenever a run ends, password included when the
+# URI has one; orbitgen prints the run and the UI command itself (with the password masked).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

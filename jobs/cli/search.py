@@ -6,6 +6,7 @@ import os
 import click
 
 from jobs.cli.common import SET_HELP, fail_spec, read_spec, say
+from jobs.redact import redact
 from jobs.spec import SpecError
 
 
@@ -53,7 +54,7 @@ def search_mineaug(spec_path, overrides, resume, out, spec_b64) -> None:
     click.echo(f"best K-set                         {', '.join(res.best_set)}  (mixture FID {res.best_set_fid:.4f})")
     click.echo(f"chosen ({res.select})  {', '.join(res.chosen)}")
     click.echo(f"  why        {res.reason}")
-    click.echo(f"  mlflow     parent run {res.parent_run_id} (experiment {spec.experiment}) at {done.tracking_uri}")
+    click.echo(f"  mlflow     parent run {res.parent_run_id} (experiment {spec.experiment}) at {redact(done.tracking_uri)}")
     click.echo(f"  search     {res.name} (continue it with --resume {res.name}) · {res.seconds:.0f} s")
     click.echo(f"  next       orbitgen train {done.spec_path}")
 

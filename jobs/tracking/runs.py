@@ -14,6 +14,8 @@ import numpy as np
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from jobs.redact import redact_json
+
 TAG_FAMILY = "orbitgen.family"
 TAG_DATA = "orbitgen.data_fingerprint"
 TAG_GIT = "orbitgen.git_sha"
@@ -56,7 +58,7 @@ def log_dataset(url: str, card: Mapping[str, Any]) -> None:
         source = resolve_dataset_source(url.rstrip("/") + "/manifest.parquet")
     mlflow.log_input(MetaDataset(source, name=Path(url.rstrip("/")).name, digest=card["fingerprint"][:36]),
                      context="train")
-    mlflow.log_dict(dict(card), "dataset/dataset.json")
+    mlflow.log_dict(redact_json(dict(card)), "dataset/dataset.json")
 
 
 

@@ -1,0 +1,40 @@
+"""Secrets stay out of what orbitgen writes down: MLflow params, tags and artifacts, and the console.
+
+Credentials reach orbitgen two ways: the standard variables of S3 and MLflow clients (forwarded
+to the workers, never logged), and passwords written into URLs (`http://user:pass@host`, a
+tracking URI). Both are replaced by `***` in every text that leaves the process as a record:
+the spec's params and spec.yaml, the data card, and the lines that print a URI. The live values
+stay untouched: the clients still authenticate with them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+MASK = "***"
+SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
+                   "MLFLOW_TRACKING_TOKEN", "DATABRICKS_TOKEN")
+MIN_SECRET_LENGTH = 6   # shorter values (test dummies like "x") would mask ordinary words
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):(?P<password>[^@/\s]+)@")
+
+
+def redact(text: str) -> str:
+    """`text` with URL passwords and the values of the secret variables set here masked."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:{MASK}@", text)
+    for name in SECRET_ENV_VARS:
+        value = os.environ.get(name, "")
+        if len(value) >= MIN_SECRET_LENGTH:
+            text = text.replace(value, MASK)
+    return text
+
+
+def redact_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A flat mapping (MLflow params) with every string value redacted."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in values.items()}
+
+
+def redact_json(obj: Any) -> Any:
+    """A JSON-able structure (a data card) with every string in it redacted."""
+    return json.loads(redact(json.dumps(obj)))
