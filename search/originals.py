@@ -13,10 +13,12 @@ import torch
 
 from data_shards.builtin import ensure_builtin, is_builtin
 from data_shards.card import read_card
+from data_shards.split import evaluation_positions
 from data_shards.stream import iterate_once
 from models.metrics.extractors import make_extractor
 
 BATCH = 256
+ORIGINALS_SEED = 0   # the same draw for every search of a set, so their FIDs compare
 
 
 @dataclass
@@ -55,12 +57,14 @@ def load_originals(url: str, channels: int, extractor: str | torch.nn.Module = "
                    weights_path: str | None = None, max_images: int | None = None,
                    device: str | torch.device = "cpu",
                    progress: Callable[[str], None] | None = None) -> Originals:
-    """Read every image of a shard set once (or the first `max_images`), and extract features."""
+    """Read every image of a shard set once (or `max_images` of them, a seeded draw from the whole
+    set: never the first N, which follow the source's order, e.g. one class), and extract features."""
     card = read_card(url)
     if card.channels != channels:
         raise ValueError(f"data.train {url} holds {card.channels}-channel images, the spec says data.channels={channels}")
     images, keys = [], []
-    for batch in iterate_once(url, BATCH, limit=max_images):
+    positions = evaluation_positions(url, max_images, seed=ORIGINALS_SEED) if max_images is not None else None
+    for batch in iterate_once(url, BATCH, positions=positions):
         images.append(batch["image"])
         keys.extend(batch["__key__"])
     if not images or sum(b.shape[0] for b in images) < 2:
