@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from .errors import UserError
 from .card import DatasetCard
 from .pixels import channel_policy
 from .source_geotiff import read_geotiff
@@ -47,7 +48,7 @@ ON_ERROR = ("fail", "skip")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-class SourceItemError(ValueError):
+class SourceItemError(UserError):
     """`--on-error fail`: an item of the source couldn't become a sample."""
 
 
@@ -56,7 +57,7 @@ def parse_shard_size(text: str | int) -> tuple[int, int | None]:
     m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(text))
     unit = m.group(2).upper() if m else None
     if not m or unit not in _UNITS or int(m.group(1)) < 1:
-        raise ValueError(f"shard size {text!r}: a sample count (1000) or a size (256MB, 1GiB)")
+        raise UserError(f"shard size {text!r}: a sample count (1000) or a size (256MB, 1GiB)")
     n = int(m.group(1))
     return (n, None) if not unit else (2**62, n * _UNITS[unit])
 
@@ -98,11 +99,11 @@ def build(source: str, dest: str, *, layout: str, resolution: int, channels: str
     """Read `source` in `layout`, write shards to `dest`. `options` go to the layout's reader
     (input_side, cond_dir, image_dir, columns, stride, max_nodata)."""
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; layouts: {', '.join(LAYOUTS)}")
+        raise UserError(f"unknown layout {layout!r}; layouts: {', '.join(LAYOUTS)}")
     if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
+        raise UserError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
     if resolution < 1:
-        raise ValueError("resolution must be >= 1")
+        raise UserError("resolution must be >= 1")
     shard_samples, shard_bytes = parse_shard_size(shard_size)
     src = LAYOUTS[layout](source, resolution, channel_policy(channels), **options)
     src = src if isinstance(src, Source) else Source(src)
@@ -111,7 +112,7 @@ def build(source: str, dest: str, *, layout: str, resolution: int, channels: str
     first = next(samples, None)
     if first is None:
         shown = "; ".join(f"{s['item']}: {s['reason']}" for s in skipped[:3])
-        raise ValueError(f"no usable items in {source}" + (f" ({len(skipped)} skipped: {shown})" if skipped else ""))
+        raise UserError(f"no usable items in {source}" + (f" ({len(skipped)} skipped: {shown})" if skipped else ""))
     card = write_shards(itertools.chain([first], samples), to_url(dest), layout=layout, resolution=resolution,
                         channels=first.image.shape[2], source=source if "://" in source else to_url(source),
                         shard_samples=shard_samples, shard_bytes=shard_bytes, classes=src.classes,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlsplit
 
+from .errors import UserError
 from .card import read_card
 from .landscape import CLASSES, ground_pairs, growth_series, map_pairs, terrain_classes
 from .storage import filesystem, join, to_url
@@ -44,17 +45,17 @@ def parse_builtin(url: str) -> tuple[str, dict[str, int]]:
     parts = urlsplit(url)
     name = parts.path.strip("/")
     if parts.scheme != "builtin" or name not in BUILTINS:
-        raise ValueError(f"unknown built-in data set {url!r}; allowed: {_allowed()}")
+        raise UserError(f"unknown built-in data set {url!r}; allowed: {_allowed()}")
     params = dict(BUILTINS[name][1])
     for k, v in parse_qsl(parts.query, keep_blank_values=True):
         if k not in params:
-            raise ValueError(f"{url!r}: unknown parameter {k!r}; allowed: {_allowed()}")
+            raise UserError(f"{url!r}: unknown parameter {k!r}; allowed: {_allowed()}")
         try:
             params[k] = int(v)
         except ValueError:
-            raise ValueError(f"{url!r}: {k}={v!r} is not an integer; allowed: {_allowed()}") from None
+            raise UserError(f"{url!r}: {k}={v!r} is not an integer; allowed: {_allowed()}") from None
         if params[k] < (1 if k == "count" else 0):
-            raise ValueError(f"{url!r}: {k}={v} out of range; allowed: {_allowed()}")
+            raise UserError(f"{url!r}: {k}={v} out of range; allowed: {_allowed()}")
     return name, params
 
 
@@ -62,7 +63,7 @@ def ensure_builtin(url: str, root: str, resolution: int, channels: int, shard_sa
     """Build the set once under `root` and return its `file://` (or other fsspec) URL."""
     name, params = parse_builtin(url)
     if channels not in (1, 3):
-        raise ValueError(f"{url}: built-in sets have 1 or 3 channels, not {channels}")
+        raise UserError(f"{url}: built-in sets have 1 or 3 channels, not {channels}")
     dest = join(to_url(root), f"{name}-n{params['count']}-s{params['seed']}-r{resolution}-c{channels}")
     fs, path = filesystem(dest)
     if fs.exists(join(path, "manifest.parquet")):

@@ -14,13 +14,15 @@ from importlib import metadata
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from .storage import filesystem, join, to_url
+from .errors import InputNotFound, UserError
+from .storage import check_reachable, filesystem, join, to_url
 
 CARD = "dataset.json"
 MANIFEST = "manifest.parquet"
 SKIPPED = "skipped.jsonl"  # what a build left out, one JSON object a line
+NOTHING_THERE = "nothing there (no such folder or prefix); build a shard set with `orbitgen data build`"
 NOT_A_SET = "no dataset.json: not an orbitgen shard set (build one with `orbitgen data build`)"
 
 
@@ -54,12 +56,18 @@ def fingerprint(shard_sha256s: list[str]) -> str:
 
 
 def read_card(url: str) -> DatasetCard:
+    check_reachable(url)
     fs, path = filesystem(url)
     try:
         with fs.open(join(path, CARD), "rb") as f:
-            return DatasetCard.model_validate_json(f.read())
+            text = f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{url}: {NOT_A_SET}") from None
+        raise InputNotFound(f"{url}: {NOT_A_SET if fs.exists(path) else NOTHING_THERE}") from None
+    try:
+        return DatasetCard.model_validate_json(text)
+    except ValidationError as e:
+        raise UserError(f"{url}: {CARD} is not an orbitgen card ({e.error_count()} problems, first: "
+                        f"{'.'.join(map(str, e.errors()[0]['loc'])) or '(card)'}: {e.errors()[0]['msg']})") from None
 
 
 def write_card(url: str, card: DatasetCard) -> None:
@@ -76,8 +84,8 @@ def read_manifest(url: str) -> pd.DataFrame:
             df = pq.read_table(io.BytesIO(f.read())).to_pandas()
     except FileNotFoundError:
         if not fs.exists(join(path, CARD)):
-            raise FileNotFoundError(f"{url}: {NOT_A_SET}") from None
-        raise FileNotFoundError(f"{url}: no {MANIFEST}: the shard set is incomplete "
+            raise InputNotFound(f"{url}: {NOT_A_SET}") from None
+        raise InputNotFound(f"{url}: no {MANIFEST}: the shard set is incomplete "
                                 "(interrupted build?); build it again") from None
     df["url"] = [u if "://" in u else join(to_url(url), u) for u in df["url"]]
     return df

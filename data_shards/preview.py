@@ -7,6 +7,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from .errors import UserError
 from .card import read_card, read_manifest
 from .storage import filesystem
 
@@ -76,7 +77,7 @@ def save_preview(url: str, out_png: str, n: int = 16) -> str:
     keys = tuple(k for k in ("cond", "mask", "image") if k in card.modalities and k in IMAGE_KEYS)
     batches = list(iterate_once(url, batch_size=n, limit=n, keys=keys))
     if not batches:
-        raise ValueError(f"{url}: no readable samples")
+        raise UserError(f"{url}: no readable samples")
     parts = {k: np.concatenate([b[k].permute(0, 2, 3, 1).numpy() for b in batches]) for k in keys}
     bands = 1 if card.channels == 1 else 3
     shown = [_display(parts[k], bands) for k in keys]

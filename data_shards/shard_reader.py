@@ -24,6 +24,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Iterable, Iterator
 
+from .member_names import UnsafeMemberName
 from .storage import filesystem, is_local, open_with_retries
 from .tar_reader import tar_files
 
@@ -151,6 +152,8 @@ def read_piece(url: str, lo: int = 0, hi: int | None = None, *, prefetcher: Pref
         except (tarfile.TarError, EOFError) as exc:  # the bytes are damaged: reading again won't help
             damage = f"damaged shard: {type(exc).__name__}: {exc}"
             break
+        except UnsafeMemberName as exc:   # refused, not damaged: no retry
+            raise UnsafeMemberName(str(exc).replace("shard:", f"{url}:", 1)) from None
         except (FileNotFoundError, PermissionError) as exc:
             raise ShardReadError(f"cannot read shard {url}: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:  # transport errors: try again from the start of the shard

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .errors import InputNotFound, UserError
 from .pixels import apply_channels, channel_policy, to_uint8
 from .sources import TIFF_EXTENSIONS, Sample, Skipped, Source, key_from_path, tiff_array
 from .storage import filesystem
@@ -71,7 +72,7 @@ def _rasters(source: str) -> tuple[object, str, list[str]]:
         return fs, path.rsplit("/", 1)[0], [path.rsplit("/", 1)[1]]
     if fs.isdir(path):
         return fs, path, sorted(p[len(path) + 1:] for p in fs.find(path) if p.lower().endswith(TIFF_EXTENSIONS))
-    raise FileNotFoundError(f"{source}: no such file or folder")
+    raise InputNotFound(f"{source}: no such file or folder")
 
 
 def read_geotiff(source: str, resolution: int, channels: str | int | None = "keep", stride: int | None = None,
@@ -79,10 +80,10 @@ def read_geotiff(source: str, resolution: int, channels: str | int | None = "kee
     policy = channel_policy(channels)
     stride = stride or resolution
     if stride < 1 or not 0 <= max_nodata <= 1:
-        raise ValueError("stride must be >= 1 and max_nodata within [0, 1]")
+        raise UserError("stride must be >= 1 and max_nodata within [0, 1]")
     fs, base, rels = _rasters(source)
     if not rels:
-        raise ValueError(f"{source}: no .tif/.tiff files")
+        raise UserError(f"{source}: no .tif/.tiff files")
     source_notes: list[str] = []
     counts = {"tiles": 0, "dropped": 0}
 

@@ -12,6 +12,7 @@ import io
 import re
 from typing import Iterator
 
+from .errors import InputNotFound, UserError
 from .pixels import channel_policy
 from .sources import Sample, Skipped, decode_image, prepare, prepare_mask
 from .storage import filesystem
@@ -25,12 +26,12 @@ def parse_columns(spec: str | dict | None) -> dict[str, str]:
     if isinstance(spec, str):
         pairs = [p.split("=", 1) for p in spec.split(",") if p.strip()]
         if any(len(p) != 2 for p in pairs):
-            raise ValueError(f"columns {spec!r}: use ROLE=COLUMN,ROLE=COLUMN")
+            raise UserError(f"columns {spec!r}: use ROLE=COLUMN,ROLE=COLUMN")
         spec = {k.strip(): v.strip() for k, v in pairs}
     spec = dict(spec or {})
     unknown = set(spec) - set(REQUIRED + OPTIONAL)
     if unknown:
-        raise ValueError(f"unknown column roles {sorted(unknown)}; roles: {', '.join(REQUIRED + OPTIONAL)}")
+        raise UserError(f"unknown column roles {sorted(unknown)}; roles: {', '.join(REQUIRED + OPTIONAL)}")
     return {role: spec.get(role, role) for role in REQUIRED + OPTIONAL}
 
 
@@ -45,13 +46,13 @@ def read_timeseries_csv(source: str, resolution: int, channels: str | int | None
     cols = parse_columns(columns)
     fs, path = filesystem(source)
     if not fs.isfile(path):
-        raise FileNotFoundError(f"{source}: no such file")
+        raise InputNotFound(f"{source}: no such file")
     with fs.open(path, "rb") as f:
         rows = list(csv.DictReader(io.TextIOWrapper(f, encoding="utf-8-sig", newline="")))
     header = set(rows[0]) if rows else set()
     missing = [cols[r] for r in REQUIRED if cols[r] not in header]
     if missing:
-        raise ValueError(f"{source}: no column {', '.join(missing)} (columns: {', '.join(sorted(header)) or 'none'}); "
+        raise UserError(f"{source}: no column {', '.join(missing)} (columns: {', '.join(sorted(header)) or 'none'}); "
                          "map them with columns=ROLE=COLUMN,...")
     folder = path.rsplit("/", 1)[0]
     name = path.rsplit("/", 1)[-1]

@@ -10,6 +10,8 @@ import json
 import zipfile
 from typing import Iterator
 
+from .errors import InputNotFound, UserError
+from .member_names import UnsafeMemberName, refuse_unsafe
 from .pixels import channel_policy
 from .sources import IMAGE_EXTENSIONS, Sample, Skipped, Source, decode_image, prepare, unique_keys
 from .storage import filesystem
@@ -24,7 +26,7 @@ def _labels(z: zipfile.ZipFile, source: str) -> dict[str, int] | None:
     out = {}
     for name, label in labels:
         if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-            raise ValueError(f"{source}: dataset.json label {label!r} of {name}: only class indices "
+            raise UserError(f"{source}: dataset.json label {label!r} of {name}: only class indices "
                              "(integers >= 0) are supported")
         out[name] = label
     return out
@@ -34,14 +36,20 @@ def read_stylegan_zip(source: str, resolution: int, channels: str | int | None =
     policy = channel_policy(channels)
     fs, path = filesystem(source)
     if not fs.isfile(path):
-        raise FileNotFoundError(f"{source}: no such file")
+        raise InputNotFound(f"{source}: no such file")
     f = fs.open(path, "rb")
     try:
         z = zipfile.ZipFile(f)
         labels = _labels(z, source)
     except (zipfile.BadZipFile, ValueError, KeyError, TypeError) as exc:
         f.close()
-        raise ValueError(f"{source}: not a StyleGAN dataset zip: {exc}") from exc
+        raise UserError(f"{source}: not a StyleGAN dataset zip: {exc}") from exc
+    try:
+        refuse_unsafe(z.namelist(), source)
+    except UnsafeMemberName:
+        z.close()
+        f.close()
+        raise
     names = sorted(n for n in z.namelist() if n.lower().endswith(IMAGE_EXTENSIONS))
     classes = [str(i) for i in range(max(labels.values(), default=-1) + 1)] if labels is not None else None
 

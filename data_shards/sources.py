@@ -18,12 +18,15 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from .errors import InputNotFound, UserError
 from .pixels import apply_channels, channel_policy, fit, from_pil, hwc, to_uint8
-from .storage import filesystem
+from .storage import check_reachable, filesystem
 from .threads import in_threads
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 TIFF_EXTENSIONS = (".tif", ".tiff")
+# A side-by-side pair is two square halves; a few pixels of slack for odd crops.
+PAIR_ASPECT_TOLERANCE = 0.05
 
 
 @dataclass
@@ -115,10 +118,11 @@ def read_item(fs, path: str, item: str, make: Callable[[np.ndarray], Sample | Sk
 
 def open_folder(root: str):
     """(fs, path without trailing slash) of an existing folder, or FileNotFoundError."""
+    check_reachable(root)
     fs, base = filesystem(root)
     base = base.rstrip("/")
     if not fs.isdir(base):
-        raise FileNotFoundError(f"{root}: no such folder")
+        raise InputNotFound(f"{root}: no such folder")
     return fs, base
 
 
@@ -132,7 +136,7 @@ def unique_keys(rels: list[str], root: str) -> dict[str, str]:
     for rel in rels:
         key = key_from_path(rel)
         if key in keys:
-            raise ValueError(f"{root}: {rel} and {keys[key]} both map to sample key {key!r}")
+            raise UserError(f"{root}: {rel} and {keys[key]} both map to sample key {key!r}")
         keys[key] = rel
     return keys
 
@@ -157,6 +161,9 @@ def read_class_folders(root: str, resolution: int, channels: str | int | None = 
     fs, base = open_folder(root)
     rels = list_images(fs, base)
     classes = sorted({rel.split("/", 1)[0] for rel in rels if "/" in rel})
+    if rels and not classes:   # a flat folder: every item would be skipped as outside a class
+        raise UserError(f"{root}: no class sub-folders, its images lie directly in it; class-folders wants "
+                        "SOURCE/<class>/<image> (for a flat folder use --layout folder)")
 
     def one(key_rel) -> Sample | Skipped:
         key, rel = key_rel
@@ -174,7 +181,7 @@ def read_side_by_side(root: str, resolution: int, channels: str | int | None = "
     """`side-by-side`: pix2pix pairs, input and target halves of one image (the maps set:
     satellite left, map right). `input_side` is the half that becomes `cond`."""
     if input_side not in ("left", "right"):
-        raise ValueError(f"input_side must be left or right, not {input_side!r}")
+        raise UserError(f"input_side must be left or right, not {input_side!r}")
     policy = channel_policy(channels)
     fs, base = open_folder(root)
 
@@ -182,6 +189,9 @@ def read_side_by_side(root: str, resolution: int, channels: str | int | None = "
         half = a.shape[1] // 2
         if half < 1:
             return Skipped(rel, f"{a.shape[1]} pixels wide: nothing to split")
+        if abs(a.shape[1] - 2 * a.shape[0]) > PAIR_ASPECT_TOLERANCE * 2 * a.shape[0]:
+            return Skipped(rel, f"{a.shape[1]}x{a.shape[0]} pixels: not a side-by-side pair (twice as wide as "
+                                "tall); for single images use --layout folder")
         left, right = a[:, :half], a[:, half:2 * half]
         cond, image = (left, right) if input_side == "left" else (right, left)
         return Sample(key=key, image=prepare(image, resolution, policy), cond=prepare(cond, resolution, policy),

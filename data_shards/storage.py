@@ -16,6 +16,9 @@ from typing import Any
 
 import fsspec
 
+from .endpoint import unanswered
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 _LOCAL = (None, "", "file", "local")
@@ -72,6 +75,16 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return fs, fs._strip_protocol(url)
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path
+
+
+def check_reachable(url: str) -> None:
+    """Raise UserError at once when `url` is on an S3-compatible server (AWS_ENDPOINT_URL) that
+    nobody answers: s3fs and botocore would retry the dead address for several seconds."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if _split(str(url))[0] in ("s3", "s3a") and endpoint:
+        why = unanswered(endpoint)
+        if why:
+            raise UserError(f"{url}: the S3 endpoint {endpoint} (AWS_ENDPOINT_URL) does not answer: {why}")
 
 
 # Errors worth another try when opening remote objects: connection resets, timeouts, 5xx.

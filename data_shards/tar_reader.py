@@ -10,6 +10,8 @@ from __future__ import annotations
 import tarfile
 from typing import IO, Iterator
 
+from .member_names import refuse_unsafe
+
 BLOCK = 512
 _FILE_TYPES = (b"0", b"\0", b"7")  # regular file (and "contiguous file", read as one)
 
@@ -76,4 +78,5 @@ def tar_files(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
             name = pax.get("path") or long_name or (f"{prefix}/{name}" if prefix else name)
             long_name, pax = None, {}
             if kind in _FILE_TYPES:
+                refuse_unsafe([name], "shard")
                 yield name, data

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from .card import fingerprint, read_card, read_manifest
 from .decode import KEYS, decode_sample, expected_shapes
+from .member_names import UnsafeMemberName
 from .shard_reader import fetch, tar_samples
 from .storage import filesystem, is_local
 
@@ -73,6 +74,8 @@ def verify(url: str) -> Report:
                     decode_sample(raw, keys, shapes)
                 except Exception as exc:  # whatever a decoder raises on bad bytes
                     report.problems.append(Problem(name, raw["__key__"], f"{type(exc).__name__}: {exc}"))
+        except UnsafeMemberName as exc:   # refused, not a finding: nothing from this set is used
+            raise UnsafeMemberName(str(exc).replace("shard:", f"{row.url}:", 1)) from None
         except (tarfile.TarError, EOFError) as exc:
             report.problems.append(Problem(name, None, f"damaged tar after {n} samples: {exc}"))
         report.samples += n

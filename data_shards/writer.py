@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from .errors import InputExists
 from .card import CARD, MANIFEST, SKIPPED, DatasetCard, fingerprint, read_card, write_card, write_manifest
 from .pixels import PIL_MODES
 from .sources import Sample
@@ -143,10 +144,11 @@ def write_shards(samples: Iterable[Sample], dest: str, *, layout: str, resolutio
     existing = _complete_card(dest, fs, root)
     what = dict(layout=layout, resolution=resolution, channels=channels)  # content decides the rest
     if existing is not None and existing.model_dump(include=set(what)) != what:
-        raise FileExistsError(f"{dest} already holds a different shard set "
+        raise InputExists(f"{dest} already holds a different shard set "
                               f"({existing.model_dump(include=set(what))}); remove it or pick another dest")
 
     tmp = join(root, f".tmp-{uuid.uuid4().hex}")
+    made_root = not fs.exists(root)   # a failed build removes the folder it created, not one it found
     try:
         seen: set[str] = set()
         modalities: list[str] = []
@@ -187,7 +189,7 @@ def write_shards(samples: Iterable[Sample], dest: str, *, layout: str, resolutio
         existing = _complete_card(dest, fs, root)  # again: another writer may have finished meanwhile
         if existing is not None:
             if existing.fingerprint != card.fingerprint:
-                raise FileExistsError(f"{dest} already holds a shard set with other content "
+                raise InputExists(f"{dest} already holds a shard set with other content "
                                       f"(fingerprint {existing.fingerprint[:12]}, new {card.fingerprint[:12]})")
             log.info("%s already holds this shard set; nothing to do", dest)
             return existing
@@ -201,6 +203,10 @@ def write_shards(samples: Iterable[Sample], dest: str, *, layout: str, resolutio
         write_card(dest, card)
         write_manifest(dest, shards)  # last: the set is complete from here on
         return card
+    except BaseException:
+        if made_root and fs.exists(root) and all(p.rstrip("/") == tmp for p in fs.ls(root, detail=False)):
+            fs.rm(root, recursive=True)
+        raise
     finally:
         if fs.exists(tmp):
             fs.rm(tmp, recursive=True)

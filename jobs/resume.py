@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from data_shards.errors import UserError
 from data_shards.storage import filesystem, join
 
 RUN_INFO = "orbitgen-run.json"
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     """A run that cannot be resumed; the message says why and what exists."""
 
 

@@ -15,8 +15,11 @@ import mlflow
 
 from data_shards.builtin import ensure_builtin, is_builtin
 from data_shards.card import read_card
+from data_shards.errors import UserError
 from data_shards.storage import join, ray_storage
 from jobs.tracking import model_refs, registry, runs as tracking
+from jobs.tracking.store_check import check_answers
+from jobs.bad_input_cleanup import removed_on_bad_input
 from jobs.checkpoints import SNAPSHOT
 from jobs.env import forwarded_env, git_sha, tracking_uri_restored
 from jobs.redact import redact, redact_values
@@ -42,16 +45,24 @@ class JobResult:
 
 def resolve_data(spec: JobSpec) -> str:
     if is_builtin(spec.data.train):
-        return ensure_builtin(spec.data.train, str(spec.workdir_path() / "shards"),
-                              spec.data.resolution, spec.data.channels)
+        try:
+            return ensure_builtin(spec.data.train, str(spec.workdir_path() / "shards"),
+                                  spec.data.resolution, spec.data.channels)
+        except UserError as e:
+            raise SpecError(f"data.train: {e}") from None
     return spec.data.train
 
 
 def check_data(spec: JobSpec, url: str) -> dict[str, Any]:
-    card = read_card(url)
-    if (card.resolution, card.channels) != (spec.data.resolution, spec.data.channels):
-        raise ValueError(f"data.train {url} holds {card.channels}-channel {card.resolution}² images, "
-                         f"but the spec says data.channels={spec.data.channels}, data.resolution={spec.data.resolution}")
+    try:
+        card = read_card(url)
+    except UserError as e:
+        raise SpecError(f"data.train: {e}") from None
+    differ = [f"data.{k}={getattr(spec.data, k)}" for k in ("channels", "resolution")
+              if getattr(card, k) != getattr(spec.data, k)]
+    if differ:
+        raise SpecError(f"data.train {url} holds {card.channels}-channel {card.resolution}² images, "
+                        f"but the spec says {', '.join(differ)}; set it to match the shard set")
     return card.model_dump(mode="json")
 
 
@@ -104,18 +115,23 @@ def make_trainer(spec: JobSpec, run_name: str, storage: str, loop_config: dict[s
     )
 
 
-def _open_run(spec: JobSpec, tracking_uri: str, storage: str, resume: str | None):
-    """The MLflow run to log into: a new one, or, on resume, the one the stopped run logged into."""
-    if resume is None:
-        experiment_id = tracking.ensure_experiment(tracking_uri, spec.experiment, spec.workdir_path() / "mlartifacts")
-        return mlflow.start_run(experiment_id=experiment_id)
+def _resumed_run(tracking_uri: str, storage: str, resume: str) -> dict[str, Any]:
+    """What the stopped run `resume` wrote at its start; ResumeError when it cannot be continued here."""
     info = read_run_info(storage, resume)
     if info["tracking_uri"] != tracking_uri:
         raise ResumeError(f"run {resume} was tracked at {redact(info['tracking_uri'])}, this spec tracks at "
                           f"{redact(tracking_uri)} "
                           f"(set tracking.uri to resume it)")
+    return info
+
+
+def _open_run(spec: JobSpec, tracking_uri: str, resumed: dict[str, Any] | None):
+    """The MLflow run to log into: a new one, or, on resume, the one the stopped run logged into."""
+    if resumed is None:
+        experiment_id = tracking.ensure_experiment(tracking_uri, spec.experiment, spec.workdir_path() / "mlartifacts")
+        return mlflow.start_run(experiment_id=experiment_id)
     mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.start_run(run_id=info["mlflow_run_id"])
+    return mlflow.start_run(run_id=resumed["mlflow_run_id"])
 
 
 def run_job(spec: JobSpec, say: Callable[[str], None] = print, resume: str | None = None) -> JobResult:
@@ -128,15 +144,19 @@ def run_job(spec: JobSpec, say: Callable[[str], None] = print, resume: str | Non
 def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> JobResult:
     started = time.perf_counter()
     spec = spec.model_copy(update={"workdir": str(spec.workdir_path())})  # workers may run elsewhere
-    spec = model_refs.resolve_model_refs(spec, spec.workdir_path() / "model-refs")
-    data_url = resolve_data(spec)
-    card = check_data(spec, data_url)
-    check_files(spec)
-    say(f"data      {data_url} ({card['count']} images, fingerprint {card['fingerprint'][:12]})")
-
     tracking_uri = spec.tracking_uri()
     storage = spec.storage_url()
-    with _open_run(spec, tracking_uri, storage, resume) as run:
+    # Every input is checked before an MLflow run exists; what the checks built goes on failure.
+    with removed_on_bad_input(spec.workdir_path()):
+        check_answers(tracking_uri, "tracking.uri" if spec.tracking.uri else "MLFLOW_TRACKING_URI")
+        resumed = _resumed_run(tracking_uri, storage, resume) if resume else None
+        spec = model_refs.resolve_model_refs(spec, spec.workdir_path() / "model-refs")
+        data_url = resolve_data(spec)
+        card = check_data(spec, data_url)
+        check_files(spec)
+    say(f"data      {data_url} ({card['count']} images, fingerprint {card['fingerprint'][:12]})")
+
+    with _open_run(spec, tracking_uri, resumed) as run:
         run_id, experiment_id = run.info.run_id, run.info.experiment_id
         run_name = resume or f"{spec.name}-{run_id[:8]}"
         if resume is None:

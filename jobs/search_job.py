@@ -16,11 +16,13 @@ from typing import Any, Callable
 import yaml
 
 from data_shards.storage import join
+from jobs.bad_input_cleanup import removed_on_bad_input
 from jobs.env import tracking_uri_restored
 from jobs.redact import redact
 from jobs.runner import check_data, ensure_ray, resolve_data
 from jobs.spec import JobSpec, SpecError
 from jobs.tracking.runs import TAG_DATA, TAG_FAMILY, TAG_SPEC
+from jobs.tracking.store_check import check_answers
 
 
 @dataclass
@@ -56,11 +58,13 @@ def run_search_job(spec: JobSpec, *, say: Callable[[str], None] = print, resume:
                         "image sets (stylegan2, dcgan, diffusion with conditioning none)")
     cfg = spec.search
     local = spec.model_copy(update={"workdir": str(spec.workdir_path())})
-    data_url = resolve_data(local)
-    card = check_data(local, data_url)
+    tracking_uri = local.tracking_uri()
+    with removed_on_bad_input(local.workdir_path()):   # bad input leaves no built-in shards behind
+        check_answers(tracking_uri, "tracking.uri" if spec.tracking.uri else "MLFLOW_TRACKING_URI")
+        data_url = resolve_data(local)
+        card = check_data(local, data_url)
     name = resume or f"{spec.name}-search-{uuid.uuid4().hex[:8]}"
     storage = search_storage(local, name)
-    tracking_uri = local.tracking_uri()
     say(f"data      {data_url} ({card['count']} images, fingerprint {card['fingerprint'][:12]})")
     say(f"search    {name} · storage {storage} · mlflow {redact(tracking_uri)}")
 

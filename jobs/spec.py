@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_shards.builtin import is_builtin, parse_builtin
+from data_shards.errors import UserError
 from data_shards.split import holdout_problem
 from models.family import Family
 from models.registry import available_families, get_family_cls, make_family
@@ -27,7 +28,7 @@ from search.config import SearchConfig, SearchConfigError, resolve_candidates
 SPECS_DIR = Path(__file__).parent / "specs"
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A spec that cannot run; the message names the field and what is allowed."""
 
 
@@ -296,11 +297,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's own message spans several lines with a caret drawing: one line, with where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(getattr(e, "problem", None) or e).split())
+
+
 def parse_spec(text: str, overrides: list[str] = (), source: str = "<spec>") -> JobSpec:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise SpecError(f"{source}: not valid YAML: {e}") from None
+        raise SpecError(f"{source}: not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a spec is a YAML mapping with keys name, family, data, ...")
     try:

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
+from data_shards.errors import UserError
 from jobs.env import FORWARDED_ENV_VARS, GIT_SHA_ENV, git_sha
 from jobs.spec import encode_inline
 
@@ -114,9 +115,13 @@ def _normalize_address(address: str | None) -> str | None:
     return address
 
 
+class JobsApiUnreachable(UserError, ConnectionError):
+    """Nobody answers at the Ray Jobs API address the user gave (still a ConnectionError)."""
+
+
 def _connection_error(address: str | None, err: BaseException) -> ConnectionError:
     where = repr(address) if address else "(none given; RAY_ADDRESS / a local cluster)"
-    return ConnectionError(
+    return JobsApiUnreachable(
         f"Cannot reach the Ray Jobs API at {where}: {err}\n"
         "Start a local cluster with `ray start --head` (Jobs API on http://127.0.0.1:8265), or "
         "pass the head node's dashboard address (--address / RAY_ADDRESS, e.g. "

@@ -9,10 +9,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from data_shards.errors import UserError
 from models.augment.pool import COLOUR_ONLY, POOL_NAMES, names_for
 
 
-class SearchConfigError(ValueError):
+class SearchConfigError(UserError):
     """A bad `search:` value; the message starts with the field's name."""
 
 

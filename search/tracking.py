@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from data_shards.errors import UserError
 
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
@@ -131,14 +134,20 @@ def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
 def read_ranking(run_id: str, tracking_uri: str) -> tuple[list[dict[str, str]], dict[str, str]]:
     """(ranking rows as written in ranking.csv, the parent run's tags)."""
     client = MlflowClient(tracking_uri)
-    run = client.get_run(run_id)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise UserError(f"no MLflow run {run_id!r} in this store; give the parent run id that "
+                        "`orbitgen search mineaug` printed (its `mlflow` line)") from None
     if run.data.tags.get(TAG_KIND) != "search":
-        raise ValueError(f"run {run_id} is not a MineAug search parent run (tag {TAG_KIND}=search missing)")
+        raise UserError(f"run {run_id} is not a MineAug search parent run (tag {TAG_KIND}=search missing)")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(run_id, "ranking.csv", tmp)
         except Exception as exc:
-            raise ValueError(f"run {run_id} has no ranking.csv (did the search finish?): {exc}") from None
+            raise UserError(f"run {run_id} has no ranking.csv (did the search finish?): {exc}") from None
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     return rows, dict(run.data.tags)

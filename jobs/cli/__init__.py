@@ -6,12 +6,14 @@ import os
 
 import click
 
+from jobs.cli.common import BadInputExits2
+
 # MLflow prints "View run ... at <tracking URI>" whenever a run ends, password included when the
 # URI has one; orbitgen prints the run and the UI command itself (with the password masked).
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=BadInputExits2, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main() -> None:
     """orbitgen trains GANs and diffusion models for satellite and planetary imagery on Ray.
 

@@ -1,10 +1,11 @@
-"""What the `orbitgen` command groups share: the spec-error exit, progress lines, option help."""
+"""What the `orbitgen` command groups share: the bad-input exit, progress lines, option help."""
 from __future__ import annotations
 
 import sys
 
 import click
 
+from data_shards.errors import UserError
 from jobs.spec import JobSpec, SpecError, decode_inline, load_spec, parse_spec
 
 DEFAULT_WORKDIR = "orbitgen-work"  # also the default of the spec's `workdir`
@@ -13,10 +14,30 @@ RESUME_HELP = ("Continue the stopped run RUN (the run name printed at its start,
                "from its latest checkpoint under the spec's checkpoint storage, in the same MLflow run.")
 
 
-def fail_spec(err: SpecError) -> None:
-    """A spec that cannot run: say why (the message names the field) and exit 2."""
+def fail(err: UserError | str) -> None:
+    """Bad input: say why (the message names the input and what is allowed) and exit 2."""
     click.echo(f"error: {err}", err=True)
     sys.exit(2)
+
+
+fail_spec = fail   # the name the command modules have used for spec errors
+
+
+class BadInputExits2(click.Group):
+    """The top-level group: a `UserError` from any command, or click's own usage error, ends
+    as `error: ...` on stderr and exit code 2, nothing else. Any other exception is a bug and
+    keeps its traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            fail(e)
+        except click.exceptions.NoArgsIsHelpError:
+            raise   # a group called bare: its help, as click shows it
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else ctx.command_path
+            fail(f"{e.format_message()} (see {where} --help)")
 
 
 def say(msg: str) -> None:

@@ -28,7 +28,7 @@ def data() -> None:
 @click.option("--layout", type=click.Choice(["folder", "class-folders", "stylegan-zip", "side-by-side", "paired-folders",
                                              "timeseries-csv", "geotiff"]),
               default="folder", show_default=True, help=LAYOUT_HELP)
-@click.option("--resolution", type=int, required=True,
+@click.option("--resolution", type=click.IntRange(min=1), required=True,
               help="Square side: resize the shorter side and centre-crop (geotiff: the tile size, no resize).")
 @click.option("--channels", type=click.Choice(["keep", "gray", "rgb", "1", "3"]), default="keep", show_default=True,
               help="keep the source's bands (any count; beyond 4 stored as .npy), or convert to gray / rgb (1 / 3).")
@@ -57,11 +57,9 @@ def data_build(source, dest, layout, resolution, channels, shard_size, on_error,
     wrong = [k for k in options if LAYOUT_OPTIONS[k] != layout]
     if wrong:
         raise click.UsageError(", ".join(f"--{k.replace('_', '-')} is for --layout {LAYOUT_OPTIONS[k]}" for k in wrong))
-    try:
-        result = build(source, dest, layout=layout, resolution=resolution, channels=channels,
-                       shard_size=shard_size, on_error=on_error, **options)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise click.ClickException(str(e)) from None
+    # Bad input (no source, wrong layout, unsafe archive, taken dest) is a UserError: exit 2.
+    result = build(source, dest, layout=layout, resolution=resolution, channels=channels,
+                   shard_size=shard_size, on_error=on_error, **options)
     card = result.card
     click.echo(f"{card.count} samples ({', '.join(card.modalities)}; {card.channels} channels, {card.resolution}²) "
                f"in {card.shards} shards → {to_url(dest)} (fingerprint {card.fingerprint[:12]})")
@@ -79,18 +77,15 @@ def data_build(source, dest, layout, resolution, channels, shard_size, on_error,
 @click.argument("dest")
 @click.option("--preview", type=click.Path(dir_okay=False),
               help="Also write a PNG grid of the first samples here (pairs: cond, mask, image side by side).")
-@click.option("--samples", "n", type=int, default=16, show_default=True, help="Samples in the preview grid.")
+@click.option("--samples", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Samples in the preview grid.")
 def data_inspect(dest, preview, n) -> None:
     """Print the card and per-shard counts of the shard set DEST."""
     from data_shards.preview import describe, save_preview
     from data_shards.storage import to_url
 
-    try:
-        click.echo(describe(to_url(dest)))
-        if preview:
-            click.echo(f"preview → {save_preview(to_url(dest), preview, n=n)}")
-    except (FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+    click.echo(describe(to_url(dest)))
+    if preview:
+        click.echo(f"preview → {save_preview(to_url(dest), preview, n=n)}")
 
 
 @data.command("verify")
@@ -103,10 +98,7 @@ def data_verify(dest) -> None:
     from data_shards.storage import to_url
     from data_shards.verify import verify
 
-    try:
-        report = verify(to_url(dest))
-    except FileNotFoundError as e:
-        raise click.ClickException(str(e)) from None
+    report = verify(to_url(dest))
     if report.ok:
         click.echo(f"ok: {report.samples} samples in {report.shards} shards; sha256 and decoding checked")
         return

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from jobs.cli.common import RESUME_HELP, SET_HELP, fail_spec, say
-from jobs.spec import SpecError, load_spec
+from jobs.cli.common import RESUME_HELP, SET_HELP, say
+from jobs.spec import load_spec
 
 
 @click.group()
@@ -36,10 +36,7 @@ def jobs_submit(spec_path, address, overrides, wait, resume, search) -> None:
     With --search the job is `orbitgen search mineaug` of the spec; its trials spread over the cluster."""
     from jobs import submit
 
-    try:
-        spec = load_spec(spec_path, overrides)
-    except SpecError as e:
-        fail_spec(e)
+    spec = load_spec(spec_path, overrides)   # a bad spec: SpecError, exit 2 (BadInputExits2)
     if not (spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
         say("warning: no tracking.uri and no MLFLOW_TRACKING_URI: the job tracks into a local store "
              "on the cluster's head, under the spec's workdir")

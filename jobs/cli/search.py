@@ -5,9 +5,8 @@ import os
 
 import click
 
-from jobs.cli.common import SET_HELP, fail_spec, read_spec, say
+from jobs.cli.common import SET_HELP, read_spec, say
 from jobs.redact import redact
-from jobs.spec import SpecError
 
 
 @click.group()
@@ -39,13 +38,9 @@ def search_mineaug(spec_path, overrides, resume, out, spec_b64) -> None:
     `orbitgen train <written spec>`. Bad input stops with exit code 2, naming the field.
     """
     from jobs.search_job import run_search_job
-    from search.config import SearchConfigError
 
     spec = read_spec(spec_path, overrides, spec_b64)
-    try:
-        done = run_search_job(spec, say=say, resume=resume, out=out)
-    except (SpecError, SearchConfigError) as e:
-        fail_spec(e)
+    done = run_search_job(spec, say=say, resume=resume, out=out)   # bad input: exit 2 (BadInputExits2)
     res = done.result
     click.echo("")
     click.echo(res.table)
@@ -73,9 +68,11 @@ def search_show(run_id, tracking_uri, workdir) -> None:
 
     from mlflow.exceptions import MlflowException
 
+    from jobs.tracking.store_check import require_store
     from search.tracking import show_search
 
     uri = tracking_uri or f"sqlite:///{Path(workdir).absolute() / 'mlflow.db'}"
+    require_store(uri, "--tracking-uri" if tracking_uri else "--workdir's store")
     try:
         click.echo(show_search(run_id, uri))
     except (LookupError, ValueError, MlflowException) as e:

@@ -11,7 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import JobSpec
+from data_shards.errors import UserError
+from jobs.env import tracking_uri_restored
+from jobs.spec import JobSpec, SpecError
+from jobs.tracking.store_check import require_store
 
 SNAPSHOT_IN_MODEL = "artifacts/generator.pt"   # where log_generator puts the snapshot
 
@@ -26,8 +29,15 @@ def resolve_ref(ref: str, dest: Path, tracking_uri: str | None = None) -> str:
         return str(path.absolute())
     import mlflow.artifacts
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dest), tracking_uri=tracking_uri,
-                                                     registry_uri=tracking_uri))
+    if tracking_uri:
+        require_store(tracking_uri, "the spec's tracking store")
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    # models:/ resolution opens a client of the *current* tracking URI besides the registry one:
+    # without this, that is ./mlflow.db, created in whatever folder the command runs in.
+    with tracking_uri_restored(), _use_tracking_uri(tracking_uri):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dest),
+                                                         tracking_uri=tracking_uri, registry_uri=tracking_uri))
     snapshot = local / SNAPSHOT_IN_MODEL
     if not snapshot.is_file():
         raise FileNotFoundError(f"{ref} has no {SNAPSHOT_IN_MODEL}: not an orbitgen generator")
@@ -36,14 +46,20 @@ def resolve_ref(ref: str, dest: Path, tracking_uri: str | None = None) -> str:
 
 def resolve_model_refs(spec: JobSpec, dest: Path) -> JobSpec:
     """The spec with every `model.*_from` reference replaced by a local snapshot path."""
+    from mlflow.exceptions import MlflowException
+
     model = dict(spec.model)
     for key, value in spec.model.items():
         if key.endswith("_from") and isinstance(value, str) and value:
             try:
                 model[key] = resolve_ref(value, dest / key, tracking_uri=spec.tracking_uri())
-            except Exception as e:
-                raise ValueError(f"model.{key}: cannot load {value!r}: {e}") from e
+            except (UserError, OSError, MlflowException) as e:   # no such file, store, model, version or run
+                raise SpecError(f"model.{key}: cannot load {value!r}: {_first_line(e)}") from e
     return spec.model_copy(update={"model": model})
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _refs(spec: JobSpec) -> dict[str, str]:

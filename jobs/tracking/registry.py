@@ -17,6 +17,8 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema, TensorSpec
 
+from data_shards.errors import UserError
+
 REPO = Path(__file__).resolve().parents[2]
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -96,17 +98,17 @@ def promote(name: str, *, metric: str, mode: str, candidate: str | None = None,
     client = client or MlflowClient()
     versions = client.search_model_versions(f"name='{name}'")
     if not versions:
-        raise ValueError(f"no registered model named {name!r}")
+        raise UserError(f"no registered model named {name!r}; {_registered(client)}")
     scores = {str(v.version): _score(client, v.run_id, metric) for v in versions}
     better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
     if candidate is None:
         scored = [v for v, s in scores.items() if s is not None]
         if not scored:
-            raise ValueError(f"no version of {name!r} has the metric {metric!r}")
+            logged = sorted({m for v in versions for m in _metrics(client, v.run_id)})
+            raise UserError(f"no version of {name!r} has the metric {metric!r}; "
+                            f"its runs log: {', '.join(logged) or 'no metrics'}")
         candidate = (min if mode == "min" else max)(scored, key=scores.get)
-    candidate = str(candidate)
-    if candidate not in scores:
-        raise ValueError(f"{name!r} has no version {candidate}")
+    candidate = _version(client, name, str(candidate), scores)
     champ = _champion(client, name)
     champ_version = str(champ.version) if champ else None
     cand_score = scores[candidate]
@@ -134,9 +136,38 @@ def list_models(client: MlflowClient | None = None) -> list[dict]:
             for m in client.search_registered_models()]
 
 
+def _registered(client: MlflowClient) -> str:
+    names = [m.name for m in client.search_registered_models()]
+    return f"registered: {', '.join(names)}" if names else "no model is registered in this store"
+
+
+def _metrics(client: MlflowClient, run_id: str) -> list[str]:
+    return list(client.get_run(run_id).data.metrics)
+
+
+def _version(client: MlflowClient, name: str, given: str, scores: dict) -> str:
+    """A version number, or an alias (`champion`, `@champion`) of `name`, as its version number."""
+    if given.isdigit():
+        if given not in scores:
+            raise UserError(f"{name!r} has no version {given}; versions: {', '.join(sorted(scores, key=int))}")
+        return given
+    aliases = client.get_registered_model(name).aliases or {}
+    alias = given.removeprefix("@")
+    if alias not in aliases:
+        raise UserError(f"{name!r} has no version or alias {given!r}; versions: "
+                        f"{', '.join(sorted(scores, key=int))}; aliases: {', '.join(aliases) or 'none'}")
+    return str(aliases[alias])
+
+
 def describe_model(name: str, metric: str = "fid", client: MlflowClient | None = None) -> list[dict]:
     client = client or MlflowClient()
-    aliases = {v: a for a, v in (client.get_registered_model(name).aliases or {}).items()}
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise UserError(f"no registered model named {name!r}; {_registered(client)}") from None
+    aliases = {v: a for a, v in (model.aliases or {}).items()}
     rows = []
     for v in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
         rows.append({"version": v.version, "alias": aliases.get(v.version, ""), "run_id": v.run_id,
