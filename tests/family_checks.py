@@ -54,17 +54,21 @@ def has_grads(module: nn.Module) -> list[bool]:
 
 
 def check_gradient_isolation(family: Family, batch: dict[str, torch.Tensor]) -> None:
-    """A GAN's phases touch only their own network: phase D even with G left trainable (the
-    fake is made without a graph), phase G with D frozen (gradients pass through D)."""
+    """A GAN's phases, run in the family's order, touch only their own network: phase D even with
+    G left trainable (its fake carries no graph: made without one, or the G phase's, detached),
+    phase G with D frozen (gradients pass through D)."""
     nets = family.build()
-    loss, _ = family.loss(batch, ctx_for(nets, "D"))
-    loss.backward()
-    assert all(has_grads(nets["D"])) and all(p.grad is None for p in nets["G"].parameters())
-    nets = family.build()
-    nets["D"].requires_grad_(False)
-    loss, _ = family.loss(batch, ctx_for(nets, "G"))
-    loss.backward()
-    assert all(has_grads(nets["G"])) and not any(has_grads(nets["D"]))
+    for phase in [ph.name for ph in family.phases()]:
+        for net in nets.values():
+            for p in net.parameters():
+                p.grad = None
+        nets["G"].requires_grad_(True)
+        nets["D"].requires_grad_(phase == "D")
+        loss, _ = family.loss(batch, ctx_for(nets, phase))
+        loss.backward()
+        other = "G" if phase == "D" else "D"
+        assert all(has_grads(nets[phase])), f"phase {phase}: not every parameter of {phase} got a gradient"
+        assert not any(has_grads(nets[other])), f"phase {phase}: {other} got a gradient"
 
 
 def train(family: Family, nets: dict[str, nn.Module], batch: dict[str, torch.Tensor], steps: int,

@@ -6,10 +6,11 @@ from pathlib import Path
 import click
 
 from jobs.cli.common import DEFAULT_WORKDIR, RESUME_HELP, SET_HELP, fail_spec, read_spec, say
+from jobs.redact import redact
 from jobs.spec import SPECS_DIR, SpecError, load_spec
 
 
-def _run_and_report(spec, resume: str | None) -> None:
+def _run_and_report(spec, resume: str | None, check_learning: bool = False) -> None:
     from jobs.resume import ResumeError
     from jobs.runner import run_job
 
@@ -18,19 +19,42 @@ def _run_and_report(spec, resume: str | None) -> None:
     except (ResumeError, SpecError) as e:   # nothing to resume / a file it needs is missing: the spec cannot run
         fail_spec(e)
     fid = res.metrics.get("fid")
+    check = _check_learning(spec, res) if check_learning and res.checkpoint else None
     click.echo("")
     click.echo(f"done in {res.seconds:.0f} s")
     click.echo(f"  shards       {res.data_url}")
     click.echo(f"  run          {res.run_name} (continue it with --resume {res.run_name})")
     click.echo(f"  checkpoints  {res.checkpoint or res.storage}")
-    click.echo(f"  mlflow run   {res.run_id} (experiment {spec.experiment}) at {res.tracking_uri}")
+    click.echo(f"  mlflow run   {res.run_id} (experiment {spec.experiment}) at {redact(res.tracking_uri)}")
     if fid is not None:
         click.echo(f"  fid          {fid:.4f} (extractor {spec.eval.fid_extractor})")
+    if check is not None:
+        if check.ratio() is not None:
+            click.echo(f"  untrained    fid {check.untrained['fid']:.4f}, same extractor and seeds: "
+                       f"trained / untrained = {check.ratio():.3f}")
+        click.echo(f"  samples      {check.picture} (reals left, samples right; also in the MLflow run's samples/)")
     if res.model_version:
         click.echo(f"  model        models:/{spec.tracking.registry_model}/{res.model_version} — {res.promotion.reason}")
         click.echo(f"               load it: mlflow.pyfunc.load_model('models:/{spec.tracking.registry_model}@champion')")
     if res.tracking_uri.startswith("sqlite:"):
-        click.echo(f"  open the UI  mlflow ui --backend-store-uri {res.tracking_uri} --port 5000")
+        click.echo(f"  open the UI  mlflow ui --backend-store-uri {redact(res.tracking_uri)} --port 5000")
+
+
+def _check_learning(spec, res):
+    """The untrained generator's FID and a picture of reals beside samples, logged into the run."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.cli.learning_check import check_run
+    from jobs.worker import GRID_SEED   # the seed of the sample grids the run logged
+
+    picture = spec.workdir_path() / "samples" / f"{res.run_name}-reals-vs-samples.png"
+    check = check_run(spec, data_url=res.data_url, checkpoint=res.checkpoint, trained=res.metrics,
+                      picture=picture, grid_seed=GRID_SEED)
+    client = MlflowClient(res.tracking_uri)
+    client.log_artifact(res.run_id, str(check.picture), "samples")
+    for name, value in check.untrained.items():
+        client.log_metric(res.run_id, f"{name}_untrained", value)
+    return check
 
 
 @click.command()
@@ -57,9 +81,10 @@ def train(spec_path, overrides, resume, spec_b64) -> None:
 def quickstart(workdir, overrides, resume) -> None:
     """The embedded default, one command: built-in crater images → shards → DCGAN on 2 CPU
     workers (Ray Train, DDP/gloo) → MLflow run with FID → registered model, promoted to
-    `champion` if it beats the current one. Takes a few minutes on 2 cores."""
+    `champion` if it beats the current one. Ends with the untrained generator's FID beside the
+    trained one's and a picture of real images beside samples. Takes a few minutes on 2 cores."""
     try:
         spec = load_spec(SPECS_DIR / "quickstart.yaml", [f"workdir={Path(workdir).absolute()}", *overrides])
     except SpecError as e:
         fail_spec(e)
-    _run_and_report(spec, resume)
+    _run_and_report(spec, resume, check_learning=True)

@@ -2,6 +2,15 @@
 
 The networks are in `models.nets.dcgan`; this file holds the published defaults and one step of
 the two-player game.
+
+One generator forward per step, as in the references (PyTorch's dcgan example makes `fake` once,
+feeds it detached to D's loss and with its graph to G's): phase "G" runs first, makes the fake with
+its graph, takes G's loss through the frozen D, and keeps the detached fake of each micro-batch
+(`StepFakes`) for phase "D" of the same step, which learns from exactly those images. The
+references update D first, so their G loss sees the D of after this step's update; here it sees
+the D of before it. The order is forced: the train loop makes only the phase's own network
+trainable, so a graph through G cannot be built while D trains. In both, D learns from the fake
+that G made before its own update.
 """
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ from torch import nn
 
 from models.family import Family, Phase, StepContext, run_in_eval
 from models.losses.adversarial import TwoPlayerConfig, discriminator_loss, generator_loss, two_player_phases
+from models.losses.step_fakes import StepFakes
 from models.nets.dcgan import DCGANDiscriminator, DCGANGenerator, num_stages
 
 
@@ -23,7 +33,6 @@ class DCGANConfig(TwoPlayerConfig):
     ngf: int = Field(64, gt=0, description="generator width at the last up-block")
     ndf: int = Field(64, gt=0, description="discriminator width at the first down-block")
     max_channels: int = Field(512, gt=0, description="cap on the width of any block (large resolutions)")
-
 
 
 class DCGAN(Family):
@@ -41,6 +50,7 @@ class DCGAN(Family):
         num_stages(resolution)   # fail at spec validation time, not at the first build
         if channels < 1:
             raise ValueError(f"data.channels must be >= 1, got {channels}")
+        self._fakes = StepFakes(self.name)
 
     def build(self) -> dict[str, nn.Module]:
         c = self.config
@@ -52,7 +62,8 @@ class DCGAN(Family):
         }
 
     def phases(self) -> list[Phase]:
-        return two_player_phases(self.config, self.lr)
+        # G first: its phase makes the step's one fake, which D's phase then learns from.
+        return two_player_phases(self.config, self.lr, order=("G", "D"))
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -65,18 +76,18 @@ class DCGAN(Family):
 
     def loss(self, batch: Mapping[str, torch.Tensor], ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         real = batch["image"]
-        z = self._noise(real.shape[0], ctx)
+        if ctx.phase == "G":
+            fake = ctx.net("G")(self._noise(real.shape[0], ctx))
+            self._fakes.put(ctx, fake.detach())
+            loss = generator_loss(ctx.net("D")(fake))
+            return loss, {"loss_G": loss.detach()}
         if ctx.phase == "D":
-            with torch.no_grad():   # G is not trained in this phase: no graph through it
-                fake = ctx.net("G")(z)
+            fake = self._fakes.take(ctx, real.shape[0])
             d = ctx.net("D")
             # Separate forward calls: BatchNorm normalises real and fake batches apart, as in DCGAN.
             loss, logs = discriminator_loss(d(real), d(fake))
             return loss, {"loss_D": loss.detach(), **logs}
-        if ctx.phase == "G":
-            loss = generator_loss(ctx.net("D")(ctx.net("G")(z)))
-            return loss, {"loss_G": loss.detach()}
-        raise ValueError(f"{self.name} has phases 'D' and 'G', got {ctx.phase!r}")
+        raise ValueError(f"{self.name} has phases 'G' and 'D', got {ctx.phase!r}")
 
     @torch.no_grad()
     def sample(self, sampler: nn.Module, n: int, *, seed: int = 0, cond: torch.Tensor | None = None,
@@ -87,5 +98,9 @@ class DCGAN(Family):
         # whatever the global RNG state is.
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         z = torch.randn(n, *self.latent_shape, generator=gen)
-        # Eval mode: BatchNorm running statistics, so each image depends on its own noise only.
+        # Eval mode: BatchNorm running statistics, so each image depends on its own noise only. The
+        # references sample in train mode (batch statistics): an image would then change with its
+        # batch-mates, and one image alone (n=1) could not be drawn. Measured on the quickstart
+        # (benchmarks/BENCHMARKS.md, "Learning"): eval mode, train mode and statistics recomputed
+        # over 1024 fresh noise vectors give the same grids.
         return run_in_eval(sampler, z)

@@ -6,6 +6,14 @@ discriminator's loss is halved (the paper: "we divide the objective by 2 while o
 Adam 2e-4, β1 0.5. The batch carries `cond` (the input, e.g. a satellite tile) and `image` (the
 target, e.g. the map). The spatio-temporal cGANs (`models.families.cgan`) are this family with another input.
 
+One generator forward per step, as in the reference (which makes `fake_B` once and feeds it,
+detached, to D and, with its graph, to G's loss): phase "G" runs first, computes the fake with its
+graph, G's loss through the frozen D, and keeps the detached fake of each micro-batch for phase "D"
+of the same step (`StepFakes`). The reference updates D first, so its G loss sees the D of after
+this step's update; here G's loss sees D before it (the train loop cannot build a graph through G
+in a phase that trains D). In both, the fake D learns from is the one G made before its own update,
+and the dropout noise of the UNet is one sample serving both players.
+
 Sampling runs the generator in eval mode (dropout off, BatchNorm running statistics), so the
 output is a deterministic function of the input; `seed` is accepted and unused.
 """
@@ -18,6 +26,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from models.losses.step_fakes import StepFakes
 from models.losses.adversarial import TwoPlayerConfig, discriminator_loss, generator_loss, two_player_phases
 from models.family import Family, Phase, StepContext, run_in_eval
 from models.nets.patchgan import PatchGAN, patch_grid
@@ -60,6 +69,7 @@ class Pix2Pix(Family):
         if patch_grid(resolution, config.d_layers) < 1:
             raise ValueError(f"model.d_layers={config.d_layers} is too deep for data.resolution={resolution}: "
                              f"the PatchGAN needs resolution >= {3 * 2**config.d_layers}")
+        self._fakes = StepFakes(self.name)
 
     @property
     def depth(self) -> int:
@@ -90,25 +100,26 @@ class Pix2Pix(Family):
         }
 
     def phases(self) -> list[Phase]:
-        return two_player_phases(self.config, self.lr)
+        # G first: its phase makes the step's one fake, which D's phase then learns from.
+        return two_player_phases(self.config, self.lr, order=("G", "D"))
 
     def loss(self, batch: Mapping[str, Tensor], ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         x, real = self.generator_input(batch.get("cond"), batch.get("mask")), batch["image"]
+        if ctx.phase == "G":
+            fake = ctx.net("G")(x)
+            self._fakes.put(ctx, fake.detach())
+            adv = generator_loss(ctx.net("D")(torch.cat([x, fake], 1)))
+            l1 = F.l1_loss(fake, real)
+            loss = adv + self.config.l1_weight * l1
+            return loss, {"loss_G": loss.detach(), "G_adv": adv.detach(), "G_L1": l1.detach()}
         if ctx.phase == "D":
-            with torch.no_grad():   # G is not trained in this phase: no graph through it
-                fake = ctx.net("G")(x)
+            fake = self._fakes.take(ctx, len(x))
             d = ctx.net("D")
             # Real and fake pairs in separate calls: BatchNorm normalises them apart, as in pix2pix.
             loss, logs = discriminator_loss(d(torch.cat([x, real], 1)), d(torch.cat([x, fake], 1)))
             loss = 0.5 * loss
             return loss, {"loss_D": loss.detach(), **logs}
-        if ctx.phase == "G":
-            fake = ctx.net("G")(x)
-            adv = generator_loss(ctx.net("D")(torch.cat([x, fake], 1)))
-            l1 = F.l1_loss(fake, real)
-            loss = adv + self.config.l1_weight * l1
-            return loss, {"loss_G": loss.detach(), "G_adv": adv.detach(), "G_L1": l1.detach()}
-        raise ValueError(f"{self.name} has phases 'D' and 'G', got {ctx.phase!r}")
+        raise ValueError(f"{self.name} has phases 'G' and 'D', got {ctx.phase!r}")
 
     @torch.no_grad()
     def sample(self, sampler: nn.Module, n: int, *, seed: int = 0, cond: Tensor | None = None,

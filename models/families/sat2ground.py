@@ -12,10 +12,13 @@ generator turns it into the ground view, compared with the true one (`image`) by
 combined loss (MSE + (1 - SSIM) + a perceptual distance). Only the encoder is trained. The one
 network, "E", holds the encoder and the frozen generator, whose weights are buffers (not
 parameters: no engine or optimiser can train them), so its snapshot is self-contained: the
-registered model maps satellite tiles to ground views without the stage-1 file.
+registered model maps satellite tiles to ground views without the stage-1 file. DDP leaves those
+buffers alone (it would re-send every buffer from rank 0 at each forward): every rank loads them
+from the same file, and each rank checks its own load.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Literal, Mapping
 
@@ -23,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
-from models.losses.adversarial import two_player_phases
 from models.families.dcgan import DCGAN, DCGANConfig
 from models.nets.dcgan import DCGANDiscriminator, DCGANGenerator, dcgan_init_, doubling_widths, down_stack, num_stages
 from models.snapshot import load_reference
@@ -87,6 +90,15 @@ class SatelliteToGround(nn.Module):
         self.generator = _as_buffers(generator).eval()
         # Set once the stage-1 weights are in; a snapshot of a trained network carries it.
         self.register_buffer("generator_loaded", torch.tensor(False))
+        # DDP (broadcast_buffers, its default) re-sends every buffer of the module it wraps from
+        # rank 0 at each forward: the whole frozen generator, every step, for nothing (it never
+        # changes, and every rank loads it from the same file). `generator_loaded` stays out too:
+        # a broadcast True would hide a rank that could not read the file.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, self.frozen_buffer_names())
+
+    def frozen_buffer_names(self) -> list[str]:
+        """The buffers DDP must not synchronise: the frozen generator's and its loaded flag."""
+        return [f"generator.{name}" for name, _ in self.generator.named_buffers()] + ["generator_loaded"]
 
     def load_generator(self, state: Mapping[str, Tensor]) -> None:
         self.generator.load_state_dict(state)
@@ -161,7 +173,9 @@ class Sat2Ground(DCGAN):
     def phases(self) -> list[Phase]:
         c = self.config
         if c.stage == 1:
-            return two_player_phases(c, self.lr, lr_step_every=c.lr_step_every, lr_gamma=c.lr_gamma)
+            # DCGAN's phases in DCGAN's order (its loss may rely on it), StepLR on the generator.
+            return [dataclasses.replace(ph, lr_step_every=c.lr_step_every, lr_gamma=c.lr_gamma) if ph.name == "G"
+                    else ph for ph in super().phases()]
         return [Phase("E", c.lr_e if c.lr_e is not None else self.lr, (c.beta1, c.beta2))]
 
     def loss(self, batch: Mapping[str, Tensor], ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:

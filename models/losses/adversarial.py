@@ -36,8 +36,16 @@ class TwoPlayerConfig(FamilyConfig):
     beta2: float = Field(0.999, ge=0, lt=1)
 
 
-def two_player_phases(config: TwoPlayerConfig, lr: float, **generator_schedule) -> list[Phase]:
-    """Phase "D" then phase "G" (the order of DCGAN and pix2pix: D learns from the current G first)."""
+def two_player_phases(config: TwoPlayerConfig, lr: float, order: tuple[str, str] = ("G", "D"),
+                      **generator_schedule) -> list[Phase]:
+    """Phases "G" and "D" in `order`. G first by default: one generator forward per step serves
+    both players (the G phase keeps its detached fakes for the D phase of the same step, since the
+    train loop builds no graph through G while D trains), as the references' one fake per step does;
+    they update D first, so there G's loss sees the D of after this step's update, here the one
+    before it. ("D", "G") suits a family whose D phase makes its own fakes."""
+    if sorted(order) != ["D", "G"]:
+        raise ValueError(f"order must name the phases 'D' and 'G' once each, got {order!r}")
     betas = (config.beta1, config.beta2)
-    return [Phase("D", config.lr_d if config.lr_d is not None else lr, betas),
-            Phase("G", config.lr_g if config.lr_g is not None else lr, betas, **generator_schedule)]
+    phases = {"D": Phase("D", config.lr_d if config.lr_d is not None else lr, betas),
+              "G": Phase("G", config.lr_g if config.lr_g is not None else lr, betas, **generator_schedule)}
+    return [phases[name] for name in order]

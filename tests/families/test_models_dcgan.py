@@ -86,7 +86,7 @@ def test_config_validation_and_phases():
         DCGANConfig(nz=0)
     with pytest.raises(pydantic.ValidationError):
         DCGANConfig(ngff=3)   # unknown keys are refused
-    d, g = make_family("dcgan", {"lr_g": 1e-3}, resolution=16, channels=1, lr=2e-4).phases()
+    g, d = make_family("dcgan", {"lr_g": 1e-3}, resolution=16, channels=1, lr=2e-4).phases()   # G makes the step's fake
     assert (d.name, d.lr, d.betas) == ("D", 2e-4, (0.5, 0.999))
     assert (g.name, g.lr) == ("G", 1e-3)
 
@@ -118,17 +118,17 @@ def test_loss_calls_the_trained_wrapper_and_real_fake_apart():
     fam = tiny_family()
     nets = fam.build()
     real = {"image": fixed_images(8)}
-    wrapped_d = Recording(nets["D"])
-    loss, logs = fam.loss(real, ctx_for(nets, "D", trained={"D": wrapped_d, "G": nets["G"]}))
+    wrapped_d, wrapped_g = Recording(nets["D"]), Recording(nets["G"])
+    loss, logs = fam.loss(real, ctx_for(nets, "G", trained={"D": wrapped_d, "G": wrapped_g}))
+    assert wrapped_g.calls == [(8, 100)] and wrapped_d.calls == []   # phase G calls the bare D
+    assert set(logs) == {"loss_G"} and loss.ndim == 0
+
+    loss, logs = fam.loss(real, ctx_for(nets, "D", trained={"D": wrapped_d, "G": wrapped_g}))
     assert wrapped_d.calls == [(8, 3), (8, 3)]   # real and fake in separate forward calls
+    assert len(wrapped_g.calls) == 1             # D learns from phase G's fake: no second G forward
     assert set(logs) == {"loss_D", "D_real", "D_fake"}
     assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in logs.values())
     assert 0 < logs["D_real"] < 1 and 0 < logs["D_fake"] < 1
-
-    wrapped_g = Recording(nets["G"])
-    loss, logs = fam.loss(real, ctx_for(nets, "G", trained={"D": wrapped_d, "G": wrapped_g}))
-    assert wrapped_g.calls == [(8, 100)] and len(wrapped_d.calls) == 2   # phase G calls the bare D
-    assert set(logs) == {"loss_G"} and loss.ndim == 0
 
     with pytest.raises(ValueError, match="phase"):
         fam.loss(real, ctx_for(nets, "E"))

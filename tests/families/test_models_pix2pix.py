@@ -98,7 +98,7 @@ def test_config_validation():
         Pix2PixConfig(l1_weight=-1)
     with pytest.raises(pydantic.ValidationError):
         Pix2PixConfig(lambda_l1=10)   # unknown keys are refused
-    d, g = tiny(lr=2e-4, lr_g=1e-3).phases()
+    g, d = tiny(lr=2e-4, lr_g=1e-3).phases()   # G first: its fakes serve the D phase
     assert (d.name, d.lr, d.betas) == ("D", 2e-4, (0.5, 0.999)) and (g.name, g.lr) == ("G", 1e-3)
 
 
@@ -106,18 +106,18 @@ def test_loss_pairs_and_wrappers():
     fam = tiny()
     nets = fam.build()
     batch = paired_batch(fam, n=4)
-    wrapped_d = Recording(nets["D"])
-    loss, logs = fam.loss(batch, ctx_for(nets, "D", trained={"D": wrapped_d, "G": nets["G"]}))
-    # D sees (input, output) pairs, 3 + 3 channels, real and fake in separate calls.
-    assert wrapped_d.calls == [(4, 6), (4, 6)]
-    assert set(logs) == {"loss_D", "D_real", "D_fake"} and loss.ndim == 0
-    assert all(not v.requires_grad for v in logs.values())
-
-    wrapped_g = Recording(nets["G"])
-    loss, logs = fam.loss(batch, ctx_for(nets, "G", trained={"D": wrapped_d, "G": wrapped_g}))
-    assert wrapped_g.calls == [(4, 3)] and len(wrapped_d.calls) == 2   # phase G calls the bare D
+    wrapped_d, wrapped_g = Recording(nets["D"]), Recording(nets["G"])
+    trained = {"D": wrapped_d, "G": wrapped_g}
+    loss, logs = fam.loss(batch, ctx_for(nets, "G", trained=trained))
+    assert wrapped_g.calls == [(4, 3)] and wrapped_d.calls == []   # phase G calls the bare D
     assert set(logs) == {"loss_G", "G_adv", "G_L1"}
     assert logs["loss_G"] == pytest.approx(float(logs["G_adv"] + 100 * logs["G_L1"]), rel=1e-5)
+
+    loss, logs = fam.loss(batch, ctx_for(nets, "D", trained=trained))
+    # D sees (input, output) pairs, 3 + 3 channels, real and fake in separate calls; no second G forward.
+    assert wrapped_d.calls == [(4, 6), (4, 6)] and len(wrapped_g.calls) == 1
+    assert set(logs) == {"loss_D", "D_real", "D_fake"} and loss.ndim == 0
+    assert all(not v.requires_grad for v in logs.values())
     with pytest.raises(ValueError, match="phase"):
         fam.loss(batch, ctx_for(nets, "E"))
 

@@ -65,7 +65,7 @@ def test_stage1_shapes_and_sample(channels):
 
 
 def test_stage1_steplr_on_the_generator_only():
-    d, g = stage1(lr_step_every=100, lr_gamma=0.5).phases()
+    g, d = stage1(lr_step_every=100, lr_gamma=0.5).phases()   # DCGAN's order: G first
     assert d.lr_step_every is None and d.lr_at(10_000) == d.lr
     assert (g.lr_at(0), g.lr_at(99), g.lr_at(100), g.lr_at(250)) == (2e-4, 2e-4, 1e-4, 5e-5)
 

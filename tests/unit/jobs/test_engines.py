@@ -113,8 +113,8 @@ def test_train_step_freezes_the_other_networks_before_their_forward():
         net.register_forward_pre_hook(
             lambda m, _, name=name: frozen_at_forward[name].append(not any(p.requires_grad for p in m.parameters())))
     train_step(family, phases, engines, networks, batches(1)[0], step=0, device=CPU)
-    # Phase D: G makes the fake, frozen; D twice (real, fake), trainable. Phase G: G trainable, D frozen.
-    assert frozen_at_forward == {"G": [True, False], "D": [False, False, True]}
+    # Phase G: G makes the step's one fake, trainable; D frozen. Phase D: D twice (real, fake), trainable.
+    assert frozen_at_forward == {"G": [False], "D": [True, False, False]}
     assert all(p.requires_grad for net in networks.values() for p in net.parameters())   # resting state
 
 
