@@ -21,7 +21,9 @@ from jobs.tracking import model_refs, registry, runs as tracking
 from jobs.tracking.store_check import check_answers
 from jobs.bad_input_cleanup import removed_on_bad_input
 from jobs.checkpoints import SNAPSHOT
+from jobs import console
 from jobs.env import forwarded_env, git_sha, tracking_uri_restored
+from jobs.progress import ProgressBar
 from jobs.redact import redact, redact_values
 from jobs.resume import ResumeError, read_run_info, write_run_info
 from jobs.spec import JobSpec, SpecError
@@ -83,11 +85,15 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Quiet unless --verbose (jobs/console.py): the workers' lines stay in Ray's logs, the
+    # driver's progress bar shows the run.
+    loud = console.verbose()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)           # a cluster, or the job's own cluster under Ray Jobs
+        ray.init(log_to_driver=loud, configure_logging=loud)   # a cluster, or the job's own under Ray Jobs
     else:
         # The dashboard stays on: Ray Train's placement-group cleaner queries the state API it serves.
-        ray.init(address="local", num_cpus=num_cpus, object_store_memory=300_000_000, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=300_000_000, log_to_driver=loud,
+                 configure_logging=loud)
 
 
 def make_trainer(spec: JobSpec, run_name: str, storage: str, loop_config: dict[str, Any]):
@@ -178,13 +184,17 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         ensure_ray()
         from jobs.worker import WorkerConfig   # imports ray.train: only when training
 
-        worker = WorkerConfig(spec=spec.model_dump(mode="json"), run_id=run_id, tracking_uri=tracking_uri,
-                              data_url=data_url, env=forwarded_env(), model_files=model_refs.ship(spec))
-        trainer = make_trainer(spec, run_name, storage, worker.as_loop_config())
         say(f"{'resuming' if resume else 'training'}  {spec.family} · {spec.total_steps} steps · "
             f"{spec.scaling.num_workers} workers ({spec.strategy.kind}) · run {run_name} · "
             f"checkpoints under {join(storage, run_name)}")
-        result = trainer.fit()
+        bar = ProgressBar(run_name, spec.total_steps)
+        try:
+            worker = WorkerConfig(spec=spec.model_dump(mode="json"), run_id=run_id, tracking_uri=tracking_uri,
+                                  data_url=data_url, env=forwarded_env(), model_files=model_refs.ship(spec),
+                                  progress_board=bar.name)
+            result = make_trainer(spec, run_name, storage, worker.as_loop_config()).fit()
+        finally:
+            bar.close()
         metrics = dict(result.metrics or {})
         checkpoint = result.checkpoint
         if spec.checkpoint.best_metric and result.best_checkpoints:

@@ -30,6 +30,7 @@ from data_shards.stream import batches_per_epoch, image_stream, iterate_once, tr
 from jobs import checkpoints
 from jobs.engines import Engine, make_engine
 from jobs.evaluate import evaluate, preview
+from jobs.progress import WorkerProgress
 from jobs.spec import JobSpec
 from jobs.tracking import model_refs
 from jobs.tracking.runs import RunLogger
@@ -49,6 +50,7 @@ class WorkerConfig:
     data_url: str                        # the training shards (built-in sets already materialised)
     env: dict[str, str] = field(default_factory=dict)           # forwarded variables (S3 endpoint, credentials)
     model_files: dict[str, Any] = field(default_factory=dict)   # files `model.*_from` names, shipped by the driver
+    progress_board: str | None = None    # the driver's progress board (jobs/progress.py); rank 0 posts to it
 
     def as_loop_config(self) -> dict[str, Any]:
         return {"worker": self}
@@ -298,6 +300,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     device = ray.train.torch.get_device()
     log = RunLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
+    progress = WorkerProgress(cfg.progress_board if rank == 0 else None)
 
     family, networks, phases, engines = build_training(spec, device, world)
     worker = Worker(cfg, spec, family, networks, engines, rank, world, device, log)
@@ -311,6 +314,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if log is not None:
             log.metrics(step, {"resumed_from_step": step})
             say(f"resumed from step {step} ({images_seen} images)")
+            progress.note(f"resumed from step {step} ({images_seen} images)")
 
     total = spec.total_steps
     batches = training_batches(spec, cfg.data_url, family, rank, world, device, start_batch=step)
@@ -326,6 +330,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.metrics(step, {**shown, "images_per_s": rate, "kimg": images_seen / 1000})
             say(f"step {step}/{total} · " + " · ".join(f"{k} {v:.3f}" for k, v in sorted(shown.items()))
                 + f" · {rate:.0f} img/s")
+            progress.post(step, shown, rate)
 
         if step % spec.checkpoint.every_steps == 0 or step == total:
             _report(worker, step, images_seen, final=step == total)

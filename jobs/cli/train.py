@@ -5,19 +5,23 @@ from pathlib import Path
 
 import click
 
-from jobs.cli.common import DEFAULT_WORKDIR, RESUME_HELP, SET_HELP, fail_spec, read_spec, say
+from jobs import console
+from jobs.cli.common import DEFAULT_WORKDIR, RESUME_HELP, SET_HELP, read_spec, say
 from jobs.redact import redact
-from jobs.spec import SPECS_DIR, SpecError, load_spec
+from jobs.spec import SPECS_DIR, load_spec
+
+VERBOSE_HELP = ("Show Ray's and MLflow's own lines and the workers' console output here too (else they go "
+                "to the log file and Ray log folder printed at the end).")
 
 
-def _run_and_report(spec, resume: str | None, check_learning: bool = False) -> None:
-    from jobs.resume import ResumeError
+def _run_and_report(spec, resume: str | None, verbose: bool, check_learning: bool = False) -> None:
     from jobs.runner import run_job
 
-    try:
-        res = run_job(spec, say=say, resume=resume)
-    except (ResumeError, SpecError) as e:   # nothing to resume / a file it needs is missing: the spec cannot run
-        fail_spec(e)
+    console.set_verbose(verbose)
+    logs = spec.workdir_path() / "logs"
+    log_file = console.library_lines_to_file(logs)
+    res = run_job(spec, say=say, resume=resume)   # bad input: a UserError, exit 2 (jobs/cli/common.py)
+    ray_logs = None if verbose else console.link_ray_logs(logs)
     fid = res.metrics.get("fid")
     check = _check_learning(spec, res) if check_learning and res.checkpoint else None
     click.echo("")
@@ -38,6 +42,8 @@ def _run_and_report(spec, resume: str | None, check_learning: bool = False) -> N
         click.echo(f"               load it: mlflow.pyfunc.load_model('models:/{spec.tracking.registry_model}@champion')")
     if res.tracking_uri.startswith("sqlite:"):
         click.echo(f"  open the UI  mlflow ui --backend-store-uri {redact(res.tracking_uri)} --port 5000")
+    if log_file is not None and log_file.exists():
+        click.echo(f"  logs         {log_file}" + (f" (workers: {ray_logs})" if ray_logs else "") + "; --verbose shows them here")
 
 
 def _check_learning(spec, res):
@@ -62,7 +68,8 @@ def _check_learning(spec, res):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--resume", metavar="RUN", help=RESUME_HELP)
 @click.option("--spec-b64", hidden=True, help="The spec inline (used by `jobs submit`).")
-def train(spec_path, overrides, resume, spec_b64) -> None:
+@click.option("--verbose", "-v", is_flag=True, help=VERBOSE_HELP)
+def train(spec_path, overrides, resume, spec_b64, verbose) -> None:
     """Train the job spec SPEC_PATH on the local Ray (or the cluster RAY_ADDRESS names).
 
     The spec is validated first: a bad key or value stops here with exit code 2, naming the
@@ -70,7 +77,7 @@ def train(spec_path, overrides, resume, spec_b64) -> None:
     AWS_ENDPOINT_URL / AWS credentials, else local folders under the spec's workdir.
     """
     spec = read_spec(spec_path, overrides, spec_b64)
-    _run_and_report(spec, resume)
+    _run_and_report(spec, resume, verbose)
 
 
 @click.command()
@@ -78,13 +85,11 @@ def train(spec_path, overrides, resume, spec_b64) -> None:
               help="Everything goes here: built-in shards, run storage, the MLflow store and registry.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--resume", metavar="RUN", help=RESUME_HELP)
-def quickstart(workdir, overrides, resume) -> None:
+@click.option("--verbose", "-v", is_flag=True, help=VERBOSE_HELP)
+def quickstart(workdir, overrides, resume, verbose) -> None:
     """The embedded default, one command: built-in crater images → shards → DCGAN on 2 CPU
     workers (Ray Train, DDP/gloo) → MLflow run with FID → registered model, promoted to
     `champion` if it beats the current one. Ends with the untrained generator's FID beside the
     trained one's and a picture of real images beside samples. Takes a few minutes on 2 cores."""
-    try:
-        spec = load_spec(SPECS_DIR / "quickstart.yaml", [f"workdir={Path(workdir).absolute()}", *overrides])
-    except SpecError as e:
-        fail_spec(e)
-    _run_and_report(spec, resume, check_learning=True)
+    spec = load_spec(SPECS_DIR / "quickstart.yaml", [f"workdir={Path(workdir).absolute()}", *overrides])
+    _run_and_report(spec, resume, verbose, check_learning=True)

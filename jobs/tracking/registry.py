@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema, TensorSpec
 
 from data_shards.errors import UserError
+from jobs import console
 
 REPO = Path(__file__).resolve().parents[2]
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -37,8 +38,6 @@ def family_code(cls: type) -> list[str]:
 
 def log_generator(snapshot: Path, spec_file: Path, registered_name: str | None) -> str | None:
     """Logs the snapshot as the active run's model `generator`; returns the registered version."""
-    import torch
-
     from jobs.tracking.pyfunc import input_columns
     from models.png import encode_png
     from models.snapshot import load_snapshot
@@ -56,7 +55,15 @@ def log_generator(snapshot: Path, spec_file: Path, registered_name: str | None) 
         inputs = Schema([ColSpec("long", "seed")])
         example = pd.DataFrame({"seed": [0, 1]})
     signature = ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, r, r, c))]))
-    info = mlflow.pyfunc.log_model(
+    with console.prints_to_log("mlflow"):
+        info = _log_model(snapshot, spec_file, family, signature, example, registered_name)
+    return str(info.registered_model_version) if registered_name else None
+
+
+def _log_model(snapshot, spec_file, family, signature, example, registered_name: str | None):
+    import torch
+
+    return mlflow.pyfunc.log_model(
         name="generator",
         python_model=str(REPO / "jobs" / "tracking" / "pyfunc.py"),
         artifacts={"snapshot": str(snapshot), "spec": str(spec_file)},
@@ -67,7 +74,6 @@ def log_generator(snapshot: Path, spec_file: Path, registered_name: str | None) 
                           "torchmetrics", "kornia", "diffusers", "scikit-learn", f"mlflow=={mlflow.__version__}"],
         registered_model_name=registered_name,
     )
-    return str(info.registered_model_version) if registered_name else None
 
 
 @dataclass

@@ -1,0 +1,97 @@
+"""One progress bar on the driver for a training run on Ray: step, losses, img/s, ETA.
+
+The workers' own console lines go to Ray's logs (shown with `--verbose`), so rank 0 posts its
+progress to a small named Ray actor, the board, and a thread on the driver draws it. Nothing is
+read from disk: the board lives wherever Ray places it, so the bar works on a cluster and under
+Ray Jobs alike. Posting never blocks a training step (fire and forget).
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, Mapping
+
+import ray
+from tqdm import tqdm
+
+NAMESPACE = "orbitgen"
+POLL_S = 0.5
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """The latest step of a run and the notes (resumed, evaluating…) not shown yet."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Any] | None = None
+        self.notes: list[str] = []
+
+    def post(self, step: int, values: Mapping[str, float], images_per_s: float) -> None:
+        self.latest = {"step": step, "values": dict(values), "images_per_s": images_per_s}
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def read(self) -> tuple[dict[str, Any] | None, list[str]]:
+        notes, self.notes = self.notes, []
+        return self.latest, notes
+
+
+def board_name(run_name: str) -> str:
+    return f"progress-{run_name}"
+
+
+class WorkerProgress:
+    """Rank 0's side: posts to the run's board (when the driver made one)."""
+
+    def __init__(self, name: str | None):
+        self.board = ray.get_actor(name, namespace=NAMESPACE) if name else None
+
+    def post(self, step: int, values: Mapping[str, float], images_per_s: float) -> None:
+        if self.board is not None:
+            self.board.post.remote(step, {k: float(v) for k, v in values.items()}, images_per_s)
+
+    def note(self, text: str) -> None:
+        if self.board is not None:
+            self.board.note.remote(text)
+
+
+class ProgressBar:
+    """The driver's side: makes the board, draws it on stderr until `close`."""
+
+    def __init__(self, run_name: str, total_steps: int, start_step: int = 0, shown: int = 3):
+        self.name = board_name(run_name)
+        self.board = ProgressBoard.options(name=self.name, namespace=NAMESPACE).remote()
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                        mininterval=0.5 if tty else 30, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+                        "[{elapsed}<{remaining}{postfix}]" if tty else None)
+        self.shown = shown
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._draw, name="orbitgen-progress", daemon=True)
+        self._thread.start()
+
+    def _draw(self) -> None:
+        while not self._stop.wait(POLL_S):
+            self._update()
+
+    def _update(self) -> None:
+        try:
+            latest, notes = ray.get(self.board.read.remote(), timeout=10)
+        except Exception:   # a slow or restarting cluster: the next poll tries again
+            return
+        for text in notes:
+            self.bar.write(f"[orbitgen] {text}", file=sys.stderr)
+        if latest:
+            self.bar.update(max(0, latest["step"] - self.bar.n))
+            values = latest["values"]
+            first = sorted(values, key=lambda k: (not k.startswith("loss"), k))[: self.shown]   # the losses first
+            losses = ", ".join(f"{k} {values[k]:.3f}" for k in first)
+            self.bar.set_postfix_str(f"{losses}, {latest['images_per_s']:.0f} img/s", refresh=False)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._update()
+        self.bar.close()
+        ray.kill(self.board)
