@@ -1,0 +1,42 @@
+"""`orbitgen doctor` (issue 14): every check of the environment a spec will run in, passing on a
+runnable local spec and failing, with a fix, on each thing that would stop a job; nothing made."""
+from __future__ import annotations
+
+import os
+
+from click.testing import CliRunner
+
+from jobs.cli import main
+
+
+def doctor(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(main, ["doctor", *args], env=env, catch_exceptions=False)
+
+
+def lines_of(output: str) -> dict[str, str]:
+    return {line.split()[1]: line for line in output.splitlines() if line.strip().startswith(("ok", "FAIL"))}
+
+
+def test_a_runnable_spec_passes_and_nothing_is_made(tmp_path):
+    result = doctor("--set", f"workdir={tmp_path / 'work'}", "--set", "scaling.num_workers=1")
+    assert result.exit_code == 0, result.output
+    assert set(lines_of(result.output)) == {"ray", "gpus", "tracking", "storage", "data", "files"}
+    assert all(line.strip().startswith("ok") for line in lines_of(result.output).values())
+    assert not (tmp_path / "work").exists()
+
+
+def test_each_problem_is_named_with_a_fix(tmp_path):
+    cpus = os.cpu_count() or 1
+    result = doctor("jobs/specs/scbgan_rosetta.yaml", "--set", f"workdir={tmp_path}",
+                    "--set", "tracking.uri=http://127.0.0.1:1", "--set", "checkpoint.storage=s3://orbitgen/runs",
+                    "--set", f"scaling.num_workers={2 * cpus}", "--set", f"train.batch={8 * cpus}",
+                    "--set", "scaling.use_gpu=true",
+                    env={"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "RAY_ADDRESS": ""})
+    assert result.exit_code == 1
+    found = lines_of(result.output)
+    assert all(found[name].strip().startswith("FAIL") for name in ("ray", "gpus", "tracking", "storage", "data", "files"))
+    assert result.output.count("fix:") == 6 and "6 problem(s) found" in result.output
+    assert "model.vision_aided.weights.clip_vitb32" in found["files"]
+    assert f"{cpus} CPUs" in found["ray"] and "http://127.0.0.1:1" in found["tracking"]
+    assert list(tmp_path.iterdir()) == []
+
