@@ -1,7 +1,9 @@
 """The `sat2ground` family: satellite tile -> ground view, trained in two stages (two specs).
 
-Stage 1 (`model.stage: 1`) is a DCGAN on ground views whose generator grows a spatial latent
-(N, nz, 4, 4) with 5 stride-2 4x4 transposed convs to 128x128 (BatchNorm + ReLU, Tanh out); the
+Stage 1 (`model.stage: 1`) is a DCGAN on ground views whose generator takes a spatial latent
+(N, nz, 4, 4), projects it by one dense layer to the widest 4x4 block (as DCGAN's first layer does
+its noise vector: without it the net was translation-equivariant and collapsed to grey) and grows
+it with 5 stride-2 4x4 transposed convs to 128x128 (BatchNorm + ReLU, Tanh out); the
 discriminator mirrors it (DCGAN's, 5 stride-2 convs to 4x4, then one logit); StepLR decays the
 generator's learning rate. It is unconditional: the registered model takes seeds.
 
@@ -29,7 +31,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from models.families.dcgan import DCGAN, DCGANConfig
-from models.nets.dcgan import DCGANDiscriminator, DCGANGenerator, dcgan_init_, doubling_widths, down_stack, num_stages
+from models.nets.dcgan import (DCGANDiscriminator, dcgan_init_, doubling_widths, down_stack, num_stages,
+                               up_block)
 from models.snapshot import load_reference
 from models.family import Phase, StepContext, run_in_eval
 from models.metrics.perceptual import PerceptualDistance
@@ -68,6 +71,42 @@ def _as_buffers(module: nn.Module) -> nn.Module:
     return module
 
 
+class SpatialLatentGenerator(nn.Module):
+    """(N, nz, 4, 4) -> image: DCGAN's generator with its first layer widened to the spatial latent.
+
+    The flattened latent is projected by one dense layer to the widest (C, 4, 4) block (BatchNorm +
+    ReLU), then stride-2 4x4 transposed convs (BatchNorm + ReLU) double the size and halve the
+    width down to `ngf`, and a last one gives the image (Tanh). The dense projection is what DCGAN's
+    stride-1 4x4 transposed conv on a 1x1 noise vector is: every one of the 16 positions gets its
+    own weights and sees the whole latent. Without it (the stride-2 convs straight on the latent) the
+    network is translation-equivariant on a stationary input: it cannot put sky above ground, nor
+    make one coherent scene, and the GAN collapsed to flat grey (benchmarks/BENCHMARKS.md, "Learning").
+    """
+
+    latent_size = 4
+
+    def __init__(self, *, resolution: int, channels: int, nz: int = 100, ngf: int = 64, max_channels: int = 512):
+        super().__init__()
+        s = self.latent_size
+        self.nz = nz
+        widths = doubling_widths(ngf, num_stages(resolution), max_channels)[::-1]   # widest at 4x4
+        self.width = widths[0]
+        self.project = nn.Linear(nz * s * s, widths[0] * s * s, bias=False)
+        layers: list[nn.Module] = [nn.BatchNorm2d(widths[0]), nn.ReLU(True)]
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += up_block(c_in, c_out)
+        layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.main = nn.Sequential(*layers)
+        dcgan_init_(self)
+        nn.init.normal_(self.project.weight, 0.0, 0.02)
+
+    def forward(self, z: Tensor) -> Tensor:
+        s = self.latent_size
+        if z.shape[1:] != (self.nz, s, s):
+            raise ValueError(f"expected a latent of shape (N, {self.nz}, {s}, {s}), got {tuple(z.shape)}")
+        return self.main(self.project(z.flatten(1)).view(z.shape[0], self.width, s, s))
+
+
 class Encoder(nn.Module):
     """Satellite tile -> (N, nz, 4, 4): DCGAN's discriminator body down to 4x4, a 3x3 conv to nz."""
 
@@ -84,7 +123,7 @@ class Encoder(nn.Module):
 class SatelliteToGround(nn.Module):
     """Stage 2's network: the trained encoder, then the frozen stage-1 generator (always in eval mode)."""
 
-    def __init__(self, encoder: Encoder, generator: DCGANGenerator):
+    def __init__(self, encoder: Encoder, generator: SpatialLatentGenerator):
         super().__init__()
         self.encoder = encoder
         self.generator = _as_buffers(generator).eval()
@@ -114,7 +153,7 @@ class SatelliteToGround(nn.Module):
 
 
 class Sat2Ground(DCGAN):
-    """Stage 1 is DCGAN's objective on a 4x4 latent (inherited); stage 2 is written out below."""
+    """Stage 1 is DCGAN's objective on a 4x4 latent (inherited, `SpatialLatentGenerator`); stage 2 is written out below."""
 
     name = "sat2ground"
     config_cls = Sat2GroundConfig
@@ -147,10 +186,10 @@ class Sat2Ground(DCGAN):
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.config.nz, 4, 4)
 
-    def _generator(self) -> DCGANGenerator:
+    def _generator(self) -> SpatialLatentGenerator:
         c = self.config
-        return DCGANGenerator(resolution=self.resolution, channels=self.channels, nz=c.nz, ngf=c.ngf,
-                         max_channels=c.max_channels, latent_size=4)
+        return SpatialLatentGenerator(resolution=self.resolution, channels=self.channels, nz=c.nz, ngf=c.ngf,
+                                      max_channels=c.max_channels)
 
     def build(self) -> dict[str, nn.Module]:
         c = self.config
