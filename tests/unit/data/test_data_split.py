@@ -105,19 +105,6 @@ def test_a_fraction_leaves_a_remainder_for_later_epochs_but_never_a_held_out_key
         assert len(epoch) == len(set(epoch)) == per_epoch * 6 and set(epoch) <= training
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_with_a_holdout_yields_what_an_uninterrupted_stream_would(uneven, workers):
-    kw = dict(rank=1, world_size=2, batch_size=4, seed=3, num_workers=workers, shuffle_buffer=8, holdout=0.2)
-    it = image_stream(uneven, **kw)
-    whole = [next(it)["__key__"] for _ in range(18)]
-    del it
-    per_epoch = batches_per_epoch(uneven, 2, 4, holdout=0.2)
-    for start in (2, per_epoch, per_epoch + 3):
-        it = image_stream(uneven, start_batch=start, **kw)
-        assert [next(it)["__key__"] for _ in range(18 - start)] == whole[start:], start
-        del it
-
-
 def test_a_holdout_too_large_for_the_ranks_names_data_holdout_and_the_sizes(tmp_path):
     dest = tmp_path / "small"
     write_craters(dest, count=10, shard_samples=5, resolution=8)

@@ -69,12 +69,14 @@ def test_stream_batches_and_dtypes(uneven):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_yields_what_an_uninterrupted_stream_would(uneven, workers):
-    kw = dict(rank=1, world_size=2, batch_size=4, seed=3, num_workers=workers, shuffle_buffer=8)
+@pytest.mark.parametrize("holdout", [None, 0.2])
+def test_resume_yields_what_an_uninterrupted_stream_would(uneven, workers, holdout):
+    kw = dict(rank=1, world_size=2, batch_size=4, seed=3, num_workers=workers, shuffle_buffer=8, holdout=holdout)
     it = image_stream(uneven, **kw)
-    whole = [next(it)["__key__"] for _ in range(20)]  # 2.5 epochs of 8 batches
+    whole = [next(it)["__key__"] for _ in range(20)]  # 2.5 epochs (without a holdout)
     del it
-    for start in (3, 8, 13):
+    per_epoch = stream.batches_per_epoch(uneven, 2, 4, holdout=holdout)
+    for start in (3, per_epoch, per_epoch + 5):
         it = image_stream(uneven, start_batch=start, **kw)
         assert [next(it)["__key__"] for _ in range(20 - start)] == whole[start:], start
         del it
