@@ -6,7 +6,7 @@ unless `SIZES` names a larger one, a built-in set (the spec's own; specs whose d
 in get one with the same keys), one process, no Ray: the worker's own code
 (`jobs.worker.build_training`, `training_batches`, `run_steps`) for at most `--steps` steps or
 `--minutes` minutes, then the evaluation the worker runs at a checkpoint (`jobs.evaluate`, through
-`jobs.cli.learning_check`) on the untrained and the trained model, same extractor and seeds.
+`jobs.learning_check`) on the untrained and the trained model, same extractor and seeds.
 Writes `OUT/<spec>.png` (reals left, samples right; conditional families: input, output, target
 strips) and prints a markdown table. The goal (issue 12): trained FID ≤ 0.5× untrained.
 
@@ -34,7 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jobs.cli.learning_check import reals_beside_samples, save_png, scores  # noqa: E402
+from jobs.learning_check import reals_beside_samples, save_png, scores  # noqa: E402
 from jobs.runner import resolve_data  # noqa: E402
 from jobs.spec import SPECS_DIR, JobSpec, load_spec  # noqa: E402
 from jobs.worker import GRID_SEED, build_training, run_steps, training_batches  # noqa: E402

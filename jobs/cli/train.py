@@ -50,7 +50,7 @@ def _check_learning(spec, res):
     """The untrained generator's FID and a picture of reals beside samples, logged into the run."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.cli.learning_check import check_run
+    from jobs.learning_check import check_run
     from jobs.worker import GRID_SEED   # the seed of the sample grids the run logged
 
     picture = spec.workdir_path() / "samples" / f"{res.run_name}-reals-vs-samples.png"
