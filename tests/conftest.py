@@ -59,9 +59,11 @@ def ray_local(tmp_path_factory):
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def process_group():
-    """DeepSpeed needs a process group and the launcher's variables, even alone: one gloo rank."""
+    """DeepSpeed needs a process group and the launcher's variables, even alone: one gloo rank.
+    One for the whole session: DeepSpeed keeps the group it first saw in module globals, so a
+    group destroyed and made again between test modules breaks every later engine."""
     if dist.is_initialized():
         yield
         return
