@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from data_shards.builtin import is_builtin
-from data_shards.card import read_card
 from data_shards.endpoint import unanswered
 from data_shards.errors import UserError
 from data_shards.storage import filesystem
 from jobs.redact import redact
-from jobs.spec import JobSpec
+from jobs.runner import check_data, check_files
+from jobs.spec import JobSpec, SpecError
 from jobs.tracking.store_check import check_answers
 
 
@@ -68,30 +68,25 @@ def _storage(spec: JobSpec) -> Check:
 
 
 def _data(spec: JobSpec) -> Check:
+    """The runner's own check of the shard set against the spec, without building a built-in set."""
     if is_builtin(spec.data.train):
         return Check("data", True, f"{spec.data.train} (built in, made on first use)")
     try:
-        card = read_card(spec.data.train)
-    except Exception as e:
-        return Check("data", False, f"data.train {spec.data.train}: {e}",
-                     "build it with `orbitgen data build SOURCE DEST`, or point data.train at a built shard set")
-    if (card.channels, card.resolution) != (spec.data.channels, spec.data.resolution):
-        return Check("data", False, f"data.train holds {card.channels}-channel {card.resolution}² images, the spec "
-                                    f"says {spec.data.channels}-channel {spec.data.resolution}²",
-                     f"--set data.channels={card.channels} --set data.resolution={card.resolution}")
-    return Check("data", True, f"{spec.data.train} ({card.count} images)")
+        card = check_data(spec, spec.data.train)
+    except Exception as e:   # unreadable, absent or not matching the spec: the message names it
+        return Check("data", False, str(e), "build it with `orbitgen data build SOURCE DEST`, point data.train "
+                                            "at a built shard set, or set data.channels/resolution to match it")
+    return Check("data", True, f"{spec.data.train} ({card['count']} images)")
 
 
 def _files(spec: JobSpec) -> Check:
+    """The runner's check of the local files the family needs (eval weights: the spec checks them)."""
+    try:
+        check_files(spec)
+    except SpecError as e:
+        return Check("files", False, str(e).replace("\n", ";"), "copy the files to this machine and set them "
+                                                                 "with --set KEY=PATH")
     needed = spec.make_family().required_files()
-    missing = {k: p for k, p in needed.items() if not (p and Path(p).is_file())}
-    for key in ("inception_weights", "vgg_weights"):
-        path = getattr(spec.eval, key)
-        if path and not Path(path).expanduser().is_file():
-            missing[f"eval.{key}"] = path
-    if missing:
-        return Check("files", False, "; ".join(f"{k}: {'no file at ' + p if p else 'not set'}" for k, p in missing.items()),
-                     "copy the files to this machine and set them with --set KEY=PATH")
     return Check("files", True, f"{len(needed)} named file(s) present" if needed else "none needed")
 
 
