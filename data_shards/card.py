@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field, ValidationError
 
 from .errors import InputNotFound, UserError
+from .member_names import is_unsafe
 from .storage import check_reachable, filesystem, join, to_url
 
 CARD = "dataset.json"
@@ -87,8 +88,18 @@ def read_manifest(url: str) -> pd.DataFrame:
             raise InputNotFound(f"{url}: {NOT_A_SET}") from None
         raise InputNotFound(f"{url}: no {MANIFEST}: the shard set is incomplete "
                                 "(interrupted build?); build it again") from None
-    df["url"] = [u if "://" in u else join(to_url(url), u) for u in df["url"]]
+    refuse_outside(df["url"], url)
+    df["url"] = [join(to_url(url), u) for u in df["url"]]
     return df
+
+
+def refuse_outside(names, url: str) -> None:
+    """Shard names are relative to the set: a manifest naming a URL, an absolute path or a `..`
+    part would make readers fetch (and `data verify` bless) files outside the set."""
+    bad = [n for n in names if "://" in n or is_unsafe(n)]
+    if bad:
+        raise UserError(f"{join(url, MANIFEST)}: shard {bad[0]!r} is outside the set; allowed: names relative "
+                        "to the set, as `orbitgen data build` writes them")
 
 
 def write_manifest(url: str, rows: list[dict]) -> None:

@@ -277,8 +277,9 @@ def _format_errors(err: ValidationError, prefix: str = "") -> str:
         got = e.get("input")
         shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
         # Cross-field checks name their fields in the message: no "(spec)" in front of those.
-        lines.append(f"  {msg}{shown}" if not loc and _NAMES_FIELD.match(msg) else f"  {loc or '(spec)'}: {msg}{shown}")
-    return "\n".join(lines)
+        lines.append(f"{msg}{shown}" if not loc and _NAMES_FIELD.match(msg) else f"{loc or '(spec)'}: {msg}{shown}")
+    # One line however many fields are wrong: an error stays two lines (which spec, then what).
+    return "  " + "; ".join(lines)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

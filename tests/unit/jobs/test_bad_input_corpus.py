@@ -134,6 +134,7 @@ CASES = [
     Case("inspect-samples-zero", ["data", "inspect", "{fx}/shards", "--samples", "0"], ["--samples"]),
     Case("verify-missing", ["data", "verify", "{work}/nope"], ["nope"]),
     Case("verify-escaping-member", ["data", "verify", "{fx}/evil"], ["shard-000000.tar", "../", "escape"]),
+    Case("verify-manifest-outside-set", ["data", "verify", "{fx}/outside"], ["manifest.parquet", "../shards/", "outside the set"]),
     # models
     Case("models-show-unknown-name", ["models", "show", "nope", "--tracking-uri", "{store}"], ["'nope'", "gen"]),
     Case("models-show-no-store", ["models", "show", "gen"], ["--tracking-uri", "no MLflow store"]),
@@ -222,6 +223,9 @@ def fixtures(tmp_path_factory):
     Path(shards.removeprefix("file://")).rename(fx / "shards")
     shutil.rmtree(fx / "built")
     _escaping_copy(fx / "shards", fx / "evil")
+    shutil.copytree(fx / "shards", fx / "outside")   # its manifest names a shard of another set
+    rows = read_manifest(str(fx / "shards")).to_dict("records")
+    write_manifest(str(fx / "outside"), [{**r, "url": "../shards/" + r["url"].rsplit("/", 1)[1]} for r in rows])
     (fx / "square").mkdir()
     for i in range(3):
         (fx / "square" / f"{i}.png").write_bytes(_png((10, 10, 3), i))

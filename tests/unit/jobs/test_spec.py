@@ -64,6 +64,15 @@ def test_eval_metrics_choose_among_the_familys():
                                                       "model.vision_aided=null"])
 
 
+def test_several_bad_fields_stay_two_lines():
+    """Which spec, then every bad field on one line: the error never grows with the spec."""
+    with pytest.raises(SpecError) as err:
+        parse_spec(GOOD, ["train.lr=-1", "train.batch=0", "strategy.kind=horovod"], source="s.yaml")
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and lines[0] == "s.yaml is not a valid job spec:"
+    assert all(field in lines[1] for field in ("train.lr", "train.batch", "strategy.kind"))
+
+
 def test_missing_section_and_not_a_mapping():
     with pytest.raises(SpecError, match="data"):
         parse_spec("name: x\nfamily: dcgan\n")
