@@ -154,7 +154,10 @@ def _search(originals, cfg: SearchConfig, candidates, channels, resolution, extr
     for n in candidates:
         tracker.child(n, stage=1)
 
+    finished = [sum(store.stage1_done(n) for n in candidates)]   # a resumed search counts on from its finished trials
+
     def on_result(score: CandidateScore) -> None:
+        finished[0] += 1
         run_id, _ = tracker.child(score.name, stage=1)
         if not tracker.has_metric(run_id, "fid"):   # a resumed search never logs a trial twice
             tracker.log(run_id, params={"candidate": score.name, "repeats": len(score.fids)},
@@ -162,7 +165,7 @@ def _search(originals, cfg: SearchConfig, candidates, channels, resolution, extr
                                  "mse_std": score.mse_std, "seconds": score.seconds},
                         step_metrics=[("fid_repeat", f, r) for r, f in enumerate(score.fids)]
                         + [("mse_repeat", m, r) for r, m in enumerate(score.mses)])
-        say(f"  {score.name:20s} FID {score.fid:.4g} ± {score.fid_std:.2g}  MSE {score.mse:.4g}  ({score.seconds:.1f}s)")
+        say(f"  [{finished[0]:>{len(str(len(candidates)))}}/{len(candidates)}] {score.name:20s} FID {score.fid:.4g} ± {score.fid_std:.2g}  MSE {score.mse:.4g}  ({score.seconds:.1f}s)")
 
     scores, ran = run_stage1(originals, candidates, repeats=cfg.repeats, seed=cfg.seed, extractor=extractor,
                              weights_path=weights, store=store, resources=cfg.resources_per_trial,

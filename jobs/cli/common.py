@@ -12,6 +12,8 @@ DEFAULT_WORKDIR = "orbitgen-work"  # also the default of the spec's `workdir`
 SET_HELP = "Override any spec key, e.g. --set train.steps=20 --set scaling.num_workers=1 (repeatable)."
 RESUME_HELP = ("Continue the stopped run RUN (the run name printed at its start, e.g. quickstart-1a2b3c4d) "
                "from its latest checkpoint under the spec's checkpoint storage, in the same MLflow run.")
+VERBOSE_HELP = ("Show Ray's and MLflow's own lines and the workers' console output here too (else they go "
+                "to the log file and Ray log folder printed at the end).")
 
 
 def fail(err: UserError | str) -> None:

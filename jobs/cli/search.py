@@ -5,7 +5,8 @@ import os
 
 import click
 
-from jobs.cli.common import SET_HELP, read_spec, say
+from jobs import console
+from jobs.cli.common import SET_HELP, VERBOSE_HELP, read_spec, say
 from jobs.redact import redact
 
 
@@ -26,7 +27,8 @@ def search() -> None:
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Where to write the spec with augment.mineaug set [default: <workdir>/search/<name>/spec.yaml].")
 @click.option("--spec-b64", hidden=True, help="The spec inline (used by `jobs submit --search`).")
-def search_mineaug(spec_path, overrides, resume, out, spec_b64) -> None:
+@click.option("--verbose", "-v", is_flag=True, help=VERBOSE_HELP)
+def search_mineaug(spec_path, overrides, resume, out, spec_b64, verbose) -> None:
     """Search the MineAug augmentations for the data of SPEC_PATH.
 
     Stage 1 applies every candidate (search.candidates) to every image, search.repeats times, and
@@ -40,6 +42,8 @@ def search_mineaug(spec_path, overrides, resume, out, spec_b64) -> None:
     from jobs.search_job import run_search_job
 
     spec = read_spec(spec_path, overrides, spec_b64)
+    console.set_verbose(verbose)
+    log_file = console.library_lines_to_file(spec.workdir_path() / "logs")
     done = run_search_job(spec, say=say, resume=resume, out=out)   # bad input: exit 2 (BadInputExits2)
     res = done.result
     click.echo("")
@@ -52,6 +56,8 @@ def search_mineaug(spec_path, overrides, resume, out, spec_b64) -> None:
     click.echo(f"  mlflow     parent run {res.parent_run_id} (experiment {spec.experiment}) at {redact(done.tracking_uri)}")
     click.echo(f"  search     {res.name} (continue it with --resume {res.name}) · {res.seconds:.0f} s")
     click.echo(f"  next       orbitgen train {done.spec_path}")
+    if log_file is not None and log_file.exists():
+        click.echo(f"  logs       {log_file}; --verbose shows them here")
 
 
 @search.command("show")

@@ -6,12 +6,9 @@ from pathlib import Path
 import click
 
 from jobs import console
-from jobs.cli.common import DEFAULT_WORKDIR, RESUME_HELP, SET_HELP, read_spec, say
+from jobs.cli.common import DEFAULT_WORKDIR, RESUME_HELP, SET_HELP, VERBOSE_HELP, read_spec, say
 from jobs.redact import redact
 from jobs.spec import SPECS_DIR, load_spec
-
-VERBOSE_HELP = ("Show Ray's and MLflow's own lines and the workers' console output here too (else they go "
-                "to the log file and Ray log folder printed at the end).")
 
 
 def _run_and_report(spec, resume: str | None, verbose: bool, check_learning: bool = False) -> None:

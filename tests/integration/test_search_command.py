@@ -48,6 +48,8 @@ def test_search_writes_a_spec_that_trains(shards, mlflow_server, ray_local, tmp_
     res = invoke("search", "mineaug", QUICKSTART, *small(tmp_path, shards, mlflow_server.url))
     assert res.exit_code == 0, res.output + res.stderr
     out = res.output
+    n = len(CANDIDATES.strip("[]").split(","))
+    assert f"[{n}/{n}]" in res.stderr, "the trial lines count the finished trials"
     assert "Rotate" in out and "RandomAffine" in out and "near-duplicate of" in out
     assert "Shear" in out and "near-identity" in out
     parent = re.search(r"parent run ([0-9a-f]{32})", out).group(1)
