@@ -6,31 +6,30 @@ reads with 5-64 MiB read-ahead blocks and a `pipe:` to the aws CLI (benchmarks/B
 Local shards are streamed from disk. Memory: a reader holds at most the shard it decodes and
 the one being fetched, so keep shards to a few hundred MB (`--shard-size 256MB`).
 
-Failures: a transport error (connection reset, timeout, 5xx) retries the shard with backoff,
-resuming after the last sample already delivered. A shard that yields nothing after the retries
-"cannot be read at all": `ShardReadError` names it. A shard damaged part-way (truncated, bad
-header) delivers what it can; each sample the manifest promises but the shard lacks comes out
-as a placeholder `{"__missing__": reason}` so callers can count it and keep positions exact.
+Failures: a transport error (connection refused or reset, timeout, 5xx) retries the shard with
+capped exponential backoff for up to $ORBITGEN_DATA_RETRY_S (3 min) after it started failing
+(storage.Retries, counted in `storage.retries()`), resuming after the last sample already
+delivered: an object store that is down for a minute costs time, not samples. A shard that
+yields nothing before the budget is spent "cannot be read at all": `ShardReadError` names it.
+A shard damaged part-way (truncated, bad header) delivers what it can; each sample the manifest
+promises but the shard lacks comes out as a placeholder `{"__missing__": reason}` so callers can
+count it and keep positions exact.
 """
 from __future__ import annotations
 
 import io
 import logging
 import os
-import random
 import tarfile
-import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Iterable, Iterator
 
 from .member_names import UnsafeMemberName
-from .storage import filesystem, is_local, open_with_retries
+from .storage import PERMANENT_ERRORS, GaveUp, Retries, filesystem, is_local
 from .tar_reader import tar_files
 
 log = logging.getLogger(__name__)
-
-ATTEMPTS = 3
 
 
 class ShardReadError(IOError):
@@ -57,25 +56,18 @@ def tar_samples(f: IO[bytes]) -> Iterator[dict]:
         yield current
 
 
-def fetch(url: str, attempts: int = ATTEMPTS) -> bytes:
-    """A whole remote object, retried with backoff on transient errors."""
+def fetch(url: str, retry: Retries | None = None) -> bytes:
+    """A whole remote object, retried on transient errors (`retry`, else a new full budget);
+    GaveUp once they outlast the budget."""
     fs, path = filesystem(url)
-    for attempt in range(attempts):
+    retry = retry or Retries(f"reading {url}")
+    while True:
         try:
             return fs.cat_file(path)
-        except (FileNotFoundError, PermissionError):
+        except PERMANENT_ERRORS:
             raise
         except Exception as exc:  # botocore/aiohttp errors share no base class
-            if attempt == attempts - 1:
-                raise
-            _backoff(url, attempt, exc)
-    raise AssertionError("unreachable")
-
-
-def _backoff(url: str, attempt: int, exc: Exception) -> None:
-    delay = min(8.0, 0.2 * 2**attempt) * (0.5 + random.random())
-    log.warning("reading %s failed (%s: %s); retrying in %.1fs", url, type(exc).__name__, exc, delay)
-    time.sleep(delay)
+            retry.wait(exc)
 
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None
@@ -121,24 +113,29 @@ class Prefetcher:
         self.queue.clear()
 
 
-def _open(url: str, prefetcher: Prefetcher | None, attempt: int) -> IO[bytes]:
-    if attempt == 0 and prefetcher is not None:
-        data = prefetcher.get(url)
+def _open(url: str, prefetcher: Prefetcher | None, retry: Retries) -> IO[bytes]:
+    if prefetcher is not None:
+        data = prefetcher.get(url)   # fetched with retries of its own
         if data is not None:
             return io.BytesIO(data)
     if is_local(url):
-        return open_with_retries(url, attempts=1)
-    return io.BytesIO(fetch(url))
+        fs, path = filesystem(url)
+        return fs.open(path, "rb")
+    return io.BytesIO(fetch(url, retry))
 
 
 def read_piece(url: str, lo: int = 0, hi: int | None = None, *, prefetcher: Prefetcher | None = None,
-               attempts: int = ATTEMPTS) -> Iterator[dict]:
+               budget_s: float | None = None) -> Iterator[dict]:
     """Samples `lo` .. `hi - 1` of the shard at `url` (hi None: to its end), each with `__url__`
-    and `__index__` (position in the shard); placeholders for promised samples it lacks."""
+    and `__index__` (position in the shard); placeholders for promised samples it lacks.
+    `budget_s`: how long transport errors are retried (None: `storage.retry_budget_s()`)."""
     done, any_read, damage = lo, False, None
-    for attempt in range(attempts):
+    retry = Retries(f"reading {url}", budget_s)
+    first = True
+    while True:
         try:
-            with _open(url, prefetcher, attempt) as f:
+            with _open(url, prefetcher if first else None, retry) as f:
+                first = False
                 for index, sample in enumerate(tar_samples(f)):
                     any_read = True
                     if index < done:
@@ -148,6 +145,7 @@ def read_piece(url: str, lo: int = 0, hi: int | None = None, *, prefetcher: Pref
                     sample["__url__"], sample["__index__"] = url, index
                     yield sample
                     done = index + 1
+                    retry.progressed()
             break  # the shard ended
         except (tarfile.TarError, EOFError) as exc:  # the bytes are damaged: reading again won't help
             damage = f"damaged shard: {type(exc).__name__}: {exc}"
@@ -156,13 +154,17 @@ def read_piece(url: str, lo: int = 0, hi: int | None = None, *, prefetcher: Pref
             raise UnsafeMemberName(str(exc).replace("shard:", f"{url}:", 1)) from None
         except (FileNotFoundError, PermissionError) as exc:
             raise ShardReadError(f"cannot read shard {url}: {type(exc).__name__}: {exc}") from exc
+        except GaveUp as exc:
+            damage = str(exc)
+            break
         except Exception as exc:  # transport errors: try again from the start of the shard
-            if attempt == attempts - 1:
-                damage = f"{type(exc).__name__}: {exc}"
+            try:
+                retry.wait(exc)
+            except GaveUp as gave_up:
+                damage = str(gave_up)
                 break
-            _backoff(url, attempt, exc)
     if not any_read and damage is not None:
-        raise ShardReadError(f"cannot read shard {url} ({attempt + 1} attempts): {damage}")
+        raise ShardReadError(f"cannot read shard {url}: {damage}")
     if hi is not None and done < hi:
         reason = damage or f"shard ended after {done} samples"
         log.warning("%s: %d samples missing from index %d: %s", url, hi - done, done, reason)

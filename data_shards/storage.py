@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
-
 from typing import Any
 
 import fsspec
@@ -87,11 +87,6 @@ def check_reachable(url: str) -> None:
             raise UserError(f"{url}: the S3 endpoint {endpoint} (AWS_ENDPOINT_URL) does not answer: {why}")
 
 
-# Errors worth another try when opening remote objects: connection resets, timeouts, 5xx.
-# Missing objects and refused permissions are not transient.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
 def ray_storage(url: str) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Ray Train and Tune: local paths stay paths; other
     stores go through the same fsspec filesystem the data plane uses, wrapped for pyarrow."""
@@ -103,20 +98,80 @@ def ray_storage(url: str) -> tuple[str, Any]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def open_with_retries(url: str, mode: str = "rb", attempts: int = 5, **kwargs):
-    """`fs.open` with exponential backoff on transient errors (s3fs retries single reads itself)."""
+# Errors worth another try when reading remote objects: connection resets, refusals, timeouts,
+# 5xx (botocore and aiohttp errors share no base class). Missing objects and refused permissions
+# are not transient.
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+RETRY_ENV = "ORBITGEN_DATA_RETRY_S"
+DEFAULT_RETRY_S = 180.0   # an object store restarting, a network partition healing: minutes, not hours
+_retried = 0   # retries in this process; prefetch threads count too
+_retried_lock = threading.Lock()
+
+
+def retries() -> int:
+    """Reads retried after a transport error in this process (its threads included)."""
+    return _retried
+
+
+def retry_budget_s() -> float:
+    """How long reads keep being retried after they started failing: $ORBITGEN_DATA_RETRY_S, else 3 min."""
+    return float(os.environ.get(RETRY_ENV) or DEFAULT_RETRY_S)
+
+
+class GaveUp(IOError):
+    """Reading failed with transport errors for longer than the retry budget."""
+
+
+class Retries:
+    """Capped exponential backoff over a bounded total time, for one read.
+
+    The budget counts from the first failure (a long transfer before it costs nothing) and starts
+    again once the read makes progress (`progressed`). One retry per `wait`, counted in `retries()`
+    and logged. s3fs's own timeouts (5 s to connect, 15 s without a byte read) turn a frozen server
+    into errors here, and botocore and s3fs retry a request a few times before it gets here; this
+    is what outlasts an outage of minutes."""
+
+    def __init__(self, what: str, budget_s: float | None = None, first_s: float = 0.25, cap_s: float = 8.0):
+        self.what, self.first_s, self.cap_s = what, first_s, cap_s
+        self.budget_s = retry_budget_s() if budget_s is None else budget_s
+        self.failing_since: float | None = None
+        self.attempt = 0
+
+    def progressed(self) -> None:
+        self.failing_since, self.attempt = None, 0
+
+    def wait(self, exc: Exception) -> None:
+        """Sleep before the next try; GaveUp (from `exc`) once the budget is spent."""
+        global _retried
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+        left = self.budget_s - (now - self.failing_since)
+        if left <= 0:
+            raise GaveUp(f"{self.what}: still failing after {now - self.failing_since:.0f} s and {self.attempt} "
+                         f"retries ({RETRY_ENV}={self.budget_s:g}): {type(exc).__name__}: {exc}") from exc
+        delay = min(left, min(self.cap_s, self.first_s * 2**self.attempt) * (0.5 + random.random()))
+        self.attempt += 1
+        with _retried_lock:
+            _retried += 1
+            total = _retried
+        log.warning("%s failed (%s: %s); retry %d in %.1fs (%d retries in this process)",
+                    self.what, type(exc).__name__, exc, self.attempt, delay, total)
+        time.sleep(delay)
+
+
+def open_with_retries(url: str, mode: str = "rb", budget_s: float | None = None, **kwargs):
+    """`fs.open` retried on transient errors (`Retries`; s3fs retries single reads itself)."""
     fs, path = filesystem(url)
-    for attempt in range(attempts):
+    retry = Retries(f"opening {url}", budget_s)
+    while True:
         try:
             return fs.open(path, mode, **kwargs)
-        except _PERMANENT:
+        except PERMANENT_ERRORS:
             raise
         except Exception as exc:  # botocore/aiohttp errors do not share one base class
-            if attempt == attempts - 1:
-                raise
-            delay = min(8.0, 0.25 * 2**attempt) * (0.5 + random.random())
-            log.warning("opening %s failed (%s); retrying in %.1fs", url, exc, delay)
-            time.sleep(delay)
+            retry.wait(exc)
 
 
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):

@@ -34,18 +34,26 @@ from .card import read_card, read_manifest
 from .decode import IMAGE_KEYS, check_keys, decode_sample, expected_shapes
 from .shard_reader import Prefetcher, read_piece
 from .split import Holdout, Positions, holdout_split
+from .storage import retries as storage_retries
 
 log = logging.getLogger(__name__)
 
 BARREN_EPOCHS = 3  # epochs in a row without one readable sample before a worker gives up
 _skipped = 0                           # samples this process decoded as corrupt
 _reported: dict[tuple[int, int], int] = {}  # (stream, DataLoader worker) -> that worker's count
+_reported_retries: dict[tuple[int, int], int] = {}  # the same for retried reads
 
 
 def skipped() -> int:
     """Samples skipped as unreadable in this process's streams, its DataLoader workers' included
     (their counts ride along with the batches): what the training loop logs."""
     return _skipped + sum(_reported.values())
+
+
+def retries() -> int:
+    """Reads retried after storage faults (storage.Retries) in this process and its streams'
+    DataLoader workers: what the training loop logs as `data_retries`."""
+    return storage_retries() + sum(_reported_retries.values())
 
 
 def _count_skip(raw: dict, exc: Exception) -> None:
@@ -189,11 +197,12 @@ class _Worker(torch.utils.data.IterableDataset):
         # A DataLoader always starts its turns at worker 0: after resuming at batch k, its worker j
         # serves the batches that worker (j + k) mod n served in the uninterrupted stream.
         worker = (loader_worker + self.start_batch) % num_workers
-        skipped_before = _skipped
+        skipped_before, retries_before = _skipped, storage_retries()   # a forked worker inherits the counts
         samples = self.samples(worker, num_workers)
         while True:
             batch = collate([next(samples) for _ in range(self.batch_size)])
             batch["__skipped__"], batch["__worker__"] = _skipped - skipped_before, worker
+            batch["__retries__"] = storage_retries() - retries_before
             yield batch
 
 
@@ -235,12 +244,13 @@ def image_stream(url: str, *, rank: int, world_size: int, batch_size: int, seed:
 
 
 def _counting(batches, from_workers: bool) -> Iterator[dict]:
-    """Takes the workers' skip counts off the batches into `skipped()`."""
+    """Takes the workers' skip and retry counts off the batches into `skipped()` and `retries()`."""
     stream = object()
     for batch in batches:
-        count, worker = batch.pop("__skipped__"), batch.pop("__worker__")
+        count, retried, worker = batch.pop("__skipped__"), batch.pop("__retries__"), batch.pop("__worker__")
         if from_workers:
             _reported[(id(stream), int(worker))] = int(count)
+            _reported_retries[(id(stream), int(worker))] = int(retried)
         yield batch
 
 

@@ -13,6 +13,8 @@ GIT_SHA_ENV = "ORBITGEN_GIT_SHA"
 FORWARDED_ENV_VARS = (
     "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "ORBITGEN_GIT_SHA",
+    "ORBITGEN_TRACKING_RETRY_S",   # how long a job's driver waits for a tracking server gone away
+    "ORBITGEN_DATA_RETRY_S",       # how long a shard read retries an object store gone away
 )
 
 
@@ -30,6 +32,21 @@ def git_sha(path: str | os.PathLike = REPO) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def git_dirty(path: str | os.PathLike = REPO) -> str:
+    """"true" when the work tree differs from HEAD (changed or untracked files: the sha alone does
+    not give back its code), "false" when clean, "unknown" without git or for a submitted job
+    (its uploaded copy has no .git; $ORBITGEN_GIT_SHA names the commit)."""
+    if os.environ.get(GIT_SHA_ENV):
+        return "unknown"
+    try:
+        out = subprocess.run(["git", "status", "--porcelain"], cwd=path, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if out.returncode != 0:
+        return "unknown"
+    return "true" if out.stdout.strip() else "false"
 
 
 @contextmanager

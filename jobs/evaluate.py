@@ -6,18 +6,28 @@ to `num_samples` inputs (`cond`, and `mask` where the family uses one) against t
 (`image`), drawn with the same seed from the held-out split when `data.holdout` is set (samples
 training never sees), else from the whole set. Never "the first N": shard sets keep their source's
 order, and class-folder sets are sorted by class. The fixed seed makes two runs, or two checkpoints
-of one run, judged on the same reals.
+of one run, judged on the same reals. What the values were measured under, their protocol
+(`protocol_of`, see jobs/tracking/protocol.py), names the data, the split, both seeds, the sample
+count and the extractors with their weights' hashes.
+
+`evaluate` runs in one process; `score_part` is its unit of work, which `jobs.distributed_eval`
+spreads over Ray workers.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import functools
+import os
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from data_shards.split import Holdout, evaluation_positions
+from data_shards.card import read_card
+from data_shards.split import Holdout, Positions, evaluation_positions
 from data_shards.stream import iterate_once
+from jobs.spec import JobSpec
+from jobs.tracking.protocol import EvalProtocol, extractor_hashes
 from models.family import Family
 from models.images import nchw_to_nhwc_numpy, to_float, to_uint8
 from models.metrics.extractors import VGG16Extractor, make_extractor
@@ -26,6 +36,7 @@ from models.metrics.suite import MetricSuite
 EVAL_SEED = 1_000_000  # fixed, so two runs are judged on the same noise
 REAL_SEED = 0          # fixed, so two runs are judged on the same real samples
 PREVIEW_MAX_PAIRS = 16  # conditional previews: input | output | target strips, at most this many
+BATCH = 64             # images per generator call and extractor pass; unconditional seeds go per batch
 
 
 def _conditional_outputs(family: Family, sampler: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
@@ -34,38 +45,116 @@ def _conditional_outputs(family: Family, sampler: nn.Module, batch: dict, device
     return to_uint8(family.sample(sampler, len(batch["image"]), **inputs)).cpu()
 
 
-def real_samples(family: Family, data_url: str, n: int, batch: int, holdout: Holdout = None) -> Iterator[dict]:
+def real_samples(family: Family, data_url: str, n: int, batch: int, holdout: Holdout = None,
+                 real_seed: int = REAL_SEED) -> Iterator[dict]:
     """Batches of the reals an evaluation reads (see the module's docstring), in manifest order."""
+    return iterate_once(data_url, batch_size=batch, keys=family.data_keys,
+                        positions=real_positions(family, data_url, n, holdout, real_seed))
+
+
+def real_positions(family: Family, data_url: str, n: int, holdout: Holdout = None,
+                   real_seed: int = REAL_SEED) -> Positions:
+    """Where the reals an evaluation reads are (per shard, see data_shards.split)."""
     split = holdout if family.conditional else None   # unconditional: the reference is the whole set
-    positions = evaluation_positions(data_url, n, seed=REAL_SEED, holdout=split)
-    return iterate_once(data_url, batch_size=batch, keys=family.data_keys, positions=positions)
+    return evaluation_positions(data_url, n, seed=real_seed, holdout=split)
+
+
+def eval_split(family: Family, holdout: Holdout) -> str:
+    """The split the reals come from, as the protocol and the params name it."""
+    return f"holdout={holdout}" if family.conditional and holdout is not None else "all"
+
+
+def split_holdout(split: str) -> Holdout:
+    """The `holdout` value of an `eval_split` string."""
+    if split == "all":
+        return None
+    value = split.removeprefix("holdout=")
+    return int(value) if value.isdigit() else float(value)
+
+
+@functools.lru_cache(maxsize=4)
+def _extractor(kind: str, weights: str | None, stamp: tuple[int, int] | None) -> nn.Module:
+    return VGG16Extractor(weights) if kind == "vgg16" else make_extractor(kind, weights)
+
+
+def load_extractor(kind: str, weights: str | None = None) -> nn.Module:
+    """`randconv`, `inception` or `vgg16`, built once per process and weights file (Inception is
+    100 MB to read, and its weights hash is cached per module)."""
+    stamp = (os.stat(weights).st_size, os.stat(weights).st_mtime_ns) if weights and os.path.isfile(weights) else None
+    return _extractor(kind, weights, stamp)
+
+
+def feature_extractors(metrics: Sequence[str], *, extractor: str, inception_weights: str | None,
+                       vgg_weights: str | None = None) -> tuple[nn.Module | None, nn.Module | None]:
+    """(the extractor of fid and kid, the one of pr when it is VGG-16), None where unused."""
+    wanted = set(metrics)
+    pr_feature = load_extractor("vgg16", vgg_weights) if vgg_weights and "pr" in wanted else None
+    needs_feature = bool(wanted & {"fid", "kid"}) or ("pr" in wanted and pr_feature is None)
+    return (load_extractor(extractor, inception_weights) if needs_feature else None), pr_feature
+
+
+def make_suite(family: Family, *, extractor: str, inception_weights: str | None, device: torch.device,
+               vgg_weights: str | None = None, metrics: Sequence[str] | None = None) -> MetricSuite:
+    """The suite of `evaluate` (its arguments, the same meaning), empty."""
+    names = tuple(metrics) if metrics is not None else tuple(family.metrics)
+    feature, pr_feature = feature_extractors(names, extractor=extractor, inception_weights=inception_weights,
+                                             vgg_weights=vgg_weights)
+    return MetricSuite(names, extractor=feature, pr_extractor=pr_feature, device=device)
+
+
+def score_part(family: Family, sampler: nn.Module, suite: MetricSuite, *, data_url: str, positions: Positions,
+               fake_starts: Iterable[int], num_samples: int, device: torch.device, batch: int = BATCH,
+               seed_base: int = EVAL_SEED) -> None:
+    """Feeds `suite` one part of an evaluation: the reals at `positions` (conditional families:
+    with the outputs for their inputs), and, unconditional, the generated batches starting at
+    `fake_starts` (multiples of `batch`; seeds `seed_base + start`). Parts cut at multiples of
+    `batch`, fed in order, give what one whole evaluation gives."""
+    data = iterate_once(data_url, batch_size=batch, keys=family.data_keys, positions=positions)
+    if family.conditional:
+        for b in data:
+            suite.update(fake=_conditional_outputs(family, sampler, b, device), real=b["image"], cond=b.get("cond"))
+        return
+    for b in data:
+        suite.update(real=b["image"])
+    for start in fake_starts:
+        n = min(batch, num_samples - start)
+        suite.update(fake=to_uint8(family.sample(sampler, n, seed=seed_base + start)))
+
+
+def eval_params(suite: MetricSuite, family: Family, holdout: Holdout, real_seed: int = REAL_SEED) -> dict[str, str]:
+    """What the values of `suite` were computed with (MLflow params)."""
+    return {**suite.params(), "eval_split": eval_split(family, holdout), "eval_real_seed": str(real_seed)}
+
+
+def protocol_of(extractors: Iterable[nn.Module | None], family: Family, *, data_url: str, num_samples: int,
+                holdout: Holdout, real_seed: int = REAL_SEED, seed_base: int = EVAL_SEED) -> EvalProtocol:
+    """The protocol of an evaluation of the data at `data_url` with these extractors (None: unused)."""
+    return EvalProtocol(data_fingerprint=read_card(data_url).fingerprint, split=eval_split(family, holdout),
+                        real_seed=real_seed, seed_base=seed_base, num_samples=num_samples,
+                        extractors=extractor_hashes([e for e in extractors if e is not None]))
+
+
+def evaluation_protocol(family: Family, data_url: str, spec: JobSpec) -> EvalProtocol:
+    """The protocol of the evaluations a training of `spec` runs (`evaluate` with its eval settings)."""
+    ev = spec.eval
+    used = feature_extractors(spec.eval_metrics(family), extractor=ev.fid_extractor,
+                              inception_weights=ev.inception_weights, vgg_weights=ev.vgg_weights)
+    return protocol_of(used, family, data_url=data_url, num_samples=ev.num_samples, holdout=spec.data.holdout)
 
 
 def evaluate(family: Family, sampler: nn.Module, *, data_url: str, num_samples: int, extractor: str,
-             inception_weights: str | None, device: torch.device, batch: int = 64,
+             inception_weights: str | None, device: torch.device, batch: int = BATCH,
              vgg_weights: str | None = None, metrics: Sequence[str] | None = None, holdout: Holdout = None
              ) -> tuple[dict[str, float], dict[str, str]]:
     """Returns (metrics, params): params say what the metrics were computed with. `metrics` picks
     among the family's (default: all of them). With `vgg_weights`, precision/recall use VGG-16
-    features, else the `extractor`'s (see params). `holdout`: the spec's `data.holdout`."""
-    names = tuple(metrics) if metrics is not None else tuple(family.metrics)
-    metrics = set(names)
-    pr_feature = VGG16Extractor(vgg_weights) if vgg_weights and "pr" in metrics else None
-    needs_feature = bool(metrics & {"fid", "kid"}) or ("pr" in metrics and pr_feature is None)
-    feature = make_extractor(extractor, inception_weights) if needs_feature else None
-    suite = MetricSuite(names, extractor=feature, pr_extractor=pr_feature, device=device)
-    data = real_samples(family, data_url, num_samples, batch, holdout)
-    if family.conditional:
-        for b in data:
-            suite.update(fake=_conditional_outputs(family, sampler, b, device), real=b["image"], cond=b.get("cond"))
-    else:
-        for b in data:
-            suite.update(real=b["image"])
-        for start in range(0, num_samples, batch):
-            n = min(batch, num_samples - start)
-            suite.update(fake=to_uint8(family.sample(sampler, n, seed=EVAL_SEED + start)))
-    split = f"holdout={holdout}" if family.conditional and holdout is not None else "all"
-    return suite.compute(), {**suite.params(), "eval_split": split, "eval_real_seed": str(REAL_SEED)}
+    features, else the `extractor`'s (see params). `holdout`: the spec's `data.holdout`.
+    In one process; `jobs.distributed_eval` spreads the same over Ray workers."""
+    suite = make_suite(family, extractor=extractor, inception_weights=inception_weights, device=device,
+                       vgg_weights=vgg_weights, metrics=metrics)
+    score_part(family, sampler, suite, data_url=data_url, positions=real_positions(family, data_url, num_samples, holdout),
+               fake_starts=range(0, num_samples, batch), num_samples=num_samples, device=device, batch=batch)
+    return suite.compute(), eval_params(suite, family, holdout)
 
 
 def preview(family: Family, sampler: nn.Module, *, data_url: str, n: int, seed: int,

@@ -2,8 +2,9 @@
 
 The workers' own console lines go to Ray's logs (shown with `--verbose`), so rank 0 posts its
 progress to a small named Ray actor, the board, and a thread on the driver draws it. Nothing is
-read from disk: the board lives wherever Ray places it, so the bar works on a cluster and under
-Ray Jobs alike. Posting never blocks a training step (fire and forget).
+read from disk, so the bar works on a cluster and under Ray Jobs alike. The board lives on the
+driver's node: on another node it would go down with that node, and the bar and its notes
+("resumed from step …") with it. Posting never blocks a training step (fire and forget).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import threading
 from typing import Any, Mapping
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 NAMESPACE = "orbitgen"
@@ -61,7 +63,8 @@ class ProgressBar:
 
     def __init__(self, run_name: str, total_steps: int, start_step: int = 0, shown: int = 3):
         self.name = board_name(run_name)
-        self.board = ProgressBoard.options(name=self.name, namespace=NAMESPACE).remote()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.board = ProgressBoard.options(name=self.name, namespace=NAMESPACE, scheduling_strategy=here).remote()
         tty = sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
                         mininterval=0.5 if tty else 30, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "

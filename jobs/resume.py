@@ -4,16 +4,23 @@ Ray Train resumes a run by itself when a TorchTrainer starts again with the same
 run name: the workers get the latest checkpoint from `ray.train.get_checkpoint()`. What Ray does
 not know is the MLflow run to keep logging into; the driver writes it into `orbitgen-run.json`
 in the run's folder when the run starts, and reads it back on `--resume`.
+
+Nor does Ray check that the checkpoint it hands out is whole: the workers resume from
+`checkpoint_to_resume(ray.train.get_checkpoint())`, which passes over a checkpoint whose files
+are not all there as written (jobs/checkpoints.py `verify`) for the latest complete one beside it.
 """
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from data_shards.errors import UserError
 from data_shards.storage import filesystem, join
+from jobs.checkpoints import IncompleteCheckpoint, verify
 
 RUN_INFO = "orbitgen-run.json"
+log = logging.getLogger(__name__)
 
 
 class ResumeError(UserError):
@@ -35,3 +42,35 @@ def read_run_info(storage: str, run_name: str) -> dict[str, Any]:
                           f"(runs there: {', '.join(runs) or 'none'})")
     with fs.open(path, "r") as f:
         return json.load(f)
+
+
+def checkpoint_to_resume(latest):
+    """`latest` (a `ray.train.Checkpoint`, or None) when it is complete; else the complete
+    checkpoint with the most steps in the same run folder, or None (start over) when there is none.
+    Each checkpoint passed over is logged with what is wrong with it."""
+    if latest is None:
+        return None
+    import pyarrow.fs
+    import ray.train
+
+    fs, path = latest.filesystem, latest.path.rstrip("/")
+    run_dir = path.rsplit("/", 1)[0]
+    others = sorted((i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(run_dir))
+                     if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
+                     and i.path.rstrip("/") != path), reverse=True)   # names end in a timestamp: newest first
+    best: tuple[int, str] | None = None
+    for candidate in [path, *others]:
+        try:
+            step = verify(candidate, fs)
+        except IncompleteCheckpoint as e:
+            log.warning("not resuming from an incomplete checkpoint: %s", e)
+            continue
+        if candidate == path:
+            return latest
+        if best is None or step > best[0]:
+            best = (step, candidate)
+    if best is None:
+        log.warning("no complete checkpoint under %s: starting from step 0", run_dir)
+        return None
+    log.warning("resuming from %s (step %d) instead of the incomplete latest checkpoint", best[1], best[0])
+    return ray.train.Checkpoint(best[1], filesystem=fs)

@@ -12,17 +12,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
+from mlflow.tracking import MlflowClient
 
 from data_shards.builtin import ensure_builtin, is_builtin
 from data_shards.card import read_card
 from data_shards.errors import UserError
 from data_shards.storage import join, ray_storage
-from jobs.tracking import model_refs, registry, runs as tracking
+from jobs.tracking import buffered, lineage, model_refs, registry, runs as tracking
+from jobs.tracking.protocol import TAG_RUN_PROTOCOL, tag_version
 from jobs.tracking.store_check import check_answers
 from jobs.bad_input_cleanup import removed_on_bad_input
 from jobs.checkpoints import SNAPSHOT
+from jobs.evaluate import evaluation_protocol
 from jobs import console
-from jobs.env import forwarded_env, git_sha, tracking_uri_restored
+from jobs.env import forwarded_env, git_dirty, git_sha, tracking_uri_restored
 from jobs.progress import ProgressBar
 from jobs.redact import redact, redact_values
 from jobs.resume import ResumeError, read_run_info, write_run_info
@@ -108,7 +111,8 @@ def make_trainer(spec: JobSpec, run_name: str, storage: str, loop_config: dict[s
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-                                     resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
+                                     resources_per_worker={"CPU": spec.scaling.cpus_per_worker},
+                                     placement_strategy=spec.scaling.placement_strategy),
         # The collective timeout ends a step that waits on a hung peer (NCCL would wait forever);
         # evaluation happens outside collectives (see worker._report), so it needs no margin.
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo", timeout_s=spec.strategy.timeout_s),
@@ -140,6 +144,15 @@ def _open_run(spec: JobSpec, tracking_uri: str, resumed: dict[str, Any] | None):
     return mlflow.start_run(run_id=resumed["mlflow_run_id"])
 
 
+def _registered_scores(spec: JobSpec, result, checkpoint) -> dict[str, float]:
+    """The evaluation values of the checkpoint that was registered (the best one, or the last)."""
+    from models.metrics.suite import reported_names
+
+    values = next((m for c, m in result.best_checkpoints or [] if c.path == checkpoint.path), None)
+    values = dict(result.metrics or {}) if values is None else values
+    return {k: float(values[k]) for k in reported_names(spec.eval_metrics(spec.make_family())) if k in values}
+
+
 def run_job(spec: JobSpec, say: Callable[[str], None] = print, resume: str | None = None) -> JobResult:
     """Train `spec`; with `resume` (a run name under the spec's checkpoint storage), continue that
     run from its latest checkpoint, logging into the same MLflow run."""
@@ -156,6 +169,7 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
     with removed_on_bad_input(spec.workdir_path()):
         check_answers(tracking_uri, "tracking.uri" if spec.tracking.uri else "MLFLOW_TRACKING_URI")
         resumed = _resumed_run(tracking_uri, storage, resume) if resume else None
+        refs = lineage.given_refs(spec.model)   # as given: resolution makes them local paths
         spec = model_refs.resolve_model_refs(spec, spec.workdir_path() / "model-refs")
         data_url = resolve_data(spec)
         card = check_data(spec, data_url)
@@ -167,7 +181,8 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         run_name = resume or f"{spec.name}-{run_id[:8]}"
         if resume is None:
             mlflow.set_tags({tracking.TAG_FAMILY: spec.family, tracking.TAG_DATA: card["fingerprint"],
-                             tracking.TAG_GIT: git_sha() or "unknown", tracking.TAG_SPEC: spec.sha()})
+                             tracking.TAG_GIT: git_sha() or "unknown", lineage.TAG_GIT_DIRTY: git_dirty(),
+                             tracking.TAG_SPEC: spec.sha(), **lineage.built_on_tag(refs, tracking_uri)})
             if spec.augment.search_run:
                 mlflow.set_tag(tracking.TAG_SEARCH, spec.augment.search_run)
             # The search section configures `orbitgen search`, not this training: not a param of the run.
@@ -199,20 +214,44 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         checkpoint = result.checkpoint
         if spec.checkpoint.best_metric and result.best_checkpoints:
             checkpoint = result.get_best_checkpoint(spec.checkpoint.best_metric, spec.checkpoint.best_mode) or checkpoint
-        mlflow.set_tag("orbitgen.checkpoint", checkpoint.path if checkpoint else "")
+        # The server may have gone away during training: first what the workers left for it in the
+        # run's storage, then tag, register, promote and end the run, all waiting for the server
+        # within one bound (jobs/tracking/buffered.py); what it never took is said at the end.
+        later = buffered.Unfinished()
+        with later.step("deliver the metrics it missed"):
+            buffered.replay(MlflowClient(tracking_uri), run_id, join(storage, run_name))
+        with later.step("tag the checkpoint"):
+            buffered.retried(mlflow.set_tag, "orbitgen.checkpoint", checkpoint.path if checkpoint else "")
 
         out = JobResult(run_id=run_id, experiment_id=experiment_id, tracking_uri=tracking_uri, data_url=data_url,
                         storage=join(storage, run_name), checkpoint=checkpoint.path if checkpoint else None,
                         metrics=metrics, run_name=run_name)
         if checkpoint is not None:
-            with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
+            # What the run's values were measured under (jobs/tracking/protocol.py), on the run and the version.
+            protocol = evaluation_protocol(spec.make_family(), data_url, spec)
+            with later.step("tag the evaluation protocol"):
+                buffered.retried(mlflow.set_tag, TAG_RUN_PROTOCOL, protocol.to_json())
+            version = None
+            with later.step("register the model"), checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
                 spec_file = Path(tmp) / "spec.yaml"
                 spec_file.write_text(redact(spec.to_yaml()))
                 version = registry.log_generator(Path(d) / SNAPSHOT, spec_file, spec.tracking.registry_model)
             out.model_version = version
             if version is not None:
-                out.promotion = registry.promote(spec.tracking.registry_model, metric=spec.tracking.promote_metric,
-                                                 mode=spec.tracking.promote_mode, candidate=version)
-                say(f"registry  {spec.tracking.registry_model} v{version}: {out.promotion.reason}")
+                with later.step(f"tag v{version} with its scores"):
+                    buffered.retried(tag_version, MlflowClient(tracking_uri), spec.tracking.registry_model, version,
+                                     protocol, _registered_scores(spec, result, checkpoint), run_id)
+                with later.step(f"promote v{version}"):
+                    out.promotion = buffered.retried(registry.promote, spec.tracking.registry_model,
+                                                     metric=spec.tracking.promote_metric,
+                                                     mode=spec.tracking.promote_mode, candidate=version)
+                    say(f"registry  {spec.tracking.registry_model} v{version}: {out.promotion.reason}")
+        with later.step(buffered.END):
+            buffered.retried(MlflowClient(tracking_uri).set_terminated, run_id, "FINISHED")
+        if later:
+            # The training is done and kept, its tracking is not: say so, and what to run when the server is back.
+            buffered.let_go_of_run()
+            out.extra["tracking_unfinished"] = later.message(redact(tracking_uri), out.storage, out.checkpoint, run_name)
+            say(out.extra["tracking_unfinished"])
     out.seconds = time.perf_counter() - started
     return out

@@ -107,6 +107,9 @@ class ScalingSpec(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="where Ray puts the workers: PACK fills one node first, SPREAD spreads them over "
+                            "nodes where it can, STRICT_SPREAD one worker a node (waits until there are enough)")
 
 
 class CheckpointSpec(_Section):

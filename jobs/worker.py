@@ -26,13 +26,16 @@ from torch import nn
 
 from data_shards.preview import image_grid
 from data_shards.split import Holdout
-from data_shards.stream import batches_per_epoch, image_stream, iterate_once, training_share
+from data_shards.storage import join
+from data_shards.stream import batches_per_epoch, image_stream, iterate_once, retries, skipped, training_share
 from jobs import checkpoints
 from jobs.engines import Engine, make_engine
 from jobs.evaluate import evaluate, preview
 from jobs.progress import WorkerProgress
+from jobs.resume import checkpoint_to_resume
 from jobs.spec import JobSpec
 from jobs.tracking import model_refs
+from jobs.tracking.buffered import pending_url
 from jobs.tracking.runs import RunLogger
 from models.family import Family, Phase, StepContext, StepEnd
 from models.images import to_float
@@ -299,14 +302,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     device = ray.train.torch.get_device()
-    log = RunLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
+    # What the MLflow server does not take (it went away) waits in the run's storage: the run's
+    # folder is Ray's experiment name under the spec's storage (jobs/runner.make_trainer).
+    spill = pending_url(join(spec.storage_url(), tctx.get_experiment_name()))
+    log = RunLogger(cfg.tracking_uri, cfg.run_id, spill=spill) if rank == 0 else None
     progress = WorkerProgress(cfg.progress_board if rank == 0 else None)
 
     family, networks, phases, engines = build_training(spec, device, world)
     worker = Worker(cfg, spec, family, networks, engines, rank, world, device, log)
 
     step, images_seen = 0, 0
-    resume = ray.train.get_checkpoint()
+    resume = checkpoint_to_resume(ray.train.get_checkpoint())   # a whole one: a copy may have been cut short
     if resume is not None:
         with resume.as_directory() as d:
             state = checkpoints.read(Path(d), engines=engines, networks=networks, family=family)
@@ -334,13 +340,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         if step % spec.checkpoint.every_steps == 0 or step == total:
             _report(worker, step, images_seen, final=step == total)
+    if log is not None:
+        log.close()   # what the server did not take by then, the driver delivers
 
 
 def _report(w: Worker, step: int, images_seen: int, final: bool) -> None:
     spec, family, networks, engines, rank, log, device = w.spec, w.family, w.networks, w.engines, w.rank, w.log, w.device
     world, data_url = w.world, w.cfg.data_url
     steps_per_rank = _gather(step, world)
-    metrics: dict[str, Any] = {"step": step, "images_seen": images_seen, "steps_per_rank": steps_per_rank}
+    # Storage faults survived and corrupt samples skipped, summed over ranks: visible in the run, not only in logs.
+    data = {"data_retries": sum(_gather(retries(), world)), "data_skipped": sum(_gather(skipped(), world))}
+    metrics: dict[str, Any] = {"step": step, "images_seen": images_seen, "steps_per_rank": steps_per_rank, **data}
+    if log is not None:
+        log.metrics(step, data)
+        if any(data.values()):
+            say(f"data: {data['data_retries']} reads retried after storage faults, "
+                f"{data['data_skipped']} corrupt samples skipped (all ranks, so far)")
     with tempfile.TemporaryDirectory() as tmp:
         # Save first (collective for DeepSpeed), then evaluate on rank 0 alone: the other ranks wait
         # in ray.train.report, not in a process-group barrier that the collective timeout would end.

@@ -24,12 +24,13 @@ def main() -> None:
 def _add_commands() -> None:
     from jobs.cli.data import data
     from jobs.cli.doctor import doctor
+    from jobs.cli.eval import eval_command
     from jobs.cli.jobs import jobs
     from jobs.cli.models import models
     from jobs.cli.search import search
     from jobs.cli.train import quickstart, train
 
-    for command in (train, quickstart, search, data, models, jobs, doctor):
+    for command in (train, quickstart, search, data, models, eval_command, jobs, doctor):
         main.add_command(command)
 
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from jobs.cli.common import DEFAULT_WORKDIR
+from jobs.cli.common import DEFAULT_WORKDIR, say
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # orbitgen draws its own progress
 
 
 def _client(uri: str | None):
@@ -42,26 +44,155 @@ def models_list(tracking_uri) -> None:
 
 @models.command("show")
 @click.argument("name")
-@click.option("--metric", default="fid", show_default=True)
+@click.option("--metric", default="fid", show_default=True, help="The run metric shown beside each version (NAME alone).")
 @tracking_option
 def models_show(name, metric, tracking_uri) -> None:
-    """Every version of NAME with its alias, run and METRIC."""
+    """NAME: every version with its alias, run and METRIC. NAME@ALIAS or NAME/VERSION: where that
+    version came from (spec, git, data, augmentations, the model it was built on), its evaluations
+    with their protocol, and the data sets generated from it."""
+    from jobs.tracking.lineage import parse_version_ref, version_lineage
     from jobs.tracking.registry import describe_model
 
-    rows = describe_model(name, metric, _client(tracking_uri))
-    for r in rows:
-        click.echo(f"v{r['version']:<4} {r['alias']:<10} {metric}={r[metric]}  run {r['run_id']}")
+    client = _client(tracking_uri)
+    model, alias, version = parse_version_ref(name)
+    if alias is None and version is None:
+        rows = describe_model(model, metric, client)
+        before = _previous_champions(client, model)
+        for r in rows:
+            mark = r["alias"] or ("was champion" if r["version"] in before else "")
+            click.echo(f"v{r['version']:<4} {mark:<12} {metric}={r[metric]}  run {r['run_id']}")
+        return
+    for line in _lineage_lines(version_lineage(client, model, alias=alias, version=version)):
+        click.echo(line)
+
+
+def _previous_champions(client, name: str) -> list[str]:
+    import json
+
+    from jobs.tracking.protocol import TAG_CHAMPION_HISTORY
+
+    return [str(v) for v in json.loads((client.get_registered_model(name).tags or {}).get(TAG_CHAMPION_HISTORY) or "[]")]
+
+
+def _lineage_lines(info: dict) -> list[str]:
+    """`models show NAME@ALIAS`: one version's lineage, as text."""
+    marks = info["aliases"] + (["was champion"] if info["was_champion"] else [])
+    lines = [f"{info['name']} v{info['version']}" + (f"  [{', '.join(marks)}]" if marks else "")]
+    if info["previous_champions"]:
+        lines.append(f"  {'champions':<13} before the current one: "
+                     + ", ".join(f"v{v}" for v in info["previous_champions"]))
+    dirty = {True: " (dirty work tree)", False: " (clean)", None: ""}[info["git_dirty"]]
+    lines += [f"  {'run':<13} {info['run_id']}",
+              f"  {'spec sha':<13} {info['spec_sha']}",
+              f"  {'git sha':<13} {info['git_sha']}{dirty}",
+              f"  {'data':<13} fingerprint {info['data_fingerprint']}" + (f" ({info['data_train']})" if info["data_train"] else ""),
+              f"  {'augment':<13} " + (", ".join(info["augmentations"]) or "no MineAug augmentations")
+              + (f" (search run {info['search_run']})" if info["search_run"] else "")]
+    for key, ref in info["built_on"].items():
+        meant = f" = {ref['name']} v{ref['version']}" if ref.get("version") else ""
+        lines.append(f"  {'built on':<13} model.{key}: {ref['ref']}{meant}" + (f" (run {ref['run_id']})" if ref.get("run_id") else ""))
+    for e in info["evaluations"]:
+        p = e["protocol"]
+        extractors = ", ".join(f"{n} {h}" for n, h in sorted(p.extractors.items())) or "none"
+        lines.append(f"  {'evaluation':<13} protocol {e['protocol_key']}: data {p.data_fingerprint[:12]} split {p.split}, "
+                     f"{p.num_samples} samples, seed base {p.seed_base}, real seed {p.real_seed}, extractors {extractors}")
+        lines.append(f"  {'':<13}   " + "  ".join(f"{m}={v:.6g}" for m, v in sorted(e["scores"].items()))
+                     + f"  (run {e['run']})")
+    if not info["evaluations"]:
+        lines.append(f"  {'evaluation':<13} none recorded under a protocol (`orbitgen eval` records one)")
+    lines.append(f"  {'run metrics':<13} " + ("  ".join(f"{m}={v:.6g}" for m, v in info["run_metrics"].items()) or "none"))
+    for g in info["generated"]:
+        lines.append(f"  {'generated':<13} {g['url']}: {g['n']} images, seeds {g['seeds'][0]}..{g['seeds'][1]}")
+    if not info["generated"]:
+        lines.append(f"  {'generated':<13} none (`orbitgen models generate` makes a set)")
+    lines.append("  spec.yaml:" if info["spec"] else "  spec.yaml: not found with the model or its run")
+    lines += [f"    {line}" for line in (info["spec"] or "").splitlines()]
+    return lines
+
+
+@models.command("generate")
+@click.argument("model")
+@click.option("--n", "n", type=click.IntRange(min=1), help="Images to draw (conditional models: the first N inputs; default all).")
+@click.option("--out", required=True, help="Where the shard set goes: a folder or fsspec URL (file://, s3://).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Ray workers (1 CPU each), a shard each at a time.")
+@click.option("--inputs", help="Conditional models: the shard set whose cond (and mask) samples are the inputs.")
+@click.option("--seed-base", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Image i is drawn from seed SEED_BASE + i (conditional: input i).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Samples per shard.")
+@click.option("--overwrite", is_flag=True, help="Replace a shard set already at --out.")
+@tracking_option
+def models_generate(model, n, out, workers, inputs, seed_base, shard_size, overwrite, tracking_uri) -> None:
+    """Draw a WebDataset shard set from MODEL: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID
+    or a snapshot file (generator.pt).
+
+    Writes shard-NNNNNN.tar, dataset.json (the card, with the model, version, run and seed range
+    under `generated`) and manifest.parquet (last) to --out; `orbitgen data verify` and a spec's
+    data.train accept it. The same command gives the same shards and manifest, whatever --workers.
+    Conditional models pair each output image with its input (cond.png, mask.png). A registered
+    version lists the sets made from it in its tag orbitgen.generated (see `orbitgen models show`).
+    """
+    import tempfile
+
+    from data_shards.storage import to_url
+    from jobs.generate import check_out, generate, resolve_model
+
+    check_out(to_url(out), overwrite)   # before any download
+    client = _client(tracking_uri) if model.startswith(("models:/", "runs:/")) else None
+    with tempfile.TemporaryDirectory(prefix="orbitgen-model-") as tmp:
+        source = resolve_model(model, Path(tmp), client)
+        r = generate(source, n, out, workers=workers, inputs=inputs, seed_base=seed_base, shard_size=shard_size,
+                     overwrite=overwrite, client=client, say=say)
+    seeds = r.lineage["seeds"]
+    click.echo(f"{r.card.count} images in {r.card.shards} shards → {r.url} (fingerprint {r.card.fingerprint[:12]}; "
+               f"seeds {seeds[0]}..{seeds[1]}; {r.workers} workers, {r.card.count / r.seconds:.1f} images/s)")
+    if source.version is not None:
+        click.echo(f"recorded on {source.name} v{source.version} (tag orbitgen.generated)")
 
 
 @models.command("promote")
 @click.argument("name")
-@click.option("--metric", default="fid", show_default=True, help="Run metric that decides.")
+@click.option("--metric", default="fid", show_default=True, help="Evaluation metric that decides.")
 @click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
-@click.option("--version", help="Candidate version, a number or an alias (default: the best version by METRIC).")
+@click.option("--version", help="Candidate version, a number or an alias (default: the best version by METRIC "
+                                "under the protocol most versions were evaluated with).")
+@click.option("--min-improvement", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Relative margin: 0.02 moves champion only when the candidate's METRIC is at least 2% of the "
+                   "champion's better (min: (champion-candidate)/|champion| >= 0.02); 0 asks for any improvement.")
+@click.option("--reevaluate", is_flag=True, help="When the two versions share no evaluation protocol, evaluate the "
+                                                 "champion under the candidate's protocol first (orbitgen eval).")
 @tracking_option
-def models_promote(name, metric, mode, version, tracking_uri) -> None:
-    """Move alias `champion` of NAME to the best version, only if it beats the current champion."""
+def models_promote(name, metric, mode, version, min_improvement, reevaluate, tracking_uri) -> None:
+    """Move alias `champion` of NAME to the candidate, only if it beats the current champion under
+    an evaluation protocol both were evaluated with; print and log (on the candidate's run) the comparison."""
     from jobs.tracking.registry import promote
 
-    p = promote(name, metric=metric, mode=mode, candidate=version, client=_client(tracking_uri))
+    client = _client(tracking_uri)
+    p = promote(name, metric=metric, mode=mode, candidate=version, client=client, min_improvement=min_improvement,
+                refuse_incomparable=True, reevaluate=_evaluator(name, client.tracking_uri) if reevaluate else None)
+    if p.table:
+        click.echo(p.table)
     click.echo(p.reason)
+    if p.artifact:
+        click.echo(f"comparison logged on v{p.candidate}'s run as {p.artifact}")
+
+
+def _evaluator(name: str, tracking_uri: str):
+    """`promote`'s reevaluate(version, like): `orbitgen eval` of NAME's version under protocol `like`,
+    recorded on the version's tags."""
+    from jobs.model_eval import evaluate_model
+
+    def evaluate(version, like) -> None:
+        say(f"evaluating {name} v{version}" + (f" under protocol {like.key()}" if like else ""))
+        evaluate_model(f"models:/{name}/{version}", tracking_uri=tracking_uri, like=like)
+
+    return evaluate
+
+
+@models.command("rollback")
+@click.argument("name")
+@tracking_option
+def models_rollback(name, tracking_uri) -> None:
+    """Put alias `champion` of NAME back on the previous champion (the champion history on NAME)."""
+    from jobs.tracking.registry import rollback
+
+    click.echo(rollback(name, _client(tracking_uri)))

@@ -1,6 +1,7 @@
 """`orbitgen train` and `orbitgen quickstart`: run a job spec on Ray and report where everything went."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -20,7 +21,9 @@ def _run_and_report(spec, resume: str | None, verbose: bool, check_learning: boo
     res = run_job(spec, say=say, resume=resume)   # bad input: a UserError, exit 2 (jobs/cli/common.py)
     ray_logs = None if verbose else console.link_ray_logs(logs)
     fid = res.metrics.get("fid")
-    check = _check_learning(spec, res) if check_learning and res.checkpoint else None
+    # (it logs into the run: not while the tracking server is away)
+    check = (_check_learning(spec, res) if check_learning and res.checkpoint
+             and not res.extra.get("tracking_unfinished") else None)
     click.echo("")
     click.echo(f"done in {res.seconds:.0f} s")
     click.echo(f"  shards       {res.data_url}")
@@ -41,6 +44,10 @@ def _run_and_report(spec, resume: str | None, verbose: bool, check_learning: boo
         click.echo(f"  open the UI  mlflow ui --backend-store-uri {redact(res.tracking_uri)} --port 5000")
     if log_file is not None and log_file.exists():
         click.echo(f"  logs         {log_file}" + (f" (workers: {ray_logs})" if ray_logs else "") + "; --verbose shows them here")
+    if res.extra.get("tracking_unfinished"):
+        # Trained and kept, but the tracking server stayed away (its line says what to run later):
+        # neither bad input (2) nor a crash (1).
+        sys.exit(3)
 
 
 def _check_learning(spec, res):
@@ -71,7 +78,9 @@ def train(spec_path, overrides, resume, spec_b64, verbose) -> None:
 
     The spec is validated first: a bad key or value stops here with exit code 2, naming the
     field. Storage and tracking come from the spec, else MLFLOW_TRACKING_URI /
-    AWS_ENDPOINT_URL / AWS credentials, else local folders under the spec's workdir.
+    AWS_ENDPOINT_URL / AWS credentials, else local folders under the spec's workdir. An MLflow
+    server that goes away is waited for (ORBITGEN_TRACKING_RETRY_S, default 300 s, after training);
+    if it stays away, the checkpoint is kept, a line says how to finish later, and the exit code is 3.
     """
     spec = read_spec(spec_path, overrides, spec_b64)
     _run_and_report(spec, resume, verbose)

@@ -13,12 +13,15 @@ Where it is recorded (the contract the registry, `eval`, `promote` and `models s
   that measured it).
 - on a registered model: `orbitgen.champion_history`, a JSON list of the versions that were
   champion, oldest first (`promote` appends, `rollback` pops).
+- on an `orbitgen eval` run, besides its protocol: `orbitgen.eval_of` (the model reference it
+  evaluated), `orbitgen.model_name` and `orbitgen.model_version` (when that is a registered version).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -27,6 +30,9 @@ from torch import nn
 TAG_RUN_PROTOCOL = "orbitgen.eval_protocol"
 TAG_VERSION_PREFIX = "orbitgen.eval."
 TAG_CHAMPION_HISTORY = "orbitgen.champion_history"
+TAG_EVAL_OF = "orbitgen.eval_of"
+TAG_MODEL_NAME = "orbitgen.model_name"
+TAG_MODEL_VERSION = "orbitgen.model_version"
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,18 @@ def weights_hash(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+_HASHES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def extractor_hashes(extractors) -> dict[str, str]:
+    """{extractor.name: weights_hash(extractor)}, hashed once per module in this process
+    (extractors are frozen; Inception's 24M weights take a while)."""
+    for module in extractors:
+        if module not in _HASHES:
+            _HASHES[module] = weights_hash(module)
+    return {module.name: _HASHES[module] for module in extractors}
+
+
 def version_tags(protocol: EvalProtocol, scores: dict[str, float], run_id: str) -> dict[str, str]:
     """The model-version tags recording `scores` measured under `protocol` by `run_id`."""
     k = TAG_VERSION_PREFIX + protocol.key()
@@ -90,3 +108,9 @@ def read_version_tags(tags: dict[str, str]) -> dict[str, tuple[EvalProtocol, dic
                       if t.startswith(prefix) and t[len(prefix):] not in ("protocol", "run")}
             out[key] = (EvalProtocol.from_json(value), scores, tags.get(prefix + "run", ""))
     return out
+
+
+def tag_version(client, name: str, version: str, protocol: EvalProtocol, scores: dict[str, float], run_id: str) -> None:
+    """Records `scores` measured under `protocol` by `run_id` on the model version (`client`: an MlflowClient)."""
+    for key, value in version_tags(protocol, scores, run_id).items():
+        client.set_model_version_tag(name, version, key, value)

@@ -1,13 +1,20 @@
-"""The MLflow model registry: log a generator as a pyfunc, register it, promote by metric.
+"""The MLflow model registry: log a generator as a pyfunc, register it, promote by metric, roll back.
 
-`champion` moves only to a version that beats the current champion on the spec's metric; a
-version that does not is marked `challenger`. Stages are deprecated in MLflow: aliases only.
+`champion` moves only to a version that beats the current champion on a metric, both measured
+under one evaluation protocol (`promotion`), by at least a margin; a version that does not is
+marked `challenger`. Each move happens under the registered model's promotion lock
+(`registry_lock`: MLflow has no compare-and-set) and appends to the model's champion history
+(tag `orbitgen.champion_history`), which `rollback` walks back. Stages are deprecated in
+MLflow: aliases only.
 """
 from __future__ import annotations
 
+import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import numpy as np
@@ -19,6 +26,11 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 
 from data_shards.errors import UserError
 from jobs import console
+from jobs.tracking.buffered import retried
+from jobs.tracking.promotion import (Evaluation, beats, common, evaluations, improvement, incomparable, preferred,
+                                     table)
+from jobs.tracking.protocol import TAG_CHAMPION_HISTORY, EvalProtocol
+from jobs.tracking.registry_lock import is_lock, promotion_lock
 
 REPO = Path(__file__).resolve().parents[2]
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -56,7 +68,8 @@ def log_generator(snapshot: Path, spec_file: Path, registered_name: str | None) 
         example = pd.DataFrame({"seed": [0, 1]})
     signature = ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, r, r, c))]))
     with console.prints_to_log("mlflow"):
-        info = _log_model(snapshot, spec_file, family, signature, example, registered_name)
+        # A server away (at the end of a run, after an outage) is waited for, within a bound.
+        info = retried(_log_model, snapshot, spec_file, family, signature, example, registered_name)
     return str(info.registered_model_version) if registered_name else None
 
 
@@ -84,6 +97,8 @@ class Promotion:
     candidate_score: float | None
     champion_score: float | None
     reason: str
+    table: str = ""                  # the comparison under the common protocol, when there was one
+    artifact: str | None = None      # where the table went on the candidate's run
 
 
 def _score(client: MlflowClient, run_id: str, metric: str) -> float | None:
@@ -92,76 +107,202 @@ def _score(client: MlflowClient, run_id: str, metric: str) -> float | None:
 
 
 def _champion(client: MlflowClient, name: str):
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+    """The champion's model version, or None; a server that fails is an error, not "no champion"."""
+    version = (client.get_registered_model(name).aliases or {}).get(CHAMPION)
+    return client.get_model_version(name, version) if version is not None else None
 
 
 def promote(name: str, *, metric: str, mode: str, candidate: str | None = None,
-            client: MlflowClient | None = None) -> Promotion:
-    """Moves `champion` to `candidate` (default: the best version by `metric`) if it beats the champion."""
+            client: MlflowClient | None = None, min_improvement: float = 0.0, refuse_incomparable: bool = False,
+            reevaluate: Callable[[str, EvalProtocol | None], object] | None = None) -> Promotion:
+    """Moves `champion` to `candidate` (default: the best version by `metric`) if it beats the
+    champion by `min_improvement` (relative, see `promotion`) under a protocol both were evaluated with.
+
+    Without a common protocol: `reevaluate(version, like)` (evaluates a version under protocol
+    `like`, recording the scores on its tags) evaluates the champion under the candidate's
+    protocol, then it compares again; without it the candidate is marked `challenger` with the
+    reason (training's automatic promotion), or, with `refuse_incomparable`, a UserError says
+    what differs and the `orbitgen eval` command that fixes it. Read, decision and move happen
+    under the registry lock (`registry_lock`); every move appends to `orbitgen.champion_history`.
+    """
     client = client or MlflowClient()
-    versions = client.search_model_versions(f"name='{name}'")
+    versions = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
     if not versions:
         raise UserError(f"no registered model named {name!r}; {_registered(client)}")
-    scores = {str(v.version): _score(client, v.run_id, metric) for v in versions}
-    better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
-    if candidate is None:
-        scored = [v for v, s in scores.items() if s is not None]
-        if not scored:
-            logged = sorted({m for v in versions for m in _metrics(client, v.run_id)})
-            raise UserError(f"no version of {name!r} has the metric {metric!r}; "
-                            f"its runs log: {', '.join(logged) or 'no metrics'}")
-        candidate = (min if mode == "min" else max)(scored, key=scores.get)
-    candidate = _version(client, name, str(candidate), scores)
+    candidate = (_best_version(name, versions, metric, mode, client) if candidate is None
+                 else _version(client, name, str(candidate), versions))
+    for attempt in range(3):
+        with promotion_lock(client, name) as still_ours:
+            champ = _champion(client, name)
+            champ_version = str(champ.version) if champ else None
+            cand = evaluations(client, client.get_model_version(name, candidate))
+            p = _decide(name, candidate, cand, champ_version, evaluations(client, champ) if champ else [],
+                        metric, mode, min_improvement, final=reevaluate is None or attempt == 2,
+                        refuse=refuse_incomparable)
+            if p is not None:
+                if champ_version != candidate:
+                    still_ours()
+                    if p.promoted:
+                        _crown(client, name, candidate, champ_version)
+                    else:
+                        client.set_registered_model_alias(name, CHALLENGER, candidate)
+                break
+        # Evaluation takes minutes: outside the lock; the champion is read again after it.
+        if preferred(cand, metric) is None:
+            reevaluate(candidate, None)
+        like = preferred(evaluations(client, client.get_model_version(name, candidate)), metric)
+        if champ_version is not None and like is not None:
+            reevaluate(champ_version, like.protocol)
+    if p.table:
+        p.artifact = _log_comparison(client, versions[candidate].run_id, p, champ_version)
+    return p
+
+
+def _decide(name: str, candidate: str, cand: list[Evaluation], champion: str | None, champ: list[Evaluation],
+            metric: str, mode: str, min_improvement: float, final: bool, refuse: bool) -> Promotion | None:
+    """The promotion of `candidate` over `champion`; None when they need evaluating under one protocol first."""
+    mine = preferred(cand, metric)
+    score = mine.scores[metric] if mine else None
+    if champion == candidate:
+        return Promotion(False, candidate, champion, score, score, f"v{candidate} already is the champion")
+    shared = common(cand, champ, metric)
+    if mine is None or (champion is not None and shared is None):
+        if not final:
+            return None
+        why = incomparable(name, candidate, cand, champion, champ, metric)
+        if refuse:
+            raise UserError(why)
+        return Promotion(False, candidate, champion, score, None, f"v{candidate} marked challenger: {why}")
+    if champion is None:
+        return Promotion(True, candidate, None, score, None,
+                         f"v{candidate} is the first champion ({metric} {score:.4g} under protocol {mine.key})")
+    a, b = shared
+    ours, theirs = a.scores[metric], b.scores[metric]
+    ok = beats(ours, theirs, mode, min_improvement)
+    margin = f", needs {min_improvement:+.1%}" if min_improvement else ""
+    numbers = f"{metric} {ours:.4g} vs {theirs:.4g} ({improvement(ours, theirs, mode):+.2%} better{margin})"
+    why = (f"v{candidate} beats champion v{champion}: {numbers}; v{candidate} is champion" if ok else
+           f"v{candidate} does not beat champion v{champion}: {numbers}; champion stays, v{candidate} is challenger")
+    return Promotion(ok, candidate, champion, ours, theirs, why, table(candidate, a, champion, b, metric))
+
+
+def _crown(client: MlflowClient, name: str, version: str, before: str | None) -> None:
+    """Moves `champion` and appends to the history: alias first, so an interrupted move leaves
+    the history ending on the champion before, where `rollback` returns to."""
+    history = champion_history(client, name)
+    if before is not None and history[-1:] != [before]:     # a champion from before the history was kept
+        history.append(before)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_tag(name, TAG_CHAMPION_HISTORY, json.dumps(history + [version]))
+
+
+def _log_comparison(client: MlflowClient, run_id: str | None, p: Promotion, champion: str | None) -> str | None:
+    """The table and the decision as `promotion/<UTC time, ms>-v<candidate>-vs-v<champion>.txt` on the candidate's run."""
+    if not run_id:
+        return None
+    now = time.time()
+    stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}.{int(now * 1000) % 1000:03d}Z"
+    path = f"promotion/{stamp}-v{p.candidate}-vs-v{champion}.txt"
+    client.log_text(run_id, f"{p.table}\n\n{p.reason}\n", path)
+    return path
+
+
+def champion_history(client: MlflowClient, name: str) -> list[str]:
+    """The versions that were champion of `name`, oldest first, as moved by orbitgen (tag
+    `orbitgen.champion_history`); the last one is the champion unless the alias was moved by
+    hand. `previous_champion` says which one `rollback` returns to."""
+    tags = client.get_registered_model(name).tags or {}
+    return [str(v) for v in json.loads(tags.get(TAG_CHAMPION_HISTORY, "[]"))]
+
+
+def previous_champion(client: MlflowClient, name: str) -> str | None:
+    """The version `rollback` would make champion again (what `models show` marks), or None."""
+    return _previous(champion_history(client, name), _champion(client, name), _versions(client, name))[0]
+
+
+def _previous(history: list[str], champ, existing: set[str]) -> tuple[str | None, list[str]]:
+    """(the previous champion, the history once it is champion again): the last earlier champion still registered."""
+    h = [v for v in history if v in existing]
+    if champ is not None and h[-1:] == [str(champ.version)]:
+        h.pop()
+    return (h[-1] if h else None), h
+
+
+def rollback(name: str, client: MlflowClient | None = None) -> str:
+    """Puts `champion` back on the previous champion and drops the current one from the history; says what it did."""
+    client = client or MlflowClient()
+    existing = _versions(client, name)
+    if not existing:
+        raise UserError(f"no registered model named {name!r}; {_registered(client)}")
+    if previous_champion(client, name) is None:     # checked before the lock too: a refusal writes nothing
+        raise UserError(_no_previous(client, name))
+    with promotion_lock(client, name) as still_ours:
+        champ = _champion(client, name)
+        target, history = _previous(champion_history(client, name), champ, existing)
+        if target is None:
+            raise UserError(_no_previous(client, name))
+        still_ours()
+        client.set_registered_model_alias(name, CHAMPION, target)
+        client.set_registered_model_tag(name, TAG_CHAMPION_HISTORY, json.dumps(history))
+    was = f"v{champ.version}" if champ else "no champion"
+    return f"rolled {name} back: champion {was} → v{target} (history {', '.join('v' + v for v in history)})"
+
+
+def _no_previous(client: MlflowClient, name: str) -> str:
     champ = _champion(client, name)
-    champ_version = str(champ.version) if champ else None
-    cand_score = scores[candidate]
-    champ_score = scores.get(champ_version)
-    if cand_score is None:
-        ok, why = False, f"v{candidate} has no {metric}"
-    elif champ is None:
-        ok, why = True, f"v{candidate} is the first champion ({metric} {cand_score:.4g})"
-    elif champ_version == candidate:
-        ok, why = False, f"v{candidate} already is the champion"
-    elif champ_score is None or better(cand_score, champ_score):
-        ok, why = True, f"v{candidate} beats champion v{champ_version} ({metric} {cand_score:.4g} vs {champ_score})"
-    else:
-        ok, why = False, (f"v{candidate} does not beat champion v{champ_version} "
-                          f"({metric} {cand_score:.4g} vs {champ_score:.4g}); champion stays")
-    if champ_version != candidate:
-        client.set_registered_model_alias(name, CHAMPION if ok else CHALLENGER, candidate)
-    return Promotion(ok, candidate, champ_version, cand_score, champ_score, why)
+    history = ", ".join("v" + v for v in champion_history(client, name)) or "empty"
+    return (f"{name!r} has no previous champion to roll back to (champion "
+            f"{'v' + str(champ.version) if champ else 'none'}; champion history: {history})")
+
+
+def _versions(client: MlflowClient, name: str) -> set[str]:
+    return {str(v.version) for v in client.search_model_versions(f"name='{name}'")}
+
+
+def _best_version(name: str, versions: dict, metric: str, mode: str, client: MlflowClient) -> str:
+    """The best version by `metric` under the protocol most versions were evaluated with (then the most samples)."""
+    evals = {v: evaluations(client, mv) for v, mv in versions.items()}
+    groups: dict[str, dict[str, float]] = {}
+    samples: dict[str, int] = {}
+    for v, found in evals.items():
+        for e in found:
+            if e.protocol and metric in e.scores:
+                groups.setdefault(e.key, {})[v] = e.scores[metric]
+                samples[e.key] = e.protocol.num_samples
+    if not groups:
+        logged = sorted({m for found in evals.values() for e in found for m in e.scores})
+        if metric not in logged:
+            raise UserError(f"no version of {name!r} has the metric {metric!r}; its evaluations give: "
+                            f"{', '.join(logged) or 'no metrics'}")
+        raise UserError(f"no version of {name!r} has {metric} under a recorded evaluation protocol; name the "
+                        f"candidate with --version, or evaluate: orbitgen eval models:/{name}/VERSION")
+    scores = groups[max(groups, key=lambda k: (len(groups[k]), samples[k], k))]
+    return (min if mode == "min" else max)(scores, key=scores.get)
 
 
 def list_models(client: MlflowClient | None = None) -> list[dict]:
     client = client or MlflowClient()
     return [{"name": m.name, "aliases": dict(m.aliases or {}),
              "latest": max((int(v.version) for v in client.search_model_versions(f"name='{m.name}'")), default=None)}
-            for m in client.search_registered_models()]
+            for m in client.search_registered_models() if not is_lock(m)]
 
 
 def _registered(client: MlflowClient) -> str:
-    names = [m.name for m in client.search_registered_models()]
+    names = [m.name for m in client.search_registered_models() if not is_lock(m)]
     return f"registered: {', '.join(names)}" if names else "no model is registered in this store"
 
 
-def _metrics(client: MlflowClient, run_id: str) -> list[str]:
-    return list(client.get_run(run_id).data.metrics)
-
-
-def _version(client: MlflowClient, name: str, given: str, scores: dict) -> str:
+def _version(client: MlflowClient, name: str, given: str, versions: dict) -> str:
     """A version number, or an alias (`champion`, `@champion`) of `name`, as its version number."""
     if given.isdigit():
-        if given not in scores:
-            raise UserError(f"{name!r} has no version {given}; versions: {', '.join(sorted(scores, key=int))}")
+        if given not in versions:
+            raise UserError(f"{name!r} has no version {given}; versions: {', '.join(sorted(versions, key=int))}")
         return given
     aliases = client.get_registered_model(name).aliases or {}
     alias = given.removeprefix("@")
     if alias not in aliases:
         raise UserError(f"{name!r} has no version or alias {given!r}; versions: "
-                        f"{', '.join(sorted(scores, key=int))}; aliases: {', '.join(aliases) or 'none'}")
+                        f"{', '.join(sorted(versions, key=int))}; aliases: {', '.join(aliases) or 'none'}")
     return str(aliases[alias])
 
 

@@ -1,26 +1,32 @@
 """MLflow: experiment per spec name, the run's tags, params, dataset lineage and step metrics.
 
 The driver owns the run (creates it, marks it failed on error); rank 0 of the training workers
-logs step metrics and images into it by run id through `RunLogger`.
+logs step metrics and images into it by run id through `RunLogger`, which keeps what a server
+gone away did not take (jobs/tracking/buffered.py).
 """
 from __future__ import annotations
 
+import base64
+import io
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric
+from PIL import Image
 from mlflow.tracking import MlflowClient
 
 from jobs.redact import redact_json
+from jobs.tracking.buffered import RecordBuffer
 
 TAG_FAMILY = "orbitgen.family"
 TAG_DATA = "orbitgen.data_fingerprint"
 TAG_GIT = "orbitgen.git_sha"
 TAG_SPEC = "orbitgen.spec_sha"
 TAG_SEARCH = "orbitgen.search_run"   # the MineAug search that chose augment.mineaug
+CLOSE_S = 10.0   # a worker's last wait for the server: the driver replays what is left, with its own bound
 
 
 def is_local_store(uri: str) -> bool:
@@ -63,21 +69,27 @@ def log_dataset(url: str, card: Mapping[str, Any]) -> None:
 
 
 class RunLogger:
-    """Logs into an existing run by id (used inside Ray workers, where no active run exists)."""
+    """Logs into an existing run by id (used inside Ray workers, where no active run exists).
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.client = MlflowClient(tracking_uri)
-        self.run_id = run_id
+    Through a `RecordBuffer` (jobs/tracking/buffered.py): a step never waits on the server, and
+    a server gone away mid-run loses nothing; what it has not taken by `close` stays in `spill`
+    (the run's storage) for the driver to deliver."""
+
+    def __init__(self, tracking_uri: str, run_id: str, spill: str | None = None):
+        self.buffer = RecordBuffer(MlflowClient(tracking_uri), run_id, spill)
 
     def metrics(self, step: int, values: Mapping[str, float]) -> None:
-        import time
-
-        ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items()])
+        ts = int(time.time() * 1000)   # when it was measured, whenever the server gets it
+        self.buffer.put("metrics", [[k, float(v), ts, step] for k, v in values.items()])
 
     def params(self, values: Mapping[str, Any]) -> None:
-        for k, v in values.items():
-            self.client.log_param(self.run_id, k, v)
+        self.buffer.put("params", {k: str(v) for k, v in values.items()})
 
     def image(self, image: np.ndarray, path: str) -> None:
-        self.client.log_image(self.run_id, image[..., 0] if image.shape[-1] == 1 else image, artifact_file=path)
+        png = io.BytesIO()
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(png, format="PNG")
+        self.buffer.put("image", {"path": path, "png": base64.b64encode(png.getvalue()).decode()})
+
+    def close(self, timeout: float = CLOSE_S) -> int:
+        """Wait up to `timeout` s for the server to take everything; returns how many records it did not."""
+        return self.buffer.close(timeout)

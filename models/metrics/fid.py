@@ -44,6 +44,9 @@ class FrechetDistance(FeatureMetric):
             sync_on_compute=False,      # no collective calls: it may run on one rank of a process group
             dist_sync_on_step=False,
         ).to(device)
+        # The dtype compute() returns in, which update() records; a suite that only merged other
+        # suites' states (models.metrics.merge) never updated. Extractors give float32 features.
+        self.metric.orig_dtype = torch.float32
 
     def _add(self, features: Tensor, real: bool) -> None:
         self.metric.update(features.to(self.device), real=real)

@@ -19,6 +19,10 @@ and `params()` -> what the values were computed with (log both). Names:
   f1     F1 of the change mask against `cond`, the past image (`models.metrics.change`) (paired)
 
 Paired metrics compare fake[i] with real[i], so they need both in the same call.
+
+Suites that saw disjoint parts of one evaluation (other processes) merge: `state()` on each,
+`merge(state)` into one suite of the same configuration, in the order the parts come in a
+single-process evaluation (`models.metrics.merge`).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 from models.metrics.change import CHANGE_THRESHOLD, ChangeF1
 from models.metrics.fid import FrechetDistance
 from models.metrics.kid import KernelDistance
+from models.metrics.merge import merge_state, metric_state
 from models.metrics.perceptual import PerceptualDistance
 from models.metrics.precision_recall import PrecisionRecall
 from models.metrics.ssim import ssim
@@ -152,6 +157,26 @@ class MetricSuite:
         out += [self.fid.metric] if self.fid is not None else []
         out += [store.metric for store in (self.kid, self.pr) if store is not None]
         return out + ([self.f1.metric] if self.f1 is not None else [])
+
+    def feature_metrics(self) -> list:
+        """fid, kid and pr, those computed."""
+        return [m for m in (self.fid, self.kid, self.pr) if m is not None]
+
+    def state(self) -> dict:
+        """What this suite has seen, on the CPU and picklable: `merge` adds it to another suite."""
+        return {"counts": dict(self.counts), "feature_counts": [dict(m.counts) for m in self.feature_metrics()],
+                "metrics": [metric_state(m) for m in self.metrics()]}
+
+    def merge(self, state: dict) -> None:
+        """Adds the `state()` of a suite of the same configuration, as if its updates came after
+        this suite's own (KID's value depends on the order of the features)."""
+        for side, n in state["counts"].items():
+            self.counts[side] += n
+        for metric, counts in zip(self.feature_metrics(), state["feature_counts"], strict=True):
+            for side, n in counts.items():
+                metric.counts[side] += n
+        for metric, incoming in zip(self.metrics(), state["metrics"], strict=True):
+            merge_state(metric, incoming)
 
     def params(self) -> dict[str, str]:
         """What the numbers were computed with (MLflow params)."""

@@ -152,6 +152,42 @@ CASES = [
     Case("models-promote-bad-mode", ["models", "promote", "gen", "--mode", "lowest", "--tracking-uri", "{store}"],
          ["--mode", "lowest"]),
     Case("models-promote-server-dead", ["models", "promote", "gen", "--tracking-uri", DEAD], [DEAD]),
+    Case("models-promote-negative-margin", ["models", "promote", "gen", "--min-improvement", "-0.1", "--tracking-uri",
+                                            "{store}"], ["--min-improvement", "-0.1"]),
+    Case("models-rollback-unknown-name", ["models", "rollback", "nope", "--tracking-uri", "{store}"], ["'nope'", "gen"]),
+    Case("models-rollback-no-previous", ["models", "rollback", "gen", "--tracking-uri", "{store}"],
+         ["'gen'", "no previous champion", "champion v1"]),
+    Case("models-rollback-server-dead", ["models", "rollback", "gen", "--tracking-uri", DEAD], [DEAD]),
+    # models generate, models show NAME@ALIAS
+    Case("models-generate-unknown-name", ["models", "generate", "models:/nope@champion", "--n", "4", "--out",
+                                          "{work}/out", "--tracking-uri", "{store}"], ["models:/nope@champion", "gen"]),
+    Case("models-generate-unknown-version", ["models", "generate", "models:/gen/9", "--n", "4", "--out", "{work}/out",
+                                             "--tracking-uri", "{store}"], ["version '9'", "versions: 1"]),
+    Case("models-generate-unknown-alias", ["models", "generate", "models:/gen@best", "--n", "4", "--out",
+                                           "{work}/out", "--tracking-uri", "{store}"], ["alias 'best'", "champion"]),
+    Case("models-generate-no-generator", ["models", "generate", "models:/gen@champion", "--n", "4", "--out",
+                                          "{work}/out", "--tracking-uri", "{store}"], ["models:/gen@champion"]),
+    Case("models-generate-unknown-run", ["models", "generate", f"runs:/{NO_RUN}", "--n", "4", "--out", "{work}/out",
+                                         "--tracking-uri", "{store}"], [NO_RUN]),
+    Case("models-generate-snapshot-missing", ["models", "generate", "{work}/g.pt", "--n", "4", "--out", "{work}/out"],
+         ["g.pt"]),
+    Case("models-generate-out-holds-a-set", ["models", "generate", "models:/gen@champion", "--n", "4", "--out",
+                                             "{fx}/shards", "--tracking-uri", "{store}"],
+         ["shards", "already holds a shard set", "--overwrite"]),
+    Case("models-generate-n-zero", ["models", "generate", "{work}/g.pt", "--n", "0", "--out", "{work}/out"], ["--n"]),
+    Case("models-generate-workers-zero", ["models", "generate", "{work}/g.pt", "--n", "4", "--workers", "0",
+                                          "--out", "{work}/out"], ["--workers"]),
+    Case("models-generate-no-out", ["models", "generate", "{work}/g.pt", "--n", "4"], ["--out"]),
+    Case("models-generate-no-store", ["models", "generate", "models:/gen@champion", "--n", "4", "--out", "{work}/out"],
+         ["--tracking-uri", "no MLflow store"]),
+    Case("models-generate-server-dead", ["models", "generate", "models:/gen@champion", "--n", "4", "--out",
+                                         "{work}/out", "--tracking-uri", DEAD], [DEAD]),
+    Case("models-show-unknown-alias", ["models", "show", "gen@best", "--tracking-uri", "{store}"],
+         ["'best'", "champion=v1"]),
+    Case("models-show-unknown-version", ["models", "show", "gen/9", "--tracking-uri", "{store}"],
+         ["version 9", "versions: 1"]),
+    Case("models-show-version-unknown-name", ["models", "show", "nope@champion", "--tracking-uri", "{store}"],
+         ["'nope'", "gen"]),
     # jobs
     Case("jobs-submit-address-dead", ["jobs", "submit", QS, "--address", DEAD], ["Ray Jobs API", DEAD]),
     Case("jobs-submit-bad-spec", ["jobs", "submit", QS, "--set", "train.steps=0", "--address", DEAD], ["train.steps"]),
@@ -258,7 +294,7 @@ def error_lines(stderr: str) -> list[str]:
 def test_the_corpus_covers_every_command():
     commands = {" ".join(a for a in c.argv[:2] if not a.startswith(("{", "/"))) for c in CASES}
     wanted = {"train", "quickstart", "data build", "data inspect", "data verify", "models show", "models list",
-              "models promote", "jobs submit", "jobs status", "jobs logs", "jobs stop", "search show", "search mineaug"}
+              "models promote", "models rollback", "jobs submit", "jobs status", "jobs logs", "jobs stop", "search show", "search mineaug"}
     assert wanted <= {c if c.split()[0] in ("data", "models", "jobs", "search") else c.split()[0] for c in commands}
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
 

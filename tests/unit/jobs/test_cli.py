@@ -10,6 +10,7 @@ from PIL import Image
 from data_shards.card import read_manifest
 from jobs.cli import main
 from jobs.spec import SPECS_DIR
+from jobs.tracking.protocol import EvalProtocol, version_tags
 
 
 def test_data_build_then_inspect_and_verify(tmp_path):
@@ -80,10 +81,13 @@ def test_models_show_and_promote(tmp_path):
     mlflow.set_experiment("cli")
     client = MlflowClient(uri)
     client.create_registered_model("gen")
+    protocol = EvalProtocol(data_fingerprint="cli", split="all", real_seed=0, seed_base=0, num_samples=8)
     for fid in (3.0, 1.5):
         with mlflow.start_run() as run:
             mlflow.log_metric("fid", fid)
-        client.create_model_version("gen", f"runs:/{run.info.run_id}/generator", run.info.run_id)
+        # scores recorded under an evaluation protocol, as training records them (promote compares only those)
+        client.create_model_version("gen", f"runs:/{run.info.run_id}/generator", run.info.run_id,
+                                    tags=version_tags(protocol, {"fid": fid}, run.info.run_id))
     mlflow.set_tracking_uri(None)
 
     runner = CliRunner()

@@ -1,0 +1,333 @@
+"""`orbitgen models generate`: a generator (registered, a run's, or a snapshot file) -> a shard set
+that `data verify`, `data inspect` and a spec's `data.train` accept, its lineage on the card.
+
+Why it is shaped this way:
+- The same command gives the same bytes, whatever the worker count. The set is cut into shards
+  of `shard_size` samples, fixed by N alone: sample i (seed `seed_base + i`; input i of a
+  conditional model) is always in shard i // shard_size. Each image is drawn on its own,
+  `family.sample(sampler, 1, seed=...)`, as the registered pyfunc draws one per seed, so its
+  pixels do not depend on its batch-mates; workers run torch on one thread. Shards and manifest
+  match byte for byte between runs; only the card's `created` time differs.
+- W Ray actors each load the model once and take shards from a queue: a shard is one disjoint
+  seed (or input) range, written by one actor as a one-shard set under a temporary prefix
+  (`write_shards`: the checks and encoding of `data build`).
+- Nothing is visible at `--out` until the set is complete: the driver moves the shards into
+  place, then writes the card and, last, the manifest. On failure the temporary prefix goes,
+  and so does a destination folder the command created.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import ray
+
+from data_shards.card import CARD, MANIFEST, SKIPPED, DatasetCard, fingerprint, read_card, read_manifest, \
+    write_manifest
+from data_shards.errors import InputExists, UserError
+from data_shards.shard_reader import read_piece
+from data_shards.sources import Sample
+from data_shards.storage import filesystem, join, to_url
+from data_shards.writer import write_shards
+from jobs.tracking.lineage import TAG_GENERATED, parse_version_ref
+
+CARD_KEY = "generated"               # the lineage's key in dataset.json
+SHARD_SIZE = 256
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What MODEL named: the local snapshot and, for a registered model or a run, where it came from."""
+    ref: str                       # as given
+    snapshot: str
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+
+
+@dataclass
+class GenerateResult:
+    url: str
+    card: DatasetCard
+    lineage: dict[str, Any]
+    workers: int
+    seconds: float
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """[lo, hi) sample positions of each shard: fixed by N and the shard size, never by the workers."""
+    return [(lo, min(lo + shard_size, n)) for lo in range(0, n, shard_size)]
+
+
+def resolve_model(ref: str, dest: Path, client=None) -> ModelSource:
+    """MODEL (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID[/generator]`, a snapshot
+    path) as a local snapshot plus its registry coordinates; bad refs raise UserError."""
+    from mlflow.exceptions import MlflowException
+
+    from jobs.tracking.model_refs import resolve_ref
+
+    name = version = run_id = None
+    canonical = ref
+    try:
+        if ref.startswith("models:/"):
+            name, version, run_id = _registered_version(client, ref)
+            canonical = f"models:/{name}/{version}"
+        elif ref.startswith("runs:/"):
+            run_id = ref.removeprefix("runs:/").split("/")[0]
+            client.get_run(run_id)   # an unknown run is named here, not deep in a download
+            canonical = ref if ref.count("/") > 1 else f"runs:/{run_id}/generator"
+        snapshot = resolve_ref(canonical, dest, tracking_uri=client.tracking_uri if client else None)
+    except (MlflowException, OSError) as e:   # no such run, artifact or file
+        raise UserError(f"MODEL {ref}: {_first_line(e)}") from None
+    return ModelSource(ref, snapshot, name, version, run_id)
+
+
+def _registered_version(client, ref: str) -> tuple[str, str, str]:
+    """(name, version, run id) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
+    from mlflow.exceptions import MlflowException
+
+    name, alias, number = parse_version_ref(ref)
+    if not name or not (alias or number):
+        raise UserError(f"MODEL {ref}: write models:/NAME@ALIAS or models:/NAME/VERSION")
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        names = [m.name for m in client.search_registered_models()]
+        raise UserError(f"MODEL {ref}: no registered model named {name!r}; "
+                        + (f"registered: {', '.join(names)}" if names else "none is registered in this store")) from None
+    try:
+        v = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+    except MlflowException:
+        versions = sorted((str(v.version) for v in client.search_model_versions(f"name='{name}'")), key=int)
+        aliases = client.get_registered_model(name).aliases or {}
+        raise UserError(f"MODEL {ref}: {name!r} has no {'alias' if alias else 'version'} {alias or number!r}; "
+                        f"versions: {', '.join(versions) or 'none'}; aliases: {', '.join(aliases) or 'none'}") from None
+    return name, str(v.version), v.run_id
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def check_inputs(family, inputs: str | None, n: int | None) -> tuple[int, DatasetCard | None]:
+    """The sample count and the input set's card; UserError when they do not fit the model."""
+    if not family.conditional:
+        if inputs:
+            raise UserError(f"--inputs: this {family.name} model is unconditional: it draws from seeds, "
+                            "leave --inputs out")
+        if n is None:
+            raise UserError("--n: how many images to draw (this model is unconditional)")
+        return n, None
+    keys = [k for k in ("cond", "mask") if k in family.data_keys]
+    if not inputs:
+        raise UserError(f"--inputs: this {family.name} model is conditional: give a shard set with "
+                        f"{' and '.join(keys)} (e.g. one `orbitgen data build` made)")
+    card = read_card(to_url(inputs))
+    missing = [k for k in keys if k not in card.modalities]
+    if missing:
+        raise UserError(f"--inputs {inputs}: no {', '.join(missing)} in its samples (it has "
+                        f"{', '.join(card.modalities)}); this {family.name} model needs {', '.join(keys)}")
+    if (card.resolution, card.channels) != (family.resolution, family.channels):
+        raise UserError(f"--inputs {inputs}: {card.channels}-channel {card.resolution}² images; this "
+                        f"{family.name} model takes {family.channels}-channel {family.resolution}²")
+    if n is not None and n > card.count:
+        raise UserError(f"--n {n}: --inputs {inputs} holds {card.count} samples")
+    return (card.count if n is None else n), card
+
+
+def check_out(url: str, overwrite: bool) -> None:
+    """A destination that already holds a shard set (or part of one) is refused without `overwrite`."""
+    fs, root = filesystem(url)
+    if not overwrite and fs.exists(root) and any(_is_set_file(p) for p in fs.ls(root, detail=False)):
+        raise InputExists(f"--out {url} already holds a shard set; pick another --out or pass --overwrite")
+
+
+def _is_set_file(path: str) -> bool:
+    base = path.rstrip("/").rsplit("/", 1)[-1]
+    return base in (CARD, MANIFEST, SKIPPED) or (base.startswith("shard-") and base.endswith(".tar"))
+
+
+@ray.remote(num_cpus=1)
+class _Generator:
+    """One worker: the model loaded once; writes whole shards of a seed (input) range."""
+
+    def __init__(self, snapshot: bytes, env: dict[str, str]):
+        import torch
+
+        from models.snapshot import load_snapshot
+
+        os.environ.update(env)
+        torch.set_num_threads(1)   # the same float sums on every worker, whatever its core count
+        self.family, self.sampler, _ = load_snapshot(io.BytesIO(snapshot))
+
+    def write(self, index: int, lo: int, hi: int, seed_base: int, tmp: str, inputs: list[tuple[str, int, int]]) -> dict:
+        """Samples lo..hi-1 as a one-shard set under `tmp`; returns its manifest row, the shard's
+        URL and the sample parts."""
+        fam = self.family
+        samples = self._conditional(lo, seed_base, inputs) if fam.conditional else self._drawn(lo, hi, seed_base)
+        part = join(tmp, f"part-{index:06d}")
+        card = write_shards(samples, part, layout="generated", resolution=fam.resolution, channels=fam.channels,
+                            source="generated", shard_samples=hi - lo, progress=False)
+        row = read_manifest(part).iloc[0]
+        return {"index": index, "shard": row["url"], "samples": int(row["samples"]), "bytes": int(row["bytes"]),
+                "sha256": row["sha256"], "modalities": card.modalities}
+
+    def _image(self, seed: int, **inputs) -> np.ndarray:
+        from models.images import nchw_to_nhwc_numpy, to_uint8
+
+        return nchw_to_nhwc_numpy(to_uint8(self.family.sample(self.sampler, 1, seed=seed, **inputs)))[0]
+
+    def _drawn(self, lo: int, hi: int, seed_base: int) -> Iterator[Sample]:
+        for i in range(lo, hi):
+            seed = seed_base + i
+            yield Sample(key=f"seed{seed:010d}", image=self._image(seed), meta={"seed": seed})
+
+    def _conditional(self, lo: int, seed_base: int, inputs: list[tuple[str, int, int]]) -> Iterator[Sample]:
+        import torch
+
+        from data_shards.decode import decode_sample, expected_shapes
+        from models.images import to_float
+
+        fam = self.family
+        keys = tuple(k for k in ("cond", "mask") if k in fam.data_keys)
+        shapes = expected_shapes(fam.resolution, fam.channels)
+        i = lo
+        for url, a, b in inputs:
+            for raw in read_piece(url, a, b):
+                s = decode_sample(raw, keys, shapes)
+                given = {k: to_float(torch.from_numpy(s[k]).permute(2, 0, 1)[None]) for k in keys}
+                yield Sample(key=s["__key__"], image=self._image(seed_base + i, **given), cond=s["cond"],
+                             mask=s.get("mask"), meta={"input": s["__key__"], "seed": seed_base + i})
+                i += 1
+
+
+def input_pieces(counts: list[int], urls: list[str], lo: int, hi: int) -> list[tuple[str, int, int]]:
+    """Input positions lo..hi-1 of a shard set as (shard url, first, end) pieces of its shards."""
+    pieces, start = [], 0
+    for url, count in zip(urls, counts):
+        a, b = max(lo - start, 0), min(hi - start, count)
+        if a < b:
+            pieces.append((url, a, b))
+        start += count
+    return pieces
+
+
+def generate(model: ModelSource, n: int | None, out: str, *, workers: int = 1, inputs: str | None = None,
+             seed_base: int = 0, shard_size: int = SHARD_SIZE, overwrite: bool = False, client=None,
+             progress: bool = True, say: Callable[[str], None] = print) -> GenerateResult:
+    """Write the set at `out`; on a registered version, append it to the version's `orbitgen.generated`."""
+    import time
+
+    from models.snapshot import load_snapshot
+
+    started = time.perf_counter()
+    if workers < 1 or shard_size < 1 or seed_base < 0 or (n is not None and n < 1):
+        raise UserError("--n, --workers and --shard-size must be >= 1, --seed-base >= 0")
+    out = to_url(out).rstrip("/")
+    check_out(out, overwrite)
+    family, _, _ = load_snapshot(model.snapshot)
+    n, input_card = check_inputs(family, inputs, n)
+    ranges = shard_ranges(n, shard_size)
+    workers = min(workers, len(ranges))
+    lineage = {"model": model.ref, "name": model.name, "version": model.version, "run_id": model.run_id,
+               "family": family.name, "n": n, "seeds": [seed_base, seed_base + n - 1], "shard_size": shard_size}
+    if input_card is not None:
+        lineage["inputs"] = {"url": to_url(inputs), "fingerprint": input_card.fingerprint}
+    say(f"generating {n} images from {model.ref} ({family.name}) on {workers} workers → {out}")
+
+    fs, root = filesystem(out)
+    tmp = join(out, f".tmp-generate-{uuid.uuid4().hex}")
+    made_root = not fs.exists(root)
+    moved: list[str] = []
+    try:
+        rows = _write_shards(model, ranges, seed_base, tmp, workers, inputs, progress)
+        card = DatasetCard(layout=f"generated:{family.name}", modalities=rows[0]["modalities"],
+                           resolution=family.resolution, channels=family.channels, count=n,
+                           fingerprint=fingerprint([r["sha256"] for r in rows]), shards=len(rows), source=model.ref)
+        if overwrite:
+            _remove_set(fs, root)
+        names = []
+        for r in rows:
+            names.append(f"shard-{r['index']:06d}.tar")
+            fs.mv(filesystem(r["shard"])[1], join(root, names[-1]))
+            moved.append(join(root, names[-1]))
+        with fs.open(join(root, CARD), "wb") as f:
+            f.write(json.dumps(card.model_dump(mode="json") | {CARD_KEY: lineage}, indent=2).encode())
+        write_manifest(out, [{"url": name, **{k: r[k] for k in ("samples", "bytes", "sha256")}}
+                             for name, r in zip(names, rows)])   # last: the set is complete from here on
+    except BaseException:
+        if made_root and fs.exists(root):
+            fs.rm(root, recursive=True)
+        elif moved:   # failed while publishing: what was moved in goes, and the card if written
+            for path in [*moved, join(root, CARD)]:
+                if fs.exists(path):
+                    fs.rm(path)
+        raise
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+    if model.version is not None and client is not None:
+        record_on_version(client, model.name, model.version,
+                          {"url": out, "n": n, "seeds": lineage["seeds"], "fingerprint": card.fingerprint})
+    return GenerateResult(out, card, lineage, workers, time.perf_counter() - started)
+
+
+def _remove_set(fs, root: str) -> None:
+    """The shard set at `root` (--overwrite): the manifest first, so it never looks complete half-removed."""
+    paths = sorted((p for p in fs.ls(root, detail=False) if _is_set_file(p)),
+                   key=lambda p: not p.rstrip("/").endswith(MANIFEST))
+    for p in paths:
+        fs.rm(p)
+
+
+def _write_shards(model: ModelSource, ranges, seed_base: int, tmp: str, workers: int, inputs: str | None,
+                  progress: bool) -> list[dict]:
+    """Every shard written under `tmp` by `workers` actors taking shards from a queue; their rows, in order."""
+    from ray.util import ActorPool
+    from tqdm import tqdm
+
+    from jobs.env import forwarded_env
+    from jobs.runner import ensure_ray
+
+    manifest = read_manifest(to_url(inputs)) if inputs else None
+    ensure_ray()
+    snapshot = ray.put(Path(model.snapshot).read_bytes())
+    actors = [_Generator.remote(snapshot, forwarded_env()) for _ in range(workers)]
+
+    def task(actor, item):
+        index, (lo, hi) = item
+        pieces = input_pieces(list(manifest.samples), list(manifest.url), lo, hi) if manifest is not None else []
+        return actor.write.remote(index, lo, hi, seed_base, tmp, pieces)
+
+    rows = []
+    try:
+        with tqdm(total=ranges[-1][1], desc="generating", unit="img", file=sys.stderr, disable=not progress) as bar:
+            for row in ActorPool(actors).map_unordered(task, list(enumerate(ranges))):
+                rows.append(row)
+                bar.update(row["samples"])
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def record_on_version(client, name: str, version: str, entry: dict) -> None:
+    """Appends `entry` to the version's `orbitgen.generated` list (read, then write: two generate
+    commands finishing in the same instant on one version could lose one entry; the sets stay)."""
+    tags = client.get_model_version(name, version).tags or {}
+    made = json.loads(tags.get(TAG_GENERATED) or "[]")
+    client.set_model_version_tag(name, version, TAG_GENERATED, json.dumps(made + [entry]))
+
+
+def read_lineage(url: str) -> dict[str, Any] | None:
+    """The lineage recorded on a generated set's card; None for a set `data build` made."""
+    fs, root = filesystem(to_url(url))
+    with fs.open(join(root, CARD), "rb") as f:
+        return json.loads(f.read()).get(CARD_KEY)
