@@ -130,7 +130,7 @@ def _version(client, model: str) -> tuple[str, str]:
     except MlflowException:
         names = [r.name for r in client.search_registered_models()]
         raise UserError(f"no registered model named {name!r}; registered: {', '.join(names) or 'none'}") from None
-    versions = sorted((v.version for v in client.search_model_versions(f"name='{name}'")), key=int)
+    versions = sorted((str(v.version) for v in client.search_model_versions(f"name='{name}'")), key=int)   # int from sqlite, str over REST
     if at:
         aliases = registered.aliases or {}
         if alias not in aliases:

@@ -180,7 +180,8 @@ def _decide(name: str, candidate: str, cand: list[Evaluation], champion: str | N
     ours, theirs = a.scores[metric], b.scores[metric]
     ok = beats(ours, theirs, mode, min_improvement)
     margin = f", needs {min_improvement:+.1%}" if min_improvement else ""
-    numbers = f"{metric} {ours:.4g} vs {theirs:.4g} ({improvement(ours, theirs, mode):+.2%} better{margin})"
+    gain = improvement(ours, theirs, mode)
+    numbers = f"{metric} {ours:.4g} vs {theirs:.4g} ({abs(gain):.2%} {'better' if gain > 0 else 'worse'}{margin})"
     why = (f"v{candidate} beats champion v{champion}: {numbers}; v{candidate} is champion" if ok else
            f"v{candidate} does not beat champion v{champion}: {numbers}; champion stays, v{candidate} is challenger")
     return Promotion(ok, candidate, champion, ours, theirs, why, table(candidate, a, champion, b, metric))

@@ -81,7 +81,7 @@ def test_margin_is_relative_to_the_champion_and_inclusive(g):
                        min_improvement=0.02).promoted
     exact = g.version({"fid": 4.9})
     p = promote(g.name, metric="fid", mode="min", candidate=exact, client=g.client, min_improvement=0.02)
-    assert p.promoted and "+2.00% better" in p.reason
+    assert p.promoted and "2.00% better" in p.reason
     # mode max: 4.998 against 4.9 is 2% better; a tie is no improvement even with no margin
     up = g.version({"fid": 4.9 * 1.02})
     assert promote(g.name, metric="fid", mode="max", candidate=up, client=g.client, min_improvement=0.02).promoted
