@@ -188,6 +188,13 @@ CASES = [
          ["version 9", "versions: 1"]),
     Case("models-show-version-unknown-name", ["models", "show", "nope@champion", "--tracking-uri", "{store}"],
          ["'nope'", "gen"]),
+    # eval
+    Case("eval-unknown-version", ["eval", "models:/gen/9", "--tracking-uri", "{store}"], ["'gen'", "version 9", "versions: 1"]),
+    Case("eval-unknown-alias", ["eval", "models:/gen@best", "--tracking-uri", "{store}"], ["'best'", "champion=v1"]),
+    Case("eval-missing-snapshot", ["eval", "{work}/nothing/generator.pt", "--tracking-uri", "{store}"],
+         ["nothing/generator.pt"]),
+    Case("eval-no-store", ["eval", "models:/gen@champion", "--tracking-uri", "sqlite:///{work}/none.db"],
+         ["no MLflow store", "none.db"]),
     # jobs
     Case("jobs-submit-address-dead", ["jobs", "submit", QS, "--address", DEAD], ["Ray Jobs API", DEAD]),
     Case("jobs-submit-bad-spec", ["jobs", "submit", QS, "--set", "train.steps=0", "--address", DEAD], ["train.steps"]),
@@ -294,7 +301,7 @@ def error_lines(stderr: str) -> list[str]:
 def test_the_corpus_covers_every_command():
     commands = {" ".join(a for a in c.argv[:2] if not a.startswith(("{", "/"))) for c in CASES}
     wanted = {"train", "quickstart", "data build", "data inspect", "data verify", "models show", "models list",
-              "models promote", "models rollback", "jobs submit", "jobs status", "jobs logs", "jobs stop", "search show", "search mineaug"}
+              "models promote", "models rollback", "models generate", "eval", "jobs submit", "jobs status", "jobs logs", "jobs stop", "search show", "search mineaug"}
     assert wanted <= {c if c.split()[0] in ("data", "models", "jobs", "search") else c.split()[0] for c in commands}
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
 
