@@ -141,7 +141,11 @@ def _open_run(spec: JobSpec, tracking_uri: str, resumed: dict[str, Any] | None):
         experiment_id = tracking.ensure_experiment(tracking_uri, spec.experiment, spec.workdir_path() / "mlartifacts")
         return mlflow.start_run(experiment_id=experiment_id)
     mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.start_run(run_id=resumed["mlflow_run_id"])
+    run_id = resumed["mlflow_run_id"]
+    # MLflow refuses to reopen a run outside the process's active experiment (a notebook's, an
+    # earlier job's in this process): make the run's own experiment the active one.
+    mlflow.set_experiment(experiment_id=MlflowClient(tracking_uri).get_run(run_id).info.experiment_id)
+    return mlflow.start_run(run_id=run_id)
 
 
 def _registered_scores(spec: JobSpec, result, checkpoint) -> dict[str, float]:

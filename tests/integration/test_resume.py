@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import ray
 import torch
@@ -158,6 +159,10 @@ def test_crashed_run_continues_with_resume_exactly(ray_local, tmp_path_factory):
     args = ["train", str(spec_file), "--resume", run_name]
     for o in tiny_overrides(workdir, "zero1", f"checkpoint.storage={storage}"):
         args += ["--set", o]
+    # The resuming process worked in another experiment before (a notebook, an earlier job): MLflow
+    # refuses to reopen a run outside the active experiment unless the runner switches to the run's.
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    mlflow.set_experiment("elsewhere")
     out = CliRunner().invoke(main, args, catch_exceptions=False)
     assert out.exit_code == 0, out.output
 
