@@ -24,6 +24,7 @@ from family_checks import CPU, check_gradient_isolation, has_grads, paired_batch
 from jobs.spec import JobSpec
 from jobs.tracking.pyfunc import input_columns
 from jobs.tracking.registry import log_generator
+from jobs.tracking.runs import ensure_experiment
 from jobs.worker import build_training, run_steps
 from models.family import Family, StepContext
 from models.images import nchw_to_nhwc_numpy, to_float, to_uint8
@@ -181,8 +182,8 @@ def test_snapshot_round_trips_without_the_spec_files(family, spec_name, tmp_path
 def tracking(tmp_path_factory):
     """One local sqlite store for the module's registered models."""
     store = tmp_path_factory.mktemp("contract-mlflow")
-    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
-    mlflow.set_experiment("family-contract")
+    mlflow.set_experiment(experiment_id=ensure_experiment(f"sqlite:///{store / 'mlflow.db'}", "family-contract",
+                                                          store / "artifacts"))
     yield store
     mlflow.set_tracking_uri(None)
     os.environ.pop("MLFLOW_TRACKING_URI", None)

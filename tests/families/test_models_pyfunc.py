@@ -11,6 +11,7 @@ import torch
 
 from family_checks import smooth_batch
 from jobs.tracking.registry import log_generator
+from jobs.tracking.runs import ensure_experiment
 from models.images import nchw_to_nhwc_numpy, to_float, to_uint8
 from models.png import decode_pngs, encode_png
 from models.registry import make_family
@@ -22,8 +23,8 @@ RES = 16
 
 @pytest.fixture
 def tracking(tmp_path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("pyfunc")
+    mlflow.set_experiment(experiment_id=ensure_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "pyfunc",
+                                                          tmp_path / "artifacts"))
     yield tmp_path
     mlflow.set_tracking_uri(None)
 

@@ -11,6 +11,7 @@ from data_shards.card import read_manifest
 from jobs.cli import main
 from jobs.spec import SPECS_DIR
 from jobs.tracking.protocol import EvalProtocol, version_tags
+from jobs.tracking.runs import ensure_experiment
 
 
 def test_data_build_then_inspect_and_verify(tmp_path):
@@ -77,8 +78,7 @@ def test_data_build_errors_name_the_source(tmp_path):
 
 def test_models_show_and_promote(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("cli")
+    mlflow.set_experiment(experiment_id=ensure_experiment(uri, "cli", tmp_path / "artifacts"))
     client = MlflowClient(uri)
     client.create_registered_model("gen")
     protocol = EvalProtocol(data_fingerprint="cli", split="all", real_seed=0, seed_base=0, num_samples=8)

@@ -13,6 +13,7 @@ from data_shards.errors import UserError
 from jobs.tracking import registry_lock
 from jobs.tracking.protocol import TAG_CHAMPION_HISTORY, TAG_RUN_PROTOCOL, EvalProtocol, version_tags
 from jobs.tracking.registry import champion_history, list_models, previous_champion, promote, rollback
+from jobs.tracking.runs import ensure_experiment
 
 P = EvalProtocol(data_fingerprint="f00d" * 4, split="all", real_seed=0, seed_base=1_000_000, num_samples=64,
                  extractors={"orbitgen-randconv64-v1": "00ff00ff00ff00ff"})
@@ -22,9 +23,9 @@ P128 = replace(P, num_samples=128)
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One sqlite store for the module (creating one takes seconds); each test has its own model."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("promotion")
+    folder = tmp_path_factory.mktemp('registry')
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mlflow.set_experiment(experiment_id=ensure_experiment(uri, "promotion", folder / "artifacts"))
     yield MlflowClient(uri)
     mlflow.set_tracking_uri(None)
 
