@@ -1,6 +1,7 @@
 """Built-in data sets named by URLs such as `builtin:craters?count=512&seed=0`.
 
     builtin:craters          image: crater fields (the probe-image seeds)
+    builtin:craters-large    image: a few large craters under one sun (the quickstart's)
     builtin:terrain-classes  image, cls: land-cover textures; class names in the card
     builtin:maps             cond: satellite tile, image: its map (pix2pix)
     builtin:timeseries       cond: past tile, mask: new built-up area, image: future tile, json: id, dates
@@ -12,18 +13,20 @@ same fingerprint) without any download: the embedded default, spec overrides and
 """
 from __future__ import annotations
 
+from functools import partial
 from urllib.parse import parse_qsl, urlsplit
 
 from .errors import UserError
 from .card import read_card
 from .landscape import CLASSES, ground_pairs, growth_series, map_pairs, terrain_classes
 from .storage import filesystem, join, to_url
-from .synthetic import crater_field
+from .synthetic import LARGE, crater_field
 from .writer import write_shards
 
 # name -> (generator(count, resolution, channels, seed), query parameters with defaults)
 BUILTINS = {
     "craters": (crater_field, {"count": 512, "seed": 0}),              # image (StyleGAN / folder sets)
+    "craters-large": (partial(crater_field, style=LARGE), {"count": 512, "seed": 0}),  # image, learnt fast
     "terrain-classes": (terrain_classes, {"count": 500, "seed": 0}),   # image, cls (class folders)
     "maps": (map_pairs, {"count": 256, "seed": 0}),                    # cond satellite, image map (pix2pix)
     "timeseries": (growth_series, {"count": 256, "seed": 0}),          # cond past, mask growth, image future, json

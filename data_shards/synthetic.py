@@ -3,13 +3,17 @@
 A height field (fractal value noise plus parabolic crater bowls with raised rims, radii
 power-law distributed) is lit by a low sun from one side: bowls turn dark, rims facing the
 sun bright. Image i's parameters come from its own RNG seeded with (seed, i), drawn in
-resolution-independent units, so the same scene renders at any resolution. Heavy work is
+resolution-independent units, so the same scene renders at any resolution. A `CraterStyle`
+sets the crater population and the sun: `FIELD`, the probe-image look (dozens of craters from a
+pixel up, each image its own sun), or `LARGE`, a few big bowls under one sun, which a small GAN
+learns to draw in a CPU minute (the quickstart's set). Heavy work is
 batched over a chunk of images, using only +, -, *, / and sqrt on large arrays (exactly
 rounded in IEEE arithmetic): an image's bytes don't depend on the chunk it was rendered in.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -28,13 +32,27 @@ def _sun(azimuth: float, elevation: float) -> tuple[float, float, float]:
     return c * math.cos(azimuth), c * math.sin(azimuth), math.sin(elevation)
 
 
-def _params(seed: int, i: int) -> dict:
+@dataclass(frozen=True)
+class CraterStyle:
+    name: str                            # in each sample's metadata (but FIELD's, which predates styles)
+    craters: tuple[int, int]             # craters per image, inclusive range (at most MAX_CRATERS)
+    radii: tuple[float, float]           # smallest and largest radius, fraction of the width
+    slope: float                         # differential power law of the radii, p(r) ~ r^-slope
+    sun: tuple[float, float] | None      # (azimuth, elevation) in degrees; None: each image its own
+
+
+FIELD = CraterStyle(name="field", craters=(32, MAX_CRATERS), radii=(0.006, 0.25), slope=2.4, sun=None)
+LARGE = CraterStyle(name="large", craters=(3, 10), radii=(0.05, 0.3), slope=2.0, sun=(135.0, 30.0))
+
+
+def _params(seed: int, i: int, style: CraterStyle = FIELD) -> dict:
+    # The draws keep their order whatever the style: FIELD's images stay byte for byte the same.
     rng = np.random.default_rng([seed, i])
-    n = int(rng.integers(32, MAX_CRATERS + 1))
-    a, rmin, rmax = 2.4, 0.006, 0.25  # differential power law p(r) ~ r^-a (fraction of width)
+    n = int(rng.integers(style.craters[0], style.craters[1] + 1))
+    a, (rmin, rmax) = style.slope, style.radii
     u = rng.random(MAX_CRATERS)
     r = (rmin ** (1 - a) + u * (rmax ** (1 - a) - rmin ** (1 - a))) ** (1 / (1 - a))
-    return {
+    params = {
         "grids": [rng.random((g + 1, g + 1), dtype=np.float32) for g in OCTAVES],
         "roughness": rng.uniform(0.35, 0.55),
         "relief": rng.uniform(0.015, 0.04),          # terrain height, fraction of width
@@ -46,6 +64,9 @@ def _params(seed: int, i: int) -> dict:
         "sun": _sun(rng.uniform(0, 2 * math.pi), math.radians(rng.uniform(18, 40))),
         "tint": np.array([1.0, rng.uniform(0.90, 0.96), rng.uniform(0.78, 0.88)], np.float32),
     }
+    if style.sun is not None:
+        params["sun"] = _sun(math.radians(style.sun[0]), math.radians(style.sun[1]))
+    return params
 
 
 def value_noise(grids: np.ndarray, res: int) -> np.ndarray:
@@ -117,7 +138,8 @@ def _render(ps: list[dict], res: int, channels: int) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255 + np.float32(0.5)).astype(np.uint8)
 
 
-def crater_field(count: int, resolution: int, channels: int = 1, seed: int = 0) -> Iterator[Sample]:
+def crater_field(count: int, resolution: int, channels: int = 1, seed: int = 0,
+                 style: CraterStyle = FIELD) -> Iterator[Sample]:
     """`count` crater-field images (H, W, C) uint8, keys `crater-000000`, ...; deterministic."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, not {channels}")
@@ -126,7 +148,9 @@ def crater_field(count: int, resolution: int, channels: int = 1, seed: int = 0) 
     chunk = max(1, CHUNK_PIXELS // (resolution * resolution))
     for start in range(0, count, chunk):
         idx = range(start, min(count, start + chunk))
-        images = _render([_params(seed, i) for i in idx], resolution, channels)
+        images = _render([_params(seed, i, style) for i in idx], resolution, channels)
         for i, image in zip(idx, images):
             meta = {"generator": "crater_field", "seed": seed, "index": i}
+            if style != FIELD:
+                meta["style"] = style.name
             yield Sample(key=f"crater-{i:06d}", image=np.ascontiguousarray(image), meta=meta)

@@ -20,7 +20,10 @@ if command -v uv >/dev/null 2>&1 || pip install -q uv; then
   for d in $(.venv/bin/pip config get global.find-links 2>/dev/null) ${PIP_FIND_LINKS:-}; do
     [[ -d $d ]] && links+=(--find-links "$d")
   done
-  install() { "$uv" pip install -q --python .venv/bin/python "${links[@]}" "$@"; }
+  # --compile-bytecode: pip writes .pyc files at install, uv does not; without them every Ray
+  # worker process compiles ray, mlflow, ... from source again (all of them, where
+  # PYTHONDONTWRITEBYTECODE is set), which doubled their start-up here.
+  install() { "$uv" pip install -q --compile-bytecode --python .venv/bin/python "${links[@]}" "$@"; }
 else
   install() { pip install -q "$@"; }
 fi

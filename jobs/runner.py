@@ -103,7 +103,7 @@ def make_trainer(spec: JobSpec, run_name: str, storage: str, loop_config: dict[s
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from jobs.worker import train_loop_per_worker   # imports ray.train: only when training
+    from jobs.worker_entry import train_loop_per_worker
 
     storage_path, storage_fs = ray_storage(storage)
     best = spec.checkpoint.best_metric
@@ -201,7 +201,7 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         say(f"mlflow    {redact(tracking_uri)} · experiment {spec.experiment} · run {run_id}")
 
         ensure_ray()
-        from jobs.worker import WorkerConfig   # imports ray.train: only when training
+        from jobs.worker_entry import WorkerConfig
 
         say(f"{'resuming' if resume else 'training'}  {spec.family} · {spec.total_steps} steps · "
             f"{spec.scaling.num_workers} workers ({spec.strategy.kind}) · run {run_name} · "

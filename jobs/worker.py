@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -43,31 +43,11 @@ from models.images import to_float
 GRID_SEED = 123
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What the driver (`jobs.runner`) hands every worker; Ray pickles it as `train_loop_config["worker"]`."""
-
-    spec: dict[str, Any]                 # the validated spec, as JSON-able data
-    run_id: str                          # the MLflow run rank 0 logs into
-    tracking_uri: str
-    data_url: str                        # the training shards (built-in sets already materialised)
-    env: dict[str, str] = field(default_factory=dict)           # forwarded variables (S3 endpoint, credentials)
-    model_files: dict[str, Any] = field(default_factory=dict)   # files `model.*_from` names, shipped by the driver
-    progress_board: str | None = None    # the driver's progress board (jobs/progress.py); rank 0 posts to it
-
-    def as_loop_config(self) -> dict[str, Any]:
-        return {"worker": self}
-
-    @classmethod
-    def from_loop_config(cls, config: Mapping[str, Any]) -> "WorkerConfig":
-        return config["worker"]
-
-
 @dataclass
 class Worker:
     """One rank's training: what every checkpoint report needs, in one place."""
 
-    cfg: WorkerConfig
+    cfg: Any                             # jobs.worker_entry.WorkerConfig (which imports this module)
     spec: JobSpec
     family: Family
     networks: dict[str, nn.Module]
@@ -293,8 +273,9 @@ def run_steps(spec: JobSpec, family: Family, phases: list[Phase], engines: Mappi
         yield step, values
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    cfg = WorkerConfig.from_loop_config(config)
+def run_worker(cfg: Any) -> None:
+    """One rank's whole run, from its `jobs.worker_entry.WorkerConfig` (entered through
+    `jobs.worker_entry.train_loop_per_worker`)."""
     os.environ.update(cfg.env)
     spec = JobSpec.model_validate(cfg.spec)
     # Files the spec names (a frozen stage-1 generator, a ControlNet's base) on this node's disk.

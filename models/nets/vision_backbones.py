@@ -9,16 +9,36 @@ checkpoints, so a user points `model.vision_aided.weights.<kind>` at a real loca
   (`cls_token`, `pos_embed`, `blocks.{i}.attn.qkv.weight`, `norm`, ...).
 - `swin_t`: Swin-T, timm >= 0.9 layout (`layers.{s}.downsample` at the start of stages 1..3);
   the older Microsoft / timm < 0.9 layout (downsample at the end of stages 0..2) is converted.
-- `vgg16`: torchvision / timm `features.{i}.weight` conv layout.
+- `vgg16`: torchvision / timm `features.{i}.weight` conv layout; antialiased_cnns' `vgg16` layout
+  (the reference's weights, `vgg16_lpf4`) is converted on loading.
 
 Every backbone takes images in [-1, 1] (any size, 1 or 3 channels) and returns the list of
-feature levels that the vision-aided reference (Kumari et al., `vision_aided_loss/cvmodel.py`)
-gives its discriminator heads:
+feature levels that the vision-aided reference (Kumari et al., github.com/nupurkmr9/vision-aided-gan,
+`vision_aided_loss/cvmodel.py`) gives its discriminator heads. Blocks are counted from 1:
 
-- CLIP and DINO are "multilevel" (`conv_multi_level`): two maps of patch tokens (N, L, C) without
-  CLS, then the image embedding (N, C), read by one head per level.
-- Swin and VGG are single-level (`conv`): one feature map (N, C, 7, 7) at 224, the network's last
-  (Swin: norm after stage 4; VGG: `features` through pool5), read by one head giving one logit.
+- `clip_vitb32` (`CLIP.forward_custom`, `feat_points = [0, 4, 8, 12]`, "conv_multi_level"): the
+  patch tokens (N, 49, 768) after blocks 4 and 8, raw (no ln_post, CLS dropped), then
+  ln_post(CLS after block 12) @ proj (N, 512), CLIP's image embedding.
+- `dino_vitb16` (`DINO.__call__`, `get_intermediate_layers(x, n=8)` picked at [0, 4, -1]; that
+  DINO method applies `norm` to every output): norm(patch tokens) (N, 196, 768) after blocks 5
+  and 9, then norm(CLS after block 12) (N, 768), DINO's image embedding.
+- `swin_t` (`Swin.forward_custom(return_intermediate=True)`): norm(stage-4 tokens) as one map
+  (N, 768, 7, 7). The reference's weights are the self-supervised MoBY Swin-T
+  (`moby_swin_t_300ep_pretrained.pth`, its `encoder.` keys), which load here as they are.
+- `vgg16` (`Vgg`: `antialiased_cnns.vgg16(filter_size=4).features`): the whole `features`, every
+  max-pool an antialiased one (2x2 max at stride 1, then a [1,3,3,1]x[1,3,3,1]/64 blur at stride 2
+  after reflection padding 1 before / 2 after): one map (N, 512, 7, 7).
+
+Token levels stay (N, L, C) in patch-grid row order; the heads put them back on the grid as the
+reference's `permute(0, 2, 1).reshape(-1, C, side, side)` does. CLIP and DINO are `multilevel`
+(the reference's `MultiLevelDViT`, one head per level, the last an MLP on the embedding); Swin and
+VGG single-level (`SimpleD`, one head on the map). The taps are constructor arguments (`taps`),
+the published ones by default; the tiny configs tap blocks 1 and 2 of 3.
+
+Preprocessing (not a tap point) still differs: the resize to the input size is bilinear with
+antialiasing (the reference: `F.interpolate(mode='area')`), and DINO and Swin normalise with
+ImageNet's mean and std (the reference: CLIP's mean with ImageNet's std, which matches neither
+network's training and looks like a slip).
 
 `level_dims` gives each level's channels, `multilevel` which of the two layouts a backbone has.
 `pooled` is what the linear probe reads (the reference's `pool` output): the embedding of a
@@ -26,9 +46,14 @@ multilevel backbone, the spatial mean of a single-level one's map. The parameter
 but gradients flow to the input: the generator trains through the backbone.
 
 `size="tiny"` builds the same classes with a few channels (input 32) so tests run on CPU.
+VGG's pooling is a constructor option (`pool="blur"`, the reference's, or `"max"`, plain
+torchvision); `build_backbone` keeps the default, so torchvision's max-pool-trained `vgg16`
+weights run through blur pools: for the reference's network use antialiased_cnns'
+`vgg16_lpf4` weights.
 """
 from __future__ import annotations
 
+import math
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -48,15 +73,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # The base entries are the published architectures; tiny ones keep every code path (CLS token,
-# mid-block tap, shifted windows, patch merging, max-pools) at a few channels.
+# two intermediate taps before the last block, shifted windows, patch merging, blur pools) at a
+# few channels.
 _CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     "clip_vitb32": {
-        "base": dict(image_size=224, patch=32, width=768, depth=12, heads=12, output_dim=512),
-        "tiny": dict(image_size=32, patch=8, width=32, depth=2, heads=2, output_dim=16),
+        "base": dict(image_size=224, patch=32, width=768, depth=12, heads=12, output_dim=512, taps=(4, 8)),
+        "tiny": dict(image_size=32, patch=8, width=32, depth=3, heads=2, output_dim=16, taps=(1, 2)),
     },
     "dino_vitb16": {
-        "base": dict(image_size=224, patch=16, width=768, depth=12, heads=12),
-        "tiny": dict(image_size=32, patch=8, width=32, depth=2, heads=2),
+        "base": dict(image_size=224, patch=16, width=768, depth=12, heads=12, taps=(5, 9)),
+        "tiny": dict(image_size=32, patch=8, width=32, depth=3, heads=2, taps=(1, 2)),
     },
     "swin_t": {
         "base": dict(image_size=224, patch=4, embed_dim=96, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24), window=7),
@@ -197,17 +223,29 @@ class _CLIPTransformer(nn.Module):
         self.resblocks = nn.ModuleList(_CLIPBlock(width, heads, act) for _ in range(depth))
 
 
+def _check_taps(kind: str, taps: tuple[int, ...], depth: int) -> tuple[int, int]:
+    """The two intermediate taps: numbers of blocks run (1-based), increasing, within the depth."""
+    taps = tuple(int(t) for t in taps)
+    if len(taps) != 2 or not 1 <= taps[0] < taps[1] <= depth:
+        raise ValueError(f"{kind}: taps must be two block counts 1 <= a < b <= depth={depth}, got {taps}")
+    return taps
+
+
 class CLIPVisual(Backbone):
-    """Levels: [patch tokens after the middle block (N, L, width), ln_post(patch tokens) after the
-    last block (N, L, width), ln_post(CLS) @ proj (N, output_dim) = CLIP's image embedding]."""
+    """Levels, as the reference's `CLIP.forward_custom` (`feat_points = [0, 4, 8, 12]`):
+    [patch tokens after block `taps[0]` (N, L, width), patch tokens after block `taps[1]`
+    (N, L, width), ln_post(CLS after the last block) @ proj (N, output_dim) = CLIP's image
+    embedding]. The two token levels are the raw residual stream: no ln_post, CLS dropped."""
 
     kind, external_prefix, anchor = "clip_vitb32", "visual.", "conv1.weight"
 
     def __init__(self, *, image_size: int = 224, patch: int = 32, width: int = 768, depth: int = 12, heads: int = 12,
-                 output_dim: int = 512, act: Literal["quick_gelu", "gelu"] = "quick_gelu"):
+                 output_dim: int = 512, act: Literal["quick_gelu", "gelu"] = "quick_gelu",
+                 taps: tuple[int, int] = (4, 8)):
         super().__init__(input_size=image_size, mean=CLIP_MEAN, std=CLIP_STD, level_dims=[width, width, output_dim])
         if act not in ("quick_gelu", "gelu"):
             raise ValueError(f"clip act must be 'quick_gelu' (OpenAI weights) or 'gelu', got {act!r}")
+        self.taps = _check_taps(self.kind, taps, depth)
         grid = image_size // patch
         scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
@@ -217,19 +255,17 @@ class CLIPVisual(Backbone):
         self.transformer = _CLIPTransformer(width, depth, heads, QuickGELU if act == "quick_gelu" else nn.GELU)
         self.ln_post = _layer_norm(width, 1e-5)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
-        self.mid = max(depth // 2, 1)
 
     def levels(self, x: Tensor) -> list[Tensor]:
         x = self.conv1(x).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = self.ln_pre(torch.cat([cls, x], 1) + self.positional_embedding.to(x.dtype))
-        mid = x
-        for i, block in enumerate(self.transformer.resblocks):
+        maps = []
+        for n, block in enumerate(self.transformer.resblocks, start=1):
             x = block(x)
-            if i + 1 == self.mid:
-                mid = x
-        x = self.ln_post(x)
-        return [mid[:, 1:], x[:, 1:], x[:, 0] @ self.proj]
+            if n in self.taps:
+                maps.append(x[:, 1:])
+        return [*maps, self.ln_post(x[:, 0]) @ self.proj]
 
 
 # ---- DINO ViT-B/16 (timm / facebookresearch layout) ---------------------------------------------
@@ -265,13 +301,17 @@ class _PatchEmbed(nn.Module):
 
 
 class DINOViT(Backbone):
-    """Levels: [patch tokens after the middle block (N, L, 768), norm(patch tokens) after the last
-    block (N, L, 768), norm(CLS) (N, 768) = DINO's image embedding]."""
+    """Levels, as the reference's `DINO.__call__` (`get_intermediate_layers(x, n=8)[0, 4, -1]`, each
+    of those outputs passed through `norm`): [norm(patch tokens after block `taps[0]`) (N, L, 768),
+    norm(patch tokens after block `taps[1]`) (N, L, 768), norm(CLS after the last block) (N, 768) =
+    DINO's image embedding]. Of 12 blocks the last 8 are blocks 5..12, so [0] and [4] are 5 and 9."""
 
     kind, anchor = "dino_vitb16", "patch_embed.proj.weight"
 
-    def __init__(self, *, image_size: int = 224, patch: int = 16, width: int = 768, depth: int = 12, heads: int = 12):
+    def __init__(self, *, image_size: int = 224, patch: int = 16, width: int = 768, depth: int = 12, heads: int = 12,
+                 taps: tuple[int, int] = (5, 9)):
         super().__init__(input_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, level_dims=[width] * 3)
+        self.taps = _check_taps(self.kind, taps, depth)
         grid = image_size // patch
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(0.02 * torch.randn(1, grid * grid + 1, width))
@@ -279,18 +319,16 @@ class DINOViT(Backbone):
         self.blocks = nn.ModuleList(_ViTBlock(width, heads) for _ in range(depth))
         self.norm = _layer_norm(width, 1e-6)
         nn.init.normal_(self.cls_token, std=1e-6)
-        self.mid = max(depth // 2, 1)
 
     def levels(self, x: Tensor) -> list[Tensor]:
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
-        mid = x
-        for i, block in enumerate(self.blocks):
+        maps = []
+        for n, block in enumerate(self.blocks, start=1):
             x = block(x)
-            if i + 1 == self.mid:
-                mid = x
-        x = self.norm(x)
-        return [mid[:, 1:], x[:, 1:], x[:, 0]]
+            if n in self.taps:
+                maps.append(self.norm(x[:, 1:]))   # LayerNorm is per token: as norm(x)[:, 1:]
+        return [*maps, self.norm(x[:, 0])]
 
 
 # ---- Swin-T (timm >= 0.9 layout) -----------------------------------------------------------------
@@ -391,7 +429,10 @@ class _SwinStage(nn.Module):
 
 
 class SwinT(Backbone):
-    """One level: [norm(stage-4 map) (N, 768, 7, 7)]; `pooled` is its spatial mean = timm's pooled features."""
+    """One level: [norm(stage-4 map) (N, 768, 7, 7)], as the reference's `Swin.forward_custom`
+    (layers, norm, tokens transposed to (N, 768, 49) and reshaped to 7x7: our permute of the
+    (N, 7, 7, 768) map); `pooled` is its spatial mean = timm's pooled features (the reference's
+    probe reads `forward_features`)."""
 
     kind, anchor = "swin_t", "patch_embed.proj.weight"
     multilevel = False
@@ -428,25 +469,85 @@ class SwinT(Backbone):
         return [self.norm(x).permute(0, 3, 1, 2)]
 
 
-# ---- VGG-16 (torchvision / timm `features` layout) ----------------------------------------------
+# ---- VGG-16 (torchvision / timm `features` layout; antialiased_cnns' too) -------------------------
+def _binomial_filter(size: int) -> Tensor:
+    """(size, size) outer product of row `size - 1` of Pascal's triangle, summing to 1
+    (4: [1, 3, 3, 1] x [1, 3, 3, 1] / 64)."""
+    row = torch.tensor([math.comb(size - 1, k) for k in range(size)], dtype=torch.float64)
+    return (torch.outer(row, row) / row.sum() ** 2).float()
+
+
+class AntialiasedMaxPool(nn.Module):
+    """Zhang's (ICML 2019) antialiased max-pool, as `antialiased_cnns.vgg16` has in place of each
+    MaxPool2d(2, 2): a 2x2 max at stride 1, then a binomial blur of side `size` at stride 2 after
+    reflection padding of (size - 1) // 2 before and size // 2 after (4: 1 and 2), so H -> H / 2
+    for even H. No parameters, and its filter is not in the state dict: the slot keeps the
+    torchvision index of the max-pool it replaces."""
+
+    def __init__(self, size: int = 4):
+        super().__init__()
+        if not 1 <= size <= 7:
+            raise ValueError(f"vgg16: blur filter size must be 1..7 (antialiased_cnns' range), got {size}")
+        self.size = int(size)
+        self.pad = ((size - 1) // 2, size // 2) * 2   # (left, right, top, bottom)
+        self.register_buffer("filter", _binomial_filter(size)[None, None], persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(x, 2, stride=1)
+        x = F.pad(x, self.pad, mode="reflect")
+        c = x.shape[1]
+        return F.conv2d(x, self.filter.to(x.dtype).expand(c, 1, -1, -1), stride=2, groups=c)
+
+
 class VGG16(Backbone):
-    """One level: [pool5 (N, 512, 7, 7)], the output of all of `features` (tiny: of its last
-    stage's pool); `pooled` is its spatial mean."""
+    """One level: [the output of all of `features` (N, 512, 7, 7)], as the reference's `Vgg`
+    (`antialiased_cnns.vgg16(pretrained=True, filter_size=4).features`): every max-pool is an
+    `AntialiasedMaxPool(4)` (`pool="max"`: torchvision's plain MaxPool2d(2, 2)). Tiny: the output
+    of its last stage's pool. `pooled` is the map's spatial mean (the reference's `pool`).
+
+    Parameter names are torchvision's (`features.{i}`, pools at 4, 9, 16, 23, 30); the
+    antialiased_cnns layout (max-pool and blur in two slots, so later indices shift, with `filt`
+    buffers) is recognised and converted on loading."""
 
     kind, anchor = "vgg16", "features.0.weight"
     multilevel = False
 
     def __init__(self, *, image_size: int = 224,
-                 stages: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256,) * 3, (512,) * 3, (512,) * 3)):
+                 stages: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256,) * 3, (512,) * 3, (512,) * 3),
+                 pool: Literal["blur", "max"] = "blur", blur_size: int = 4):
         super().__init__(input_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, level_dims=[stages[-1][-1]])
+        if pool not in ("blur", "max"):
+            raise ValueError(f"vgg16 pool must be 'blur' (the reference's antialiased VGG) or 'max', got {pool!r}")
+        self.pool, self.blur_size = pool, int(blur_size)
         layers: list[nn.Module] = []
         c = 3
         for widths in stages:
             for w in widths:
                 layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU()]
                 c = w
-            layers.append(nn.MaxPool2d(2, 2))
+            layers.append(AntialiasedMaxPool(self.blur_size) if pool == "blur" else nn.MaxPool2d(2, 2))
         self.features = nn.Sequential(*layers)   # same indices as torchvision's vgg16().features
+
+    def _from_legacy(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        # antialiased_cnns: each pool is two modules (MaxPool2d(2, 1), BlurPool with a `filt` buffer),
+        # so the k-th torchvision slot is at k + (pools before it) there.
+        filts = {k: v for k, v in sd.items() if k.startswith("features.") and k.endswith(".filt")}
+        if not filts:
+            return sd
+        sizes = {tuple(v.shape[-2:]) for v in filts.values()}
+        if self.pool == "blur" and sizes != {(self.blur_size, self.blur_size)}:
+            raise BackboneWeightsError(f"vgg16: the file's blur filters are {sorted(sizes)}, this backbone's "
+                                       f"{self.blur_size}x{self.blur_size} (blur_size)")
+        out = {k: v for k, v in sd.items() if not k.startswith("features.")}
+        pools = 0
+        for i, module in enumerate(self.features):
+            for name in ("weight", "bias"):
+                key = f"features.{i + pools}.{name}"
+                if key in sd:
+                    out[f"features.{i}.{name}"] = sd[key]
+            if isinstance(module, (AntialiasedMaxPool, nn.MaxPool2d)):
+                pools += 1
+        return out
 
     def levels(self, x: Tensor) -> list[Tensor]:
         return [self.features(x)]

@@ -8,10 +8,11 @@ from data_shards import builtin
 from data_shards.card import read_card
 from data_shards.landscape import CLASSES, growth_series
 from data_shards.stream import iterate_once
-from data_shards.synthetic import crater_field
+from data_shards.synthetic import FIELD, LARGE, MAX_CRATERS, _params, crater_field
 
 SETS = {  # name -> (modalities, stream keys)
     "craters": (["image", "json"], ("image",)),
+    "craters-large": (["image", "json"], ("image",)),
     "terrain-classes": (["image", "cls", "json"], ("image", "cls")),
     "maps": (["image", "cond", "json"], ("cond", "image")),
     "timeseries": (["image", "cond", "mask", "json"], ("cond", "mask", "image", "json")),
@@ -29,6 +30,32 @@ def test_crater_field_is_deterministic_per_image():
     s = next(crater_field(1, 32, channels=3, seed=3))
     assert s.key == "crater-000000" and s.image.shape == (32, 32, 3) and s.image.dtype == np.uint8
     assert s.image.std() > 5  # not a flat image
+
+
+def test_crater_field_bytes_are_those_of_every_earlier_release():
+    # Fingerprints of users' built-in sets (and of every run's data tag) depend on these bytes:
+    # the digest was taken from the generator before crater styles existed.
+    import hashlib
+    digest = hashlib.sha256(b"".join(s.image.tobytes() for s in crater_field(6, 32, 1, 0))).hexdigest()
+    assert digest == "63f8721bceb54bbec6f84506959fddb7f8f84a606df2f6507f316ef597ea07e4"
+    assert "style" not in next(crater_field(1, 16)).meta
+
+
+def test_large_craters_are_few_big_and_lit_by_one_sun():
+    field = [_params(0, i, FIELD) for i in range(50)]
+    large = [_params(0, i, LARGE) for i in range(50)]
+    for p in large:
+        r = p["radii"][p["radii"] > 0]
+        assert LARGE.craters[0] <= len(r) <= LARGE.craters[1]
+        assert (r >= LARGE.radii[0] - 1e-12).all() and (r <= LARGE.radii[1] + 1e-12).all()
+    assert len({p["sun"] for p in large}) == 1 and len({p["sun"] for p in field}) == 50
+    az, el = np.degrees(np.arctan2(large[0]["sun"][1], large[0]["sun"][0])), np.degrees(np.arcsin(large[0]["sun"][2]))
+    assert (round(float(az), 6), round(float(el), 6)) == LARGE.sun
+    # At 32 px the median crater of LARGE spans pixels; FIELD's is about one pixel.
+    median = lambda ps: np.median(np.concatenate([p["radii"][p["radii"] > 0] for p in ps])) * 32
+    assert median(large) > 2.5 and median(field) < 0.5
+    assert all(np.count_nonzero(p["radii"]) >= 32 for p in field) and MAX_CRATERS == 64
+    assert next(crater_field(1, 16, style=LARGE)).meta["style"] == "large"
 
 
 @pytest.mark.parametrize("channels", [1, 3])
