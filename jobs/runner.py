@@ -25,7 +25,7 @@ from jobs.bad_input_cleanup import removed_on_bad_input
 from jobs.checkpoints import SNAPSHOT
 from jobs.evaluate import evaluation_protocol
 from jobs import console
-from jobs.env import forwarded_env, git_dirty, git_sha, tracking_uri_restored
+from jobs.env import environ_set, forwarded_env, git_dirty, git_sha, tracking_uri_restored
 from jobs.progress import ProgressBar
 from jobs.redact import redact, redact_values
 from jobs.resume import ResumeError, read_run_info, write_run_info
@@ -97,6 +97,21 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # The dashboard stays on: Ray Train's placement-group cleaner queries the state API it serves.
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=300_000_000, log_to_driver=loud,
                  configure_logging=loud)
+
+
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def one_node_settings() -> dict[str, str]:
+    """Ray Train settings for a cluster of one node (the local one, or a lone head): its preemption
+    watcher, one more actor started beside the workers on the way into training, watches for
+    nodes going away, which there would take the controller with them."""
+    import ray
+
+    if PREEMPTION_WATCHER in os.environ:   # the user's choice
+        return {}
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return {PREEMPTION_WATCHER: "0"} if len(alive) == 1 else {}
 
 
 def make_trainer(spec: JobSpec, run_name: str, storage: str, loop_config: dict[str, Any]):
@@ -211,7 +226,8 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
             worker = WorkerConfig(spec=spec.model_dump(mode="json"), run_id=run_id, tracking_uri=tracking_uri,
                                   data_url=data_url, env=forwarded_env(), model_files=model_refs.ship(spec),
                                   progress_board=bar.name)
-            result = make_trainer(spec, run_name, storage, worker.as_loop_config()).fit()
+            with environ_set(one_node_settings()):   # Ray Train hands these on to its controller
+                result = make_trainer(spec, run_name, storage, worker.as_loop_config()).fit()
         finally:
             bar.close()
         metrics = dict(result.metrics or {})

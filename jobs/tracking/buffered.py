@@ -42,6 +42,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from data_shards.storage import filesystem, join
+from jobs.env import environ_set
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,16 +84,8 @@ def transient(exc: BaseException) -> bool:
 def quick_failing() -> Iterator[None]:
     """MLflow's HTTP settings for one quick try. They are read per call from the environment;
     only one thread of a process calls MLflow here (the buffer's, or the driver's)."""
-    saved = {k: os.environ.get(k) for k in QUICK_ENV}
-    os.environ.update(QUICK_ENV)
-    try:
+    with environ_set(QUICK_ENV):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @dataclass

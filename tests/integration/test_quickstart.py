@@ -4,6 +4,7 @@ the samples, printed and logged into the run."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -23,7 +24,14 @@ TINY = ["data.train=builtin:craters?count=64&seed=0", "data.resolution=16", "dat
         "checkpoint.every_steps=6", "eval.num_samples=32", "tracking.registry_model=null"]
 
 
+def actors() -> Counter:
+    import ray
+    from ray.util.state import list_actors
+    return Counter(a.class_name for a in list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000))
+
+
 def test_quickstart_ends_with_untrained_fid_and_reals_beside_samples(ray_local, tmp_path):
+    before = actors()
     with tracking_uri_restored():
         result = CliRunner().invoke(main, ["quickstart", "--workdir", str(tmp_path),
                                            *[a for s in TINY for a in ("--set", s)]], catch_exceptions=False)
@@ -43,3 +51,8 @@ def test_quickstart_ends_with_untrained_fid_and_reals_beside_samples(ray_local, 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_run(run_id).data.metrics["fid_untrained"] == pytest.approx(untrained, rel=1e-3)
     assert any(a.path.endswith("reals-vs-samples.png") for a in client.list_artifacts(run_id, "samples"))
+
+    # On one node, Ray Train's preemption watcher has nothing to watch: not started (jobs/runner.py).
+    after = actors()
+    assert after["TrainController"] == before["TrainController"] + 1
+    assert after["PreemptionWatcher"] == before["PreemptionWatcher"]
