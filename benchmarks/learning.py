@@ -12,6 +12,8 @@ strips) and prints a markdown table. The goal (issue 12): trained FID ≤ 0.5× 
 
 Specs that freeze another spec's registered model (`model.*_from: models:/NAME@champion`) get the
 snapshot of that spec trained earlier in the same run (it is added to the run if not asked for).
+Their "untrained" model holds that trained part, so they also get a from-scratch baseline: the
+same spec built on the frozen spec's untrained snapshot (the whole pipeline before any training).
 The SCB-GAN specs run as plain StyleGAN2-ADA (`model.vision_aided=null`: the vision-aided heads
 need backbone weight files that are not on this machine).
 
@@ -119,11 +121,18 @@ def shrunk(name: str, workdir: Path, steps: int, snapshots: dict[str, Path]) -> 
     return load_spec(ready_specs()[name], [*overrides, f"data.train={builtin_data(spec)}"])
 
 
-def train_one(name: str, spec: JobSpec, minutes: float, out: Path) -> dict[str, Any]:
+def train_one(name: str, spec: JobSpec, minutes: float, out: Path,
+              from_scratch: JobSpec | None = None) -> dict[str, Any]:
     data_url = resolve_data(spec)
     family, networks, phases, engines = build_training(spec, CPU, 1)
     sampler = networks[family.sampler_role]
     before = scores(spec, family, sampler, data_url, CPU)
+    untrained = spec.workdir_path() / f"{name}-untrained.pt"
+    save_snapshot(untrained, family, sampler)
+    scratch = None
+    if from_scratch is not None:
+        f0, nets0, _, _ = build_training(from_scratch, CPU, 1)
+        scratch = scores(from_scratch, f0, nets0[f0.sampler_role], data_url, CPU)
     batches = training_batches(spec, data_url, family, 0, 1, CPU, start_batch=0)
     t0, done, last = time.perf_counter(), 0, {}
     for done, values in run_steps(spec, family, phases, engines, networks, batches, start=0, device=CPU):
@@ -138,16 +147,18 @@ def train_one(name: str, spec: JobSpec, minutes: float, out: Path) -> dict[str, 
     snapshot = spec.workdir_path() / f"{name}.pt"
     save_snapshot(snapshot, family, sampler)
     return {"spec": name, "family": family.name, "steps": done, "seconds": seconds, "before": before,
-            "after": after, "picture": picture, "snapshot": snapshot, "resolution": spec.data.resolution,
-            "batch": spec.train.batch}
+            "after": after, "picture": picture, "snapshot": snapshot, "untrained": untrained,
+            "from_scratch": scratch, "resolution": spec.data.resolution, "batch": spec.train.batch}
 
 
 def row(r: dict[str, Any]) -> str:
     b, a = r["before"], r["after"]
     ratio = a["fid"] / b["fid"] if b.get("fid") else float("nan")
     others = ", ".join(f"{k} {b[k]:.3g} → {a[k]:.3g}" for k in a if k != "fid")
+    s = r["from_scratch"]
+    scratch = f"{s['fid']:.4f} ({a['fid'] / s['fid']:.3f})" if s else "–"
     return (f"| {r['spec']} | {r['family']} | {r['resolution']}² × {r['batch']} | {r['steps']} | {b['fid']:.4f} | "
-            f"{a['fid']:.4f} | {ratio:.3f} | {others or '–'} | {r['seconds']:.0f} |")
+            f"{a['fid']:.4f} | {ratio:.3f} | {scratch} | {others or '–'} | {r['seconds']:.0f} |")
 
 
 def main() -> None:
@@ -163,18 +174,20 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     names = in_order(args.specs or list(ready_specs()))
     snapshots: dict[str, Path] = {}
+    untrained: dict[str, Path] = {}
     rows = []
     for name in names:
         spec = shrunk(name, args.workdir.absolute(), args.steps, snapshots)
         print(f"{name}: {spec.family}, {spec.data.resolution}², batch {spec.train.batch}, data {spec.data.train}",
               file=sys.stderr, flush=True)
-        result = train_one(name, spec, args.minutes, args.out)
-        snapshots[name] = result["snapshot"]
+        scratch = shrunk(name, args.workdir.absolute(), args.steps, untrained) if references(name) else None
+        result = train_one(name, spec, args.minutes, args.out, from_scratch=scratch)
+        snapshots[name], untrained[name] = result["snapshot"], result["untrained"]
         rows.append(result)
         print(row(result), file=sys.stderr, flush=True)
     print("| spec | family | size × batch | steps | untrained FID | trained FID | trained / untrained | "
-          "other metrics (untrained → trained) | train s |")
-    print("|---|---|---|---:|---:|---:|---:|---|---:|")
+          "from scratch FID (trained / it) | other metrics (untrained → trained) | train s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|")
     for r in rows:
         print(row(r))
     print()
