@@ -36,7 +36,8 @@ from data_shards.shard_reader import read_piece
 from data_shards.sources import Sample
 from data_shards.storage import filesystem, join, to_url
 from data_shards.writer import write_shards
-from jobs.tracking.lineage import TAG_GENERATED, parse_version_ref
+from jobs.tracking.lineage import TAG_GENERATED
+from jobs.tracking.versions import version_of_ref
 
 CARD_KEY = "generated"               # the lineage's key in dataset.json
 SHARD_SIZE = 256
@@ -77,7 +78,11 @@ def resolve_model(ref: str, dest: Path, client=None) -> ModelSource:
     canonical = ref
     try:
         if ref.startswith("models:/"):
-            name, version, run_id = _registered_version(client, ref)
+            try:
+                v = version_of_ref(client, ref)
+            except UserError as e:
+                raise UserError(f"MODEL {ref}: {e}") from None
+            name, version, run_id = v.name, str(v.version), v.run_id
             canonical = f"models:/{name}/{version}"
         elif ref.startswith("runs:/"):
             run_id = ref.removeprefix("runs:/").split("/")[0]
@@ -88,28 +93,6 @@ def resolve_model(ref: str, dest: Path, client=None) -> ModelSource:
         raise UserError(f"MODEL {ref}: {_first_line(e)}") from None
     return ModelSource(ref, snapshot, name, version, run_id)
 
-
-def _registered_version(client, ref: str) -> tuple[str, str, str]:
-    """(name, version, run id) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
-    from mlflow.exceptions import MlflowException
-
-    name, alias, number = parse_version_ref(ref)
-    if not name or not (alias or number):
-        raise UserError(f"MODEL {ref}: write models:/NAME@ALIAS or models:/NAME/VERSION")
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        names = [m.name for m in client.search_registered_models()]
-        raise UserError(f"MODEL {ref}: no registered model named {name!r}; "
-                        + (f"registered: {', '.join(names)}" if names else "none is registered in this store")) from None
-    try:
-        v = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
-    except MlflowException:
-        versions = sorted((str(v.version) for v in client.search_model_versions(f"name='{name}'")), key=int)
-        aliases = client.get_registered_model(name).aliases or {}
-        raise UserError(f"MODEL {ref}: {name!r} has no {'alias' if alias else 'version'} {alias or number!r}; "
-                        f"versions: {', '.join(versions) or 'none'}; aliases: {', '.join(aliases) or 'none'}") from None
-    return name, str(v.version), v.run_id
 
 
 def _first_line(e: Exception) -> str:

@@ -98,8 +98,11 @@ def _resolve(model: str, tracking_uri: str, dest: Path) -> _Model:
     client = MlflowClient(tracking_uri)
     name = version = None
     if model.startswith("models:/"):
-        name, version = _version(client, model)
-        ref, run_id = f"models:/{name}/{version}", client.get_model_version(name, version).run_id
+        from jobs.tracking.versions import version_of_ref
+
+        v = version_of_ref(client, model)
+        name, version, run_id = v.name, str(v.version), v.run_id
+        ref = f"models:/{name}/{version}"
     else:
         run_id, _, path = model.removeprefix("runs:/").partition("/")
         try:
@@ -114,32 +117,6 @@ def _resolve(model: str, tracking_uri: str, dest: Path) -> _Model:
     spec_file = Path(snapshot).parent / "spec.yaml"   # logged beside the snapshot (registry.log_generator)
     return _Model(model, Path(snapshot), _spec(spec_file, model), run_id, name, version)
 
-
-def _version(client, model: str) -> tuple[str, str]:
-    """(name, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
-    from mlflow.exceptions import MlflowException
-
-    rest = model.removeprefix("models:/")
-    name, at, alias = rest.partition("@")
-    if not at:
-        name, _, alias = rest.rpartition("/")
-    if not name or not alias:
-        raise UserError(f"MODEL {model!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    try:
-        registered = client.get_registered_model(name)
-    except MlflowException:
-        names = [r.name for r in client.search_registered_models()]
-        raise UserError(f"no registered model named {name!r}; registered: {', '.join(names) or 'none'}") from None
-    versions = sorted((str(v.version) for v in client.search_model_versions(f"name='{name}'")), key=int)   # int from sqlite, str over REST
-    if at:
-        aliases = registered.aliases or {}
-        if alias not in aliases:
-            raise UserError(f"{name!r} has no alias {alias!r}; aliases: "
-                            f"{', '.join(f'{a}=v{v}' for a, v in aliases.items()) or 'none'}")
-        return name, str(aliases[alias])
-    if alias not in versions:
-        raise UserError(f"{name!r} has no version {alias}; versions: {', '.join(versions) or 'none'}")
-    return name, alias
 
 
 def _local(path: str, tracking_uri: str, dest: Path) -> _Model:

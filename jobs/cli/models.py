@@ -50,7 +50,8 @@ def models_show(name, metric, tracking_uri) -> None:
     """NAME: every version with its alias, run and METRIC. NAME@ALIAS or NAME/VERSION: where that
     version came from (spec, git, data, augmentations, the model it was built on), its evaluations
     with their protocol, and the data sets generated from it."""
-    from jobs.tracking.lineage import parse_version_ref, version_lineage
+    from jobs.tracking.lineage import version_lineage
+    from jobs.tracking.versions import parse_version_ref
     from jobs.tracking.registry import describe_model
 
     client = _client(tracking_uri)

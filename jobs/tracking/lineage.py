@@ -21,10 +21,10 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from data_shards.errors import UserError
 from jobs.env import tracking_uri_restored
 from jobs.tracking.protocol import TAG_CHAMPION_HISTORY, read_version_tags
 from jobs.tracking.runs import TAG_DATA, TAG_GIT, TAG_SEARCH, TAG_SPEC
+from jobs.tracking.versions import model_version
 
 TAG_GIT_DIRTY = "orbitgen.git_dirty"
 TAG_BUILT_ON = "orbitgen.built_on"
@@ -59,31 +59,12 @@ def built_on_tag(refs: Mapping[str, str], tracking_uri: str) -> dict[str, str]:
     return {TAG_BUILT_ON: json.dumps(out, sort_keys=True)}
 
 
-def parse_version_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """`NAME`, `NAME@ALIAS`, `NAME/VERSION` (optionally `models:/...`) -> (name, alias, version)."""
-    body = ref.removeprefix("models:/")
-    if "@" in body:
-        name, alias = body.split("@", 1)
-        return name, alias, None
-    name, _, version = body.partition("/")
-    return name, None, version or None
-
-
 def version_lineage(client: MlflowClient, name: str, *, alias: str | None = None,
                     version: str | None = None) -> dict[str, Any]:
     """Everything recorded about one version of `name` (by alias or number); UserError when there is none."""
-    model = _registered(client, name)
+    v = model_version(client, name, alias=alias, number=version)
+    model = client.get_registered_model(name)
     aliases = dict(model.aliases or {})
-    if alias is not None:
-        if alias not in aliases:
-            raise UserError(f"{name!r} has no alias {alias!r}; aliases: "
-                            f"{', '.join(f'{a}=v{v}' for a, v in aliases.items()) or 'none'}")
-        version = str(aliases[alias])
-    try:
-        v = client.get_model_version(name, str(version))
-    except MlflowException:
-        known = sorted((str(m.version) for m in client.search_model_versions(f"name='{name}'")), key=int)
-        raise UserError(f"{name!r} has no version {version}; versions: {', '.join(known) or 'none'}") from None
     run = client.get_run(v.run_id) if v.run_id else None
     tags = dict(run.data.tags) if run else {}
     spec_text = _spec_text(client, v)
@@ -115,17 +96,6 @@ def version_lineage(client: MlflowClient, name: str, *, alias: str | None = None
         "built_on": _built_on(tags, spec),
         "generated": json.loads((v.tags or {}).get(TAG_GENERATED) or "[]"),
     }
-
-
-def _registered(client: MlflowClient, name: str):
-    try:
-        return client.get_registered_model(name)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        names = [m.name for m in client.search_registered_models()]
-        raise UserError(f"no registered model named {name!r}; "
-                        + (f"registered: {', '.join(names)}" if names else "no model is registered in this store")) from None
 
 
 def _built_on(tags: Mapping[str, str], spec: Mapping[str, Any]) -> dict[str, dict]:

@@ -19,7 +19,6 @@ from typing import Callable
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema, TensorSpec
@@ -31,6 +30,7 @@ from jobs.tracking.promotion import (Evaluation, beats, common, evaluations, imp
                                      table)
 from jobs.tracking.protocol import TAG_CHAMPION_HISTORY, EvalProtocol
 from jobs.tracking.registry_lock import is_lock, promotion_lock
+from jobs.tracking.versions import model_version, registered_model, registered_names
 
 REPO = Path(__file__).resolve().parents[2]
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -128,9 +128,9 @@ def promote(name: str, *, metric: str, mode: str, candidate: str | None = None,
     client = client or MlflowClient()
     versions = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
     if not versions:
-        raise UserError(f"no registered model named {name!r}; {_registered(client)}")
+        raise UserError(f"no registered model named {name!r}; {registered_names(client)}")
     candidate = (_best_version(name, versions, metric, mode, client) if candidate is None
-                 else _version(client, name, str(candidate), versions))
+                 else _version(client, name, str(candidate)))
     for attempt in range(3):
         with promotion_lock(client, name) as still_ours:
             champ = _champion(client, name)
@@ -234,7 +234,7 @@ def rollback(name: str, client: MlflowClient | None = None) -> str:
     client = client or MlflowClient()
     existing = _versions(client, name)
     if not existing:
-        raise UserError(f"no registered model named {name!r}; {_registered(client)}")
+        raise UserError(f"no registered model named {name!r}; {registered_names(client)}")
     if previous_champion(client, name) is None:     # checked before the lock too: a refusal writes nothing
         raise UserError(_no_previous(client, name))
     with promotion_lock(client, name) as still_ours:
@@ -288,33 +288,16 @@ def list_models(client: MlflowClient | None = None) -> list[dict]:
             for m in client.search_registered_models() if not is_lock(m)]
 
 
-def _registered(client: MlflowClient) -> str:
-    names = [m.name for m in client.search_registered_models() if not is_lock(m)]
-    return f"registered: {', '.join(names)}" if names else "no model is registered in this store"
-
-
-def _version(client: MlflowClient, name: str, given: str, versions: dict) -> str:
+def _version(client: MlflowClient, name: str, given: str) -> str:
     """A version number, or an alias (`champion`, `@champion`) of `name`, as its version number."""
     if given.isdigit():
-        if given not in versions:
-            raise UserError(f"{name!r} has no version {given}; versions: {', '.join(sorted(versions, key=int))}")
-        return given
-    aliases = client.get_registered_model(name).aliases or {}
-    alias = given.removeprefix("@")
-    if alias not in aliases:
-        raise UserError(f"{name!r} has no version or alias {given!r}; versions: "
-                        f"{', '.join(sorted(versions, key=int))}; aliases: {', '.join(aliases) or 'none'}")
-    return str(aliases[alias])
+        return str(model_version(client, name, number=given).version)
+    return str(model_version(client, name, alias=given.removeprefix("@")).version)
 
 
 def describe_model(name: str, metric: str = "fid", client: MlflowClient | None = None) -> list[dict]:
     client = client or MlflowClient()
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise UserError(f"no registered model named {name!r}; {_registered(client)}") from None
+    model = registered_model(client, name)
     aliases = {v: a for a, v in (model.aliases or {}).items()}
     rows = []
     for v in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):

@@ -86,7 +86,7 @@ def test_eval_of_a_registered_version_on_two_workers(mlflow_server, ray_local, t
 
     bad = CliRunner().invoke(main, ["eval", f"models:/{MODEL}/7", "--tracking-uri", mlflow_server.url])
     assert bad.exit_code == 2 and bad.output.strip().splitlines()[-1] == \
-        f"error: '{MODEL}' has no version 7; versions: 1"
+        f"error: '{MODEL}' has no version 7; versions: 1; aliases: champion=v1"
 
 
 def test_eval_of_a_conditional_checkpoint_on_the_held_out_split(mlflow_server, ray_local, tmp_path):

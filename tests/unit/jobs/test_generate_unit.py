@@ -77,7 +77,7 @@ def test_unknown_models_are_named_with_what_exists(tmp_path):
     client.create_model_version("gen", f"runs:/{run}/generator", run)
     client.set_registered_model_alias("gen", "champion", "1")
     for ref, names in (("models:/nope@champion", ["'nope'", "registered: gen"]),
-                       ("models:/gen/7", ["version '7'", "versions: 1", "aliases: champion"]),
+                       ("models:/gen/7", ["version 7", "versions: 1", "aliases: champion"]),
                        ("models:/gen@best", ["alias 'best'", "aliases: champion"]),
                        ("models:/gen", ["models:/NAME@ALIAS"]),
                        ("runs:/0123456789abcdef0123456789abcdef", ["runs:/0123456789abcdef0123456789abcdef"]),

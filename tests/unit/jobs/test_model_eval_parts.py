@@ -128,21 +128,3 @@ def test_bad_input_is_refused_before_anything_starts(model_and_data):
     other_weights = dataclasses.replace(like, extractors={RandConvExtractor.name: "0" * 16})
     with pytest.raises(UserError, match="feature extractors differ"):
         evaluate_model(str(snapshot), tracking_uri=store, data_url=url, like=other_weights, log=False)
-
-
-def test_version_refs_resolve_in_a_local_store(tmp_path):
-    """A sqlite store gives version numbers as ints, a server as strings: both resolve."""
-    from mlflow.tracking import MlflowClient
-
-    from jobs.model_eval import _version
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.create_run(client.create_experiment("e", artifact_location=tmp_path.as_uri()))
-    client.create_registered_model("gen")
-    for _ in range(2):
-        client.create_model_version("gen", f"runs:/{run.info.run_id}/generator", run.info.run_id)
-    client.set_registered_model_alias("gen", "champion", "1")
-    assert _version(client, "models:/gen/2") == ("gen", "2")
-    assert _version(client, "models:/gen@champion") == ("gen", "1")
-    with pytest.raises(UserError, match="'gen' has no version 3; versions: 1, 2"):
-        _version(client, "models:/gen/3")
