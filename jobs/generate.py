@@ -94,7 +94,6 @@ def resolve_model(ref: str, dest: Path, client=None) -> ModelSource:
     return ModelSource(ref, snapshot, name, version, run_id)
 
 
-
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 

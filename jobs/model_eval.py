@@ -118,7 +118,6 @@ def _resolve(model: str, tracking_uri: str, dest: Path) -> _Model:
     return _Model(model, Path(snapshot), _spec(spec_file, model), run_id, name, version)
 
 
-
 def _local(path: str, tracking_uri: str, dest: Path) -> _Model:
     """A snapshot file or checkpoint folder; its spec is the spec of the run its checkpoint names."""
     from mlflow.exceptions import MlflowException
