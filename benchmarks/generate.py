@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/generate.py [--n 1024] [--shard-size 128] [--rounds 3]
 
-The model is the quickstart's DCGAN (nz 64, ngf 32, 32² grey; weights as built: the sampling
+The model is the quickstart's DCGAN as its spec has it (32² grey; weights as built: the sampling
 cost does not depend on training). Each round generates N images into a fresh local folder with
 1 worker, then with 2 (the order alternates between rounds); a figure is the whole command as a
 user runs it: actors started, the model loaded, every image drawn one seed at a time, PNG-encoded,
@@ -76,7 +76,8 @@ def main() -> None:
           f"no GPU · load average {os.getloadavg()[0]:.1f}\n")
     print(f"Command: `.venv/bin/python benchmarks/generate.py --n {args.n} --shard-size {args.shard_size} "
           f"--rounds {args.rounds}`; torch {torch.__version__}\n")
-    print(f"Quickstart DCGAN (nz 64, ngf 32, 32² grey), {args.n} images in shards of {args.shard_size}, "
+    m = load_spec(SPECS_DIR / "quickstart.yaml").model
+    print(f"Quickstart DCGAN (nz {m['nz']}, ngf {m['ngf']}, 32² grey), {args.n} images in shards of {args.shard_size}, "
           f"best of {args.rounds} rounds; the same shard bytes with 1 and 2 workers: {'yes' if same else 'NO'}\n")
     print("| workers | images/s | vs 1 worker |\n|---:|---:|---:|")
     for w in (1, 2):

@@ -45,6 +45,8 @@ def test_spec_validates_with_published_defaults(name):
         assert spec.per_worker_batch == 1                              # pix2pix's batch of one per device
     else:
         assert (spec.data.resolution, spec.model["nz"], spec.model["ngf"]) == (128, 100, 64)
+        if spec.family == "dcgan":
+            assert spec.model["r1_gamma"] == 0                         # DCGAN has no R1 (the quickstart's does)
 
 
 def test_sat2ground_stages_fit_together():

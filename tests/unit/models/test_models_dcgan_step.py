@@ -10,7 +10,7 @@ from jobs.worker import build_training, train_step
 from models.family import StepContext
 
 CPU = torch.device("cpu")
-TINY = ["data.resolution=16", "model.nz=8", "model.ngf=8", "model.ndf=8", "scaling.num_workers=1",
+TINY = ["data.resolution=16", "model.nz=8", "model.ngf=8", "model.ndf=8", "model.r1_gamma=0", "scaling.num_workers=1",
         "train.batch=8", "train.grad_accum=2"]
 
 
@@ -79,3 +79,44 @@ def test_phase_d_without_this_steps_phase_g_fails_clearly():
     family.loss(real, ctx("G", 2))
     with pytest.raises(RuntimeError, match="micro-batch of 2 but phase 'G' made 4"):
         family.loss(batch(2), ctx("D", 2))
+
+
+def test_lazy_r1_matches_finite_differences():
+    """Phase D adds r1_gamma / 2 · r1_every · mean_i ‖∂ΣD/∂x_i‖² on its R1 steps, nothing on the
+    others; the gradient is checked against central differences of D in float64."""
+    gamma, every = 0.5, 2
+    spec = load_spec(SPECS_DIR / "quickstart.yaml", ["data.resolution=8", "model.nz=4", "model.ngf=2", "model.ndf=2",
+                                                      f"model.r1_gamma={gamma}", f"model.r1_every={every}",
+                                                      "scaling.num_workers=1", "train.batch=4"])
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        family = spec.make_family()
+        networks = {role: net.double() for role, net in family.build().items()}
+        real = torch.rand(4, 1, 8, 8) * 2 - 1
+        d = networks["D"]
+
+        def fd_penalty() -> float:
+            flat, eps, grad = real.clone().reshape(-1), 1e-6, torch.zeros(real.numel())
+            with torch.no_grad():
+                for i in range(flat.numel()):
+                    up, down = flat.clone(), flat.clone()
+                    up[i] += eps
+                    down[i] -= eps
+                    grad[i] = (d(up.view_as(real)).sum() - d(down.view_as(real)).sum()) / (2 * eps)
+            return grad.view(4, -1).square().sum(1).mean().item()
+
+        for step, r1_step in ((0, True), (1, False)):
+            ctx = {ph: StepContext(networks=networks, trained=networks, phase=ph, step=step, device=CPU)
+                   for ph in ("G", "D")}
+            family.loss({"image": real}, ctx["G"])
+            loss, logs = family.loss({"image": real}, ctx["D"])
+            if r1_step:
+                expected = fd_penalty()
+                assert logs["r1"].item() == pytest.approx(expected, rel=1e-5)
+                assert (loss - logs["loss_D"]).item() == pytest.approx(gamma / 2 * every * expected, rel=1e-5)
+            else:
+                assert "r1" not in logs and loss.item() == logs["loss_D"].item()
+    finally:
+        torch.set_default_dtype(old)
