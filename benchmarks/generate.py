@@ -77,8 +77,8 @@ def main() -> None:
     print(f"Command: `.venv/bin/python benchmarks/generate.py --n {args.n} --shard-size {args.shard_size} "
           f"--rounds {args.rounds}`; torch {torch.__version__}\n")
     m = load_spec(SPECS_DIR / "quickstart.yaml").model
-    print(f"Quickstart DCGAN (nz {m['nz']}, ngf {m['ngf']}, 32² grey), {args.n} images in shards of {args.shard_size}, "
-          f"best of {args.rounds} rounds; the same shard bytes with 1 and 2 workers: {'yes' if same else 'NO'}\n")
+    print(f"Quickstart DCGAN (nz {m['nz']}, ngf {m['ngf']}, 32² grey), {args.n} images in shards of "
+          f"{args.shard_size}, best of {args.rounds} rounds; the same shard bytes with 1 and 2 workers: {'yes' if same else 'NO'}\n")
     print("| workers | images/s | vs 1 worker |\n|---:|---:|---:|")
     for w in (1, 2):
         print(f"| {w} | {best[w]:.1f} | {best[w] / best[1]:.2f}× |")

@@ -23,7 +23,8 @@ def test_overrides_parse_yaml_values():
     spec = parse_spec(GOOD, ["train.steps=7", "scaling.num_workers=1", "model.ngf=8", "tracking.registry_model=null"])
     assert (spec.train.steps, spec.scaling.num_workers, spec.model["ngf"]) == (7, 1, 8)
     assert spec.tracking.registry_model is None
-    assert (spec.model["nz"], spec.model["ndf"], spec.model["max_channels"]) == (64, 16, 512)   # spec's kept, defaults filled
+    # The spec's own values kept, the family's defaults filled in.
+    assert (spec.model["nz"], spec.model["ndf"], spec.model["max_channels"]) == (64, 16, 512)
 
 
 def test_kimg_when_steps_unset():
