@@ -78,7 +78,8 @@ def main() -> None:
           f"--rounds {args.rounds}`; torch {torch.__version__}\n")
     m = load_spec(SPECS_DIR / "quickstart.yaml").model
     print(f"Quickstart DCGAN (nz {m['nz']}, ngf {m['ngf']}, 32² grey), {args.n} images in shards of "
-          f"{args.shard_size}, best of {args.rounds} rounds; the same shard bytes with 1 and 2 workers: {'yes' if same else 'NO'}\n")
+          f"{args.shard_size}, best of {args.rounds} rounds; the same shard bytes with 1 and 2 workers: "
+          f"{'yes' if same else 'NO'}\n")
     print("| workers | images/s | vs 1 worker |\n|---:|---:|---:|")
     for w in (1, 2):
         print(f"| {w} | {best[w]:.1f} | {best[w] / best[1]:.2f}× |")
