@@ -96,6 +96,6 @@ def quickstart(workdir, overrides, resume, verbose) -> None:
     """The embedded default, one command: built-in crater images → shards → DCGAN on 2 CPU
     workers (Ray Train, DDP/gloo) → MLflow run with FID → registered model, promoted to
     `champion` if it beats the current one. Ends with the untrained generator's FID beside the
-    trained one's and a picture of real images beside samples. Takes about two minutes on 2 cores."""
+    trained one's and a picture of real images beside samples. Takes two to three minutes on 2 cores."""
     spec = load_spec(SPECS_DIR / "quickstart.yaml", [f"workdir={Path(workdir).absolute()}", *overrides])
     _run_and_report(spec, resume, verbose, check_learning=True)
