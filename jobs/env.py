@@ -50,22 +50,6 @@ def git_dirty(path: str | os.PathLike = REPO) -> str:
 
 
 @contextmanager
-def environ_set(values: dict[str, str]) -> Iterator[None]:
-    """`values` in the environment for a block; only those variables are put back after it (as
-    they were, or absent), so what other code sets meanwhile stays."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextmanager
 def tracking_uri_restored() -> Iterator[None]:
     """Leave MLFLOW_TRACKING_URI as it was: mlflow.set_tracking_uri() writes it into the
     environment, so a later spec in this process without tracking.uri would track into this one's store."""

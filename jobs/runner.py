@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from data_shards.builtin import ensure_builtin, is_builtin
 from data_shards.card import read_card
+from data_shards.environ import environ_set
 from data_shards.errors import UserError
 from data_shards.storage import join, ray_storage
 from jobs.tracking import buffered, lineage, model_refs, registry, runs as tracking
@@ -25,7 +26,7 @@ from jobs.bad_input_cleanup import removed_on_bad_input
 from jobs.checkpoints import SNAPSHOT
 from jobs.evaluate import evaluation_protocol
 from jobs import console
-from jobs.env import environ_set, forwarded_env, git_dirty, git_sha, tracking_uri_restored
+from jobs.env import forwarded_env, git_dirty, git_sha, tracking_uri_restored
 from jobs.progress import ProgressBar
 from jobs.redact import redact, redact_values
 from jobs.resume import ResumeError, read_run_info, write_run_info

@@ -29,7 +29,6 @@ originals) means the generator learned the augmented look rather than the data: 
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import os
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 from ray import tune
 
+from data_shards.environ import environ_set
 from models.metrics.extractors import make_extractor
 from search.frechet import Gaussian, fid_gaussians
 from search.originals import extract
@@ -300,24 +300,13 @@ def run_stage2(train_fn: TrainFn, *, top: Sequence[str], k: int, trials: int, bu
     return ValidationResult(subsets, chosen, source, reason, tau, p, warning, leaks, leak_report)
 
 
-@contextlib.contextmanager
 def _tune_env():
     """Two Tune settings for the stage-2 run only, restored after it:
     - intermediate results carry the ASHA metric and invalid ones do not, so Tune's strict check
       (every result carries every metric) does not fit; it is switched off;
     - the automatic TensorBoard logger, which warns at every +inf objective, is not added (the CSV
       and JSON loggers are passed explicitly)."""
-    keys = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return environ_set({"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"})
 
 
 def _collect(subset: tuple[str, ...], history: list[dict], store: SearchStore, k: int) -> ValidatedSubset:

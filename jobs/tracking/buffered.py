@@ -41,8 +41,8 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from data_shards.environ import environ_set
 from data_shards.storage import filesystem, join
-from jobs.env import environ_set
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
