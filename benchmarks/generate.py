@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
-    from jobs.runner import ensure_ray
+    from jobs.runtime.ray_session import ensure_ray
 
     ensure_ray(num_cpus=2)
     work = Path(tempfile.mkdtemp(prefix="orbitgen-bench-generate-"))

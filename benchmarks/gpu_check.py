@@ -3,8 +3,8 @@
     bash benchmarks/gpu_check.sh [--out FILE.json] [--inception PATH] [--rows a,b] [--smoke]
 
 Rows, each through the code a training run uses (`jobs.spec.load_spec` with `--set` overrides,
-`spec.make_family()`, `jobs.worker.build_training` / `run_steps` / `training_batches`, the engines
-of `jobs.engines`), one process, world size 1:
+`spec.make_family()`, `jobs.train.loop.build_training` / `run_steps` / `training_batches`, the engines
+of `jobs.train.engines`), one process, world size 1:
   * stylegan2_ddp, stylegan2_zero1: `scbgan_rosetta` at its paper256 size (256², 1 channel, ADA on,
     `model.vision_aided=null`), bf16, global batch `--sg-batch` on one GPU, under the DDP engine (at
     world size 1 the DDP wrapper is skipped, as in a one-worker run) and DeepSpeed ZeRO-1, on a
@@ -16,7 +16,7 @@ of `jobs.engines`), one process, world size 1:
     torch.utils.flop_counter.FlopCounterMode (forward + backward; matmuls, convolutions, attention);
     MFU = achieved FLOP/s ÷ the card's dense bf16 peak (PEAK_TFLOPS by device name, `--peak-tflops`
     overrides; "unknown card" otherwise).
-  * data_img_s: the shard stream (`data_shards.stream` through `jobs.worker.training_batches`:
+  * data_img_s: the shard stream (`data_shards.stream` through `jobs.train.loop.training_batches`:
     DataLoader workers, decode, `DevicePrefetcher`, MineAug) of the StyleGAN2 row's spec over a
     built-in crater set written to a temp dir; images/s delivered on the device, nothing else running.
   * randconv_img_s, inception_img_s: the evaluation's feature extractors
@@ -62,7 +62,7 @@ import torch.distributed as dist  # noqa: E402
 
 from data_shards.builtin import ensure_builtin  # noqa: E402
 from jobs.spec import SPECS_DIR, JobSpec, load_spec  # noqa: E402
-from jobs.worker import build_training, run_steps, training_batches  # noqa: E402
+from jobs.train.loop import build_training, run_steps, training_batches  # noqa: E402
 from models.metrics.extractors import make_extractor  # noqa: E402
 from models.registry import get_family_cls  # noqa: E402
 

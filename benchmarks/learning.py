@@ -4,9 +4,9 @@ the untrained model's metrics against the trained one's, and the trained samples
 Per spec: the family's tiny model (`Family.tiny`, the `--set` keys of each spec's header check)
 unless `SIZES` names a larger one, a built-in set (the spec's own; specs whose data is not built
 in get one with the same keys), one process, no Ray: the worker's own code
-(`jobs.worker.build_training`, `training_batches`, `run_steps`) for at most `--steps` steps or
-`--minutes` minutes, then the evaluation the worker runs at a checkpoint (`jobs.evaluate`, through
-`jobs.learning_check`) on the untrained and the trained model, same extractor and seeds.
+(`jobs.train.loop.build_training`, `training_batches`, `run_steps`) for at most `--steps` steps or
+`--minutes` minutes, then the evaluation the worker runs at a checkpoint (`jobs.eval.core`, through
+`jobs.eval.learning`) on the untrained and the trained model, same extractor and seeds.
 Writes `OUT/<spec>.png` (reals left, samples right; conditional families: input, output, target
 strips) and prints a markdown table. The goal (issue 12): trained FID ≤ 0.5× untrained.
 
@@ -36,10 +36,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jobs.learning_check import reals_beside_samples, save_png, scores  # noqa: E402
-from jobs.runner import resolve_data  # noqa: E402
+from jobs.eval.learning import reals_beside_samples, save_png, scores  # noqa: E402
+from jobs.inputs import resolve_data  # noqa: E402
 from jobs.spec import SPECS_DIR, JobSpec, load_spec  # noqa: E402
-from jobs.worker import GRID_SEED, build_training, run_steps, training_batches  # noqa: E402
+from jobs.train.loop import GRID_SEED, build_training, run_steps, training_batches  # noqa: E402
 from models.registry import get_family_cls  # noqa: E402
 from models.snapshot import save_snapshot  # noqa: E402
 

@@ -38,9 +38,9 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from jobs.engines import autocast_dtype  # noqa: E402
+from jobs.train.engines import autocast_dtype  # noqa: E402
 from jobs.spec import JobSpec  # noqa: E402
-from jobs.worker import build_training, step_seed, train_step  # noqa: E402
+from jobs.train.loop import build_training, step_seed, train_step  # noqa: E402
 from models.family import StepContext
 from models.registry import available_families  # noqa: E402
 

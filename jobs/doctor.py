@@ -16,8 +16,8 @@ from data_shards.builtin import is_builtin
 from data_shards.endpoint import unanswered
 from data_shards.errors import UserError
 from data_shards.storage import filesystem
-from jobs.redact import redact
-from jobs.runner import check_data, check_files
+from jobs.runtime.redact import redact
+from jobs.inputs import check_data, check_files
 from jobs.spec import JobSpec, SpecError
 from jobs.tracking.store_check import check_answers
 

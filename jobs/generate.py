@@ -275,8 +275,8 @@ def _write_shards(model: ModelSource, ranges, seed_base: int, tmp: str, workers:
     from ray.util import ActorPool
     from tqdm import tqdm
 
-    from jobs.env import forwarded_env
-    from jobs.runner import ensure_ray
+    from jobs.runtime.env import forwarded_env
+    from jobs.runtime.ray_session import ensure_ray
 
     manifest = read_manifest(to_url(inputs)) if inputs else None
     ensure_ray()

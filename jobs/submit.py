@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 from data_shards.errors import UserError
-from jobs.env import FORWARDED_ENV_VARS, GIT_SHA_ENV, git_sha
+from jobs.runtime.env import FORWARDED_ENV_VARS, GIT_SHA_ENV, git_sha
 from jobs.spec import encode_inline
 
 #: Never uploaded with the working dir (Ray also honours .gitignore). mlruns/mlartifacts: local

@@ -5,7 +5,7 @@ each: "D", then "G" for a GAN), computes the loss of one phase on one batch, sam
 and says which metrics judge it. Optionally it works between steps (`after_step`: EMA, ADA's p,
 training stages, with collectives handed in), keeps state outside its networks
 (`state_dict`, saved in every checkpoint) and names local files it needs (`required_files`).
-It never touches Ray, MLflow or distributed code: engines (`jobs/engines/`) own backward, the
+It never touches Ray, MLflow or distributed code: engines (`jobs/train/engines/`) own backward, the
 optimizer step, precision and gradient sync.
 
 This file is the contract only. Families live in `models/families/` (one file per reproduced

@@ -15,6 +15,8 @@ from models.family import Family
 from models.registry import family_ref, make_family
 from models.safe_load import load_weights_only
 
+SNAPSHOT = "generator.pt"   # its file name in a training checkpoint's folder
+
 
 def save_snapshot(path: str | Path, family: Family, sampler: nn.Module, extra: dict[str, Any] | None = None) -> None:
     torch.save({

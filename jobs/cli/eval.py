@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from jobs import console
+from jobs.runtime import console
 from jobs.cli.common import DEFAULT_WORKDIR, say
-from jobs.redact import redact
+from jobs.runtime.redact import redact
 
 
 def _metric_names(ctx, param, value: tuple[str, ...]) -> list[str] | None:
@@ -46,7 +46,7 @@ def eval_command(model, data_url, metrics, num_samples, workers, tracking_uri, v
     Example:
       orbitgen eval models:/quickstart@champion --num-samples 2000 --workers 2
     """
-    from jobs.model_eval import evaluate_model
+    from jobs.eval.model import evaluate_model
 
     console.set_verbose(verbose)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_WORKDIR).absolute() / 'mlflow.db'}"

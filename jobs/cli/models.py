@@ -180,7 +180,7 @@ def models_promote(name, metric, mode, version, min_improvement, reevaluate, tra
 def _evaluator(name: str, tracking_uri: str):
     """`promote`'s reevaluate(version, like): `orbitgen eval` of NAME's version under protocol `like`,
     recorded on the version's tags."""
-    from jobs.model_eval import evaluate_model
+    from jobs.eval.model import evaluate_model
 
     def evaluate(version, like) -> None:
         say(f"evaluating {name} v{version}" + (f" under protocol {like.key()}" if like else ""))

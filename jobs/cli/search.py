@@ -5,9 +5,9 @@ import os
 
 import click
 
-from jobs import console
+from jobs.runtime import console
 from jobs.cli.common import SET_HELP, VERBOSE_HELP, read_spec, say
-from jobs.redact import redact
+from jobs.runtime.redact import redact
 
 
 @click.group()
@@ -39,7 +39,7 @@ def search_mineaug(spec_path, overrides, resume, out, spec_b64, verbose) -> None
     Prints the ranking, the chosen list and the MLflow parent run; then run
     `orbitgen train <written spec>`. Bad input stops with exit code 2, naming the field.
     """
-    from jobs.search_job import run_search_job
+    from jobs.mineaug.run import run_search_job
 
     spec = read_spec(spec_path, overrides, spec_b64)
     console.set_verbose(verbose)

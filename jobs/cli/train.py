@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-from jobs import console
+from jobs.runtime import console
 from jobs.cli.common import DEFAULT_WORKDIR, RESUME_HELP, SET_HELP, VERBOSE_HELP, read_spec, say
-from jobs.redact import redact
+from jobs.runtime.redact import redact
 from jobs.spec import SPECS_DIR, load_spec
 
 
 def _run_and_report(spec, resume: str | None, verbose: bool, check_learning: bool = False) -> None:
-    from jobs.runner import run_job
+    from jobs.train.driver import run_job
 
     console.set_verbose(verbose)
     logs = spec.workdir_path() / "logs"
@@ -54,8 +54,8 @@ def _check_learning(spec, res):
     """The untrained generator's FID and a picture of reals beside samples, logged into the run."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.learning_check import check_run
-    from jobs.worker import GRID_SEED   # the seed of the sample grids the run logged
+    from jobs.eval.learning import check_run
+    from jobs.train.loop import GRID_SEED   # the seed of the sample grids the run logged
 
     picture = spec.workdir_path() / "samples" / f"{res.run_name}-reals-vs-samples.png"
     check = check_run(spec, data_url=res.data_url, checkpoint=res.checkpoint, trained=res.metrics,

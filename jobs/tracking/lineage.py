@@ -21,7 +21,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from jobs.env import tracking_uri_restored
+from jobs.runtime.env import tracking_uri_restored
 from jobs.tracking.protocol import TAG_CHAMPION_HISTORY, read_version_tags
 from jobs.tracking.runs import TAG_DATA, TAG_GIT, TAG_SEARCH, TAG_SPEC
 from jobs.tracking.versions import model_version

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from data_shards.errors import UserError
-from jobs.env import tracking_uri_restored
+from jobs.runtime.env import tracking_uri_restored
 from jobs.spec import JobSpec, SpecError
 from jobs.tracking.store_check import require_store
 

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema, TensorSpec
 
 from data_shards.errors import UserError
-from jobs import console
+from jobs.runtime import console
 from jobs.tracking.buffered import retried
 from jobs.tracking.promotion import (Evaluation, beats, common, evaluations, improvement, incomparable, preferred,
                                      table)

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from mlflow.tracking import MlflowClient
 
-from jobs.redact import redact_json
+from jobs.runtime.redact import redact_json
 from jobs.tracking.buffered import RecordBuffer
 
 TAG_FAMILY = "orbitgen.family"

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from data_shards.endpoint import unanswered
 from data_shards.errors import UserError
-from jobs.redact import redact
+from jobs.runtime.redact import redact
 
 
 def check_answers(uri: str, what: str) -> None:

@@ -1,6 +1,6 @@
 """Merging the states of metrics that saw disjoint parts of one evaluation.
 
-A distributed evaluation (`jobs.distributed_eval`) runs one `MetricSuite` per Ray worker, each on
+A distributed evaluation (`jobs.eval.distributed`) runs one `MetricSuite` per Ray worker, each on
 its own seeds or inputs, and merges their states on the driver. torchmetrics' own `merge_state`
 does not serve: it puts the incoming list states *before* the local ones (KID's random subsets
 index into the concatenated features, so order changes the value) and it averages `mean`

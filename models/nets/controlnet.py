@@ -8,7 +8,7 @@ one for the middle turn the copy's features into residuals for the base's decode
 
 `ControlledUNet(base, control)` runs base(x, t, control_residuals=control(x, t, cond)). The base
 is frozen: its parameters never require gradients (engines optimise only parameters that do, see
-jobs/engines/) and it always runs in eval mode, so its dropout is off while the control trains,
+jobs/train/engines/) and it always runs in eval mode, so its dropout is off while the control trains,
 exactly as when sampling: the control learns corrections to the base that sampling will use, not
 to a noisier one. Because every zero conv outputs zeros, a new ControlledUNet predicts exactly
 what its base does.

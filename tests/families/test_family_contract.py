@@ -2,7 +2,7 @@
 the family's tiny size (`Family.tiny`; see tests/tiny_specs.py): the spec builds the family
 (through `JobSpec.make_family`, i.e. `models.registry.make_family`), every phase trains only its
 own network, a step trains under DDP and (marked integration: DeepSpeed's start costs seconds)
-under DeepSpeed with the real loop (`jobs.worker.build_training` / `run_steps`, one process),
+under DeepSpeed with the real loop (`jobs.train.loop.build_training` / `run_steps`, one process),
 sampling is deterministic in the seed, the inference snapshot round-trips without the files the
 spec named, and the registered model samples through `mlflow.pyfunc`.
 
@@ -25,7 +25,7 @@ from jobs.spec import JobSpec
 from jobs.tracking.pyfunc import input_columns
 from jobs.tracking.registry import log_generator
 from jobs.tracking.runs import ensure_experiment
-from jobs.worker import build_training, run_steps
+from jobs.train.loop import build_training, run_steps
 from models.family import Family, StepContext
 from models.images import nchw_to_nhwc_numpy, to_float, to_uint8
 from models.png import encode_png

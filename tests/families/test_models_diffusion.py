@@ -176,7 +176,7 @@ def test_controlnet_trains_the_control_only(base_file):
 
 
 def test_engine_optimises_the_control_only(base_file):
-    from jobs.engines import DDPEngine
+    from jobs.train.engines import DDPEngine
     from jobs.spec import SPECS_DIR, load_spec
 
     spec = load_spec(SPECS_DIR / "spatiotemporal_controlnet.yaml",

@@ -4,7 +4,7 @@ Heads of backbones not yet added sit in D's Adam with zero gradients. Without a 
 step count runs on while its second moment stays 0, so the bias correction is spent: with
 β = (0, 0.99), the first real update of a head is lr·|g|/√((1 − 0.99)·g² / (1 − 0.99^(t+1))),
 up to 10·lr. With fresh state it is lr·sign(g): every element moves by lr or not at all. Checked
-through the real loop (`jobs.worker.run_steps`: the family asks, the engine restarts), under the
+through the real loop (`jobs.train.loop.run_steps`: the family asks, the engine restarts), under the
 DDP engine and DeepSpeed ZeRO 0/1/2, uninterrupted and across a checkpoint taken right after the
 stage began.
 """
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from family_checks import CPU, smooth_batch
-from jobs import checkpoints
-from jobs.worker import build_training, run_steps
+from jobs.train import checkpoints
+from jobs.train.loop import build_training, run_steps
 from data_shards.builtin import ensure_builtin
 from models.nets.vision_backbones import save_random_backbone
 from tiny_specs import tiny_spec

@@ -16,7 +16,7 @@ from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from jobs.spec import JobSpec
-from jobs.worker import build_training, step_seed, train_step
+from jobs.train.loop import build_training, step_seed, train_step
 from models.nets.vision_backbones import save_random_backbone
 from test_resume import STRATEGIES  # noqa: F401  (sets the DeepSpeed extension cache before Ray starts)
 from tiny_specs import ready_specs, tiny_spec

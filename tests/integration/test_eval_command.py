@@ -14,9 +14,9 @@ from data_shards.card import read_card
 from data_shards.synthetic import crater_field
 from data_shards.writer import write_shards
 from jobs.cli import main
-from jobs.evaluate import evaluate, feature_extractors, protocol_of
-from jobs.model_eval import EVAL_EXPERIMENT, evaluate_model
-from jobs.runner import run_job
+from jobs.eval.core import evaluate, feature_extractors, protocol_of
+from jobs.eval.model import EVAL_EXPERIMENT, evaluate_model
+from jobs.train.driver import run_job
 from jobs.spec import SPECS_DIR, load_spec
 from jobs.tracking.model_refs import resolve_ref
 from jobs.tracking.protocol import (TAG_EVAL_OF, TAG_MODEL_NAME, TAG_MODEL_VERSION, TAG_RUN_PROTOCOL, EvalProtocol,

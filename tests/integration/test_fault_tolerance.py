@@ -10,7 +10,7 @@ import pytest
 
 from mlflow.tracking import MlflowClient
 
-from jobs import checkpoints
+from jobs.train import checkpoints
 from test_resume import (BATCH, STEPS, assert_resumed_once_losing_at_most_one_interval, assert_same_weights,
                          checkpoint_weights, latest_checkpoint, reference, run_killed, tiny_spec)
 

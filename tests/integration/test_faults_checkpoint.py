@@ -19,10 +19,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from test_resume import BATCH, EVERY, STEPS, assert_same_weights, checkpoint_weights, latest_checkpoint, tiny_spec
 
-from jobs import checkpoints
-from jobs.checkpoints import IncompleteCheckpoint, verify
-from jobs.runner import run_job
-from jobs.worker import build_training
+from jobs.train import checkpoints
+from jobs.train.checkpoints import IncompleteCheckpoint, verify
+from jobs.train.driver import run_job
+from jobs.train.loop import build_training
 
 pytestmark = pytest.mark.integration
 

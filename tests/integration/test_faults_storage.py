@@ -24,7 +24,7 @@ from data_shards import stream
 from data_shards.stream import batches_per_epoch, image_stream
 from data_shards.synthetic import crater_field
 from data_shards.writer import write_shards
-from jobs.runner import run_job
+from jobs.train.driver import run_job
 from jobs.spec import SPECS_DIR, load_spec
 
 pytestmark = pytest.mark.integration

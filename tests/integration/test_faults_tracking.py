@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from data_shards.storage import filesystem
-from jobs.runner import JobResult, run_job
+from jobs.train.driver import JobResult, run_job
 from jobs.spec import SPECS_DIR, JobSpec, load_spec
 from jobs.tracking import buffered
 from local_stack import Service, free_port, start_mlflow

@@ -22,7 +22,7 @@ from data_shards.storage import filesystem
 from data_shards.verify import verify
 from jobs.cli import main
 from jobs.generate import read_lineage
-from jobs.runner import run_job
+from jobs.train.driver import run_job
 from jobs.spec import SPECS_DIR, load_spec
 from models.registry import make_family
 from models.snapshot import save_snapshot

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from jobs.cli import main
-from jobs.env import REPO
-from jobs.runner import run_job
+from jobs.runtime.env import REPO
+from jobs.train.driver import run_job
 from jobs.spec import SPECS_DIR, load_spec
 from jobs.tracking.protocol import EvalProtocol, version_tags
 from tiny_specs import tiny_sets

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from jobs.cli import main
-from jobs.model_eval import evaluate_model
+from jobs.eval.model import evaluate_model
 from jobs.spec import SPECS_DIR, load_spec
 from jobs.tracking.protocol import EvalProtocol, read_version_tags, version_tags
 from jobs.tracking.registry import log_generator

@@ -15,7 +15,7 @@ from PIL import Image
 from data_shards.preview import image_grid
 from data_shards.stream import iterate_once
 from jobs.cli import main
-from jobs.env import tracking_uri_restored
+from jobs.runtime.env import tracking_uri_restored
 from models.images import nchw_to_nhwc_numpy
 
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ def test_quickstart_ends_with_untrained_fid_and_reals_beside_samples(ray_local, 
     assert client.get_run(run_id).data.metrics["fid_untrained"] == pytest.approx(untrained, rel=1e-3)
     assert any(a.path.endswith("reals-vs-samples.png") for a in client.list_artifacts(run_id, "samples"))
 
-    # On one node, Ray Train's preemption watcher has nothing to watch: not started (jobs/runner.py).
+    # On one node, Ray Train's preemption watcher has nothing to watch: not started (jobs/runtime/ray_session.py).
     after = actors()
     assert after["TrainController"] == before["TrainController"] + 1
     assert after["PreemptionWatcher"] == before["PreemptionWatcher"]

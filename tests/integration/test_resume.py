@@ -24,10 +24,10 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
 
-from jobs import checkpoints
+from jobs.train import checkpoints
 from jobs.cli import main
-from jobs.resume import RUN_INFO
-from jobs.runner import JobResult, make_trainer, run_job
+from jobs.train.resume import RUN_INFO
+from jobs.train.driver import JobResult, make_trainer, run_job
 from jobs.spec import SPECS_DIR, JobSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from jobs.env import tracking_uri_restored
+from jobs.runtime.env import tracking_uri_restored
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

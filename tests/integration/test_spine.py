@@ -12,7 +12,7 @@ from data_shards.card import read_card, read_manifest
 from data_shards.storage import filesystem
 from data_shards.synthetic import crater_field
 from data_shards.writer import write_shards
-from jobs.runner import run_job
+from jobs.train.driver import run_job
 from jobs.spec import SPECS_DIR, load_spec
 
 pytestmark = pytest.mark.integration

@@ -1,6 +1,6 @@
 """The import graph of orbitgen's packages: no cycle among their modules, and dependencies point
-one way (DESIGN.md): `models` and `data_shards` import neither `jobs` nor `search`; `search`
-never imports `jobs`. Every import counts, including those inside functions (a lazy import only
+one way (docs/ARCHITECTURE.md): `models` and `data_shards` import neither `jobs` nor `search`;
+`search` never imports `jobs`; inside `jobs`, each room imports only rooms on floors below it. Every import counts, including those inside functions (a lazy import only
 hides a cycle). Read with `ast`, nothing is imported."""
 from __future__ import annotations
 
@@ -11,6 +11,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("models", "data_shards", "search", "jobs")
 FORBIDDEN = {"models": ("jobs", "search"), "data_shards": ("jobs", "search"), "search": ("jobs",)}
+# The rooms of `jobs`, bottom floor first: a room imports only rooms on floors below its own.
+JOBS_FLOORS = (
+    ("jobs.runtime",),                                   # plumbing: Ray session, console, redaction, env
+    ("jobs.spec",),                                      # the job spec
+    ("jobs.inputs", "jobs.tracking"),                    # the driver's input checks; MLflow runs and registry
+    ("jobs.eval",),                                      # evaluation
+    ("jobs.train",),                                     # the training driver, loop, engines, checkpoints
+    ("jobs.mineaug", "jobs.doctor", "jobs.generate", "jobs.submit"),   # jobs built on training and evaluation
+    ("jobs.cli",),                                       # the commands
+)
+# Who may import the training driver: the commands, which are the job entry points.
+DRIVER, DRIVER_USERS = "jobs.train.driver", ("jobs.cli",)
+# Ray's train controller unpickles these and never runs the loop: they stay free of torch and the rest.
+THIN_ENTRY = {"jobs.train.config": (), "jobs.train.entry": ("jobs.train.config", "jobs.train.loop")}
 
 
 @dataclass(frozen=True)
@@ -163,6 +177,48 @@ def test_dependencies_point_one_way():
                      "search never imports jobs):\n" + "\n".join(f"    {e}" for e in bad))
 
 
+def jobs_room(module: str) -> str | None:
+    """`jobs.train.loop` -> `jobs.train`; None outside `jobs` and for the package itself."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "jobs" and len(parts) > 1 else None
+
+
+def floor_of(room: str) -> int:
+    return next(i for i, rooms in enumerate(JOBS_FLOORS) if room in rooms)
+
+
+def upward(edges: list[Edge]) -> list[Edge]:
+    """Imports inside `jobs` from one room into a room on the same or a higher floor."""
+    bad = []
+    for e in edges:
+        source, target = jobs_room(e.source), jobs_room(e.target)
+        if source and target and source != target and floor_of(target) >= floor_of(source):
+            bad.append(e)
+    return bad
+
+
+def test_every_jobs_module_has_a_room():
+    rooms = {r for floor in JOBS_FLOORS for r in floor}
+    homeless = sorted({m for m in module_files() if jobs_room(m) and jobs_room(m) not in rooms})
+    assert not homeless, f"modules of jobs in no room of JOBS_FLOORS: {homeless}"
+
+
+def test_jobs_rooms_import_only_downward():
+    bad = upward(import_graph())
+    assert not bad, "imports inside jobs that reach up or sideways (see JOBS_FLOORS):\n" + "\n".join(
+        f"    {e}" for e in bad)
+
+
+def test_only_the_commands_import_the_training_driver():
+    bad = [e for e in import_graph() if e.target == DRIVER and not e.source.startswith(DRIVER_USERS)]
+    assert not bad, f"{DRIVER} is imported by:\n" + "\n".join(f"    {e}" for e in bad)
+
+
+def test_the_ray_train_entry_stays_thin():
+    bad = [e for e in import_graph() if e.source in THIN_ENTRY and e.target not in THIN_ENTRY[e.source]]
+    assert not bad, "the worker entry imports more than its config and the loop:\n" + "\n".join(f"    {e}" for e in bad)
+
+
 # --------------------------------------------------------------------------- the walker itself
 def write(root: Path, files: dict[str, str]) -> Path:
     for rel, text in files.items():
@@ -194,3 +250,14 @@ def test_walker_sees_lazy_relative_and_from_imports(tmp_path):
                          "models/c.py:1: models.c imports models.a"]
     assert [str(e) for e in forbidden(edges)] == ["models/sub/leaf.py:2: models.sub.leaf imports jobs.tools",
                                                   "search/__init__.py:1: search imports jobs.tools"]
+
+
+def test_floor_check_sees_an_import_that_reaches_up(tmp_path):
+    write(tmp_path, {
+        "jobs/__init__.py": "", "jobs/runtime/__init__.py": "", "jobs/train/__init__.py": "",
+        "jobs/runtime/console.py": "def f():\n    from jobs.train import driver\n",
+        "jobs/train/driver.py": "from jobs.runtime import console\n",
+        "models/__init__.py": "", "data_shards/__init__.py": "", "search/__init__.py": "",
+    })
+    assert [str(e) for e in upward(import_graph(tmp_path))] == [
+        "jobs/runtime/console.py:2: jobs.runtime.console imports jobs.train.driver"]

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from jobs import checkpoints
-from jobs.engines.deepspeed import deepspeed_config
-from jobs.engines import DDPEngine, lr_factor
+from jobs.train import checkpoints
+from jobs.train.engines.deepspeed import deepspeed_config
+from jobs.train.engines import DDPEngine, lr_factor
 from jobs.spec import JobSpec, SchedulerSpec, SpecError, parse_spec
-from jobs.worker import build_training, split, step_seed, to_device, train_step
+from jobs.train.loop import build_training, split, step_seed, to_device, train_step
 from models.family import Phase
 
 CPU = torch.device("cpu")

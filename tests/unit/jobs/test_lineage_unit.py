@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from data_shards.errors import UserError
-from jobs.env import git_dirty
+from jobs.runtime.env import git_dirty
 from jobs.tracking.lineage import TAG_BUILT_ON, built_on_tag, given_refs, version_lineage
 from jobs.tracking.versions import parse_version_ref
 

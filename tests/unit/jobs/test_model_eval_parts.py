@@ -12,9 +12,9 @@ import torch
 from data_shards.errors import UserError
 from data_shards.synthetic import crater_field
 from data_shards.writer import write_shards
-from jobs.distributed_eval import EvalSettings, plan
-from jobs.evaluate import eval_split, feature_extractors, protocol_of, split_holdout
-from jobs.model_eval import evaluate_model
+from jobs.eval.distributed import EvalSettings, plan
+from jobs.eval.core import eval_split, feature_extractors, protocol_of, split_holdout
+from jobs.eval.model import evaluate_model
 from models.metrics.extractors import RandConvExtractor
 from models.metrics.suite import METRICS, MetricSuite
 from models.registry import make_family

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import checkpoints
-from jobs.worker import build_training
+from jobs.train import checkpoints
+from jobs.train.loop import build_training
 from models.safe_load import UntrustedFileError, load_weights_only
 from models.snapshot import load_snapshot
 from tiny_specs import tiny_spec

@@ -8,7 +8,7 @@ from data_shards.builtin import ensure_builtin
 from data_shards.split import holdout_split, shard_keys
 from data_shards.stream import iterate_once
 from jobs.spec import SPECS_DIR, load_spec
-from jobs.worker import data_reals, open_stream
+from jobs.train.loop import data_reals, open_stream
 from models.images import to_float
 
 CPU = torch.device("cpu")

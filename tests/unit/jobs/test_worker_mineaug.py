@@ -7,7 +7,7 @@ import torch
 
 from data_shards.builtin import ensure_builtin
 from data_shards.stream import batches_per_epoch, image_stream
-from jobs.worker import MineAugBatches
+from jobs.train.loop import MineAugBatches
 from models.images import to_float
 
 N, BATCH = 12, 4

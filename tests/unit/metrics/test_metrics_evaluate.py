@@ -1,4 +1,4 @@
-"""`jobs.evaluate`: each family's metrics on tiny real shards (outputs paired with their own
+"""`jobs.eval.core`: each family's metrics on tiny real shards (outputs paired with their own
 targets), and the sample-grid preview for unconditional and conditional families."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 from data_shards.sources import Sample
 from data_shards.writer import write_shards
 from family_checks import smooth_batch
-from jobs.evaluate import evaluate, preview
+from jobs.eval.core import evaluate, preview
 from models.registry import make_family
 from models.images import nchw_to_nhwc_numpy, to_uint8
 from tiny_specs import tiny_model

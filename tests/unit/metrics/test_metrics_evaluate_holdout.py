@@ -1,4 +1,4 @@
-"""Which reals `jobs.evaluate` scores: a conditional family only the held-out split (when
+"""Which reals `jobs.eval.core` scores: a conditional family only the held-out split (when
 `data.holdout` is set), an unconditional one a seeded draw from the whole set, never the first N."""
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-import jobs.evaluate
+import jobs.eval.core
 from data_shards.sources import Sample
 from data_shards.split import holdout_split, shard_keys
 from data_shards.stream import iterate_once
 from data_shards.writer import write_shards
-from jobs.evaluate import evaluate, preview, real_samples
+from jobs.eval.core import evaluate, preview, real_samples
 from models.metrics.suite import MetricSuite
 from models.registry import make_family
 from tiny_specs import tiny_model
@@ -67,7 +67,7 @@ def scored_samples(monkeypatch, run) -> list[int]:
                 seen.extend(int(v - 3) // 4 for v in real[:, 0, 0, 0].tolist())
             return super().update(fake=fake, real=real, cond=cond)
 
-    monkeypatch.setattr(jobs.evaluate, "MetricSuite", Recording)
+    monkeypatch.setattr(jobs.eval.core, "MetricSuite", Recording)
     run()
     return seen
 
@@ -120,4 +120,4 @@ def test_the_unconditional_reference_is_a_seeded_draw_from_every_class(class_sor
     assert len({i * CLASSES // N for i in once}) > 1
     # Drawn from the whole set, whatever data.holdout says: the params record it.
     _, params = run()
-    assert params["eval_split"] == "all" and params["eval_real_seed"] == str(jobs.evaluate.REAL_SEED)
+    assert params["eval_split"] == "all" and params["eval_real_seed"] == str(jobs.eval.core.REAL_SEED)

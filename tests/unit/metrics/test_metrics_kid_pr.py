@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from data_shards.sources import Sample
 from data_shards.writer import write_shards
-from jobs.evaluate import evaluate
+from jobs.eval.core import evaluate
 from models.registry import make_family
 from models.images import nchw_to_nhwc_numpy
 from models.metrics.extractors import RandConvExtractor, VGG16Extractor

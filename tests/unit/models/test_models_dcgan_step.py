@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jobs.spec import SPECS_DIR, load_spec
-from jobs.worker import build_training, train_step
+from jobs.train.loop import build_training, train_step
 from models.family import StepContext
 
 CPU = torch.device("cpu")

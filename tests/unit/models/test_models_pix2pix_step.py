@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jobs import checkpoints
+from jobs.train import checkpoints
 from jobs.spec import JobSpec, parse_spec
-from jobs.worker import build_training, train_step
+from jobs.train.loop import build_training, train_step
 from family_checks import paired_batch
 
 CPU = torch.device("cpu")

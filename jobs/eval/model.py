@@ -22,10 +22,10 @@ from typing import Sequence
 
 from data_shards.card import read_card
 from data_shards.errors import InputNotFound, UserError
-from jobs.distributed_eval import EvalSettings, evaluate_distributed
-from jobs.env import tracking_uri_restored
-from jobs.evaluate import feature_extractors, protocol_of, split_holdout
-from jobs.redact import redact
+from jobs.eval.distributed import EvalSettings, evaluate_distributed
+from jobs.runtime.env import tracking_uri_restored
+from jobs.eval.core import feature_extractors, protocol_of, split_holdout
+from jobs.runtime.redact import redact
 from jobs.spec import EvalSpec, JobSpec, parse_spec
 from jobs.tracking import runs as tracking
 from jobs.tracking.model_refs import resolve_ref
@@ -34,10 +34,9 @@ from jobs.tracking.protocol import (TAG_EVAL_OF, TAG_MODEL_NAME, TAG_MODEL_VERSI
 from jobs.tracking.store_check import check_answers, local_store_path, require_store
 from models.family import Family
 from models.metrics.extractors import InceptionExtractor, RandConvExtractor, VGG16Extractor
-from models.snapshot import load_snapshot
+from models.snapshot import SNAPSHOT, load_snapshot
 
 EVAL_EXPERIMENT = "orbitgen-eval"   # the experiment of evaluations of snapshots no tracked run made
-SNAPSHOT_FILE = "generator.pt"      # in a checkpoint folder
 FID_EXTRACTORS = {RandConvExtractor.name: "randconv", InceptionExtractor.name: "inception"}
 
 
@@ -79,7 +78,7 @@ def evaluate_model(model: str, *, tracking_uri: str, data_url: str | None = None
         if like is not None and like != protocol:
             raise UserError(f"cannot evaluate {model} under the given protocol here: "
                             + "; ".join(_explain(d, data_url) for d in like.differences(protocol)))
-        from jobs.runner import ensure_ray
+        from jobs.runtime.ray_session import ensure_ray
 
         ensure_ray()
         scores, params, _ = evaluate_distributed(m.snapshot, data_url, settings, workers=workers)
@@ -123,9 +122,9 @@ def _local(path: str, tracking_uri: str, dest: Path) -> _Model:
     from mlflow.exceptions import MlflowException
 
     snapshot = Path(path).expanduser()
-    snapshot = snapshot / SNAPSHOT_FILE if snapshot.is_dir() else snapshot
+    snapshot = snapshot / SNAPSHOT if snapshot.is_dir() else snapshot
     if not snapshot.is_file():
-        raise InputNotFound(f"MODEL {path}: no snapshot file there (a checkpoint folder or its {SNAPSHOT_FILE})")
+        raise InputNotFound(f"MODEL {path}: no snapshot file there (a checkpoint folder or its {SNAPSHOT})")
     try:
         _, _, extra = load_snapshot(snapshot)
     except ValueError as e:
@@ -152,7 +151,7 @@ def _spec(path: Path, model: str) -> JobSpec | None:
 def _training_data(m: _Model) -> str:
     if m.spec is None:
         raise UserError(f"{m.ref} carries no training spec to take the data from: give --data URL")
-    from jobs.runner import resolve_data
+    from jobs.inputs import resolve_data
 
     return resolve_data(m.spec)
 

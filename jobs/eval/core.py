@@ -10,7 +10,7 @@ of one run, judged on the same reals. What the values were measured under, their
 (`protocol_of`, see jobs/tracking/protocol.py), names the data, the split, both seeds, the sample
 count and the extractors with their weights' hashes.
 
-`evaluate` runs in one process; `score_part` is its unit of work, which `jobs.distributed_eval`
+`evaluate` runs in one process; `score_part` is its unit of work, which `jobs.eval.distributed`
 spreads over Ray workers.
 """
 from __future__ import annotations
@@ -149,7 +149,7 @@ def evaluate(family: Family, sampler: nn.Module, *, data_url: str, num_samples: 
     """Returns (metrics, params): params say what the metrics were computed with. `metrics` picks
     among the family's (default: all of them). With `vgg_weights`, precision/recall use VGG-16
     features, else the `extractor`'s (see params). `holdout`: the spec's `data.holdout`.
-    In one process; `jobs.distributed_eval` spreads the same over Ray workers."""
+    In one process; `jobs.eval.distributed` spreads the same over Ray workers."""
     suite = make_suite(family, extractor=extractor, inception_weights=inception_weights, device=device,
                        vgg_weights=vgg_weights, metrics=metrics)
     score_part(family, sampler, suite, data_url=data_url, positions=real_positions(family, data_url, num_samples, holdout),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from jobs.engines.base import Engine, make_optimizer, make_scheduler, zero_state_
+from jobs.train.engines.base import Engine, make_optimizer, make_scheduler, zero_state_
 from jobs.spec import JobSpec
 from models.family import Phase
 from models.safe_load import load_weights_only

@@ -1,4 +1,4 @@
-"""One evaluation (`jobs.evaluate`) spread over Ray workers, equal to the single-process one.
+"""One evaluation (`jobs.eval.core`) spread over Ray workers, equal to the single-process one.
 
 The work is cut at multiples of the batch, so every generator call and every extractor pass
 sees the batch it would see in one process: worker w gets the w-th contiguous range of the
@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from data_shards.split import Holdout, Positions
-from jobs.evaluate import BATCH, EVAL_SEED, REAL_SEED, eval_params, make_suite, real_positions, score_part
-from jobs.env import forwarded_env
+from jobs.eval.core import BATCH, EVAL_SEED, REAL_SEED, eval_params, make_suite, real_positions, score_part
+from jobs.runtime.env import forwarded_env
 from models.family import Family
 from models.metrics.suite import MetricSuite
 from models.snapshot import load_snapshot
@@ -126,7 +126,7 @@ def _share(resource: str, workers: int) -> float:
 def evaluate_distributed(snapshot: Path, data_url: str, settings: EvalSettings, *, workers: int,
                          progress: bool = True) -> tuple[dict[str, float], dict[str, str], MetricSuite]:
     """(values, params, the merged suite) of the model in `snapshot` on `workers` Ray workers
-    (Ray must be initialised); equal to `jobs.evaluate.evaluate` with the same settings."""
+    (Ray must be initialised); equal to `jobs.eval.core.evaluate` with the same settings."""
     family, _, _ = load_snapshot(snapshot)
     # Built first: a bad setting (an extractor's missing weights) fails here, not in every worker.
     suite = settings.suite(family, torch.device("cuda" if torch.cuda.is_available() else "cpu"))

@@ -15,7 +15,7 @@ into one checkpoint in storage, and hands the whole of it to every rank on resta
 
 A copy to storage cut short (a worker killed mid-upload, a node lost) leaves a folder that looks
 like a checkpoint; `verify` accepts only one whose markers are all there and vouch for every
-file's size and content, and resume (jobs/resume.py) skips the others.
+file's size and content, and resume (jobs/train/resume.py) skips the others.
 
 No RNG state and no stream state is saved: the loop reseeds from (seed, rank, step) at every
 step and reopens the data stream at batch `step`, so a resumed run draws the same noise and the
@@ -35,11 +35,10 @@ from torch import nn
 
 from models.family import Family
 from models.safe_load import load_weights_only
-from models.snapshot import save_snapshot
+from models.snapshot import SNAPSHOT, save_snapshot
 
 ENGINES = "engines"
 TRAINING_STATE = "training_state.pt"
-SNAPSHOT = "generator.pt"
 PROGRESS = "progress.json"
 COMPLETE = "complete-rank{}.json"
 

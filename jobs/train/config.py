@@ -1,9 +1,5 @@
-"""What the driver hands Ray Train: the loop's config and a thin entry into `jobs.worker`.
-
-Ray unpickles both in its train controller too, which never runs the loop. Kept apart from
-`jobs.worker` (torch's families, mlflow, torchmetrics, the data plane), they cost the controller
-only this module, and its start-up is on the critical path of every run.
-"""
+"""What the driver hands every training worker. Torch-free: Ray unpickles it in its train
+controller too, which never runs the loop, and that start-up is on the critical path of every run."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,7 +8,7 @@ from typing import Any, Mapping
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """What the driver (`jobs.runner`) hands every worker; Ray pickles it as `train_loop_config["worker"]`."""
+    """What the driver (`jobs.train.driver`) hands every worker; Ray pickles it as `train_loop_config["worker"]`."""
 
     spec: dict[str, Any]                 # the validated spec, as JSON-able data
     run_id: str                          # the MLflow run rank 0 logs into
@@ -20,7 +16,7 @@ class WorkerConfig:
     data_url: str                        # the training shards (built-in sets already materialised)
     env: dict[str, str] = field(default_factory=dict)           # forwarded variables (S3 endpoint, credentials)
     model_files: dict[str, Any] = field(default_factory=dict)   # files `model.*_from` names, shipped by the driver
-    progress_board: str | None = None    # the driver's progress board (jobs/progress.py); rank 0 posts to it
+    progress_board: str | None = None    # the driver's progress board (jobs/train/progress.py); rank 0 posts to it
 
     def as_loop_config(self) -> dict[str, Any]:
         return {"worker": self}
@@ -28,9 +24,3 @@ class WorkerConfig:
     @classmethod
     def from_loop_config(cls, config: Mapping[str, Any]) -> "WorkerConfig":
         return config["worker"]
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    from jobs.worker import run_worker
-
-    run_worker(WorkerConfig.from_loop_config(config))

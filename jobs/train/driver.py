@@ -1,10 +1,9 @@
 """Run one job spec: resolve data, open the MLflow run, train on Ray, register and promote.
 
-This is the driver side; `jobs/worker.py` is what each Ray Train worker runs.
+This is the driver side; `jobs/train/loop.py` is what each Ray Train worker runs.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -14,23 +13,22 @@ from typing import Any, Callable
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from data_shards.builtin import ensure_builtin, is_builtin
-from data_shards.card import read_card
 from data_shards.environ import environ_set
-from data_shards.errors import UserError
 from data_shards.storage import join, ray_storage
+from jobs.eval.core import evaluation_protocol
+from jobs.inputs import check_data, check_files, resolve_data
+from jobs.runtime.cleanup import removed_on_bad_input
+from jobs.runtime.env import forwarded_env, git_dirty, git_sha, tracking_uri_restored
+from jobs.runtime.ray_session import ensure_ray, one_node_settings
+from jobs.runtime.redact import redact, redact_values
+from jobs.spec import JobSpec
 from jobs.tracking import buffered, lineage, model_refs, registry, runs as tracking
 from jobs.tracking.protocol import TAG_RUN_PROTOCOL, tag_version
 from jobs.tracking.store_check import check_answers
-from jobs.bad_input_cleanup import removed_on_bad_input
-from jobs.checkpoints import SNAPSHOT
-from jobs.evaluate import evaluation_protocol
-from jobs import console
-from jobs.env import forwarded_env, git_dirty, git_sha, tracking_uri_restored
-from jobs.progress import ProgressBar
-from jobs.redact import redact, redact_values
-from jobs.resume import ResumeError, read_run_info, write_run_info
-from jobs.spec import JobSpec, SpecError
+from jobs.train.config import WorkerConfig
+from jobs.train.progress import ProgressBar
+from jobs.train.resume import ResumeError, read_run_info, write_run_info
+from models.snapshot import SNAPSHOT
 
 
 @dataclass
@@ -49,77 +47,11 @@ class JobResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_data(spec: JobSpec) -> str:
-    if is_builtin(spec.data.train):
-        try:
-            return ensure_builtin(spec.data.train, str(spec.workdir_path() / "shards"),
-                                  spec.data.resolution, spec.data.channels)
-        except UserError as e:
-            raise SpecError(f"data.train: {e}") from None
-    return spec.data.train
-
-
-def check_data(spec: JobSpec, url: str) -> dict[str, Any]:
-    try:
-        card = read_card(url)
-    except UserError as e:
-        raise SpecError(f"data.train: {e}") from None
-    differ = [f"data.{k}={getattr(spec.data, k)}" for k in ("channels", "resolution")
-              if getattr(card, k) != getattr(spec.data, k)]
-    if differ:
-        raise SpecError(f"data.train {url} holds {card.channels}-channel {card.resolution}² images, "
-                        f"but the spec says {', '.join(differ)}; set it to match the shard set")
-    return card.model_dump(mode="json")
-
-
-def check_files(spec: JobSpec) -> None:
-    """The local files the family needs (pretrained weights), before Ray starts."""
-
-    missing = [f"  {key}: " + (f"no file at {path}" if path else "not set")
-               for key, path in spec.make_family().required_files().items() if not (path and Path(path).is_file())]
-    if missing:
-        raise SpecError("files this spec needs are missing (set them with --set KEY=PATH):\n" + "\n".join(missing))
-
-
-def ensure_ray(num_cpus: int | None = None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # Quiet unless --verbose (jobs/console.py): the workers' lines stay in Ray's logs, the
-    # driver's progress bar shows the run.
-    loud = console.verbose()
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=loud, configure_logging=loud)   # a cluster, or the job's own under Ray Jobs
-    else:
-        # The dashboard stays on: Ray Train's placement-group cleaner queries the state API it serves.
-        ray.init(address="local", num_cpus=num_cpus, object_store_memory=300_000_000, log_to_driver=loud,
-                 configure_logging=loud)
-
-
-PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-
-
-def one_node_settings() -> dict[str, str]:
-    """Ray Train settings for a cluster of one node (the local one, or a lone head): its preemption
-    watcher, one more actor started beside the workers on the way into training, watches for
-    nodes going away, which there would take the controller with them."""
-    import ray
-
-    if PREEMPTION_WATCHER in os.environ:   # the user's choice
-        return {}
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    return {PREEMPTION_WATCHER: "0"} if len(alive) == 1 else {}
-
-
 def make_trainer(spec: JobSpec, run_name: str, storage: str, loop_config: dict[str, Any]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from jobs.worker_entry import train_loop_per_worker
+    from jobs.train.entry import train_loop_per_worker
 
     storage_path, storage_fs = ray_storage(storage)
     best = spec.checkpoint.best_metric
@@ -217,8 +149,6 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         say(f"mlflow    {redact(tracking_uri)} · experiment {spec.experiment} · run {run_id}")
 
         ensure_ray()
-        from jobs.worker_entry import WorkerConfig
-
         say(f"{'resuming' if resume else 'training'}  {spec.family} · {spec.total_steps} steps · "
             f"{spec.scaling.num_workers} workers ({spec.strategy.kind}) · run {run_name} · "
             f"checkpoints under {join(storage, run_name)}")

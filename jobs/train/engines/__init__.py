@@ -1,14 +1,14 @@
 """Engines: one per trained network; `make_engine` picks DDP or DeepSpeed from the spec.
 
-The interface is `jobs.engines.base.Engine`; see that module's docstring.
+The interface is `jobs.train.engines.base.Engine`; see that module's docstring.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from jobs.engines.base import Engine, autocast_dtype, lr_factor, make_optimizer, make_scheduler
-from jobs.engines.ddp import DDPEngine
+from jobs.train.engines.base import Engine, autocast_dtype, lr_factor, make_optimizer, make_scheduler
+from jobs.train.engines.ddp import DDPEngine
 from jobs.spec import JobSpec
 from models.family import Phase
 
@@ -17,7 +17,7 @@ __all__ = ["DDPEngine", "Engine", "autocast_dtype", "lr_factor", "make_engine", 
 
 def make_engine(spec: JobSpec, module: nn.Module, phase: Phase, device: torch.device, world_size: int) -> Engine:
     if spec.strategy.kind == "deepspeed":
-        from jobs.engines.deepspeed import DeepSpeedEngine   # imports deepspeed: only when asked for
+        from jobs.train.engines.deepspeed import DeepSpeedEngine   # imports deepspeed: only when asked for
 
         return DeepSpeedEngine(module, phase, device, spec, world_size)
     return DDPEngine(module, phase, device, spec, world_size)

@@ -7,7 +7,7 @@ in the run's folder when the run starts, and reads it back on `--resume`.
 
 Nor does Ray check that the checkpoint it hands out is whole: the workers resume from
 `checkpoint_to_resume(ray.train.get_checkpoint())`, which passes over a checkpoint whose files
-are not all there as written (jobs/checkpoints.py `verify`) for the latest complete one beside it.
+are not all there as written (jobs/train/checkpoints.py `verify`) for the latest complete one beside it.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from data_shards.errors import UserError
 from data_shards.storage import filesystem, join
-from jobs.checkpoints import IncompleteCheckpoint, verify
+from jobs.train.checkpoints import IncompleteCheckpoint, verify
 
 RUN_INFO = "orbitgen-run.json"
 log = logging.getLogger(__name__)

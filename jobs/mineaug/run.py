@@ -1,7 +1,7 @@
 """Run a spec's MineAug search (`orbitgen search mineaug`): the driver side.
 
 It resolves what the spec names (data, feature extractor, tracking, storage), hands `search`
-the function that runs one proxy training on the real loop (`jobs.proxy_training`: search never
+the function that runs one proxy training on the real loop (`jobs.mineaug.proxy`: search never
 imports jobs), and writes the spec back with `augment.mineaug` and `augment.search_run` set, so
 the next command is `orbitgen train <that spec>`.
 """
@@ -16,10 +16,11 @@ from typing import Any, Callable
 import yaml
 
 from data_shards.storage import join
-from jobs.bad_input_cleanup import removed_on_bad_input
-from jobs.env import tracking_uri_restored
-from jobs.redact import redact
-from jobs.runner import check_data, ensure_ray, resolve_data
+from jobs.runtime.cleanup import removed_on_bad_input
+from jobs.runtime.env import tracking_uri_restored
+from jobs.runtime.redact import redact
+from jobs.inputs import check_data, resolve_data
+from jobs.runtime.ray_session import ensure_ray
 from jobs.spec import JobSpec, SpecError
 from jobs.tracking.runs import TAG_DATA, TAG_FAMILY, TAG_SPEC
 from jobs.tracking.store_check import check_answers
@@ -70,7 +71,7 @@ def run_search_job(spec: JobSpec, *, say: Callable[[str], None] = print, resume:
 
     train_fn = None
     if cfg.validate_.top_m:
-        from jobs.proxy_training import make_proxy_train_fn
+        from jobs.mineaug.proxy import make_proxy_train_fn
 
         train_fn = make_proxy_train_fn(local, data_url, say=say)
     ensure_ray()

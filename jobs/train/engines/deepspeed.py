@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.engines.base import Engine, make_optimizer, make_scheduler, zero_state_
+from jobs.train.engines.base import Engine, make_optimizer, make_scheduler, zero_state_
 from jobs.spec import JobSpec
 from models.family import Phase
 from models.safe_load import deepspeed_safe_classes, load_weights_only

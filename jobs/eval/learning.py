@@ -15,19 +15,18 @@ from torch import nn
 from data_shards.preview import image_grid
 from data_shards.storage import filesystem, join
 from data_shards.stream import iterate_once
-from jobs.checkpoints import SNAPSHOT
-from jobs.evaluate import evaluate, preview
+from jobs.eval.core import evaluate, preview
 from jobs.spec import JobSpec
 from models.family import Family
 from models.images import nchw_to_nhwc_numpy
-from models.snapshot import load_snapshot
+from models.snapshot import SNAPSHOT, load_snapshot
 
 GRID_IMAGES = 64
 GAP = 8   # white pixels between the grid of reals and the grid of samples
 
 
 def untrained_sampler(spec: JobSpec) -> tuple[Family, nn.Module]:
-    """The run's sampler before its first step: the weights `jobs.worker.build_training` starts
+    """The run's sampler before its first step: the weights `jobs.train.loop.build_training` starts
     from (the same seed before the same build)."""
     family = spec.make_family()
     torch.manual_seed(spec.train.seed)

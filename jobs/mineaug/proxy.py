@@ -2,9 +2,9 @@
 
 `search` never imports `jobs` (DESIGN.md): it receives the function made here. One call trains
 the spec's family for `budget_steps` on one worker with the given MineAug augmentations, using the
-same pieces as a Ray Train worker (`jobs.worker.build_training`, `training_batches`, `run_steps`)
+same pieces as a Ray Train worker (`jobs.train.loop.build_training`, `training_batches`, `run_steps`)
 without Ray Train's start-up cost, and scores the generator against the ORIGINAL images only
-(`jobs.evaluate.evaluate` reads the un-augmented shards): scoring against the augmented set would
+(`jobs.eval.core.evaluate` reads the un-augmented shards): scoring against the augmented set would
 reward augmentations that leak into the generated images, the published code's flaw.
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any, Callable
 
 import torch
 
-from jobs.env import forwarded_env
-from jobs.evaluate import evaluate
+from jobs.runtime.env import forwarded_env
+from jobs.eval.core import evaluate
 from jobs.spec import JobSpec
-from jobs.worker import build_training, run_steps, training_batches
+from jobs.train.loop import build_training, run_steps, training_batches
 from models.images import to_uint8
 
 EVALUATIONS = 4          # FIDs reported per proxy training (ASHA decides on the earlier ones)

@@ -28,11 +28,12 @@ from data_shards.preview import image_grid
 from data_shards.split import Holdout
 from data_shards.storage import join
 from data_shards.stream import batches_per_epoch, image_stream, iterate_once, retries, skipped, training_share
-from jobs import checkpoints
-from jobs.engines import Engine, make_engine
-from jobs.evaluate import evaluate, preview
-from jobs.progress import WorkerProgress
-from jobs.resume import checkpoint_to_resume
+from jobs.train import checkpoints
+from jobs.train.engines import Engine, make_engine
+from jobs.eval.core import evaluate, preview
+from jobs.train.config import WorkerConfig
+from jobs.train.progress import WorkerProgress
+from jobs.train.resume import checkpoint_to_resume
 from jobs.spec import JobSpec
 from jobs.tracking import model_refs
 from jobs.tracking.buffered import pending_url
@@ -47,7 +48,7 @@ GRID_SEED = 123
 class Worker:
     """One rank's training: what every checkpoint report needs, in one place."""
 
-    cfg: Any                             # jobs.worker_entry.WorkerConfig (which imports this module)
+    cfg: WorkerConfig
     spec: JobSpec
     family: Family
     networks: dict[str, nn.Module]
@@ -273,9 +274,9 @@ def run_steps(spec: JobSpec, family: Family, phases: list[Phase], engines: Mappi
         yield step, values
 
 
-def run_worker(cfg: Any) -> None:
-    """One rank's whole run, from its `jobs.worker_entry.WorkerConfig` (entered through
-    `jobs.worker_entry.train_loop_per_worker`)."""
+def run_worker(cfg: WorkerConfig) -> None:
+    """One rank's whole run, from its `WorkerConfig` (entered through
+    `jobs.train.entry.train_loop_per_worker`)."""
     os.environ.update(cfg.env)
     spec = JobSpec.model_validate(cfg.spec)
     # Files the spec names (a frozen stage-1 generator, a ControlNet's base) on this node's disk.
@@ -284,7 +285,7 @@ def run_worker(cfg: Any) -> None:
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     device = ray.train.torch.get_device()
     # What the MLflow server does not take (it went away) waits in the run's storage: the run's
-    # folder is Ray's experiment name under the spec's storage (jobs/runner.make_trainer).
+    # folder is Ray's experiment name under the spec's storage (jobs/train/driver.make_trainer).
     spill = pending_url(join(spec.storage_url(), tctx.get_experiment_name()))
     log = RunLogger(cfg.tracking_uri, cfg.run_id, spill=spill) if rank == 0 else None
     progress = WorkerProgress(cfg.progress_board if rank == 0 else None)

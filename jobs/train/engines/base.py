@@ -11,8 +11,8 @@ The train loop sees one interface (`Engine`), whatever the strategy:
     engine.save(dir, rank) / engine.load(dir)    every rank calls both
     engine.restart_state(params)   fresh optimizer state for one parameter group
 
-`DDPEngine` (jobs/engines/ddp.py) wraps torch DDP over Ray Train's process group;
-`DeepSpeedEngine` (jobs/engines/deepspeed.py) runs one `deepspeed.initialize` per network.
+`DDPEngine` (jobs/train/engines/ddp.py) wraps torch DDP over Ray Train's process group;
+`DeepSpeedEngine` (jobs/train/engines/deepspeed.py) runs one `deepspeed.initialize` per network.
 This module holds what both share: the interface, optimizer and LR schedule.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a training command shows: orbitgen's own lines and one progress bar (jobs/progress.py).
+"""What a training command shows: orbitgen's own lines and one progress bar (jobs/train/progress.py).
 
 Unless `--verbose`: Ray's and MLflow's internal lines, and Python warnings a user cannot act on
 (deprecations inside the libraries), go to a log file under the work dir; the workers' console

@@ -1,0 +1,47 @@
+"""The driver's checks of a spec's inputs, before anything starts: the training data (a built-in
+set is materialised here), its card against the spec, and the local files the family needs.
+
+Used by `train`, `eval`, `search` and `doctor`; they run once, on the driver. Workers trust what
+the driver checked (`jobs/spec.py` validators never touch a disk).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from data_shards.builtin import ensure_builtin, is_builtin
+from data_shards.card import read_card
+from data_shards.errors import UserError
+from jobs.spec import JobSpec, SpecError
+
+
+def resolve_data(spec: JobSpec) -> str:
+    if is_builtin(spec.data.train):
+        try:
+            return ensure_builtin(spec.data.train, str(spec.workdir_path() / "shards"),
+                                  spec.data.resolution, spec.data.channels)
+        except UserError as e:
+            raise SpecError(f"data.train: {e}") from None
+    return spec.data.train
+
+
+def check_data(spec: JobSpec, url: str) -> dict[str, Any]:
+    try:
+        card = read_card(url)
+    except UserError as e:
+        raise SpecError(f"data.train: {e}") from None
+    differ = [f"data.{k}={getattr(spec.data, k)}" for k in ("channels", "resolution")
+              if getattr(card, k) != getattr(spec.data, k)]
+    if differ:
+        raise SpecError(f"data.train {url} holds {card.channels}-channel {card.resolution}² images, "
+                        f"but the spec says {', '.join(differ)}; set it to match the shard set")
+    return card.model_dump(mode="json")
+
+
+def check_files(spec: JobSpec) -> None:
+    """The local files the family needs (pretrained weights), before Ray starts."""
+
+    missing = [f"  {key}: " + (f"no file at {path}" if path else "not set")
+               for key, path in spec.make_family().required_files().items() if not (path and Path(path).is_file())]
+    if missing:
+        raise SpecError("files this spec needs are missing (set them with --set KEY=PATH):\n" + "\n".join(missing))
