@@ -36,9 +36,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data_shards.builtin import builtin_for_keys  # noqa: E402
 from jobs.eval.learning import reals_beside_samples, save_png, scores  # noqa: E402
 from jobs.inputs import resolve_data  # noqa: E402
-from jobs.spec import SPECS_DIR, JobSpec, load_spec  # noqa: E402
+from jobs.spec import JobSpec, load_spec, ready_specs  # noqa: E402
 from jobs.train.loop import GRID_SEED, build_training, run_steps, training_batches  # noqa: E402
 from models.registry import get_family_cls  # noqa: E402
 from models.snapshot import save_snapshot  # noqa: E402
@@ -62,13 +63,6 @@ SIZES: dict[str, dict[str, Any]] = {
     # ControlNet's 1e-5 is meant for 100k+ steps: in a few thousand its zero convs barely open.
     "spatiotemporal_controlnet": {**_DIFFUSION, "train.lr": 1e-4},
 }
-# A built-in set with the keys a family's batches carry, for specs whose data is not built in.
-BUILTIN_FOR_KEYS = {("image",): "craters", ("image", "cls"): "terrain-classes", ("cond", "image"): "maps",
-                    ("cond", "mask", "image"): "timeseries"}
-
-
-def ready_specs() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(SPECS_DIR.glob("*.yaml"))}
 
 
 def raw(name: str) -> dict[str, Any]:
@@ -106,7 +100,7 @@ def in_order(names: list[str]) -> list[str]:
 def builtin_data(spec: JobSpec) -> str:
     train = spec.data.train
     name = (train.removeprefix("builtin:").split("?")[0] if train.startswith("builtin:")
-            else BUILTIN_FOR_KEYS[tuple(spec.make_family().data_keys)])
+            else builtin_for_keys(spec.make_family().data_keys))
     return f"builtin:{name}?count={DATA_COUNT}&seed=0"
 
 

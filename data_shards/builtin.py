@@ -13,6 +13,7 @@ same fingerprint) without any download: the embedded default, spec overrides and
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 from urllib.parse import parse_qsl, urlsplit
 
@@ -33,11 +34,23 @@ BUILTINS = {
     "sat2ground": (ground_pairs, {"count": 256, "seed": 0}),           # cond satellite, image ground view
 }
 CLASS_NAMES = {"terrain-classes": list(CLASSES)}
+# The set to train on when a spec's data is not built in, by the keys its family's batches carry.
+_FOR_KEYS = {("image",): "craters", ("image", "cls"): "terrain-classes", ("cond", "image"): "maps",
+             ("cond", "mask", "image"): "timeseries"}
 
 
 def _allowed() -> str:
     return ", ".join(f"builtin:{name}?" + "&".join(f"{k}={v}" for k, v in params.items())
                      for name, (_, params) in BUILTINS.items())
+
+
+def builtin_for_keys(keys: Iterable[str]) -> str:
+    """The built-in set whose samples carry `keys` (a family's `data_keys`, in order), e.g.
+    ("cond", "image") -> "maps"; KeyError when none does."""
+    keys = tuple(keys)
+    if keys not in _FOR_KEYS:
+        raise KeyError(f"no built-in data set carries {keys}; set data.train")
+    return _FOR_KEYS[keys]
 
 
 def is_builtin(url: str) -> bool:

@@ -1,5 +1,5 @@
 """Environment variables set for one block of code and put back after it. Here, below `jobs` and
-`search`, so that both use one copy (DESIGN.md: `search` never imports `jobs`)."""
+`search`, so that both use one copy (docs/ARCHITECTURE.md: `search` never imports `jobs`)."""
 from __future__ import annotations
 
 import os

@@ -12,7 +12,7 @@ import os
 import random
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 
@@ -130,11 +130,14 @@ class Retries:
     again once the read makes progress (`progressed`). One retry per `wait`, counted in `retries()`
     and logged. s3fs's own timeouts (5 s to connect, 15 s without a byte read) turn a frozen server
     into errors here, and botocore and s3fs retry a request a few times before it gets here; this
-    is what outlasts an outage of minutes."""
+    is what outlasts an outage of minutes. `clock` and `sleep` are replaceable, so that tests check
+    the waits asked for rather than time them."""
 
-    def __init__(self, what: str, budget_s: float | None = None, first_s: float = 0.25, cap_s: float = 8.0):
+    def __init__(self, what: str, budget_s: float | None = None, first_s: float = 0.25, cap_s: float = 8.0, *,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         self.what, self.first_s, self.cap_s = what, first_s, cap_s
         self.budget_s = retry_budget_s() if budget_s is None else budget_s
+        self.clock, self.sleep = clock, sleep
         self.failing_since: float | None = None
         self.attempt = 0
 
@@ -144,7 +147,7 @@ class Retries:
     def wait(self, exc: Exception) -> None:
         """Sleep before the next try; GaveUp (from `exc`) once the budget is spent."""
         global _retried
-        now = time.monotonic()
+        now = self.clock()
         if self.failing_since is None:
             self.failing_since = now
         left = self.budget_s - (now - self.failing_since)
@@ -158,7 +161,7 @@ class Retries:
             total = _retried
         log.warning("%s failed (%s: %s); retry %d in %.1fs (%d retries in this process)",
                     self.what, type(exc).__name__, exc, self.attempt, delay, total)
-        time.sleep(delay)
+        self.sleep(delay)
 
 
 def open_with_retries(url: str, mode: str = "rb", budget_s: float | None = None, **kwargs):

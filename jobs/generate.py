@@ -306,10 +306,3 @@ def record_on_version(client, name: str, version: str, entry: dict) -> None:
     tags = client.get_model_version(name, version).tags or {}
     made = json.loads(tags.get(TAG_GENERATED) or "[]")
     client.set_model_version_tag(name, version, TAG_GENERATED, json.dumps(made + [entry]))
-
-
-def read_lineage(url: str) -> dict[str, Any] | None:
-    """The lineage recorded on a generated set's card; None for a set `data build` made."""
-    fs, root = filesystem(to_url(url))
-    with fs.open(join(root, CARD), "rb") as f:
-        return json.loads(f.read()).get(CARD_KEY)

@@ -38,10 +38,11 @@ def check_data(spec: JobSpec, url: str) -> dict[str, Any]:
     return card.model_dump(mode="json")
 
 
-def check_files(spec: JobSpec) -> None:
-    """The local files the family needs (pretrained weights), before Ray starts."""
-
+def check_files(spec: JobSpec, *, family_files: bool = True) -> None:
+    """The local files the spec needs, before Ray starts: the evaluation's extractor weights and,
+    unless `family_files` is off (a search that trains nothing), the family's pretrained weights."""
+    wanted = {**(spec.make_family().required_files() if family_files else {}), **spec.eval.weight_files()}
     missing = [f"  {key}: " + (f"no file at {path}" if path else "not set")
-               for key, path in spec.make_family().required_files().items() if not (path and Path(path).is_file())]
+               for key, path in wanted.items() if not (path and Path(path).expanduser().is_file())]
     if missing:
         raise SpecError("files this spec needs are missing (set them with --set KEY=PATH):\n" + "\n".join(missing))

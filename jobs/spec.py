@@ -1,7 +1,10 @@
 """The job spec: one YAML file, validated before anything starts; errors name the field.
 
-Section and key names are a contract (DESIGN.md): later work may add keys, never rename them.
-`--set section.key=value` overrides any key; values are parsed as YAML (numbers, booleans, lists).
+Section and key names are a contract (docs/ARCHITECTURE.md): later work may add keys, never
+rename them. `--set section.key=value` overrides any key; values are parsed as YAML (numbers,
+booleans, lists). Validation reads no file and no store: the spec is validated where it is parsed,
+which may not be where it runs; the driver checks the data and the files the spec names once
+(jobs/inputs.py), and workers take the checked spec as it is (`JobSpec.from_checked`).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from data_shards.builtin import is_builtin, parse_builtin
 from data_shards.errors import UserError
@@ -26,6 +29,7 @@ from models.metrics.suite import reported_names
 from search.config import SearchConfig, SearchConfigError, resolve_candidates
 
 SPECS_DIR = Path(__file__).parent / "specs"
+_CHECKED = "orbitgen.checked"   # validation context: the driver already ran the cross-section checks
 
 
 class SpecError(UserError):
@@ -133,14 +137,16 @@ class EvalSpec(_Section):
                                                        "feature space of precision/recall; null = the fid_extractor's")
 
     @model_validator(mode="after")
-    def _weights_exist(self) -> "EvalSpec":
+    def _inception_has_weights(self) -> "EvalSpec":
+        # That the files are there is the driver's check (jobs/inputs.py check_files).
         if self.fid_extractor == "inception" and not self.inception_weights:
             raise ValueError("fid_extractor 'inception' needs eval.inception_weights (a local file path)")
-        for key in ("inception_weights", "vgg_weights"):
-            path = getattr(self, key)
-            if path and not Path(path).expanduser().is_file():
-                raise ValueError(f"eval.{key}: no file at {path}")
         return self
+
+    def weight_files(self) -> dict[str, str]:
+        """The extractor weights this section names, by spec key."""
+        return {f"eval.{key}": path for key in ("inception_weights", "vgg_weights")
+                if (path := getattr(self, key))}
 
 
 class TrackingSpec(_Section):
@@ -169,18 +175,25 @@ class JobSpec(_Section):
     @field_validator("family")
     @classmethod
     def _known_family(cls, v: str) -> str:
-        if ":" in v:   # a lab's own family, `pkg.module:Class`
-            try:
-                get_family_cls(v)
-            except KeyError as e:
-                raise ValueError(e.args[0]) from None
-        elif v not in available_families():
+        if ":" not in v and v not in available_families():   # else a lab's own family, `pkg.module:Class`
             raise ValueError(f"unknown family {v!r}; allowed: {', '.join(available_families())} "
                              "or a reference pkg.module:Class")
+        try:
+            get_family_cls(v)   # importable, and defines the whole contract
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
         return v
 
+    @classmethod
+    def from_checked(cls, data: dict[str, Any]) -> "JobSpec":
+        """A spec the driver validated and checked (`model_dump(mode="json")` of it), as a worker
+        takes it: field types are parsed again, the cross-section checks are not repeated."""
+        return cls.model_validate(data, context={_CHECKED: True})
+
     @model_validator(mode="after")
-    def _cross_checks(self) -> "JobSpec":
+    def _cross_checks(self, info: ValidationInfo) -> "JobSpec":
+        if info.context and info.context.get(_CHECKED):
+            return self
         if self.train.batch % self.scaling.num_workers:
             raise ValueError(f"train.batch ({self.train.batch}) must be divisible by "
                              f"scaling.num_workers ({self.scaling.num_workers})")
@@ -336,3 +349,8 @@ def encode_inline(text: str) -> str:
 
 def decode_inline(b64: str) -> str:
     return base64.urlsafe_b64decode(b64.encode()).decode()
+
+
+def ready_specs() -> dict[str, Path]:
+    """The ready specs in jobs/specs/, by file stem."""
+    return {p.stem: p for p in sorted(SPECS_DIR.glob("*.yaml"))}

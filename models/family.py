@@ -13,6 +13,7 @@ system) and are found there by `models.registry`, which is also the one way to c
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
@@ -103,9 +104,11 @@ class StepEnd:
         return self.step * self.batch
 
 
-class Family:
-    """Base class; see module docstring. A subclass with a `name` in a module of
-    `models/families/` is found by `models.registry`; construct it with `make_family`.
+class Family(ABC):
+    """The contract; see module docstring. Its abstract methods (`build`, `phases`, `loss`,
+    `sample`) are what every family must define: one that leaves any out is refused by
+    `models.registry` with their names. A subclass with a `name` in a module of `models/families/`
+    is found by `models.registry`; construct it with `make_family`.
 
     `conditional`, `data_keys`, `metrics` and `sampler_role` are class attributes, or read-only
     properties where the config decides them (a diffusion model's conditioning, sat2ground's stage).
@@ -133,19 +136,21 @@ class Family:
         self.channels = channels
         self.lr = lr
 
+    @abstractmethod
     def build(self) -> dict[str, nn.Module]:
-        raise NotImplementedError
+        """The networks by role ("G", "D", EMA copies, frozen networks), freshly initialised."""
 
+    @abstractmethod
     def phases(self) -> list[Phase]:
-        raise NotImplementedError
+        """The trained networks in the order a step trains them, one phase each."""
 
+    @abstractmethod
     def loss(self, batch: Mapping[str, torch.Tensor], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         """Loss of `ctx.phase` on one batch and named values to log.
 
         The batch holds `data_keys`: image-like keys (image, cond, mask) as float NCHW in [-1, 1]
         on the device, `cls` as int64.
         """
-        raise NotImplementedError
 
     def required_files(self) -> dict[str, str | None]:
         """Local files the training needs, by spec key (e.g. pretrained backbone weights): the
@@ -163,12 +168,12 @@ class Family:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    @torch.no_grad()
+    @abstractmethod
     def sample(self, sampler: nn.Module, n: int, *, seed: int = 0, cond: torch.Tensor | None = None,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         """n images in [-1, 1], NCHW, deterministic in `seed`; conditional families take `cond`
-        (and `mask`), float NCHW in [-1, 1], one per image."""
-        raise NotImplementedError
+        (and `mask`), float NCHW in [-1, 1], one per image. Families decorate theirs with
+        `torch.no_grad()`."""
 
 
 def run_in_eval(net: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:

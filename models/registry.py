@@ -63,6 +63,15 @@ def _load_reference(ref: str) -> type[Family]:
     return obj
 
 
+def _complete(cls: type[Family], ref: str) -> type[Family]:
+    """`cls`, when it defines every abstract method of the contract; else a KeyError naming them."""
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        raise KeyError(f"family {ref!r} ({cls.__module__}.{cls.__qualname__}) does not define "
+                       f"{', '.join(missing)}: every family must (the contract is models/family.py)")
+    return cls
+
+
 def available_families() -> list[str]:
     """Names of the families found in models/families/ and in installed entry points."""
     return sorted(_discovered())
@@ -71,12 +80,12 @@ def available_families() -> list[str]:
 def get_family_cls(name: str) -> type[Family]:
     """The family called `name`, or named by a `pkg.module:Class` reference."""
     if ":" in name:
-        return _load_reference(name)
+        return _complete(_load_reference(name), name)
     found = _discovered()
     if name not in found:
         raise KeyError(f"unknown family {name!r}; available: {', '.join(sorted(found))} "
                        "(or a reference pkg.module:Class)")
-    return found[name]
+    return _complete(found[name], name)
 
 
 def family_ref(cls: type[Family]) -> str:

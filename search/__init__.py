@@ -1,4 +1,4 @@
 """MineAug: scoring augmentations and validating subsets as Ray Tune + Optuna trials.
 
-Never imports `jobs`: a proxy-training function is handed in by the caller (DESIGN.md).
+Never imports `jobs`: a proxy-training function is handed in by the caller (docs/ARCHITECTURE.md).
 """

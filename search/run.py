@@ -36,6 +36,7 @@ import torch
 
 from models.augment.pool import apply_uint8
 from search.config import SearchConfig, SearchConfigError, load_config, resolve_candidates
+from search.context import SearchContext, TrainFn
 from search.frechet import Reference
 from search.originals import Originals, load_originals, resolve_url
 from search.plots import contact_sheet, fid_bar_chart
@@ -45,7 +46,7 @@ from search.select import (RankRow, SubsetRow, best_singles, mixture_fid, mixtur
 from search.stage1 import run_stage1
 from search.store import SearchStore
 from search.tracking import (RANKING_COLUMNS, TAG_CHOSEN, TAG_SELECT, SearchTracker, format_ranking, write_csv)
-from search.validate import TrainFn, ValidationResult, run_stage2
+from search.validate import ValidationResult, run_stage2
 
 SUBSET_COLUMNS = ("rank", "augmentations", "fid", "fid_std", "fids", "exact")
 # What must match for a resumed search to reuse stored trials.
@@ -126,8 +127,12 @@ def run_search(originals: str | Originals, *, channels: int, config: dict | Sear
     store.write_json({**state, "parent_run_id": parent}, "search.json")
     say(f"MineAug search {name}: MLflow parent run {parent} (experiment {experiment})")
     try:
-        result = _search(originals, cfg, candidates, channels, resolution, extractor, extractor_weights, store,
-                         tracker, parent, name, train_fn, say, validate_resources)
+        read = _read_originals(originals, cfg=cfg, channels=channels, resolution=resolution, extractor=extractor,
+                               weights=extractor_weights, store=store, say=say)
+        ctx = SearchContext(config=cfg, candidates=candidates, channels=channels, originals=read, extractor=extractor,
+                            extractor_weights=extractor_weights, store=store, tracker=tracker, parent_run_id=parent,
+                            name=name, train_fn=train_fn, say=say, validate_resources=validate_resources)
+        result = _search(ctx)
     except BaseException as exc:
         tracker.finish(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -138,15 +143,21 @@ def run_search(originals: str | Originals, *, channels: int, config: dict | Sear
     return result
 
 
-def _search(originals, cfg: SearchConfig, candidates, channels, resolution, extractor, weights, store: SearchStore,
-            tracker: SearchTracker, parent: str, name: str, train_fn, say, validate_resources) -> SearchResult:
-    if not isinstance(originals, Originals):
-        url = resolve_url(originals, os.path.join(store.path, "shards") if store.url.startswith("file://")
-                          else store.url + "/shards", resolution, channels)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        originals = load_originals(url, channels, extractor, weights, cfg.max_images, device, say)
+def _read_originals(source: str | Originals, *, cfg: SearchConfig, channels: int, resolution: int | None,
+                    extractor: str, weights: str | None, store: SearchStore, say: Callable[[str], None]) -> Originals:
+    if isinstance(source, Originals):
+        return source
+    url = resolve_url(source, os.path.join(store.path, "shards") if store.url.startswith("file://")
+                      else store.url + "/shards", resolution, channels)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_originals(url, channels, extractor, weights, cfg.max_images, device, say)
+
+
+def _search(ctx: SearchContext) -> SearchResult:
+    cfg, candidates, originals, store, tracker = ctx.config, ctx.candidates, ctx.originals, ctx.store, ctx.tracker
+    parent, say = ctx.parent_run_id, ctx.say
     tracker.log(parent, params={**{f"search.{k}": v for k, v in cfg.to_dict().items()},
-                                "data": originals.url, "images": originals.count, "channels": channels,
+                                "data": originals.url, "images": originals.count, "channels": ctx.channels,
                                 "extractor": originals.extractor_name, "candidates": len(candidates)},
                 tags={"orbitgen.data_fingerprint": originals.fingerprint} if originals.fingerprint else None)
     _ensure_ray()
@@ -167,8 +178,8 @@ def _search(originals, cfg: SearchConfig, candidates, channels, resolution, extr
                         + [("mse_repeat", m, r) for r, m in enumerate(score.mses)])
         say(f"  [{finished[0]:>{len(str(len(candidates)))}}/{len(candidates)}] {score.name:20s} FID {score.fid:.4g} ± {score.fid_std:.2g}  MSE {score.mse:.4g}  ({score.seconds:.1f}s)")
 
-    scores, ran = run_stage1(originals, candidates, repeats=cfg.repeats, seed=cfg.seed, extractor=extractor,
-                             weights_path=weights, store=store, resources=cfg.resources_per_trial,
+    scores, ran = run_stage1(originals, candidates, repeats=cfg.repeats, seed=cfg.seed, extractor=ctx.extractor,
+                             weights_path=ctx.extractor_weights, store=store, resources=cfg.resources_per_trial,
                              concurrency=cfg.concurrency, reference=reference, on_result=on_result, log=say)
     for n in candidates:
         if n not in ran:
@@ -219,13 +230,9 @@ def _search(originals, cfg: SearchConfig, candidates, channels, resolution, extr
                             step_metrics=[("fid_step", f, s) for s, f in zip(sub.steps, sub.fids)])
             tracker.finish(run_id, "FINISHED" if sub.status in ("finished", "stopped", "invalid") else "FAILED")
 
-        validation = run_stage2(
-            train_fn, top=top, k=cfg.k, trials=cfg.validate_.trials, budget_steps=cfg.validate_.budget_steps,
-            seed=cfg.seed, singles=singles, best_set=best_set, stage1_choice=chosen, proxy=proxy, store=store,
-            resources=validate_resources or cfg.resources_per_trial, extractor=extractor, weights_path=weights,
-            originals_features=originals.features,
-            augmented_features=lambda n: cache.setdefault(n, scores[n].features),
-            concurrency=cfg.concurrency, on_subset=on_subset, log=say)
+        validation = run_stage2(ctx, top=top, singles=singles, best_set=best_set, stage1_choice=chosen, proxy=proxy,
+                                augmented_features=lambda n: cache.setdefault(n, scores[n].features),
+                                on_subset=on_subset)
         chosen, reason = validation.chosen, f"stage 2: {validation.reason}"
         if validation.warning:
             say("WARNING: " + validation.warning)
@@ -233,45 +240,49 @@ def _search(originals, cfg: SearchConfig, candidates, channels, resolution, extr
             say("WARNING: leak check: the proxy generator's samples are closer to the augmented copies of "
                 f"{', '.join(validation.leaks)} than to the originals")
 
-    _report(tracker, parent, originals, cfg, ranking, subsets, chosen, reason, singles, singles_fid, best_set,
-            best_set_fid, validation, store)
-    return SearchResult(name, parent, tracker.experiment_id, ranking, subsets, singles, singles_fid, best_set,
-                        best_set_fid, chosen, cfg.select, reason, validation, ran,
-                        [n for n in candidates if n not in ran])
+    result = SearchResult(name=ctx.name, parent_run_id=parent, experiment_id=tracker.experiment_id, ranking=ranking,
+                          subsets=subsets, singles=singles, singles_fid=singles_fid, best_set=best_set,
+                          best_set_fid=best_set_fid, chosen=chosen, select=cfg.select, reason=reason,
+                          validation=validation, stage1_ran=ran, stage1_reused=[n for n in candidates if n not in ran])
+    _report(ctx, result)
+    return result
 
 
-def _report(tracker: SearchTracker, parent: str, originals: Originals, cfg: SearchConfig, ranking, subsets,
-            chosen, reason, singles, singles_fid, best_set, best_set_fid, validation, store: SearchStore) -> None:
+def _report(ctx: SearchContext, result: SearchResult) -> None:
+    """The parent run's artifacts, metrics and tags, and the same tables in the search's folder."""
     import json
 
+    cfg, originals, res, validation = ctx.config, ctx.originals, result, result.validation
     with tempfile.TemporaryDirectory() as tmp:
-        files = {"ranking.csv": write_csv([r.as_csv() for r in ranking], RANKING_COLUMNS),
-                 "subsets.csv": write_csv([s.as_csv() for s in subsets], SUBSET_COLUMNS),
-                 "summary.json": json.dumps({"chosen": chosen, "select": cfg.select, "reason": reason,
-                                             "singles": singles, "singles_fid": singles_fid, "best_set": best_set,
-                                             "best_set_fid": best_set_fid, "config": cfg.to_dict(),
-                                             "extractor": originals.extractor_name, "images": originals.count,
+        files = {"ranking.csv": write_csv([r.as_csv() for r in res.ranking], RANKING_COLUMNS),
+                 "subsets.csv": write_csv([s.as_csv() for s in res.subsets], SUBSET_COLUMNS),
+                 "summary.json": json.dumps({"chosen": res.chosen, "select": res.select, "reason": res.reason,
+                                             "singles": res.singles, "singles_fid": res.singles_fid,
+                                             "best_set": res.best_set, "best_set_fid": res.best_set_fid,
+                                             "config": cfg.to_dict(), "extractor": originals.extractor_name,
+                                             "images": originals.count,
                                              "validation": validation.summary() if validation else None},
                                             indent=1, default=str)}
         for fname, text in files.items():
             with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
                 f.write(text)
-        fid_bar_chart(ranking, chosen, os.path.join(tmp, "fid_bar.png"))
+        fid_bar_chart(res.ranking, res.chosen, os.path.join(tmp, "fid_bar.png"))
         few = originals.images[:6]
         contact_sheet(few, [(r.augmentation, apply_uint8(r.augmentation, few, originals.channels,
                                                          repeat_seed(cfg.seed, r.augmentation, 0)))
-                            for r in ranking], os.path.join(tmp, "contact_sheet.png"))
+                            for r in res.ranking], os.path.join(tmp, "contact_sheet.png"))
         for fname in (*files, "fid_bar.png", "contact_sheet.png"):
-            tracker.artifact(parent, os.path.join(tmp, fname))
+            ctx.tracker.artifact(ctx.parent_run_id, os.path.join(tmp, fname))
         for fname in ("ranking.csv", "subsets.csv", "summary.json"):
-            store.write_bytes(files[fname].encode("utf-8"), fname)
-    metrics = {"singles_mixture_fid": singles_fid, "best_set_mixture_fid": best_set_fid,
-               "kept": float(sum(r.kept for r in ranking))}
+            ctx.store.write_bytes(files[fname].encode("utf-8"), fname)
+    metrics = {"singles_mixture_fid": res.singles_fid, "best_set_mixture_fid": res.best_set_fid,
+               "kept": float(sum(r.kept for r in res.ranking))}
     if validation and validation.kendall_tau is not None:
         metrics["kendall_tau"] = validation.kendall_tau
-    tracker.log(parent, metrics=metrics,
-                tags={TAG_CHOSEN: ",".join(chosen), TAG_SELECT: cfg.select, "orbitgen.search.reason": reason[:5000],
-                      "orbitgen.search.singles": ",".join(singles), "orbitgen.search.best_set": ",".join(best_set),
-                      **({"orbitgen.search.stage": "2", "orbitgen.search.leaks": ",".join(validation.leaks),
-                          "orbitgen.search.proxy_warning": validation.warning[:5000]} if validation else
-                         {"orbitgen.search.stage": "1"})})
+    ctx.tracker.log(ctx.parent_run_id, metrics=metrics,
+                    tags={TAG_CHOSEN: ",".join(res.chosen), TAG_SELECT: res.select,
+                          "orbitgen.search.reason": res.reason[:5000], "orbitgen.search.singles": ",".join(res.singles),
+                          "orbitgen.search.best_set": ",".join(res.best_set),
+                          **({"orbitgen.search.stage": "2", "orbitgen.search.leaks": ",".join(validation.leaks),
+                              "orbitgen.search.proxy_warning": validation.warning[:5000]} if validation else
+                             {"orbitgen.search.stage": "1"})})

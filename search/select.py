@@ -22,7 +22,6 @@ repeat only identical outputs are grouped.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
@@ -188,7 +187,3 @@ def rank_subsets(table: MixtureTable, names: Sequence[str], k: int, screen_rank:
     order = np.lexsort((np.arange(len(combos)), means, ~exact))   # exact rows first, each part by FID
     return [SubsetRow(rank + 1, tuple(names[j] for j in combos[i]), float(means[i]), spread(fids[i]),
                       [float(v) for v in fids[i]], bool(exact[i])) for rank, i in enumerate(order)]
-
-
-def n_subsets(n: int, k: int) -> int:
-    return math.comb(n, k)

@@ -21,7 +21,6 @@ from mlflow.tracking import MlflowClient
 from data_shards.errors import UserError
 
 TAG_PARENT = "mlflow.parentRunId"
-TAG_RUN_NAME = "mlflow.runName"
 TAG_SEARCH = "orbitgen.search_name"
 TAG_TRIAL = "orbitgen.search_trial"
 TAG_STAGE = "orbitgen.search_stage"

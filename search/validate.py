@@ -14,11 +14,11 @@ has finished. A trial ASHA stops therefore reaches Optuna as +inf (worst), never
 trial with its partial FID. Optuna's searcher reads `fid_final` from every result, so it is in
 every report.
 
-The training itself is the caller's: `train_fn(augmentations, budget_steps, report, trial_dir)`
-calls `report(step, fid_vs_originals)` at each evaluation and returns a dict with at least
-`fid` (final FID of the trained generator against the ORIGINAL images), optionally `fid_std`
-(its measured spread), and `samples` (uint8 NCHW generated images) or `sample_features`
-(their features in the search's extractor) for the leak check.
+The training itself is the caller's, `SearchContext.train_fn`: `train_fn(augmentations,
+budget_steps, report, trial_dir)` calls `report(step, fid_vs_originals)` at each evaluation and
+returns a dict with at least `fid` (final FID of the trained generator against the ORIGINAL
+images), optionally `fid_std` (its measured spread), and `samples` (uint8 NCHW generated images)
+or `sample_features` (their features in the search's extractor) for the leak check.
 
 Decision: the best validated non-empty subset replaces stage 1's choice only when its trained FID
 beats the trained FID of stage 1's choice by more than the larger of the two spreads (the
@@ -42,13 +42,13 @@ from ray import tune
 
 from data_shards.environ import environ_set
 from models.metrics.extractors import make_extractor
+from search.context import SearchContext
 from search.frechet import Gaussian, fid_gaussians
 from search.originals import extract
 from search.scoring import spread
 from search.stage1 import concurrency_limit
 from search.store import SearchStore
 
-TrainFn = Callable[[list, int, Callable[[int, float], None], str], dict]
 INTERMEDIATE, OBJECTIVE = "fid_step", "fid_final"
 UNFINISHED = math.inf
 LOW_TAU = 0.3
@@ -225,26 +225,28 @@ def leak_check(sample_features: np.ndarray, originals_features: np.ndarray,
     return leaks, report
 
 
-def run_stage2(train_fn: TrainFn, *, top: Sequence[str], k: int, trials: int, budget_steps: int, seed: int,
-               singles: Sequence[str], best_set: Sequence[str], stage1_choice: Sequence[str],
-               proxy: Callable[[Sequence[str]], float], store: SearchStore, resources: dict[str, float],
-               extractor: str, weights_path: str | None, originals_features: np.ndarray,
-               augmented_features: Callable[[str], list[np.ndarray]], concurrency: int | None = None,
-               grace_steps: int | None = None, on_subset: Callable[[ValidatedSubset], None] | None = None,
-               log: Callable[[str], None] = lambda s: None) -> ValidationResult:
+def run_stage2(ctx: SearchContext, *, top: Sequence[str], singles: Sequence[str], best_set: Sequence[str],
+               stage1_choice: Sequence[str], proxy: Callable[[Sequence[str]], float],
+               augmented_features: Callable[[str], list[np.ndarray]], grace_steps: int | None = None,
+               on_subset: Callable[[ValidatedSubset], None] | None = None) -> ValidationResult:
     from optuna.samplers import TPESampler
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
 
+    if ctx.train_fn is None:
+        raise ValueError("run_stage2: the context has no train_fn")
+    cfg, store, log, resources = ctx.config, ctx.store, ctx.say, ctx.stage2_resources
+    k, trials, budget_steps = cfg.k, cfg.validate_.trials, cfg.validate_.budget_steps
     top = list(top)
     points = control_points(top, singles, best_set)[:trials]
-    searcher = OptunaSearch(metric=OBJECTIVE, mode="min", points_to_evaluate=points, sampler=TPESampler(seed=seed))
+    searcher = OptunaSearch(metric=OBJECTIVE, mode="min", points_to_evaluate=points,
+                            sampler=TPESampler(seed=cfg.seed))
     grace = grace_steps or max(1, budget_steps // 4)
     # stop_last_trials=False: a trial that reaches max_t must still deliver its final objective.
     scheduler = ASHAScheduler(time_attr="step", metric=INTERMEDIATE, mode="min", max_t=max(budget_steps, grace),
                               grace_period=grace, reduction_factor=2, stop_last_trials=False)
-    limit = concurrency_limit(resources, concurrency)
+    limit = concurrency_limit(resources, cfg.concurrency)
     found: dict[str, ValidatedSubset] = {}
 
     def finished_trial(trial_id: str, info: dict) -> None:
@@ -258,7 +260,8 @@ def run_stage2(train_fn: TrainFn, *, top: Sequence[str], k: int, trials: int, bu
             on_subset(sub)
 
     watch = _Watch(finished_trial)
-    payload = (train_fn, top, k, budget_steps, store, extractor, weights_path, resources["CPU"])   # store: see stage1
+    # Trials get these values, never the context: its tracker and originals stay on the driver (store: see stage1).
+    payload = (ctx.train_fn, top, k, budget_steps, store, ctx.extractor, ctx.extractor_weights, resources["CPU"])
     trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload),
                                     {"cpu": resources["CPU"], "gpu": resources.get("GPU", 0.0)})
     path, fs = store.tune_storage()
@@ -293,11 +296,12 @@ def run_stage2(train_fn: TrainFn, *, top: Sequence[str], k: int, trials: int, bu
     key = subset_key(tuple(n for n in top if n in chosen)) if set(chosen) <= set(top) else None
     if key and store.exists("stage2", f"{key}.samples.npy"):
         samples = np.load(io.BytesIO(store.read_bytes("stage2", f"{key}.samples.npy")))
-        leaks, leak_report = leak_check(samples, originals_features, {n: augmented_features(n) for n in chosen})
+        leaks, leak_report = leak_check(samples, ctx.originals.features, {n: augmented_features(n) for n in chosen})
         leak_report["checked"] = True
     else:
         leak_report["why_not"] = "the winner's proxy training returned no samples (or the winner was not trained)"
-    return ValidationResult(subsets, chosen, source, reason, tau, p, warning, leaks, leak_report)
+    return ValidationResult(subsets=subsets, chosen=chosen, source=source, reason=reason, kendall_tau=tau,
+                            tau_pvalue=p, warning=warning, leaks=leaks, leak_report=leak_report)
 
 
 def _tune_env():

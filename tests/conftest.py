@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "infra"))
 import local_stack  # noqa: E402
 
+from data_shards.environ import environ_set  # noqa: E402
+
 # Keep Ray, MLflow and torch extensions inside a temp dir and quiet.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -28,15 +30,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 def s3_server(tmp_path_factory):
     """A real S3 HTTP endpoint with bucket `orbitgen`; the standard AWS variables point at it."""
     svc = local_stack.start_s3(tmp_path_factory.mktemp("s3"))
-    saved = {k: os.environ.get(k) for k in local_stack.s3_env(svc.url)}
-    os.environ.update(local_stack.s3_env(svc.url))
-    local_stack.create_bucket(svc.url, "orbitgen")
-    yield svc
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environ_set(local_stack.s3_env(svc.url)):
+        local_stack.create_bucket(svc.url, "orbitgen")
+        yield svc
     svc.stop()
 
 
@@ -71,18 +67,12 @@ def process_group():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     # DeepSpeed JIT-compiles a comm op once per machine: keep it in the repo's ignored cache.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environ_set(env):
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        yield
+        dist.destroy_process_group()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,7 +16,8 @@ import pytest
 import torch
 import yaml
 
-from jobs.spec import SPECS_DIR, JobSpec, load_spec
+from data_shards.builtin import builtin_for_keys
+from jobs.spec import JobSpec, load_spec, ready_specs
 from models.family import Family
 from models.registry import get_family_cls
 from models.snapshot import save_snapshot
@@ -25,14 +26,6 @@ from models.snapshot import save_snapshot
 RUN: dict[str, Any] = {"train.steps": 2, "train.batch": 4, "train.precision": "fp32", "scaling.use_gpu": False,
                        "eval.num_samples": 8}
 DATA_COUNT = 32   # with the ready specs' data.holdout of 0.1, every built-in set holds out >= 2
-# A built-in set with the keys a family's batches carry, for specs whose data is not built in.
-BUILTIN_FOR_KEYS = {("image",): "craters", ("image", "cls"): "terrain-classes", ("cond", "image"): "maps",
-                    ("cond", "mask", "image"): "timeseries"}
-
-
-def ready_specs() -> dict[str, Path]:
-    """Every ready spec in jobs/specs/, by file stem."""
-    return {p.stem: p for p in sorted(SPECS_DIR.glob("*.yaml"))}
 
 
 def raw_spec(name: str) -> dict[str, Any]:
@@ -72,10 +65,7 @@ def tiny_data(spec: JobSpec) -> str:
     if train.startswith("builtin:"):
         name = train.removeprefix("builtin:").split("?")[0]
     else:
-        keys = tuple(spec.make_family().data_keys)
-        if keys not in BUILTIN_FOR_KEYS:
-            raise KeyError(f"no built-in data set carries {keys}; set data.train in the test")
-        name = BUILTIN_FOR_KEYS[keys]
+        name = builtin_for_keys(spec.make_family().data_keys)
     return f"builtin:{name}?count={DATA_COUNT}&seed=0"
 
 

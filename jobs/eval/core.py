@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -93,15 +94,6 @@ def feature_extractors(metrics: Sequence[str], *, extractor: str, inception_weig
     return (load_extractor(extractor, inception_weights) if needs_feature else None), pr_feature
 
 
-def make_suite(family: Family, *, extractor: str, inception_weights: str | None, device: torch.device,
-               vgg_weights: str | None = None, metrics: Sequence[str] | None = None) -> MetricSuite:
-    """The suite of `evaluate` (its arguments, the same meaning), empty."""
-    names = tuple(metrics) if metrics is not None else tuple(family.metrics)
-    feature, pr_feature = feature_extractors(names, extractor=extractor, inception_weights=inception_weights,
-                                             vgg_weights=vgg_weights)
-    return MetricSuite(names, extractor=feature, pr_extractor=pr_feature, device=device)
-
-
 def score_part(family: Family, sampler: nn.Module, suite: MetricSuite, *, data_url: str, positions: Positions,
                fake_starts: Iterable[int], num_samples: int, device: torch.device, batch: int = BATCH,
                seed_base: int = EVAL_SEED) -> None:
@@ -134,27 +126,57 @@ def protocol_of(extractors: Iterable[nn.Module | None], family: Family, *, data_
                         extractors=extractor_hashes([e for e in extractors if e is not None]))
 
 
-def evaluation_protocol(family: Family, data_url: str, spec: JobSpec) -> EvalProtocol:
-    """The protocol of the evaluations a training of `spec` runs (`evaluate` with its eval settings)."""
-    ev = spec.eval
-    used = feature_extractors(spec.eval_metrics(family), extractor=ev.fid_extractor,
-                              inception_weights=ev.inception_weights, vgg_weights=ev.vgg_weights)
-    return protocol_of(used, family, data_url=data_url, num_samples=ev.num_samples, holdout=spec.data.holdout)
+@dataclass(frozen=True)
+class EvalSettings:
+    """What an evaluation computes and reads, the same on the driver and on every worker: from a
+    spec (`from_spec`), or from `orbitgen eval`'s options (jobs/eval/model.py)."""
+
+    num_samples: int
+    metrics: tuple[str, ...] | None = None   # None: every metric the family is judged by
+    extractor: str = "randconv"              # fid's and kid's feature space: randconv | inception
+    inception_weights: str | None = None
+    vgg_weights: str | None = None           # set: precision/recall in VGG-16's space, else the extractor's
+    holdout: Holdout = None                  # the spec's data.holdout (conditional families read only it)
+    real_seed: int = REAL_SEED
+    seed_base: int = EVAL_SEED
+    batch: int = BATCH
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, family: Family) -> "EvalSettings":
+        """The evaluation a training of `spec` runs at its checkpoints."""
+        ev = spec.eval
+        return cls(num_samples=ev.num_samples, metrics=spec.eval_metrics(family), extractor=ev.fid_extractor,
+                   inception_weights=ev.inception_weights, vgg_weights=ev.vgg_weights, holdout=spec.data.holdout)
+
+    def names(self, family: Family) -> tuple[str, ...]:
+        return tuple(self.metrics) if self.metrics is not None else tuple(family.metrics)
+
+    def extractors(self, family: Family) -> tuple[nn.Module | None, nn.Module | None]:
+        return feature_extractors(self.names(family), extractor=self.extractor,
+                                  inception_weights=self.inception_weights, vgg_weights=self.vgg_weights)
+
+    def suite(self, family: Family, device: torch.device) -> MetricSuite:
+        """An empty suite of these metrics."""
+        feature, pr_feature = self.extractors(family)
+        return MetricSuite(self.names(family), extractor=feature, pr_extractor=pr_feature, device=device)
+
+    def protocol(self, family: Family, data_url: str) -> EvalProtocol:
+        """What values computed with these settings on `data_url` were measured under."""
+        return protocol_of(self.extractors(family), family, data_url=data_url, num_samples=self.num_samples,
+                           holdout=self.holdout, real_seed=self.real_seed, seed_base=self.seed_base)
 
 
-def evaluate(family: Family, sampler: nn.Module, *, data_url: str, num_samples: int, extractor: str,
-             inception_weights: str | None, device: torch.device, batch: int = BATCH,
-             vgg_weights: str | None = None, metrics: Sequence[str] | None = None, holdout: Holdout = None
+def evaluate(family: Family, sampler: nn.Module, settings: EvalSettings, *, data_url: str, device: torch.device
              ) -> tuple[dict[str, float], dict[str, str]]:
-    """Returns (metrics, params): params say what the metrics were computed with. `metrics` picks
-    among the family's (default: all of them). With `vgg_weights`, precision/recall use VGG-16
-    features, else the `extractor`'s (see params). `holdout`: the spec's `data.holdout`.
-    In one process; `jobs.eval.distributed` spreads the same over Ray workers."""
-    suite = make_suite(family, extractor=extractor, inception_weights=inception_weights, device=device,
-                       vgg_weights=vgg_weights, metrics=metrics)
-    score_part(family, sampler, suite, data_url=data_url, positions=real_positions(family, data_url, num_samples, holdout),
-               fake_starts=range(0, num_samples, batch), num_samples=num_samples, device=device, batch=batch)
-    return suite.compute(), eval_params(suite, family, holdout)
+    """Returns (metrics, params): params say what the metrics were computed with. In one process;
+    `jobs.eval.distributed` spreads the same over Ray workers."""
+    s = settings
+    suite = s.suite(family, device)
+    score_part(family, sampler, suite, data_url=data_url,
+               positions=real_positions(family, data_url, s.num_samples, s.holdout, s.real_seed),
+               fake_starts=range(0, s.num_samples, s.batch), num_samples=s.num_samples, device=device, batch=s.batch,
+               seed_base=s.seed_base)
+    return suite.compute(), eval_params(suite, family, s.holdout, s.real_seed)
 
 
 def preview(family: Family, sampler: nn.Module, *, data_url: str, n: int, seed: int,

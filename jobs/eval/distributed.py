@@ -23,32 +23,12 @@ import torch
 from tqdm import tqdm
 
 from data_shards.split import Holdout, Positions
-from jobs.eval.core import BATCH, EVAL_SEED, REAL_SEED, eval_params, make_suite, real_positions, score_part
+from jobs.eval.core import EvalSettings, eval_params, real_positions, score_part
 from jobs.runtime.env import forwarded_env
-from models.family import Family
 from models.metrics.suite import MetricSuite
 from models.snapshot import load_snapshot
 
 CHUNK_BATCHES = 4   # batches per call to a worker: the progress bar's step
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """What an evaluation computes and reads, the same on the driver and on every worker."""
-
-    metrics: tuple[str, ...]
-    num_samples: int
-    extractor: str = "randconv"
-    inception_weights: str | None = None
-    vgg_weights: str | None = None
-    holdout: Holdout = None
-    real_seed: int = REAL_SEED
-    seed_base: int = EVAL_SEED
-    batch: int = BATCH
-
-    def suite(self, family: Family, device: torch.device) -> MetricSuite:
-        return make_suite(family, extractor=self.extractor, inception_weights=self.inception_weights,
-                          vgg_weights=self.vgg_weights, metrics=self.metrics, device=device)
 
 
 @dataclass(frozen=True)

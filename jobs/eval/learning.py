@@ -15,7 +15,7 @@ from torch import nn
 from data_shards.preview import image_grid
 from data_shards.storage import filesystem, join
 from data_shards.stream import iterate_once
-from jobs.eval.core import evaluate, preview
+from jobs.eval.core import EvalSettings, evaluate, preview
 from jobs.spec import JobSpec
 from models.family import Family
 from models.images import nchw_to_nhwc_numpy
@@ -45,10 +45,8 @@ def trained_sampler(checkpoint: str) -> tuple[Family, nn.Module]:
 
 def scores(spec: JobSpec, family: Family, sampler: nn.Module, data_url: str, device: torch.device) -> dict[str, float]:
     """The spec's evaluation, as the worker runs it at a checkpoint."""
-    out, _ = evaluate(family, sampler.to(device), data_url=data_url, num_samples=spec.eval.num_samples,
-                      extractor=spec.eval.fid_extractor, inception_weights=spec.eval.inception_weights,
-                      vgg_weights=spec.eval.vgg_weights, device=device, metrics=spec.eval_metrics(family),
-                      holdout=spec.data.holdout)
+    out, _ = evaluate(family, sampler.to(device), EvalSettings.from_spec(spec, family), data_url=data_url,
+                      device=device)
     return out
 
 

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from data_shards.card import read_card
 from data_shards.errors import InputNotFound, UserError
-from jobs.eval.distributed import EvalSettings, evaluate_distributed
+from jobs.eval.core import EvalSettings, split_holdout
+from jobs.eval.distributed import evaluate_distributed
 from jobs.runtime.env import tracking_uri_restored
-from jobs.eval.core import feature_extractors, protocol_of, split_holdout
 from jobs.runtime.redact import redact
 from jobs.spec import EvalSpec, JobSpec, parse_spec
 from jobs.tracking import runs as tracking
@@ -170,19 +170,19 @@ def _check_data(family: Family, data_url: str) -> None:
 def _settings(family: Family, spec: JobSpec | None, metrics: Sequence[str] | None, num_samples: int | None,
               like: EvalProtocol | None) -> EvalSettings:
     """What to compute: the arguments, else `like`'s protocol, else the model's spec, else the defaults."""
-    ev = spec.eval if spec is not None else EvalSpec()
+    if spec is not None:
+        settings = EvalSettings.from_spec(spec, family)
+    else:
+        ev = EvalSpec()
+        settings = EvalSettings(num_samples=ev.num_samples, metrics=tuple(family.metrics), extractor=ev.fid_extractor)
     if metrics:
         unknown = [m for m in metrics if m not in family.metrics]
         if unknown:
             raise UserError(f"--metrics: {', '.join(unknown)} — a {family.name} model is judged by "
                             f"{', '.join(family.metrics)}")
-        names = tuple(metrics)
-    else:
-        names = spec.eval_metrics(family) if spec is not None else tuple(family.metrics)
-    n = num_samples if num_samples is not None else ev.num_samples
-    settings = EvalSettings(metrics=names, num_samples=n, extractor=ev.fid_extractor,
-                            inception_weights=ev.inception_weights, vgg_weights=ev.vgg_weights,
-                            holdout=spec.data.holdout if spec is not None else None)
+        settings = replace(settings, metrics=tuple(metrics))
+    if num_samples is not None:
+        settings = replace(settings, num_samples=num_samples)
     if like is not None:
         settings = _like(settings, like)
     if settings.num_samples < 2:
@@ -197,21 +197,17 @@ def _like(settings: EvalSettings, like: EvalProtocol) -> EvalSettings:
         raise UserError(f"the protocol's extractor {', '.join(unknown)} is not one orbitgen has "
                         f"({', '.join([*FID_EXTRACTORS, VGG16Extractor.name])})")
     fid = [FID_EXTRACTORS[e] for e in like.extractors if e in FID_EXTRACTORS]
-    return EvalSettings(metrics=settings.metrics, num_samples=like.num_samples,
-                        extractor=fid[0] if fid else settings.extractor, inception_weights=settings.inception_weights,
-                        vgg_weights=settings.vgg_weights if VGG16Extractor.name in like.extractors else None,
-                        holdout=split_holdout(like.split), real_seed=like.real_seed, seed_base=like.seed_base,
-                        batch=settings.batch)
+    return replace(settings, num_samples=like.num_samples, extractor=fid[0] if fid else settings.extractor,
+                   vgg_weights=settings.vgg_weights if VGG16Extractor.name in like.extractors else None,
+                   holdout=split_holdout(like.split), real_seed=like.real_seed, seed_base=like.seed_base)
 
 
 def _protocol(family: Family, data_url: str, s: EvalSettings) -> EvalProtocol:
     try:
-        used = feature_extractors(s.metrics, extractor=s.extractor, inception_weights=s.inception_weights,
-                                  vgg_weights=s.vgg_weights)
+        return s.protocol(family, data_url)
     except FileNotFoundError as e:   # an extractor's weights file (the message says which spec key)
         raise UserError(str(e)) from None
-    return protocol_of(used, family, data_url=data_url, num_samples=s.num_samples, holdout=s.holdout,
-                       real_seed=s.real_seed, seed_base=s.seed_base)
+
 
 
 def _explain(difference: str, data_url: str) -> str:

@@ -1,6 +1,6 @@
 """Short proxy trainings for the MineAug search's stage 2, on the real training loop.
 
-`search` never imports `jobs` (DESIGN.md): it receives the function made here. One call trains
+`search` never imports `jobs` (docs/ARCHITECTURE.md): it receives the function made here. One call trains
 the spec's family for `budget_steps` on one worker with the given MineAug augmentations, using the
 same pieces as a Ray Train worker (`jobs.train.loop.build_training`, `training_batches`, `run_steps`)
 without Ray Train's start-up cost, and scores the generator against the ORIGINAL images only
@@ -10,12 +10,13 @@ reward augmentations that leak into the generated images, the published code's f
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
 
+from jobs.eval.core import EvalSettings, evaluate
 from jobs.runtime.env import forwarded_env
-from jobs.eval.core import evaluate
 from jobs.spec import JobSpec
 from jobs.train.loop import build_training, run_steps, training_batches
 from models.images import to_uint8
@@ -49,6 +50,10 @@ def make_proxy_train_fn(spec: JobSpec, data_url: str, num_samples: int | None = 
     # set (or on another node): they travel with the function, as they do with a training's workers.
     env = forwarded_env()
 
+    def settings(s: JobSpec, family) -> EvalSettings:
+        # FID alone: the objective; nothing else is needed.
+        return replace(EvalSettings.from_spec(s, family), num_samples=n_eval, metrics=("fid",))
+
     def train(augmentations: list[str], budget_steps: int, report: Callable[[int, float], None],
               trial_dir: str) -> dict[str, Any]:
         os.environ.update(env)
@@ -61,10 +66,7 @@ def make_proxy_train_fn(spec: JobSpec, data_url: str, num_samples: int | None = 
         for step, _ in run_steps(s, family, phases, engines, networks, batches, start=0, device=device,
                                  data_url=data_url):
             if step in checkpoints:
-                scores, _ = evaluate(family, sampler, data_url=data_url, num_samples=n_eval,
-                                     extractor=s.eval.fid_extractor, inception_weights=s.eval.inception_weights,
-                                     device=device, metrics=["fid"],   # the objective; nothing else is needed
-                                     holdout=s.data.holdout)
+                scores, _ = evaluate(family, sampler, settings(s, family), data_url=data_url, device=device)
                 fid = scores["fid"]
                 report(step, fid)
                 if say:

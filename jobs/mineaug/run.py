@@ -19,7 +19,7 @@ from data_shards.storage import join
 from jobs.runtime.cleanup import removed_on_bad_input
 from jobs.runtime.env import tracking_uri_restored
 from jobs.runtime.redact import redact
-from jobs.inputs import check_data, resolve_data
+from jobs.inputs import check_data, check_files, resolve_data
 from jobs.runtime.ray_session import ensure_ray
 from jobs.spec import JobSpec, SpecError
 from jobs.tracking.runs import TAG_DATA, TAG_FAMILY, TAG_SPEC
@@ -64,6 +64,7 @@ def run_search_job(spec: JobSpec, *, say: Callable[[str], None] = print, resume:
         check_answers(tracking_uri, "tracking.uri" if spec.tracking.uri else "MLFLOW_TRACKING_URI")
         data_url = resolve_data(local)
         card = check_data(local, data_url)
+        check_files(local, family_files=bool(cfg.validate_.top_m))   # only stage 2 trains the family
     name = resume or f"{spec.name}-search-{uuid.uuid4().hex[:8]}"
     storage = search_storage(local, name)
     say(f"data      {data_url} ({card['count']} images, fingerprint {card['fingerprint'][:12]})")

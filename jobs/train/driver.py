@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from data_shards.environ import environ_set
 from data_shards.storage import join, ray_storage
-from jobs.eval.core import evaluation_protocol
+from jobs.eval.core import EvalSettings
 from jobs.inputs import check_data, check_files, resolve_data
 from jobs.runtime.cleanup import removed_on_bad_input
 from jobs.runtime.env import forwarded_env, git_dirty, git_sha, tracking_uri_restored
@@ -179,7 +179,8 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
                         metrics=metrics, run_name=run_name)
         if checkpoint is not None:
             # What the run's values were measured under (jobs/tracking/protocol.py), on the run and the version.
-            protocol = evaluation_protocol(spec.make_family(), data_url, spec)
+            family = spec.make_family()
+            protocol = EvalSettings.from_spec(spec, family).protocol(family, data_url)
             with later.step("tag the evaluation protocol"):
                 buffered.retried(mlflow.set_tag, TAG_RUN_PROTOCOL, protocol.to_json())
             version = None

@@ -30,7 +30,7 @@ from data_shards.storage import join
 from data_shards.stream import batches_per_epoch, image_stream, iterate_once, retries, skipped, training_share
 from jobs.train import checkpoints
 from jobs.train.engines import Engine, make_engine
-from jobs.eval.core import evaluate, preview
+from jobs.eval.core import EvalSettings, evaluate, preview
 from jobs.train.config import WorkerConfig
 from jobs.train.progress import WorkerProgress
 from jobs.train.resume import checkpoint_to_resume
@@ -278,7 +278,7 @@ def run_worker(cfg: WorkerConfig) -> None:
     """One rank's whole run, from its `WorkerConfig` (entered through
     `jobs.train.entry.train_loop_per_worker`)."""
     os.environ.update(cfg.env)
-    spec = JobSpec.model_validate(cfg.spec)
+    spec = JobSpec.from_checked(cfg.spec)   # the driver validated and checked it
     # Files the spec names (a frozen stage-1 generator, a ControlNet's base) on this node's disk.
     spec = model_refs.place(spec, cfg.model_files, Path(tempfile.gettempdir()) / "orbitgen-model-refs" / cfg.run_id)
     tctx = ray.train.get_context()
@@ -350,10 +350,8 @@ def _report(w: Worker, step: int, images_seen: int, final: bool) -> None:
             log.image(image_grid(preview(family, sampler, data_url=data_url, n=64, seed=GRID_SEED,
                                          device=device, holdout=spec.data.holdout)),
                       f"samples/grid_step{step:07d}.png")
-            scores, params = evaluate(family, sampler, data_url=data_url,
-                                      num_samples=spec.eval.num_samples, extractor=spec.eval.fid_extractor,
-                                      inception_weights=spec.eval.inception_weights, vgg_weights=spec.eval.vgg_weights,
-                                      device=device, metrics=spec.eval_metrics(family), holdout=spec.data.holdout)
+            scores, params = evaluate(family, sampler, EvalSettings.from_spec(spec, family), data_url=data_url,
+                                      device=device)
             log.metrics(step, scores)
             if final:
                 log.params(params)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from family_checks import CPU, check_gradient_isolation, has_grads, paired_batch
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, SpecError, parse_spec
 from jobs.tracking.pyfunc import input_columns
 from jobs.tracking.registry import log_generator
 from jobs.tracking.runs import ensure_experiment
@@ -98,6 +98,20 @@ def test_a_family_without_tiny_fails_with_what_to_declare():
 
     with pytest.raises(pytest.fail.Exception, match=r"'untiny' .* declares no tiny configuration: declare it"):
         tiny_of(Untiny)
+
+
+def test_a_family_that_leaves_out_part_of_the_contract_is_refused_by_name(tmp_path, monkeypatch):
+    (tmp_path / "lab_families.py").write_text(
+        "from models.family import Family\n"
+        "class NoSampler(Family):\n"
+        "    name = 'nosampler'\n"
+        "    def build(self): return {}\n"
+        "    def phases(self): return []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SpecError) as err:
+        parse_spec("name: lab\nfamily: lab_families:NoSampler\ndata: {train: builtin:craters}\n"
+                   "train: {steps: 1}\n")
+    assert "family" in str(err.value) and "does not define loss, sample" in str(err.value)
 
 
 @parametrize_cases

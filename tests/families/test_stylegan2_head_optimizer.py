@@ -1,4 +1,4 @@
-"""SCB-GAN's vision-aided heads start training with fresh optimizer state (issue 12, item 2).
+"""SCB-GAN's vision-aided heads start with fresh optimizer state when their stage adds them to D.
 
 Heads of backbones not yet added sit in D's Adam with zero gradients. Without a restart, Adam's
 step count runs on while its second moment stays 0, so the bias correction is spent: with

@@ -1,4 +1,4 @@
-"""What `orbitgen train` prints (issue 14): orbitgen's lines and one progress bar; Ray's and
+"""What `orbitgen train` prints: orbitgen's lines and one progress bar; Ray's and
 MLflow's internal lines in a log file under the work dir, the workers' output in Ray's logs,
 linked beside it. `--verbose` brings them all back to the console. Run as a user runs it."""
 from __future__ import annotations

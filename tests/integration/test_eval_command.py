@@ -14,7 +14,7 @@ from data_shards.card import read_card
 from data_shards.synthetic import crater_field
 from data_shards.writer import write_shards
 from jobs.cli import main
-from jobs.eval.core import evaluate, feature_extractors, protocol_of
+from jobs.eval.core import EvalSettings, evaluate, feature_extractors, protocol_of
 from jobs.eval.model import EVAL_EXPERIMENT, evaluate_model
 from jobs.train.driver import run_job
 from jobs.spec import SPECS_DIR, load_spec
@@ -75,8 +75,7 @@ def test_eval_of_a_registered_version_on_two_workers(mlflow_server, ray_local, t
 
     # The same as one process evaluating the same seeds against the same reals.
     family, sampler, _ = load_snapshot(resolve_ref(f"models:/{MODEL}/1", tmp_path / "model", mlflow_server.url))
-    expected, _ = evaluate(family, sampler, data_url=url, num_samples=160, extractor="randconv",
-                           inception_weights=None, device=CPU)
+    expected, _ = evaluate(family, sampler, EvalSettings(num_samples=160), data_url=url, device=CPU)
     assert_equal_scores(ev.data.metrics, expected)
 
     # The version now holds the values of both protocols, each with the run that measured it.
@@ -103,8 +102,8 @@ def test_eval_of_a_conditional_checkpoint_on_the_held_out_split(mlflow_server, r
     result = evaluate_model(str(snapshot), tracking_uri=mlflow_server.url, data_url=data, workers=2, like=like)
     assert result.protocol == like and result.model_version is None
 
-    expected, params = evaluate(family, sampler.eval(), data_url=data, num_samples=100, extractor="randconv",
-                                inception_weights=None, device=CPU, holdout=0.5)
+    expected, params = evaluate(family, sampler.eval(), EvalSettings(num_samples=100, holdout=0.5), data_url=data,
+                                device=CPU)
     assert 64 < int(params["eval_real_images"]) < 100
     assert_equal_scores(result.scores, expected)
     assert set(expected) == {"lpips", "ssim", "psnr", "fid", "f1"}

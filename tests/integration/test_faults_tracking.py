@@ -1,4 +1,4 @@
-"""The MLflow server goes away during a real training (issue 14, faults): training goes on, what
+"""The MLflow server goes away during a real training: training goes on, what
 it logged meanwhile reaches the server when it is back, the run ends FINISHED and the model is
 registered; a server that stays away is waited for within a bound, then the job says what it
 could not do and how to do it later, and that advice works.

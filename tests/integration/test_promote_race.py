@@ -1,5 +1,5 @@
 """Two promoters started at once against a real MLflow server, with different candidates, never
-leave `champion` on the worse one (issue 13). The promoters are two long-lived processes, so each
+leave `champion` on the worse one. The promoters are two long-lived processes, so each
 trial costs the promotions, not Python's start; both begin a trial at one agreed instant."""
 from __future__ import annotations
 

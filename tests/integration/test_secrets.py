@@ -1,4 +1,4 @@
-"""No secret in what a run writes down (issue 14): `orbitgen train` as a user runs it, with
+"""No secret in what a run writes down: `orbitgen train` as a user runs it, with
 recognisable AWS keys and an MLflow token in the environment and a password in the tracking URI,
 against the real MLflow server, run storage on the real S3 server. Everything the run left in
 MLflow (params, tags, metric names, every artifact, the registered model's files and tags) and

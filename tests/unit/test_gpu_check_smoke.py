@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh --smoke: the GPU check's code runs on the CPU and prints every row.
 
-The check is the first thing to run when a GPU is lent (issue 12); this keeps it from rotting
+The check is the first thing to run when a GPU is lent; this keeps it from rotting
 between loans. It runs the prepared command itself, as a person would. DeepSpeed's first
 `initialize` on a machine JIT-compiles a comm op (≈25 s once, cached under .cache/torch_extensions).
 """

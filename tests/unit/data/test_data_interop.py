@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from test_data_helpers import crater_keys, write_craters
+from shard_helpers import crater_keys, write_craters
 
 from data_shards import builtin, storage
 from data_shards.card import read_card, read_manifest

@@ -1,6 +1,7 @@
 """The retry policy of reads from storage (storage.Retries): capped backoff for a bounded time,
 counted; against a real HTTP server on loopback that is down, then up (tests/integration/
-test_faults_storage.py does the same with the S3 server and training)."""
+test_faults_storage.py does the same with the S3 server and training). The waits are checked as
+asked of a fake clock, not timed: a loaded machine sleeps longer than asked."""
 from __future__ import annotations
 
 import functools
@@ -10,9 +11,9 @@ import threading
 import time
 
 import pytest
-from test_data_helpers import crater_keys, write_craters
+from shard_helpers import crater_keys, write_craters
 
-from data_shards import storage
+from data_shards import shard_reader, storage
 from data_shards.shard_reader import ShardReadError, read_piece
 from data_shards.storage import GaveUp, Retries
 
@@ -38,26 +39,57 @@ def serve_later(folder, port: int, after_s: float) -> http.server.ThreadingHTTPS
     return box
 
 
+class FakeTime:
+    """A clock that only `sleep` moves: the waits Retries asks for, recorded, take no time."""
+
+    def __init__(self):
+        self.now, self.slept, self.asked_at = 0.0, [], []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.asked_at.append(self.now)
+        # Some time passes, as in a real sleep: else a last wait of the budget's rounding error
+        # (1e-17 s) can leave `now` as it was, and the budget is never spent.
+        self.now += max(seconds, 1e-9)
+
+    def retries(self, what: str, **policy) -> Retries:
+        return Retries(what, clock=self.clock, sleep=self.sleep, **policy)
+
+
 def test_backoff_is_capped_and_gives_up_once_the_budget_is_spent():
-    retry = Retries("reading x", budget_s=1.5, first_s=0.05, cap_s=0.2)
-    before, started, waits = storage.retries(), time.monotonic(), []
+    t = FakeTime()
+    retry = t.retries("reading x", budget_s=1.5, first_s=0.05, cap_s=0.2)
+    before = storage.retries()
     with pytest.raises(GaveUp, match=r"reading x: still failing after 2 s and \d+ retries .*ConnectionRefusedError"):
         while True:
-            t = time.monotonic()
             retry.wait(ConnectionRefusedError("refused"))
-            waits.append(time.monotonic() - t)
-    assert 1.5 <= time.monotonic() - started < 2.0
-    assert max(waits) <= 0.2 * 1.5 + 0.05          # the cap (with its jitter)
-    assert waits[0] < 0.1 and waits[-2] > 0.09     # exponential from first_s up to the cap
-    assert storage.retries() - before == len(waits) == retry.attempt
+    # Retry n waits first_s·2ⁿ, capped, times a jitter in [0.5, 1.5), and never past the budget.
+    for n, (wait, at) in enumerate(zip(t.slept, t.asked_at)):
+        base, left = min(0.2, 0.05 * 2**n), 1.5 - at
+        assert min(left, 0.5 * base) <= wait <= min(left, 1.5 * base), (n, wait)
+    assert t.now == pytest.approx(1.5)   # gave up once the budget was spent, not later
+    assert storage.retries() - before == len(t.slept) == retry.attempt
 
 
 def test_progress_starts_the_budget_again():
-    retry = Retries("reading x", budget_s=0.3, first_s=0.05, cap_s=0.05)
-    for _ in range(3):   # 0.9 s of failures in all, never 0.3 s without progress
-        for _ in range(3):
+    t = FakeTime()
+    retry = t.retries("reading x", budget_s=0.3, first_s=0.04, cap_s=0.08)
+    for _ in range(4):   # at least 0.4 s of failures in all, never 0.3 s without progress
+        for n in range(3):
             retry.wait(TimeoutError())
+            assert retry.attempt == n + 1
+        assert 0.02 <= t.slept[-3] < 0.06   # the backoff starts again from first_s too
         retry.progressed()
+    assert t.now > 0.3 and len(t.slept) == 12
+    # Without progress, the budget counts from the first failure after the last progress.
+    since = t.now
+    with pytest.raises(GaveUp, match="still failing"):
+        while True:
+            retry.wait(TimeoutError())
+    assert t.now - since == pytest.approx(0.3)
 
 
 def test_a_shard_is_read_whole_once_its_server_comes_back(tmp_path):
@@ -74,9 +106,12 @@ def test_a_shard_is_read_whole_once_its_server_comes_back(tmp_path):
     assert storage.retries() > before
 
 
-def test_a_server_down_longer_than_the_budget_fails_naming_the_shard():
+def test_a_server_down_longer_than_the_budget_fails_naming_the_shard(monkeypatch):
+    t = FakeTime()
+    monkeypatch.setattr(shard_reader, "Retries", functools.partial(Retries, clock=t.clock, sleep=t.sleep))
     url = f"http://127.0.0.1:{closed_port()}/set/shard-000003.tar"
-    started = time.monotonic()
+    before = storage.retries()
     with pytest.raises(ShardReadError, match=r"cannot read shard .*shard-000003\.tar: .*still failing after 1 s"):
         list(read_piece(url, budget_s=1.0))
-    assert time.monotonic() - started < 5
+    assert t.now == pytest.approx(1.0)   # retried for the budget, then gave up
+    assert storage.retries() - before == len(t.slept) > 1

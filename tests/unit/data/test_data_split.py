@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from test_data_helpers import crater_keys, stream_keys, write_craters
+from shard_helpers import crater_keys, stream_keys, write_craters
 
 from data_shards.split import evaluation_positions, held_out_keys, holdout_split, key_hash, shard_keys
 from data_shards.stream import batches_per_epoch, image_stream, iterate_once

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from test_data_helpers import crater_keys, stream_keys, write_craters
+from shard_helpers import crater_keys, stream_keys, write_craters
 
 from data_shards import builtin, stream
 from data_shards.stream import epoch_pieces, image_stream, iterate_once, turns

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from test_data_helpers import write_craters
+from shard_helpers import write_craters
 
 from data_shards import builtin
 from data_shards.card import read_manifest

@@ -12,7 +12,7 @@ from datetime import datetime
 import numpy as np
 import pytest
 from PIL import Image
-from test_data_helpers import crater_keys, write_craters
+from shard_helpers import crater_keys, write_craters
 
 from data_shards import storage
 from data_shards.card import read_card, read_manifest

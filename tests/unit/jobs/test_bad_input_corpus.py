@@ -1,5 +1,5 @@
 """Bad input, across every command: one or two lines `error: ...` naming the input, exit 2,
-nothing written (issue 14). Each case runs in a fresh working directory; the test compares the
+nothing written. Each case runs in a fresh working directory; the test compares the
 file trees of that directory and of the shared fixtures before and after."""
 from __future__ import annotations
 

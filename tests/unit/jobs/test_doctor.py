@@ -1,4 +1,4 @@
-"""`orbitgen doctor` (issue 14): every check of the environment a spec will run in, passing on a
+"""`orbitgen doctor`: every check of the environment a spec will run in, passing on a
 runnable local spec and failing, with a fix, on each thing that would stop a job; nothing made."""
 from __future__ import annotations
 

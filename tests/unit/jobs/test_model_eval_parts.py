@@ -12,7 +12,8 @@ import torch
 from data_shards.errors import UserError
 from data_shards.synthetic import crater_field
 from data_shards.writer import write_shards
-from jobs.eval.distributed import EvalSettings, plan
+from jobs.eval.core import EvalSettings
+from jobs.eval.distributed import plan
 from jobs.eval.core import eval_split, feature_extractors, protocol_of, split_holdout
 from jobs.eval.model import evaluate_model
 from models.metrics.extractors import RandConvExtractor

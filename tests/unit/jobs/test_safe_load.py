@@ -1,4 +1,4 @@
-"""Nothing read back from storage runs code (issue 14): a file of a checkpoint replaced by a
+"""Nothing read back from storage runs code: a file of a checkpoint replaced by a
 pickle that would run a command is refused with an error naming the file, and the command never
 runs; real checkpoints (DDP and DeepSpeed ZeRO, with DeepSpeed's loss scaler) still load."""
 from __future__ import annotations

@@ -1,13 +1,16 @@
 """Job specs: every ready spec validates; a bad spec stops before anything starts, naming the field."""
 from __future__ import annotations
 
+import builtins
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from jobs.spec import SPECS_DIR, SpecError, load_spec, parse_spec
+from jobs.inputs import check_files
+from jobs.spec import SPECS_DIR, JobSpec, SpecError, load_spec, parse_spec
 
 GOOD = (SPECS_DIR / "quickstart.yaml").read_text()
 
@@ -43,8 +46,6 @@ def test_kimg_when_steps_unset():
     (["eval.fid_extractor=inception"], "eval.inception_weights", "local file"),
     (["eval.metrics=[fid,lpips]"], "eval.metrics", "judged by fid"),
     (["eval.metrics=[]"], "eval.metrics", "an empty list"),
-    (["eval.fid_extractor=inception", "eval.inception_weights=/nonexistent/inception.pt"],
-     "eval.inception_weights", "/nonexistent/inception.pt"),
 ])
 def test_bad_field_is_named(override, field, hint):
     with pytest.raises(SpecError) as err:
@@ -52,6 +53,49 @@ def test_bad_field_is_named(override, field, hint):
     assert field in str(err.value) and hint in str(err.value)
     if field == "family":
         assert "dcgan" in str(err.value)
+
+
+def test_a_missing_weights_file_is_named_by_the_drivers_check():
+    """Validation reads no disk (the spec may run elsewhere); the driver's input check names the
+    field and the path."""
+    spec = parse_spec(GOOD, ["eval.fid_extractor=inception", "eval.inception_weights=/nonexistent/inception.pt"])
+    with pytest.raises(SpecError) as err:
+        check_files(spec)
+    assert "eval.inception_weights" in str(err.value) and "/nonexistent/inception.pt" in str(err.value)
+
+
+def test_validating_the_ready_specs_touches_no_disk(monkeypatch):
+    texts = [p.read_text() for p in sorted(SPECS_DIR.glob("*.yaml"))]
+    named = ["eval.fid_extractor=inception", "eval.inception_weights=/elsewhere/inception.pt",
+             "eval.vgg_weights=/elsewhere/vgg16.pt"]
+    for text in texts:
+        parse_spec(text)   # imports every family once, before the disk is watched
+    touched = []
+
+    def watched(original):
+        def call(*args, **kwargs):
+            touched.append(str(args[0]) if args else "?")
+            return original(*args, **kwargs)
+        return call
+
+    with monkeypatch.context() as m:
+        for owner, name in [(Path, "is_file"), (Path, "exists"), (Path, "stat"), (Path, "open"),
+                            (os.path, "isfile"), (os.path, "exists"), (os, "stat"), (builtins, "open")]:
+            m.setattr(owner, name, watched(getattr(owner, name)))
+        specs = [parse_spec(text) for text in texts] + [parse_spec(GOOD, named)]
+    assert not touched, f"spec validation touched the disk: {touched}"
+    assert len(specs) == len(texts) + 1
+    assert specs[-1].eval.weight_files() == {"eval.inception_weights": "/elsewhere/inception.pt",
+                                             "eval.vgg_weights": "/elsewhere/vgg16.pt"}
+
+
+def test_a_worker_takes_the_checked_spec_without_the_cross_checks(monkeypatch):
+    spec = parse_spec(GOOD)
+    data = spec.model_dump(mode="json")
+    monkeypatch.setattr(JobSpec, "make_family", lambda self: pytest.fail("a worker re-ran the cross-section checks"))
+    assert JobSpec.from_checked(data) == spec
+    with pytest.raises(pytest.fail.Exception):
+        JobSpec.model_validate(data)   # what the driver runs: the checks, the family built
 
 
 def test_eval_metrics_choose_among_the_familys():

@@ -10,7 +10,7 @@ from torch import nn
 from data_shards.sources import Sample
 from data_shards.writer import write_shards
 from family_checks import smooth_batch
-from jobs.eval.core import evaluate, preview
+from jobs.eval.core import EvalSettings, evaluate, preview
 from models.registry import make_family
 from models.images import nchw_to_nhwc_numpy, to_uint8
 from tiny_specs import tiny_model
@@ -46,8 +46,7 @@ def family(name: str, **cfg):
 
 
 def run(fam, sampler, url, n=N, batch=4):
-    return evaluate(fam, sampler, data_url=url, num_samples=n, extractor="randconv", inception_weights=None,
-                    device=CPU, batch=batch)
+    return evaluate(fam, sampler, EvalSettings(num_samples=n, batch=batch), data_url=url, device=CPU)
 
 
 def test_conditional_outputs_are_paired_with_their_targets(shards):
@@ -65,8 +64,8 @@ def test_conditional_outputs_are_paired_with_their_targets(shards):
 
 def test_only_the_chosen_metrics_are_computed(shards):
     fam = family("pix2pix")
-    scores, params = evaluate(fam, Flip(), data_url=shards, num_samples=N, extractor="randconv",
-                              inception_weights=None, device=CPU, batch=4, metrics=["ssim", "fid"])
+    scores, params = evaluate(fam, Flip(), EvalSettings(num_samples=N, batch=4, metrics=("ssim", "fid")),
+                              data_url=shards, device=CPU)
     assert set(scores) == {"ssim", "fid"} and params["eval_metrics"] == "ssim,fid"
     assert scores["ssim"] == pytest.approx(1, abs=1e-6)
 

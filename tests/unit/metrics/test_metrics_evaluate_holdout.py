@@ -12,7 +12,7 @@ from data_shards.sources import Sample
 from data_shards.split import holdout_split, shard_keys
 from data_shards.stream import iterate_once
 from data_shards.writer import write_shards
-from jobs.eval.core import evaluate, preview, real_samples
+from jobs.eval.core import EvalSettings, evaluate, preview, real_samples
 from models.metrics.suite import MetricSuite
 from models.registry import make_family
 from tiny_specs import tiny_model
@@ -81,12 +81,12 @@ def test_a_conditional_family_is_scored_on_the_held_out_pairs_only(class_sorted,
     held = {number(k) for k in keys_of(class_sorted, holdout_split(class_sorted, 0.2).held_out)}
     assert 0 < len(held) < 30
     scored = scored_samples(monkeypatch, lambda: evaluate(
-        fam, Identity(), data_url=class_sorted, num_samples=100, extractor="randconv", inception_weights=None,
-        device=CPU, batch=8, metrics=["l1"], holdout=0.2))
+        fam, Identity(), EvalSettings(num_samples=100, batch=8, metrics=("l1",), holdout=0.2), data_url=class_sorted,
+        device=CPU))
     assert sorted(scored) == sorted(held)   # all of the held-out pairs (fewer than num_samples), nothing else
     few = scored_samples(monkeypatch, lambda: evaluate(
-        fam, Identity(), data_url=class_sorted, num_samples=3, extractor="randconv", inception_weights=None,
-        device=CPU, batch=8, metrics=["l1"], holdout=0.2))
+        fam, Identity(), EvalSettings(num_samples=3, batch=8, metrics=("l1",), holdout=0.2), data_url=class_sorted,
+        device=CPU))
     assert len(few) == 3 and set(few) <= held
 
 
@@ -111,8 +111,8 @@ def test_the_unconditional_reference_is_a_seeded_draw_from_every_class(class_sor
 
     def run():
         torch.manual_seed(0)
-        return evaluate(fam, fam.build()["G"], data_url=class_sorted, num_samples=15, extractor="randconv",
-                        inception_weights=None, device=CPU, batch=8, holdout=0.2)
+        return evaluate(fam, fam.build()["G"], EvalSettings(num_samples=15, batch=8, holdout=0.2),
+                        data_url=class_sorted, device=CPU)
 
     once, again = scored_samples(monkeypatch, run), scored_samples(monkeypatch, run)
     assert once == again and len(once) == 15 and len(set(once)) == 15   # the same reals on every call

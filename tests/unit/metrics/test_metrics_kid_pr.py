@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from data_shards.sources import Sample
 from data_shards.writer import write_shards
-from jobs.eval.core import evaluate
+from jobs.eval.core import EvalSettings, evaluate
 from models.registry import make_family
 from models.images import nchw_to_nhwc_numpy
 from models.metrics.extractors import RandConvExtractor, VGG16Extractor
@@ -181,8 +181,7 @@ def test_evaluate_builds_the_pr_extractor(tmp_path, vgg_path):
     G = fam.build()["G"]
 
     def run(**kw):
-        return evaluate(fam, G, data_url=url, num_samples=10, extractor="randconv", inception_weights=None,
-                        device=torch.device("cpu"), batch=5, **kw)
+        return evaluate(fam, G, EvalSettings(num_samples=10, batch=5, **kw), data_url=url, device=torch.device("cpu"))
 
     scores, params = run()
     assert set(scores) == {"fid", "kid", "precision", "recall"}
@@ -190,6 +189,6 @@ def test_evaluate_builds_the_pr_extractor(tmp_path, vgg_path):
     scores, params = run(vgg_weights=vgg_path)
     assert params["pr_extractor"] == VGG16Extractor.name and params["fid_extractor"] == RandConvExtractor.name
     fam.metrics = ("pr",)   # pr in VGG space alone needs no FID extractor: a missing Inception file is fine
-    _, params = evaluate(fam, G, data_url=url, num_samples=10, extractor="inception", inception_weights=None,
-                         device=torch.device("cpu"), batch=5, vgg_weights=vgg_path)
+    _, params = evaluate(fam, G, EvalSettings(num_samples=10, extractor="inception", batch=5, vgg_weights=vgg_path),
+                         data_url=url, device=torch.device("cpu"))
     assert params["pr_extractor"] == VGG16Extractor.name

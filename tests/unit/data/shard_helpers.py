@@ -1,4 +1,4 @@
-"""Helpers shared by the data-plane tests (test_data_*.py); no tests here."""
+"""Helpers shared by the data-plane tests (test_data_*.py): crater-field shard sets and the keys streams read."""
 from __future__ import annotations
 
 from data_shards.card import DatasetCard
