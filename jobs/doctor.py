@@ -1,8 +1,10 @@
 """`orbitgen doctor`: the environment a job spec will run in, checked before a long job fails in it.
 
 Each check says what it looked at, whether it is fine, and, when not, how to fix it. Checks only
-read or probe (a TCP connect, one small file written and removed in run storage); none starts a
-job, creates an MLflow run or builds data.
+read or probe (a TCP connect, joining the cluster RAY_ADDRESS names to read its nodes, one small
+file written and removed in run storage); none starts a job, creates an MLflow run or builds data.
+Against a cluster whose nodes share no disk, storage, data and tracking must be ones every node
+reaches (jobs/placement.py); what the spec asks for must fit its nodes (jobs/capacity.py).
 """
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ from data_shards.builtin import is_builtin
 from data_shards.endpoint import unanswered
 from data_shards.errors import UserError
 from data_shards.storage import filesystem
-from jobs.runtime.redact import redact
+from jobs.capacity import fits_ever, training_demand, unfitting
 from jobs.inputs import check_data, check_files
+from jobs.placement import Place, builtin_home, refuse_unshared
+from jobs.runtime.cluster import Cluster
+from jobs.runtime.redact import redact
 from jobs.spec import JobSpec, SpecError
 from jobs.tracking.store_check import check_answers
 
@@ -30,19 +35,34 @@ class Check:
     fix: str = ""
 
 
-def _tracking(spec: JobSpec) -> Check:
-    uri = spec.tracking_uri()
+def _unshared(spec: JobSpec, cluster: Cluster | None, key: str, url: str) -> str | None:
+    """Why no node but this one reaches `url` (jobs/placement.py), or None."""
     try:
-        check_answers(uri, "tracking.uri" if spec.tracking.uri else "MLFLOW_TRACKING_URI")
+        refuse_unshared(cluster or LOCAL, [Place(key, url)], spec.storage.shared_mounts)
+    except SpecError as e:
+        return str(e)
+    return None
+
+
+def _tracking(spec: JobSpec, cluster: Cluster | None) -> Check:
+    uri = spec.tracking_uri()
+    key = "tracking.uri" if spec.tracking.uri else "MLFLOW_TRACKING_URI"
+    try:
+        check_answers(uri, key)
     except UserError as e:
         return Check("tracking", False, str(e), "start the MLflow server (python infra/local_stack.py starts one) "
                                                 "or set tracking.uri / MLFLOW_TRACKING_URI to one that runs")
+    if why := _unshared(spec, cluster, key, uri):
+        return Check("tracking", False, why, "run an MLflow server every node reaches (infra/mlflow/README.md)")
     return Check("tracking", True, redact(uri))
 
 
-def _storage(spec: JobSpec) -> Check:
-    """Run storage takes a file and gives it back: what every checkpoint needs."""
+def _storage(spec: JobSpec, cluster: Cluster | None) -> Check:
+    """Run storage takes a file and gives it back, and every node reaches it: what every checkpoint needs."""
     url = spec.storage_url()
+    if why := _unshared(spec, cluster, "checkpoint.storage" if spec.checkpoint.storage else "storage.root", url):
+        return Check("storage", False, why, "set ORBITGEN_STORAGE (or storage.root) to an s3:// URL every node "
+                                            "reaches")
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
     if url.startswith("s3://") and endpoint and (why := unanswered(endpoint)):
         return Check("storage", False, f"{url}: the S3 endpoint AWS_ENDPOINT_URL={endpoint} does not answer ({why})",
@@ -67,10 +87,14 @@ def _storage(spec: JobSpec) -> Check:
     return Check("storage", back == b"ok", url, "" if back == b"ok" else "storage returned other bytes than written")
 
 
-def _data(spec: JobSpec) -> Check:
+def _data(spec: JobSpec, cluster: Cluster | None) -> Check:
     """The runner's own check of the shard set against the spec, without building a built-in set."""
+    where = builtin_home(spec, cluster or LOCAL) if is_builtin(spec.data.train) else spec.data.train
+    if why := _unshared(spec, cluster, "data.train", where):
+        return Check("data", False, why, "build the shards in object storage, or set ORBITGEN_STORAGE for "
+                                         "built-in sets")
     if is_builtin(spec.data.train):
-        return Check("data", True, f"{spec.data.train} (built in, made on first use)")
+        return Check("data", True, f"{spec.data.train} (built in, made on first use under {where})")
     try:
         card = check_data(spec, spec.data.train)
     except Exception as e:   # unreadable, absent or not matching the spec: the message names it
@@ -79,7 +103,7 @@ def _data(spec: JobSpec) -> Check:
     return Check("data", True, f"{spec.data.train} ({card['count']} images)")
 
 
-def _files(spec: JobSpec) -> Check:
+def _files(spec: JobSpec, cluster: Cluster | None) -> Check:
     """The runner's check of the local files the family needs (eval weights: the spec checks them)."""
     try:
         check_files(spec)
@@ -90,15 +114,43 @@ def _files(spec: JobSpec) -> Check:
     return Check("files", True, f"{len(needed)} named file(s) present" if needed else "none needed")
 
 
-def _ray(spec: JobSpec) -> Check:
+def _local_ray() -> Cluster:
+    """The Ray that `train` would start here, described without starting it."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return Cluster(nodes=({"CPU": float(os.cpu_count() or 1), **({"GPU": float(gpus)} if gpus else {})},), local=True)
+
+
+LOCAL = Cluster(nodes=({},), local=True)   # where placement does not depend on the cluster's size
+
+
+def _join(address: str) -> Cluster:
+    """The cluster at `address` (a GCS address), joined only to read its nodes."""
+    import ray
+
+    from jobs.runtime.cluster import current
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, configure_logging=False, include_dashboard=False)
+    return current()
+
+
+def _ray(spec: JobSpec, cluster: Cluster | None) -> Check:
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        target = address if "://" in address else f"tcp://{address}"
-        why = unanswered(target.replace("ray://", "tcp://"))
-        if why:
+        if address.startswith(("http://", "https://")):
+            return Check("ray", False, f"RAY_ADDRESS={address} is a cluster's Jobs API, which a driver cannot join",
+                         f"submit with `orbitgen jobs submit SPEC --address {address}`, or set RAY_ADDRESS to the "
+                         "cluster's GCS address (HEAD:6379)")
+        if cluster is None:
+            target = address if "://" in address else f"tcp://{address}"
+            why = unanswered(target.replace("ray://", "tcp://")) or "it did not let this machine join"
             return Check("ray", False, f"RAY_ADDRESS={address}: nobody answers ({why})",
                          "start the cluster (ray up ray_cluster.yaml) or unset RAY_ADDRESS to train on this machine")
-        return Check("ray", True, f"cluster at {address}")
+        if why := unfitting(training_demand(spec), cluster):
+            return Check("ray", False, *why)
+        return Check("ray", True, f"cluster at {address}: {cluster.describe()}")
     need = spec.scaling.num_workers * spec.scaling.cpus_per_worker
     have = os.cpu_count() or 1
     if need > have:
@@ -109,14 +161,23 @@ def _ray(spec: JobSpec) -> Check:
     return Check("ray", True, f"local Ray on this machine ({have} CPUs, {need:g} needed)")
 
 
-def _gpus(spec: JobSpec) -> Check:
+def _gpus(spec: JobSpec, cluster: Cluster | None) -> Check:
     import torch
 
+    if os.environ.get("RAY_ADDRESS"):
+        gpus = (cluster.totals().get("GPU", 0.0) if cluster else 0.0)
+        if not spec.scaling.use_gpu:
+            return Check("gpus", True, f"not used ({gpus:g} in the cluster)")
+        if cluster is None:
+            return Check("gpus", False, "the cluster could not be read", "fix the ray check first")
+        if not fits_ever(training_demand(spec), cluster):
+            return Check("gpus", False, f"{gpus:g} GPU(s) in the cluster ({cluster.describe()}); the spec wants one "
+                                        f"per worker ({spec.scaling.num_workers})",
+                         "--set scaling.use_gpu=false, fewer workers, or GPU nodes")
+        return Check("gpus", True, f"{gpus:g} in the cluster" + (" (an autoscaler may add more)" * cluster.can_grow))
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if not spec.scaling.use_gpu:
         return Check("gpus", True, f"not used ({count} visible)")
-    if os.environ.get("RAY_ADDRESS"):
-        return Check("gpus", True, "on the cluster's nodes (not checked from here)")
     if count < spec.scaling.num_workers:
         return Check("gpus", False, f"{count} GPU(s) visible here, the spec wants one per worker "
                                     f"({spec.scaling.num_workers})",
@@ -124,9 +185,23 @@ def _gpus(spec: JobSpec) -> Check:
     return Check("gpus", True, f"{count} visible: {torch.cuda.get_device_name(0)}")
 
 
-CHECKS: tuple[Callable[[JobSpec], Check], ...] = (_ray, _gpus, _tracking, _storage, _data, _files)
+CHECKS: tuple[Callable[[JobSpec, Cluster | None], Check], ...] = (_ray, _gpus, _tracking, _storage, _data, _files)
+
+
+def cluster_of(address: str | None) -> Cluster | None:
+    """The cluster a job would run on: the one RAY_ADDRESS names (None when it cannot be joined),
+    else the Ray `train` would start on this machine."""
+    if not address:
+        return _local_ray()
+    if address.startswith(("http://", "https://")):
+        return None
+    try:
+        return _join(address)
+    except Exception:   # the ray check says why, from a TCP probe
+        return None
 
 
 def diagnose(spec: JobSpec) -> Iterator[Check]:
+    cluster = cluster_of(os.environ.get("RAY_ADDRESS"))
     for check in CHECKS:
-        yield check(spec)
+        yield check(spec, cluster)

@@ -275,11 +275,13 @@ def _write_shards(model: ModelSource, ranges, seed_base: int, tmp: str, workers:
     from ray.util import ActorPool
     from tqdm import tqdm
 
+    from jobs.placement import Place, refuse_unshared
     from jobs.runtime.env import forwarded_env
     from jobs.runtime.ray_session import ensure_ray
 
     manifest = read_manifest(to_url(inputs)) if inputs else None
-    ensure_ray()
+    # The actors write the shards and read the inputs themselves: on a cluster, where every node reaches.
+    refuse_unshared(ensure_ray(), [Place("--out", tmp), Place("--inputs", inputs or "")])
     snapshot = ray.put(Path(model.snapshot).read_bytes())
     actors = [_Generator.remote(snapshot, forwarded_env()) for _ in range(workers)]
 

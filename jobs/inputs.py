@@ -15,10 +15,12 @@ from data_shards.errors import UserError
 from jobs.spec import JobSpec, SpecError
 
 
-def resolve_data(spec: JobSpec) -> str:
+def resolve_data(spec: JobSpec, home: str | None = None) -> str:
+    """The shard set's URL; a built-in set is made first, once, under `home` (default: the
+    workdir's `shards/`; on a cluster, jobs/placement.py `builtin_home`)."""
     if is_builtin(spec.data.train):
         try:
-            return ensure_builtin(spec.data.train, str(spec.workdir_path() / "shards"),
+            return ensure_builtin(spec.data.train, home or str(spec.workdir_path() / "shards"),
                                   spec.data.resolution, spec.data.channels)
         except UserError as e:
             raise SpecError(f"data.train: {e}") from None

@@ -29,6 +29,7 @@ from models.metrics.suite import reported_names
 from search.config import SearchConfig, SearchConfigError, resolve_candidates
 
 SPECS_DIR = Path(__file__).parent / "specs"
+STORAGE_ROOT_ENV = "ORBITGEN_STORAGE"   # the storage root a user sets once for every spec
 _CHECKED = "orbitgen.checked"   # validation context: the driver already ran the cross-section checks
 
 
@@ -116,10 +117,21 @@ class ScalingSpec(_Section):
                             "nodes where it can, STRICT_SPREAD one worker a node (waits until there are enough)")
 
 
+class StorageSpec(_Section):
+    """Where a job's files live when its nodes share no disk (a cluster): one root for run storage,
+    built-in data and searches, and the local folders that every node mounts."""
+
+    root: str | None = Field(None, description="fsspec URL every node reaches (s3://bucket/orbitgen); default "
+                                               "$ORBITGEN_STORAGE; unset: the workdir, which only one machine has")
+    shared_mounts: list[str] = Field([], description="folders every node of the cluster mounts (FSx, NFS): local "
+                                                     "paths under them are shared")
+
+
 class CheckpointSpec(_Section):
     every_steps: int = Field(1000, ge=1)
     keep: int = Field(3, ge=1)
-    storage: str | None = Field(None, description="fsspec URL for run storage; default <workdir>/runs")
+    storage: str | None = Field(None, description="fsspec URL for run storage; default <storage.root>/runs, else "
+                                                  "<workdir>/runs")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
     best_metric: str | None = Field(None, description="keep the `keep` best checkpoints by this eval metric "
                                                        "(evaluated at every checkpoint) instead of the latest")
@@ -168,6 +180,7 @@ class JobSpec(_Section):
     strategy: StrategySpec = StrategySpec()
     scaling: ScalingSpec = ScalingSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    storage: StorageSpec = StorageSpec()
     eval: EvalSpec = EvalSpec()
     tracking: TrackingSpec = TrackingSpec()
     search: SearchConfig = SearchConfig()   # `orbitgen search mineaug`; training ignores it
@@ -262,7 +275,7 @@ class JobSpec(_Section):
 
     @property
     def experiment(self) -> str:
-        return self.tracking.experiment or self.name
+        return self.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or self.name
 
     def workdir_path(self) -> Path:
         return Path(self.workdir).expanduser().absolute()
@@ -270,8 +283,13 @@ class JobSpec(_Section):
     def tracking_uri(self) -> str:
         return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.workdir_path() / 'mlflow.db'}"
 
+    def storage_root(self) -> str | None:
+        """`storage.root`, else $ORBITGEN_STORAGE: where files go that every node must reach."""
+        return self.storage.root or os.environ.get(STORAGE_ROOT_ENV) or None
+
     def storage_url(self) -> str:
-        return self.checkpoint.storage or (self.workdir_path() / "runs").as_uri()
+        root = self.storage_root()
+        return self.checkpoint.storage or (f"{root.rstrip('/')}/runs" if root else (self.workdir_path() / "runs").as_uri())
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -86,8 +86,8 @@ def run_stage1(originals: Originals, candidates: list[str], *, repeats: int, see
         reference = reference or Reference(originals.features)
         limit = concurrency_limit(resources, concurrency)
         log(f"stage 1: {len(todo)} trial(s), up to {limit} at once, {resources} each")
-        # The store travels as an object: its fsspec filesystem carries the S3 endpoint and credentials,
-        # which workers started before they were set would not find in their environment.
+        # The store travels as an object: its fsspec filesystem carries the S3 endpoint, which workers
+        # started before it was set would not find in their environment; never credentials (search/store.py).
         payload = (originals, reference, extractor, weights_path, repeats, seed, store, resources["CPU"])
         # with_parameters puts the payload into Ray's object store once; every trial reads that copy.
         trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload),

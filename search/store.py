@@ -6,6 +6,11 @@ themselves, so that a restarted search finds what already finished.
     <storage>/stage1/<name>.json     written last: its presence marks the trial finished
     <storage>/stage2/<subset>.json   one validated subset's training outcome
     <storage>/tune/                  Ray Tune's own experiment folders
+
+The store travels pickled (trial payloads, Tune's callbacks) and Tune pickles its storage
+filesystem and callbacks into `tune/` (tuner.pkl, the experiment state): so the store's
+filesystem holds no credentials. It takes them where it is used: from the standard AWS
+variables, which Tune hands on from the driver to its trials, or from the node's instance profile.
 """
 from __future__ import annotations
 
@@ -15,14 +20,25 @@ from typing import Any
 
 import numpy as np
 
-from data_shards.storage import filesystem, join, ray_storage, to_url
+from data_shards.storage import filesystem, is_local, join, to_url
 from search.scoring import CandidateScore
+
+
+# What a filesystem may be given as credentials (s3fs's names).
+CREDENTIAL_ARGS = ("key", "secret", "token", "username", "password")
+
+
+def without_credentials(fs: Any) -> Any:
+    """`fs` made again without the credentials it was given; the same `fs` when it had none."""
+    options = {k: v for k, v in fs.storage_options.items() if k not in CREDENTIAL_ARGS}
+    return fs if len(options) == len(fs.storage_options) else type(fs)(*fs.storage_args, **options)
 
 
 class SearchStore:
     def __init__(self, storage: str):
         self.url = to_url(storage)
-        self.fs, self.path = filesystem(self.url)
+        fs, self.path = filesystem(self.url)
+        self.fs = without_credentials(fs)
 
     def _p(self, *parts: str) -> str:
         return join(self.path, *parts)
@@ -65,5 +81,10 @@ class SearchStore:
                                   list(z["features"]), float(z["seconds"]))
 
     def tune_storage(self) -> tuple[str, Any]:
-        """(storage_path, storage_filesystem) for Tune's own folders, under this search's."""
-        return ray_storage(join(self.url, "tune"))
+        """(storage_path, storage_filesystem) for Tune's own folders, under this search's: the
+        store's own filesystem (no credentials), wrapped for pyarrow; None for a local folder."""
+        if is_local(self.url):
+            return self._p("tune"), None
+        import pyarrow.fs
+
+        return self._p("tune"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -88,12 +89,21 @@ class RayNode:
         self.proc.wait(10)
 
 
-def _start(args: list[str], temp_dir: Path, env: dict[str, str] | None = None) -> RayNode:
+def own_disk(hidden: list[Path], command: list[str]) -> list[str]:
+    """`command` run in its own mount namespace with an empty private tmpfs over each of `hidden`:
+    what a separate machine sees of this one's folders (nothing). Needs root, as on CI."""
+    mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(str(d))}" for d in hidden)
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh", *command]
+
+
+def _start(args: list[str], temp_dir: Path, env: dict[str, str] | None = None,
+           hidden: list[Path] | None = None) -> RayNode:
     temp_dir.mkdir(parents=True, exist_ok=True)
     log = temp_dir / "ray-start.log"
-    proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--temp-dir", str(temp_dir),
-                             "--node-ip-address", "127.0.0.1", "--object-store-memory", str(OBJECT_STORE_BYTES),
-                             *args, *_port_flags(*NODE_PORTS)],
+    command = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--temp-dir", str(temp_dir),
+               "--node-ip-address", "127.0.0.1", "--object-store-memory", str(OBJECT_STORE_BYTES),
+               *args, *_port_flags(*NODE_PORTS)]
+    proc = subprocess.Popen(own_disk(hidden, command) if hidden else command,
                             env=_env(env), stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
     return RayNode(temp_dir, proc, log)
 
@@ -122,10 +132,11 @@ def start_head(temp_dir: Path, num_cpus: int, resources: dict[str, float], env: 
 
 
 def start_worker(head: RayNode, temp_dir: Path, num_cpus: int, resources: dict[str, float],
-                 timeout_s: float = 60) -> tuple[RayNode, str]:
-    """A further node joining `head`'s cluster; returns it and its node id once the cluster lists it alive."""
+                 timeout_s: float = 60, hidden: list[Path] | None = None) -> tuple[RayNode, str]:
+    """A further node joining `head`'s cluster; returns it and its node id once the cluster lists it alive.
+    `hidden`: folders of this machine the node does not see (`own_disk`); its temp dir must lie outside them."""
     node = _start(["--address", head.gcs_address, "--num-cpus", str(num_cpus), "--resources", json.dumps(resources)],
-                  temp_dir)
+                  temp_dir, hidden=hidden)
     name = next(iter(resources))
     deadline = time.monotonic() + timeout_s
     while True:

@@ -71,6 +71,7 @@ def evaluate_model(model: str, *, tracking_uri: str, data_url: str | None = None
     with tempfile.TemporaryDirectory() as tmp, tracking_uri_restored():
         m = _resolve(model, tracking_uri, Path(tmp))
         family, _, _ = load_snapshot(m.snapshot)
+        given_data = data_url is not None
         data_url = data_url or _training_data(m)
         _check_data(family, data_url)
         settings = _settings(family, m.spec, metrics, num_samples, like)
@@ -78,9 +79,12 @@ def evaluate_model(model: str, *, tracking_uri: str, data_url: str | None = None
         if like is not None and like != protocol:
             raise UserError(f"cannot evaluate {model} under the given protocol here: "
                             + "; ".join(_explain(d, data_url) for d in like.differences(protocol)))
+        from jobs.placement import Place, refuse_unshared
         from jobs.runtime.ray_session import ensure_ray
 
-        ensure_ray()
+        # The workers read the data themselves: on a cluster, from where every node reaches.
+        refuse_unshared(ensure_ray(), [Place("--data" if given_data else "data.train", data_url)],
+                        m.spec.storage.shared_mounts if m.spec else ())
         scores, params, _ = evaluate_distributed(m.snapshot, data_url, settings, workers=workers)
     run_id = _log(tracking_uri, m, family, data_url, protocol, scores, params) if log else None
     return EvalResult(protocol, scores, run_id, m.name, m.version)
@@ -152,8 +156,10 @@ def _training_data(m: _Model) -> str:
     if m.spec is None:
         raise UserError(f"{m.ref} carries no training spec to take the data from: give --data URL")
     from jobs.inputs import resolve_data
+    from jobs.placement import builtin_home
+    from jobs.runtime.ray_session import ensure_ray
 
-    return resolve_data(m.spec)
+    return resolve_data(m.spec, builtin_home(m.spec, ensure_ray()))
 
 
 def _check_data(family: Family, data_url: str) -> None:

@@ -15,12 +15,15 @@ from typing import Any, Callable
 
 import yaml
 
+from data_shards.builtin import is_builtin
 from data_shards.storage import join
+from jobs.capacity import Demand, refuse_unfitting, training_demand
+from jobs.inputs import check_data, check_files, resolve_data
+from jobs.placement import Place, builtin_home, refuse_unshared
 from jobs.runtime.cleanup import removed_on_bad_input
 from jobs.runtime.env import tracking_uri_restored
-from jobs.runtime.redact import redact
-from jobs.inputs import check_data, check_files, resolve_data
 from jobs.runtime.ray_session import ensure_ray
+from jobs.runtime.redact import redact
 from jobs.spec import JobSpec, SpecError
 from jobs.tracking.runs import TAG_DATA, TAG_FAMILY, TAG_SPEC
 from jobs.tracking.store_check import check_answers
@@ -34,10 +37,11 @@ class SearchJobResult:
 
 
 def search_storage(spec: JobSpec, name: str) -> str:
-    """The search's folder: under checkpoint.storage when the spec sets one (a cluster's trials
-    must all reach it), else under the workdir."""
-    if spec.checkpoint.storage:
-        return join(spec.checkpoint.storage, "search", name)
+    """The search's folder: under checkpoint.storage, else the storage root, when the spec or the
+    environment sets one (a cluster's trials must all reach it), else under the workdir."""
+    shared = spec.checkpoint.storage or spec.storage_root()
+    if shared:
+        return join(shared, "search", name)
     return str(spec.workdir_path() / "search" / name)
 
 
@@ -60,13 +64,23 @@ def run_search_job(spec: JobSpec, *, say: Callable[[str], None] = print, resume:
     cfg = spec.search
     local = spec.model_copy(update={"workdir": str(spec.workdir_path())})
     tracking_uri = local.tracking_uri()
-    with removed_on_bad_input(local.workdir_path()):   # bad input leaves no built-in shards behind
-        check_answers(tracking_uri, "tracking.uri" if spec.tracking.uri else "MLFLOW_TRACKING_URI")
-        data_url = resolve_data(local)
-        card = check_data(local, data_url)
-        check_files(local, family_files=bool(cfg.validate_.top_m))   # only stage 2 trains the family
     name = resume or f"{spec.name}-search-{uuid.uuid4().hex[:8]}"
     storage = search_storage(local, name)
+    tracking_key = "tracking.uri" if spec.tracking.uri else "MLFLOW_TRACKING_URI"
+    with removed_on_bad_input(local.workdir_path()):   # bad input leaves no built-in shards behind
+        check_answers(tracking_uri, tracking_key)
+        cluster = ensure_ray()
+        home = builtin_home(local, cluster)
+        refuse_unshared(cluster, [Place("data.train", home if is_builtin(spec.data.train) else spec.data.train),
+                                  Place("checkpoint.storage" if spec.checkpoint.storage else "storage.root", storage),
+                                  Place(tracking_key, tracking_uri)], spec.storage.shared_mounts)
+        check_files(local, family_files=bool(cfg.validate_.top_m))   # only stage 2 trains the family
+        refuse_unfitting(Demand("search trials", 1, cfg.resources_per_trial, keys="search.resources_per_trial"),
+                         cluster)
+        if cfg.validate_.top_m:   # a stage-2 trial is one proxy training with the spec's scaling
+            refuse_unfitting(Demand("stage-2 trials", 1, training_demand(spec).bundle), cluster)
+        data_url = resolve_data(local, home)
+        card = check_data(local, data_url)
     say(f"data      {data_url} ({card['count']} images, fingerprint {card['fingerprint'][:12]})")
     say(f"search    {name} · storage {storage} · mlflow {redact(tracking_uri)}")
 
@@ -75,7 +89,6 @@ def run_search_job(spec: JobSpec, *, say: Callable[[str], None] = print, resume:
         from jobs.mineaug.proxy import make_proxy_train_fn
 
         train_fn = make_proxy_train_fn(local, data_url, say=say)
-    ensure_ray()
     # Tune's console box and TensorBoard hint say nothing the search's own progress lines don't.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     with tracking_uri_restored():

@@ -5,7 +5,10 @@ import os
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
+from urllib.parse import urlsplit
+
+from jobs.runtime.redact import SECRET_ENV_VARS
 
 REPO = Path(__file__).resolve().parents[1]
 GIT_SHA_ENV = "ORBITGEN_GIT_SHA"
@@ -15,12 +18,39 @@ FORWARDED_ENV_VARS = (
     "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "ORBITGEN_GIT_SHA",
     "ORBITGEN_TRACKING_RETRY_S",   # how long a job's driver waits for a tracking server gone away
     "ORBITGEN_DATA_RETRY_S",       # how long a shard read retries an object store gone away
+    "ORBITGEN_STORAGE",            # the storage root (jobs/spec.py STORAGE_ROOT_ENV)
+    "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME",
 )
 
 
 def forwarded_env() -> dict[str, str]:
-    """The variables set here that training workers and submitted jobs must see too."""
+    """The variables set here that training workers must see too (inside a cluster, secrets included)."""
     return {k: os.environ[k] for k in FORWARDED_ENV_VARS if os.environ.get(k)}
+
+
+def is_secret(name: str, value: str) -> bool:
+    """A credential: a secret variable by name, or a URL with userinfo (`http://user:pass@host`)."""
+    if name in SECRET_ENV_VARS:
+        return True
+    try:
+        return "@" in urlsplit(value).netloc
+    except ValueError:   # not a URL (urlsplit refuses a stray "[")
+        return False
+
+
+def job_env(environ: Mapping[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
+    """What `jobs submit` sends with a job unasked: the FORWARDED_ENV_VARS set here that are no
+    credential, and the names of those held back. A runtime_env is readable by anyone who can list
+    the cluster's jobs, so secrets reach a job only from the nodes' own environment or `--env NAME`."""
+    environ = os.environ if environ is None else environ
+    sent, held = {}, []
+    for k in FORWARDED_ENV_VARS:
+        if environ.get(k):
+            if is_secret(k, environ[k]):
+                held.append(k)
+            else:
+                sent[k] = environ[k]
+    return sent, held
 
 
 def git_sha(path: str | os.PathLike = REPO) -> str | None:

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from jobs.runtime.env import tracking_uri_restored
 from jobs.tracking.protocol import TAG_CHAMPION_HISTORY, read_version_tags
 from jobs.tracking.runs import TAG_DATA, TAG_GIT, TAG_SEARCH, TAG_SPEC
+from jobs.tracking.stores import client as store_client, registry_uri
 from jobs.tracking.versions import model_version
 
 TAG_GIT_DIRTY = "orbitgen.git_dirty"
@@ -41,7 +42,7 @@ def built_on_tag(refs: Mapping[str, str], tracking_uri: str) -> dict[str, str]:
     ref the version and run it meant at training time (an alias moves later). {} without refs."""
     if not refs:
         return {}
-    client = MlflowClient(tracking_uri)
+    client = store_client(tracking_uri)
     out = {}
     for key, ref in refs.items():
         entry: dict[str, str | None] = {"ref": ref}
@@ -116,7 +117,7 @@ def _spec_text(client: MlflowClient, v) -> str | None:
         for i, artifact in enumerate((f"models:/{v.name}/{v.version}/artifacts/spec.yaml", f"runs:/{v.run_id}/spec.yaml")):
             try:
                 path = mlflow.artifacts.download_artifacts(artifact_uri=artifact, dst_path=f"{tmp}/{i}",
-                                                           tracking_uri=uri, registry_uri=uri)
+                                                           tracking_uri=uri, registry_uri=registry_uri(uri))
             except (MlflowException, OSError):
                 continue
             return Path(path).read_text()

@@ -15,13 +15,14 @@ from data_shards.errors import UserError
 from jobs.runtime.env import tracking_uri_restored
 from jobs.spec import JobSpec, SpecError
 from jobs.tracking.store_check import require_store
+from jobs.tracking.stores import registry_uri
 
 SNAPSHOT_IN_MODEL = "artifacts/generator.pt"   # where log_generator puts the snapshot
 
 
 def resolve_ref(ref: str, dest: Path, tracking_uri: str | None = None) -> str:
     """A local snapshot path for `ref`; `models:/` and `runs:/` refs are read from the MLflow
-    store at `tracking_uri` (the spec's, which is also its registry)."""
+    store at `tracking_uri` (the spec's) and its registry (`stores.registry_uri`)."""
     if not ref.startswith(("models:/", "runs:/")):
         path = Path(ref).expanduser()
         if not path.is_file():
@@ -37,7 +38,7 @@ def resolve_ref(ref: str, dest: Path, tracking_uri: str | None = None) -> str:
     # without this, that is ./mlflow.db, created in whatever folder the command runs in.
     with tracking_uri_restored(), _use_tracking_uri(tracking_uri):
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dest),
-                                                         tracking_uri=tracking_uri, registry_uri=tracking_uri))
+                                                         tracking_uri=tracking_uri, registry_uri=registry_uri(tracking_uri)))
     snapshot = local / SNAPSHOT_IN_MODEL
     if not snapshot.is_file():
         raise FileNotFoundError(f"{ref} has no {SNAPSHOT_IN_MODEL}: not an orbitgen generator")

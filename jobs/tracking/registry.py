@@ -30,6 +30,7 @@ from jobs.tracking.promotion import (Evaluation, beats, common, evaluations, imp
                                      table)
 from jobs.tracking.protocol import TAG_CHAMPION_HISTORY, EvalProtocol
 from jobs.tracking.registry_lock import is_lock, promotion_lock
+from jobs.tracking.stores import client as store_client, registry_used
 from jobs.tracking.versions import model_version, registered_model, registered_names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +70,8 @@ def log_generator(snapshot: Path, spec_file: Path, registered_name: str | None) 
     signature = ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, r, r, c))]))
     with console.prints_to_log("mlflow"):
         # A server away (at the end of a run, after an outage) is waited for, within a bound.
-        info = retried(_log_model, snapshot, spec_file, family, signature, example, registered_name)
+        with registry_used(mlflow.get_tracking_uri()):
+            info = retried(_log_model, snapshot, spec_file, family, signature, example, registered_name)
     return str(info.registered_model_version) if registered_name else None
 
 
@@ -125,7 +127,7 @@ def promote(name: str, *, metric: str, mode: str, candidate: str | None = None,
     what differs and the `orbitgen eval` command that fixes it. Read, decision and move happen
     under the registry lock (`registry_lock`); every move appends to `orbitgen.champion_history`.
     """
-    client = client or MlflowClient()
+    client = client or store_client()
     versions = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
     if not versions:
         raise UserError(f"no registered model named {name!r}; {registered_names(client)}")
@@ -231,7 +233,7 @@ def _previous(history: list[str], champ, existing: set[str]) -> tuple[str | None
 
 def rollback(name: str, client: MlflowClient | None = None) -> str:
     """Puts `champion` back on the previous champion and drops the current one from the history; says what it did."""
-    client = client or MlflowClient()
+    client = client or store_client()
     existing = _versions(client, name)
     if not existing:
         raise UserError(f"no registered model named {name!r}; {registered_names(client)}")
@@ -282,7 +284,7 @@ def _best_version(name: str, versions: dict, metric: str, mode: str, client: Mlf
 
 
 def list_models(client: MlflowClient | None = None) -> list[dict]:
-    client = client or MlflowClient()
+    client = client or store_client()
     return [{"name": m.name, "aliases": dict(m.aliases or {}),
              "latest": max((int(v.version) for v in client.search_model_versions(f"name='{m.name}'")), default=None)}
             for m in client.search_registered_models() if not is_lock(m)]
@@ -296,7 +298,7 @@ def _version(client: MlflowClient, name: str, given: str) -> str:
 
 
 def describe_model(name: str, metric: str = "fid", client: MlflowClient | None = None) -> list[dict]:
-    client = client or MlflowClient()
+    client = client or store_client()
     model = registered_model(client, name)
     aliases = {v: a for a, v in (model.aliases or {}).items()}
     rows = []

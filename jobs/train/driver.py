@@ -13,10 +13,13 @@ from typing import Any, Callable
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from data_shards.builtin import is_builtin
 from data_shards.environ import environ_set
 from data_shards.storage import join, ray_storage
+from jobs.capacity import WAIT_REPORT_S, Pending, refuse_unfitting, training_demand
 from jobs.eval.core import EvalSettings
 from jobs.inputs import check_data, check_files, resolve_data
+from jobs.placement import builtin_home, refuse_unshared, training_places
 from jobs.runtime.cleanup import removed_on_bad_input
 from jobs.runtime.env import forwarded_env, git_dirty, git_sha, tracking_uri_restored
 from jobs.runtime.ray_session import ensure_ray, one_node_settings
@@ -73,10 +76,18 @@ def make_trainer(spec: JobSpec, run_name: str, storage: str, loop_config: dict[s
     )
 
 
+def pinned(spec: JobSpec) -> JobSpec:
+    """`spec` with what the driver's machine decides written in: workers may run elsewhere, with
+    another working directory and other variables."""
+    return spec.model_copy(update={"workdir": str(spec.workdir_path()),
+                                   "storage": spec.storage.model_copy(update={"root": spec.storage_root()})})
+
+
 def _resumed_run(tracking_uri: str, storage: str, resume: str) -> dict[str, Any]:
     """What the stopped run `resume` wrote at its start; ResumeError when it cannot be continued here."""
     info = read_run_info(storage, resume)
-    if info["tracking_uri"] != tracking_uri:
+    # The file holds the URI redacted (no password at rest): a password alone cannot tell two stores apart.
+    if redact(info["tracking_uri"]) != redact(tracking_uri):
         raise ResumeError(f"run {resume} was tracked at {redact(info['tracking_uri'])}, this spec tracks at "
                           f"{redact(tracking_uri)} "
                           f"(set tracking.uri to resume it)")
@@ -114,7 +125,7 @@ def run_job(spec: JobSpec, say: Callable[[str], None] = print, resume: str | Non
 
 def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> JobResult:
     started = time.perf_counter()
-    spec = spec.model_copy(update={"workdir": str(spec.workdir_path())})  # workers may run elsewhere
+    spec = pinned(spec)
     tracking_uri = spec.tracking_uri()
     storage = spec.storage_url()
     # Every input is checked before an MLflow run exists; what the checks built goes on failure.
@@ -123,9 +134,16 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         resumed = _resumed_run(tracking_uri, storage, resume) if resume else None
         refs = lineage.given_refs(spec.model)   # as given: resolution makes them local paths
         spec = model_refs.resolve_model_refs(spec, spec.workdir_path() / "model-refs")
-        data_url = resolve_data(spec)
-        card = check_data(spec, data_url)
+        cluster = ensure_ray()
+        home = builtin_home(spec, cluster)
+        refuse_unshared(cluster, training_places(spec, tracking_uri=tracking_uri,
+                                                 data_url=home if is_builtin(spec.data.train) else spec.data.train),
+                        spec.storage.shared_mounts)
         check_files(spec)
+        demand = training_demand(spec)
+        refuse_unfitting(demand, cluster)
+        data_url = resolve_data(spec, home)
+        card = check_data(spec, data_url)
     say(f"data      {data_url} ({card['count']} images, fingerprint {card['fingerprint'][:12]})")
 
     with _open_run(spec, tracking_uri, resumed) as run:
@@ -148,11 +166,10 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         mlflow.log_text(redact(spec.to_yaml()), "spec.yaml")
         say(f"mlflow    {redact(tracking_uri)} · experiment {spec.experiment} · run {run_id}")
 
-        ensure_ray()
         say(f"{'resuming' if resume else 'training'}  {spec.family} · {spec.total_steps} steps · "
             f"{spec.scaling.num_workers} workers ({spec.strategy.kind}) · run {run_name} · "
             f"checkpoints under {join(storage, run_name)}")
-        bar = ProgressBar(run_name, spec.total_steps)
+        bar = ProgressBar(run_name, spec.total_steps, waiting=Pending(demand).line, waiting_every_s=WAIT_REPORT_S)
         try:
             worker = WorkerConfig(spec=spec.model_dump(mode="json"), run_id=run_id, tracking_uri=tracking_uri,
                                   data_url=data_url, env=forwarded_env(), model_files=model_refs.ship(spec),

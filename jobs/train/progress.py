@@ -5,12 +5,16 @@ progress to a small named Ray actor, the board, and a thread on the driver draws
 read from disk, so the bar works on a cluster and under Ray Jobs alike. The board lives on the
 driver's node: on another node it would go down with that node, and the bar and its notes
 ("resumed from step …") with it. Posting never blocks a training step (fire and forget).
+
+The bar appears once training runs (rank 0's first post or note); until then, every so often, a
+line says what the run waits for (`waiting`, from jobs/capacity.py).
 """
 from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Mapping
+import time
+from typing import Any, Callable, Mapping
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -61,18 +65,24 @@ class WorkerProgress:
 class ProgressBar:
     """The driver's side: makes the board, draws it on stderr until `close`."""
 
-    def __init__(self, run_name: str, total_steps: int, start_step: int = 0, shown: int = 3):
+    def __init__(self, run_name: str, total_steps: int, start_step: int = 0, shown: int = 3,
+                 waiting: Callable[[], str] | None = None, waiting_every_s: float = 30):
         self.name = board_name(run_name)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.board = ProgressBoard.options(name=self.name, namespace=NAMESPACE, scheduling_strategy=here).remote()
-        tty = sys.stderr.isatty()
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                        mininterval=0.5 if tty else 30, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
-                        "[{elapsed}<{remaining}{postfix}]" if tty else None)
-        self.shown = shown
+        self.total, self.start, self.shown = total_steps, start_step, shown
+        self.bar: tqdm | None = None   # made when training runs
+        self.waiting, self.waiting_every_s = waiting, waiting_every_s
+        self._since = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._draw, name="orbitgen-progress", daemon=True)
         self._thread.start()
+
+    def _make_bar(self) -> tqdm:
+        tty = sys.stderr.isatty()
+        return tqdm(total=self.total, initial=self.start, unit="step", dynamic_ncols=True, file=sys.stderr,
+                    mininterval=0.5 if tty else 30, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+                    "[{elapsed}<{remaining}{postfix}]" if tty else None)
 
     def _draw(self) -> None:
         while not self._stop.wait(POLL_S):
@@ -83,6 +93,10 @@ class ProgressBar:
             latest, notes = ray.get(self.board.read.remote(), timeout=10)
         except Exception:   # a slow or restarting cluster: the next poll tries again
             return
+        if self.bar is None and not (latest or notes):
+            self._say_what_it_waits_for()
+            return
+        self.bar = self.bar or self._make_bar()
         for text in notes:
             self.bar.write(f"[orbitgen] {text}", file=sys.stderr)
         if latest:
@@ -92,9 +106,20 @@ class ProgressBar:
             losses = ", ".join(f"{k} {values[k]:.3f}" for k in first)
             self.bar.set_postfix_str(f"{losses}, {latest['images_per_s']:.0f} img/s", refresh=False)
 
+    def _say_what_it_waits_for(self) -> None:
+        if self.waiting is None or time.monotonic() - self._since < self.waiting_every_s:
+            return
+        self._since = time.monotonic()
+        try:
+            line = self.waiting()
+        except Exception as e:   # the cluster's state API busy: say so rather than nothing
+            line = f"waiting for the workers to start ({type(e).__name__})"
+        print(f"[orbitgen] {line}", file=sys.stderr, flush=True)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
         self._update()
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         ray.kill(self.board)

@@ -17,6 +17,7 @@ from typing import Any
 
 from data_shards.errors import UserError
 from data_shards.storage import filesystem, join
+from jobs.runtime.redact import redact_json
 from jobs.train.checkpoints import IncompleteCheckpoint, verify
 
 RUN_INFO = "orbitgen-run.json"
@@ -30,7 +31,8 @@ class ResumeError(UserError):
 def write_run_info(storage: str, run_name: str, info: dict[str, Any]) -> None:
     fs, path = filesystem(join(storage, run_name, RUN_INFO))
     with fs.open(path, "w") as f:
-        json.dump(info, f, indent=1)
+        # Redacted: the run's storage is shared and kept; a tracking URI may carry a password.
+        json.dump(redact_json(info), f, indent=1)
 
 
 def read_run_info(storage: str, run_name: str) -> dict[str, Any]:

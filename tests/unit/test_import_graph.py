@@ -15,7 +15,8 @@ FORBIDDEN = {"models": ("jobs", "search"), "data_shards": ("jobs", "search"), "s
 JOBS_FLOORS = (
     ("jobs.runtime",),                                   # plumbing: Ray session, console, redaction, env
     ("jobs.spec",),                                      # the job spec
-    ("jobs.inputs", "jobs.tracking"),                    # the driver's input checks; MLflow runs and registry
+    ("jobs.inputs", "jobs.placement", "jobs.capacity", "jobs.tracking"),   # the driver's checks of inputs, of
+    #                                                      where files live and of what fits; MLflow runs, registry
     ("jobs.eval",),                                      # evaluation
     ("jobs.train",),                                     # the training driver, loop, engines, checkpoints
     ("jobs.mineaug", "jobs.doctor", "jobs.generate", "jobs.submit"),   # jobs built on training and evaluation

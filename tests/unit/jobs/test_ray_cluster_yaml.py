@@ -1,8 +1,11 @@
-"""The cluster configs are valid for the tools that read them, and agree with the installed Ray.
+"""The launcher config and the node image are valid for the tools that read them, and agree with
+the installed Ray.
 
 ray_cluster.yaml is checked the way `ray up` checks it (Ray's prepare_config + validate_config,
 i.e. ray/autoscaler/ray-schema.json; offline, no AWS credentials), and by plain jsonschema;
-broken copies must fail. infra/Dockerfile and the KubeRay manifests pin the same Ray version.
+broken copies must fail. It opens no door: the Jobs API on loopback, S3 through instance
+profiles, no keys. infra/Dockerfile pins the same Ray version. The KubeRay manifests:
+tests/unit/infra/test_kuberay.py.
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 REPO = Path(__file__).resolve().parents[3]
 CLUSTER_YAML = REPO / "ray_cluster.yaml"
 DOCKERFILE = REPO / "infra" / "Dockerfile"
-KUBERAY = REPO / "infra" / "kuberay"
 SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 IMAGE_RE = re.compile(r"^rayproject/ray:(?P<version>\d+\.\d+\.\d+)-py3\d+-gpu$")
 
@@ -85,6 +87,28 @@ def test_nodes_install_the_repo(cluster):
     assert any(f"=={ray.__version__}" in c for c in cluster["setup_commands"])
 
 
+def test_dashboard_listens_on_loopback_only(cluster):
+    # The Jobs API runs whatever it is sent: reachable only through `ray dashboard`'s SSH tunnel.
+    start = " ".join(ray_validate(cluster)["head_start_ray_commands"])
+    hosts = re.findall(r"--dashboard-host[= ](\S+)", start)
+    assert hosts == ["127.0.0.1"], hosts
+    assert "0.0.0.0" not in start
+
+
+def test_no_credentials_and_auth_never_disabled(cluster):
+    text = CLUSTER_YAML.read_text()
+    assert not re.search(r"(AKIA|ASIA)[0-9A-Z]{16}", text), "an AWS access key id"
+    assert not re.search(r"RAY_AUTH_MODE\s*=\s*disabled", text)
+    options = " ".join(cluster["docker"]["run_options"])
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "PASSWORD"):
+        assert name not in options, name
+    # S3 from the GPU workers through an instance profile, not through forwarded keys.
+    prepared = ray_validate(cluster)
+    for name, t in prepared["available_node_types"].items():
+        if name != prepared["head_node_type"]:
+            assert "IamInstanceProfile" in t["node_config"], name
+
+
 @pytest.mark.parametrize("breakage", [
     "unknown_top_level_key", "max_workers_not_an_int", "negative_gpu_count",
     "unknown_docker_key", "head_type_missing", "node_type_without_resources",
@@ -129,47 +153,3 @@ def test_dockerfile_uses_the_same_pinned_ray_image():
     assert {"pyproject.toml", "jobs", "models"} <= set(copied)
     for src in copied:
         assert (REPO / src).exists(), src
-
-
-# ------------------------------------------------------------------------------ KubeRay
-
-def _containers(pod_template: dict) -> list[dict]:
-    return pod_template["spec"]["containers"]
-
-
-def _check_cluster_spec(spec: dict) -> None:
-    assert spec["rayVersion"] == ray.__version__
-    head = spec["headGroupSpec"]
-    assert head["rayStartParams"].get("num-gpus") == "0"
-    assert all(isinstance(v, str) for v in head["rayStartParams"].values()), "rayStartParams are strings"
-    gpu_groups = [g for g in spec["workerGroupSpecs"]
-                  if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
-                         for c in _containers(g["template"]))]
-    assert gpu_groups, "no worker group with nvidia.com/gpu limits"
-    for g in gpu_groups:
-        assert g["minReplicas"] == 0 < g["maxReplicas"]
-    for tmpl in [head["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
-        for c in _containers(tmpl):
-            assert c["image"].startswith("orbitgen:"), "image placeholder from infra/Dockerfile"
-            assert {"secretRef": {"name": "orbitgen-env"}} in c.get("envFrom", [])
-
-
-def test_kuberay_raycluster_manifest():
-    doc = yaml.safe_load((KUBERAY / "raycluster.yaml").read_text())
-    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
-    assert doc["metadata"]["name"] == "orbitgen"
-    _check_cluster_spec(doc["spec"])
-
-
-def test_kuberay_rayjob_manifest():
-    doc = yaml.safe_load((KUBERAY / "rayjob.yaml").read_text())
-    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
-    spec = doc["spec"]
-    assert spec["entrypoint"] == "python -m jobs.cli train jobs/specs/quickstart.yaml"
-    assert (REPO / "jobs" / "specs" / "quickstart.yaml").is_file()
-    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    # The repository baked into the image (infra/Dockerfile's WORKDIR) is the job's cwd.
-    assert runtime_env["working_dir"] == "local:///home/ray/orbitgen"
-    assert "WORKDIR /home/ray/orbitgen" in DOCKERFILE.read_text()
-    assert spec["shutdownAfterJobFinishes"] is True
-    _check_cluster_spec(spec["rayClusterSpec"])

@@ -1,0 +1,122 @@
+"""What a job asks of the cluster, whether it can ever fit, and what it waits for meanwhile.
+
+Ray's scheduler waits without a word for resources no node has. So before anything starts:
+on a cluster that cannot grow (no autoscaler, or the Ray this process started), a demand that no
+arrangement of its nodes holds is refused in one line (what was asked, what the cluster has, the
+`--set` that fits). On one that can grow, the driver says every so often what is pending until
+the workers start (`Pending`).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from jobs.runtime.cluster import Cluster
+from jobs.spec import JobSpec, SpecError
+
+WAIT_REPORT_S = float(os.environ.get("ORBITGEN_WAIT_REPORT_S", "30"))   # between two "waiting for" lines
+
+
+@dataclass(frozen=True)
+class Demand:
+    what: str                     # "training workers", "search trials", ...
+    count: int
+    bundle: Mapping[str, float]   # each one's resources
+    one_per_node: bool = False    # STRICT_SPREAD
+    keys: str = "scaling"         # the spec section whose keys change it
+
+    def __str__(self) -> str:
+        return f"{self.count} {self.what} × {_fmt(self.bundle)}"
+
+
+def _fmt(resources: Mapping[str, float]) -> str:
+    order = {"GPU": 0, "CPU": 1}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items(), key=lambda kv: (order.get(kv[0], 2), kv[0]))
+                           if v) + "}"
+
+
+def training_demand(spec: JobSpec) -> Demand:
+    s = spec.scaling
+    return Demand("training workers", s.num_workers, {"CPU": s.cpus_per_worker, **({"GPU": 1.0} if s.use_gpu else {})},
+                  one_per_node=s.placement_strategy == "STRICT_SPREAD")
+
+
+def _holds(node: Mapping[str, float], bundle: Mapping[str, float], one_per_node: bool) -> int:
+    """How many bundles one node holds when empty."""
+    n = min((math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in bundle.items() if v), default=0)
+    return min(n, 1) if one_per_node else n
+
+
+def placeable(demand: Demand, nodes: list[Mapping[str, float]]) -> int:
+    """How many of the demand's bundles the nodes hold, all of them empty."""
+    return sum(_holds(node, demand.bundle, demand.one_per_node) for node in nodes)
+
+
+def fits_ever(demand: Demand, cluster: Cluster) -> bool:
+    if placeable(demand, list(cluster.nodes)) >= demand.count:
+        return True
+    if not cluster.can_grow:
+        return False
+    if cluster.max_resources is None:   # an autoscaler that does not say its limits: it may
+        return True
+    return all(cluster.max_resources.get(k, 0.0) >= v * demand.count for k, v in demand.bundle.items() if v)
+
+
+def unfitting(demand: Demand, cluster: Cluster) -> tuple[str, str] | None:
+    """(what cannot be placed, the --set that fits) when `demand` never fits on `cluster`, else None."""
+    if fits_ever(demand, cluster):
+        return None
+    return f"{demand.keys}: {demand} never fit on {cluster.describe()}", _fitting(demand, cluster)
+
+
+def refuse_unfitting(demand: Demand, cluster: Cluster) -> None:
+    """SpecError in one line when `demand` can never be placed on `cluster`."""
+    if why := unfitting(demand, cluster):
+        raise SpecError("; ".join(why))
+
+
+def _fitting(demand: Demand, cluster: Cluster) -> str:
+    """The --set that makes the demand fit, as the refusal offers it."""
+    k = demand.keys
+    biggest = {key: max((n.get(key, 0.0) for n in cluster.nodes), default=0.0) for key in demand.bundle}
+    scaling = k == "scaling"   # else a resources mapping such as search.resources_per_trial
+    if demand.bundle.get("GPU") and not biggest["GPU"]:
+        return f"the cluster has no GPU: --set {k}.{'use_gpu=false' if scaling else 'GPU=0'}, or run on a GPU cluster"
+    if demand.bundle.get("CPU", 0) > biggest.get("CPU", 0):
+        return (f"no node has {demand.bundle['CPU']:g} CPUs: --set {k}.{'cpus_per_worker' if scaling else 'CPU'}="
+                f"{max(biggest.get('CPU', 1), 1):g}")
+    most = placeable(demand, list(cluster.nodes))
+    if most and demand.one_per_node:
+        return f"one per node on {most} node(s): --set {k}.num_workers={most}, or {k}.placement_strategy=PACK"
+    return f"--set {k}.num_workers={max(most, 1)} (with train.batch divisible by it)"
+
+
+class Pending:
+    """The line that says what a job waits for, while it waits."""
+
+    def __init__(self, demand: Demand):
+        self.demand = demand
+
+    def _placed(self) -> bool:
+        """A placement group of the demand's size holds its resources: the workers are starting."""
+        from ray.util import placement_group_table
+
+        return any(pg.get("state") == "CREATED" and len(pg.get("bundles") or {}) == self.demand.count
+                   for pg in placement_group_table().values())
+
+    def line(self) -> str:
+        import ray
+
+        if self._placed():
+            return f"{self.demand} placed, starting (loading libraries, joining the process group)"
+        free = {k: float(v) for k, v in ray.available_resources().items()}
+        total = {k: float(v) for k, v in ray.cluster_resources().items()}
+        wanted = {k: v * self.demand.count for k, v in self.demand.bundle.items() if v}
+        lacking = {k: total.get(k, 0.0) for k, v in wanted.items() if total.get(k, 0.0) < v}
+        if lacking:
+            has = ", ".join(f"{have:g} {k}{'s' * (have != 1)}" for k, have in lacking.items())
+            return f"waiting for {self.demand}: cluster has {has}; the autoscaler is adding nodes"
+        busy = ", ".join(f"{free.get(k, 0.0):g} of {total[k]:g} {k}s free" for k in wanted)
+        return f"waiting for {self.demand}: {busy} (other work holds the rest)"
