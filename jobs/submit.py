@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from data_shards.errors import UserError
 from jobs.runtime.env import GIT_SHA_ENV, git_sha, is_secret, job_env
-from jobs.runtime.redact import MASK, redact
+from jobs.runtime.redact import MASK, redact, redact_urls
 from jobs.spec import encode_inline
 
 #: Never uploaded with the working dir (Ray also honours .gitignore). mlruns/mlartifacts: local
@@ -75,11 +75,11 @@ def build_entrypoint(spec_yaml_text: str, overrides: Iterable[str] = (), resume:
     """
     if command not in COMMANDS:
         raise ValueError(f"command {command!r}: allowed {', '.join(COMMANDS)}")
-    args = ["python", "-m", "jobs.cli", *COMMANDS[command], "--spec-b64", encode_inline(redact(spec_yaml_text))]
+    args = ["python", "-m", "jobs.cli", *COMMANDS[command], "--spec-b64", encode_inline(redact_urls(spec_yaml_text))]
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form section.key=value")
-        args += ["--set", redact(item)]
+        args += ["--set", redact_urls(item)]
     if resume:
         args += ["--resume", resume]
     return shlex.join(args)
@@ -195,7 +195,7 @@ def prepare(spec_yaml_text: str, *, working_dir: str | os.PathLike, overrides: I
     if held:
         notes.append(f"not sent with the job (credentials): {', '.join(held)}; the job reads them from the "
                      "cluster nodes' own environment, or send one with --env NAME")
-    if any(redact(t) != t for t in (spec_yaml_text, *overrides)):
+    if any(redact_urls(t) != t for t in (spec_yaml_text, *overrides)):
         notes.append(f"credentials in the spec (URI passwords) are masked ({MASK}) in the job's copy: the job needs "
                      "them from the nodes' environment (e.g. MLFLOW_TRACKING_USERNAME/PASSWORD) or --env NAME")
     secrets = tuple(v for k, v in runtime_env["env_vars"].items() if v and is_secret(k, v))

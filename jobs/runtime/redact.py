@@ -20,9 +20,16 @@ MIN_SECRET_LENGTH = 6   # shorter values (test dummies like "x") would mask ordi
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):(?P<password>[^@/\s]+)@")
 
 
+def redact_urls(text: str) -> str:
+    """`text` with the passwords of the URLs in it masked, and nothing else changed: for a text
+    that is still to run (a job's spec), where masking a secret's value wherever it appears
+    could change ordinary words that happen to equal it."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['head']}:{MASK}@", text)
+
+
 def redact(text: str) -> str:
     """`text` with URL passwords and the values of the secret variables set here masked."""
-    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:{MASK}@", text)
+    text = redact_urls(text)
     for name in SECRET_ENV_VARS:
         value = os.environ.get(name, "")
         if len(value) >= MIN_SECRET_LENGTH:

@@ -1,6 +1,6 @@
 """Nodes that share no disk: a two-node Ray cluster on loopback whose worker node runs in its own
-mount namespace, with empty private tmpfs over the driver's work folder and over /tmp, as a
-second machine sees them (nothing). `orbitgen train` drives it from this machine (RAY_ADDRESS).
+mount namespace, with empty private tmpfs over the driver's work folder, its Ray temp dir and the
+test session's folders, as a second machine sees them (nothing). `orbitgen train` drives it from this machine (RAY_ADDRESS).
 
 - A spec whose files are on this machine's disk is refused in one line, exit 2, before anything
   starts (no MLflow run, no built-in data made).
@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -33,18 +34,27 @@ TINY = ["data.train=builtin:craters?count=64&seed=0", "data.resolution=16", "dat
         "scaling.placement_strategy=STRICT_SPREAD"]
 
 
+def driver_folders(*candidates: Path) -> list[Path]:
+    """The driver's folders a second machine would not have; never one holding the code or the
+    venv, which a real node has of its own (its image)."""
+    keep = [REPO, Path(sys.prefix).resolve()]
+    return [d for d in candidates if d.exists() and not any(k.is_relative_to(d.resolve()) for k in keep)]
+
+
 @pytest.fixture(scope="module")
-def cluster(s3_server):
+def cluster(s3_server, tmp_path_factory):
     """(head, worker node id, the driver's work folder the worker node cannot see)."""
     base = Path(tempfile.mkdtemp(prefix="ogsd-", dir="/tmp"))   # short: Ray's socket paths must fit
     work = base / "driver-work"
     work.mkdir()
-    # The worker node's own temp dir lies outside what it cannot see: under /var/tmp, not /tmp.
+    # The worker node's own temp dir lies outside what it cannot see.
     own = Path(tempfile.mkdtemp(prefix="ogsd-w-", dir="/var/tmp"))
     head = start_head(base / "head", 2, {"node_head": 1})
     nodes = [head]
+    # The driver's work folder and Ray temp dir (both under `base`), and the test session's folders.
+    hidden = driver_folders(base, tmp_path_factory.getbasetemp())
     try:
-        worker, worker_id = start_worker(head, own / "node", 2, {"node_worker": 1}, hidden=[work, Path("/tmp")])
+        worker, worker_id = start_worker(head, own / "node", 2, {"node_worker": 1}, hidden=hidden)
         nodes.append(worker)
         yield head, worker_id, work
     finally:

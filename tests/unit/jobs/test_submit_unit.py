@@ -433,3 +433,13 @@ def test_jobs_list_newest_first_one_line_each(monkeypatch):
     assert "python -m jobs.cli train --spec-b64 <spec> --set train.steps=20" in lines[1]
     assert S.encode_inline(SPEC) not in res.stdout and "pw1234567" not in res.stdout
     assert all(len(line) < 140 for line in lines) and lines[0].endswith("…")
+
+
+def test_the_jobs_spec_is_the_spec_even_when_a_secret_equals_one_of_its_words(monkeypatch):
+    """Only URL passwords are masked in the spec a job runs: a key id that happens to be a word of
+    the spec ("orbitgen", as in `workdir: orbitgen-work`) must not turn it into `***-work`."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "orbitgen")
+    text = (SPECS_DIR / "quickstart.yaml").read_text()
+    argv = shlex.split(S.build_entrypoint(text, ["workdir=orbitgen-work"]))
+    assert decode_inline(argv[argv.index("--spec-b64") + 1]) == text
+    assert argv[-2:] == ["--set", "workdir=orbitgen-work"]
