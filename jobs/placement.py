@@ -23,12 +23,10 @@ _LOCAL_SCHEMES = ("", "file", "local", "sqlite")
 def local_path(url: str) -> str | None:
     """The path on this machine's disk that `url` names, or None for a store behind the network."""
     parsed = urlparse(url)
-    if len(parsed.scheme) == 1:   # a Windows drive letter, if one ever comes by
-        return url
     if parsed.scheme not in _LOCAL_SCHEMES:
         return None
-    if parsed.scheme == "sqlite":   # sqlite:///abs/path.db
-        return url.removeprefix("sqlite:///") and "/" + url.removeprefix("sqlite:///").lstrip("/")
+    if parsed.scheme == "sqlite":   # sqlite:////abs/path.db (or sqlite:///relative.db)
+        return url.removeprefix("sqlite:///")
     return parsed.path or url
 
 
