@@ -20,7 +20,7 @@ from data_shards.errors import UserError
 from data_shards.storage import filesystem
 from jobs.capacity import fits_ever, training_demand, unfitting
 from jobs.inputs import check_data, check_files
-from jobs.placement import Place, builtin_home, refuse_unshared
+from jobs.placement import Place, builtin_home, data_location, refuse_unshared
 from jobs.runtime.cluster import Cluster
 from jobs.runtime.redact import redact
 from jobs.spec import JobSpec, SpecError
@@ -89,7 +89,7 @@ def _storage(spec: JobSpec, cluster: Cluster | None) -> Check:
 
 def _data(spec: JobSpec, cluster: Cluster | None) -> Check:
     """The runner's own check of the shard set against the spec, without building a built-in set."""
-    where = builtin_home(spec, cluster or LOCAL) if is_builtin(spec.data.train) else spec.data.train
+    where = data_location(spec, builtin_home(spec, cluster or LOCAL))
     if why := _unshared(spec, cluster, "data.train", where):
         return Check("data", False, why, "build the shards in object storage, or set ORBITGEN_STORAGE for "
                                          "built-in sets")

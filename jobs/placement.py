@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from data_shards.builtin import is_builtin
 from jobs.runtime.cluster import Cluster
 from jobs.runtime.redact import redact
 from jobs.spec import JobSpec, SpecError
@@ -66,12 +67,19 @@ def _fix(key: str) -> str:
     return f"set storage.root or ORBITGEN_STORAGE to an s3:// URL (or {key} itself), {declare}"
 
 
-def training_places(spec: JobSpec, *, data_url: str, tracking_uri: str) -> list[Place]:
-    """What a training's workers read and write besides what the driver ships them."""
+def training_places(spec: JobSpec, *, data_url: str, tracking_uri: str, storage: str | None = None) -> list[Place]:
+    """What a training's workers (or a search's trials) read and write besides what the driver
+    ships them; `storage`: the search's folder instead of the run storage."""
     tracking_key = "tracking.uri" if spec.tracking.uri else "MLFLOW_TRACKING_URI"
     return [Place("data.train", data_url),
-            Place("checkpoint.storage" if spec.checkpoint.storage else "storage.root", spec.storage_url()),
+            Place("checkpoint.storage" if spec.checkpoint.storage else "storage.root", storage or spec.storage_url()),
             Place(tracking_key, tracking_uri)]
+
+
+def data_location(spec: JobSpec, home: str) -> str:
+    """Where the training data will be: `data.train`, or for a built-in set, under `home`
+    (`builtin_home`), where it is made."""
+    return home if is_builtin(spec.data.train) else spec.data.train
 
 
 def builtin_home(spec: JobSpec, cluster: Cluster) -> str:

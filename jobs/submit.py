@@ -70,8 +70,8 @@ def build_entrypoint(spec_yaml_text: str, overrides: Iterable[str] = (), resume:
     (``search mineaug`` instead of ``train`` for a MineAug search).
 
     ``python`` is the interpreter on the PATH of the cluster's ``ray start`` (where orbitgen is
-    installed); every argument is shell-quoted. URI passwords (and values of the secret variables
-    set here) in the spec and overrides are masked: the entrypoint is shown to whoever lists jobs.
+    installed); every argument is shell-quoted. URI passwords in the spec and overrides are masked:
+    the entrypoint is shown to whoever lists jobs. Nothing else is: the job runs this text.
     """
     if command not in COMMANDS:
         raise ValueError(f"command {command!r}: allowed {', '.join(COMMANDS)}")

@@ -15,11 +15,10 @@ from typing import Any, Callable
 
 import yaml
 
-from data_shards.builtin import is_builtin
 from data_shards.storage import join
 from jobs.capacity import Demand, refuse_unfitting, training_demand
 from jobs.inputs import check_data, check_files, resolve_data
-from jobs.placement import Place, builtin_home, refuse_unshared
+from jobs.placement import builtin_home, data_location, refuse_unshared, training_places
 from jobs.runtime.cleanup import removed_on_bad_input
 from jobs.runtime.env import tracking_uri_restored
 from jobs.runtime.ray_session import ensure_ray
@@ -66,14 +65,12 @@ def run_search_job(spec: JobSpec, *, say: Callable[[str], None] = print, resume:
     tracking_uri = local.tracking_uri()
     name = resume or f"{spec.name}-search-{uuid.uuid4().hex[:8]}"
     storage = search_storage(local, name)
-    tracking_key = "tracking.uri" if spec.tracking.uri else "MLFLOW_TRACKING_URI"
     with removed_on_bad_input(local.workdir_path()):   # bad input leaves no built-in shards behind
-        check_answers(tracking_uri, tracking_key)
+        check_answers(tracking_uri, "tracking.uri" if spec.tracking.uri else "MLFLOW_TRACKING_URI")
         cluster = ensure_ray()
         home = builtin_home(local, cluster)
-        refuse_unshared(cluster, [Place("data.train", home if is_builtin(spec.data.train) else spec.data.train),
-                                  Place("checkpoint.storage" if spec.checkpoint.storage else "storage.root", storage),
-                                  Place(tracking_key, tracking_uri)], spec.storage.shared_mounts)
+        refuse_unshared(cluster, training_places(spec, data_url=data_location(spec, home), tracking_uri=tracking_uri,
+                                                 storage=storage), spec.storage.shared_mounts)
         check_files(local, family_files=bool(cfg.validate_.top_m))   # only stage 2 trains the family
         refuse_unfitting(Demand("search trials", 1, cfg.resources_per_trial, keys="search.resources_per_trial"),
                          cluster)

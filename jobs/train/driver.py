@@ -13,13 +13,12 @@ from typing import Any, Callable
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from data_shards.builtin import is_builtin
 from data_shards.environ import environ_set
 from data_shards.storage import join, ray_storage
 from jobs.capacity import WAIT_REPORT_S, Pending, refuse_unfitting, training_demand
 from jobs.eval.core import EvalSettings
 from jobs.inputs import check_data, check_files, resolve_data
-from jobs.placement import builtin_home, refuse_unshared, training_places
+from jobs.placement import builtin_home, data_location, refuse_unshared, training_places
 from jobs.runtime.cleanup import removed_on_bad_input
 from jobs.runtime.env import forwarded_env, git_dirty, git_sha, tracking_uri_restored
 from jobs.runtime.ray_session import ensure_ray, one_node_settings
@@ -136,8 +135,7 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         spec = model_refs.resolve_model_refs(spec, spec.workdir_path() / "model-refs")
         cluster = ensure_ray()
         home = builtin_home(spec, cluster)
-        refuse_unshared(cluster, training_places(spec, tracking_uri=tracking_uri,
-                                                 data_url=home if is_builtin(spec.data.train) else spec.data.train),
+        refuse_unshared(cluster, training_places(spec, data_url=data_location(spec, home), tracking_uri=tracking_uri),
                         spec.storage.shared_mounts)
         check_files(spec)
         demand = training_demand(spec)
