@@ -11,9 +11,9 @@ capped exponential backoff for up to $ORBITGEN_DATA_RETRY_S (3 min) after it sta
 (storage.Retries, counted in `storage.retries()`), resuming after the last sample already
 delivered: an object store that is down for a minute costs time, not samples. A shard that
 yields nothing before the budget is spent "cannot be read at all": `ShardReadError` names it.
-A shard damaged part-way (truncated, bad header) delivers what it can; each sample the manifest
-promises but the shard lacks comes out as a placeholder `{"__missing__": reason}` so callers can
-count it and keep positions exact.
+A shard damaged part-way (truncated, bad header: `tar_reader.DamagedShard`, never retried)
+delivers what it can; each sample the manifest promises but the shard lacks comes out as a
+placeholder `{"__missing__": reason}` so callers can count it and keep positions exact.
 """
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Iterable, Iterator
 
+from .errors import UserError
 from .member_names import UnsafeMemberName
 from .storage import PERMANENT_ERRORS, GaveUp, Retries, filesystem, is_local
-from .tar_reader import tar_files
+from .tar_reader import DamagedShard, tar_files
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,17 @@ class ShardReadError(IOError):
     """A shard that could not be read at all."""
 
 
-def tar_samples(f: IO[bytes]) -> Iterator[dict]:
+class DamagedShardError(ShardReadError, UserError):
+    """A shard whose bytes are damaged before its first sample: no retry helps, the set must be
+    rebuilt or the shard restored (a UserError: one `error:` line where it reaches the CLI)."""
+
+
+def tar_samples(f: IO[bytes], shard: str = "shard") -> Iterator[dict]:
     """Samples of a WebDataset tar stream: consecutive files with the same key (the name up to
-    the first dot of its base name) as `{"__key__": key, "image.png": bytes, "json": bytes}`."""
+    the first dot of its base name) as `{"__key__": key, "image.png": bytes, "json": bytes}`.
+    `shard` names the stream in errors."""
     current: dict | None = None
-    for name, data in tar_files(f):
+    for name, data in tar_files(f, shard):
         folder, _, base = name.rpartition("/")
         stem, dot, ext = base.partition(".")
         key = f"{folder}/{stem}" if folder else stem
@@ -129,14 +136,14 @@ def read_piece(url: str, lo: int = 0, hi: int | None = None, *, prefetcher: Pref
     """Samples `lo` .. `hi - 1` of the shard at `url` (hi None: to its end), each with `__url__`
     and `__index__` (position in the shard); placeholders for promised samples it lacks.
     `budget_s`: how long transport errors are retried (None: `storage.retry_budget_s()`)."""
-    done, any_read, damage = lo, False, None
+    done, any_read, damage, damaged_bytes = lo, False, None, None
     retry = Retries(f"reading {url}", budget_s)
     first = True
     while True:
         try:
             with _open(url, prefetcher if first else None, retry) as f:
                 first = False
-                for index, sample in enumerate(tar_samples(f)):
+                for index, sample in enumerate(tar_samples(f, url)):
                     any_read = True
                     if index < done:
                         continue  # delivered before a retry, or before this reader's piece
@@ -149,9 +156,10 @@ def read_piece(url: str, lo: int = 0, hi: int | None = None, *, prefetcher: Pref
             break  # the shard ended
         except (tarfile.TarError, EOFError) as exc:  # the bytes are damaged: reading again won't help
             damage = f"damaged shard: {type(exc).__name__}: {exc}"
+            damaged_bytes = exc if isinstance(exc, DamagedShard) else None
             break
-        except UnsafeMemberName as exc:   # refused, not damaged: no retry
-            raise UnsafeMemberName(str(exc).replace("shard:", f"{url}:", 1)) from None
+        except UnsafeMemberName:   # refused, not damaged: no retry (the message names the shard)
+            raise
         except (FileNotFoundError, PermissionError) as exc:
             raise ShardReadError(f"cannot read shard {url}: {type(exc).__name__}: {exc}") from exc
         except GaveUp as exc:
@@ -163,6 +171,10 @@ def read_piece(url: str, lo: int = 0, hi: int | None = None, *, prefetcher: Pref
             except GaveUp as gave_up:
                 damage = str(gave_up)
                 break
+    if not any_read and damaged_bytes is not None:   # its message names the shard and the member
+        where = str(damaged_bytes).removeprefix(f"{url}: ")
+        raise DamagedShardError(f"cannot read shard {url}: damaged at {where}; `orbitgen data verify` lists every "
+                                "damaged shard of the set; rebuild the set or restore the shard")
     if not any_read and damage is not None:
         raise ShardReadError(f"cannot read shard {url}: {damage}")
     if hi is not None and done < hi:

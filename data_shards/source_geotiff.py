@@ -10,6 +10,10 @@ min to max; `json` records that range, the tile's CRS (`EPSG:n`) and its affine 
 convention), so a tile can be put back on the map.
 
 The raster is read whole with tifffile (no GDAL needed): fine for scenes of a few GB at most.
+Its header is checked first: zero bands, or more decoded bytes than $ORBITGEN_MAX_RASTER_BYTES
+(`image_header`), and the raster is refused without reading a strip. Tiles are placed by an
+affine transform; a raster georeferenced only by tie points (ground control points) has none,
+and is refused with that said rather than tiled without coordinates or with wrong ones.
 """
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ from typing import Iterator
 import numpy as np
 
 from .errors import InputNotFound, UserError
+from .image_header import UnreadableImage, max_raster_bytes, tiff_header
 from .pixels import apply_channels, channel_policy, to_uint8
-from .sources import TIFF_EXTENSIONS, Sample, Skipped, Source, key_from_path, tiff_array
+from .sample_keys import key_from_path
+from .sources import TIFF_EXTENSIONS, Sample, Skipped, Source, tiff_array
 from .storage import filesystem
 
 USER_DEFINED = 32767  # GeoKey value for "not an EPSG code"
@@ -34,16 +40,37 @@ def crs_of(geo: dict) -> str | None:
     return None
 
 
+class NeedsAffine(UserError):
+    """A raster georeferenced in a way that gives no (or no single) affine transform."""
+
+
+WARP_HINT = ("this layout needs an affine transform (ModelTransformation, or ModelPixelScale with one "
+             "ModelTiepoint); warp it first, e.g. gdalwarp -r bilinear IN.tif OUT.tif")
+
+
 def transform_of(geo: dict) -> list[float] | None:
-    """The raster's affine transform from ModelTransformation, or ModelPixelScale + ModelTiepoint."""
+    """The raster's affine transform from ModelTransformation, or ModelPixelScale + one
+    ModelTiepoint; None for a raster without georeferencing. NeedsAffine for tie points (GCPs)
+    without one transform, or tags too short to hold one."""
     if geo.get("ModelTransformation") is not None:
         m = np.asarray(geo["ModelTransformation"], float).reshape(-1)
-        return [m[0], m[1], m[3], m[4], m[5], m[7]]
+        if m.size < 16:
+            raise NeedsAffine(f"ModelTransformation holds {m.size} values, not 16; {WARP_HINT}")
+        return [float(v) for v in (m[0], m[1], m[3], m[4], m[5], m[7])]
     scale, tie = geo.get("ModelPixelScale"), geo.get("ModelTiepoint")
-    if scale is None or tie is None:
-        return None
-    i, j, _, x, y, _ = tie[:6]
-    return [scale[0], 0.0, x - i * scale[0], 0.0, -scale[1], y + j * scale[1]]
+    if tie is None:
+        return None  # not georeferenced: tiles carry no coordinates
+    ties = np.asarray(tie, float).reshape(-1)
+    if ties.size % 6 or ties.size == 0:
+        raise NeedsAffine(f"ModelTiepoint holds {ties.size} values, not 6 per tie point; {WARP_HINT}")
+    if ties.size > 6:
+        raise NeedsAffine(f"georeferenced by {ties.size // 6} tie points (ground control points), not an affine "
+                          f"transform; {WARP_HINT}")
+    scale = np.asarray(scale if scale is not None else [], float).reshape(-1)
+    if scale.size < 2:
+        raise NeedsAffine(f"one tie point without ModelPixelScale gives no pixel size; {WARP_HINT}")
+    i, j, _, x, y, _ = ties
+    return [float(v) for v in (scale[0], 0.0, x - i * scale[0], 0.0, -scale[1], y + j * scale[1])]
 
 
 def tile_transform(t: list[float] | None, row: int, col: int) -> list[float] | None:
@@ -53,16 +80,23 @@ def tile_transform(t: list[float] | None, row: int, col: int) -> list[float] | N
     return [float(v) for v in (a, b, a * col + b * row + c, d, e, d * col + e * row + f)]
 
 
-def read_raster(data: bytes) -> tuple[np.ndarray, dict, float | None]:
-    """(array (H, W, bands) in the file's dtype, GeoTIFF tags, nodata value)."""
+def read_raster(data: bytes, name: str = "GeoTIFF") -> tuple[np.ndarray, dict, float | None]:
+    """(array (H, W, bands) in the file's dtype, GeoTIFF tags, nodata value); the header is checked
+    (UnreadableImage: zero bands, or more than $ORBITGEN_MAX_RASTER_BYTES decoded) before any strip."""
     import tifffile
+
+    header = tiff_header(data, name)
+    if header.decoded_bytes > max_raster_bytes():
+        raise UnreadableImage(f"{name}: {header.width}x{header.height} pixels x {header.bands} bands of {header.mode} "
+                              f"= {header.decoded_bytes:,} bytes decoded, more than the {max_raster_bytes():,} "
+                              "allowed (not read; raise $ORBITGEN_MAX_RASTER_BYTES, or cut the scene)")
 
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
         page = tif.pages[0]
         geo = page.geotiff_tags or {}
         tag = page.tags.get(42113)  # GDAL_NODATA, stored as text
         nodata = float(str(tag.value).strip("\x00 ")) if tag is not None else None
-    return tiff_array(data), geo, nodata
+    return tiff_array(data, name), geo, nodata
 
 
 def _rasters(source: str) -> tuple[object, str, list[str]]:
@@ -90,7 +124,11 @@ def read_geotiff(source: str, resolution: int, channels: str | int | None = "kee
     def tiles(rel: str) -> Iterator[Sample | Skipped]:
         try:
             with fs.open(f"{base}/{rel}", "rb") as f:
-                raster, geo, nodata = read_raster(f.read())
+                raster, geo, nodata = read_raster(f.read(), rel)
+            transform, crs = transform_of(geo), crs_of(geo)
+        except UserError as exc:  # refused with a reason: its message may start with the raster's name
+            yield Skipped(rel, str(exc).removeprefix(f"{rel}: "))
+            return
         except Exception as exc:  # one unreadable raster is that raster's problem
             yield Skipped(rel, f"cannot read GeoTIFF: {type(exc).__name__}: {exc}")
             return
@@ -101,13 +139,12 @@ def read_geotiff(source: str, resolution: int, channels: str | int | None = "kee
         invalid = np.isnan(raster).any(axis=2) if raster.dtype.kind == "f" else np.zeros((h, w), bool)
         if nodata is not None:
             invalid |= (raster == nodata).all(axis=2)
-        meta = {"source": rel, "crs": crs_of(geo), "bands": bands, "dtype": str(raster.dtype), "nodata": nodata}
+        meta = {"source": rel, "crs": crs, "bands": bands, "dtype": str(raster.dtype), "nodata": nodata}
         if raster.dtype != np.uint8:
             valid = raster[~invalid]
             lo, hi = (valid.min(axis=0), valid.max(axis=0)) if valid.size else (np.zeros(bands), np.ones(bands))
             meta["range"] = [[float(v) for v in lo], [float(v) for v in hi]]  # stretched to 0..255, per band
             raster = to_uint8(raster, lo, hi)
-        transform = transform_of(geo)
         stem = key_from_path(rel)
         for row in range(0, h - resolution + 1, stride):
             for col in range(0, w - resolution + 1, stride):

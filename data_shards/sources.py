@@ -5,13 +5,14 @@ A source is an iterator of `Sample`s and `Skipped` items: an item that can't bec
 decides whether that stops the build or goes to the report. Errors about the source as a whole
 (no such folder) are raised at once.
 
-Every image goes through the same steps: read to an (H, W, C) array (PIL, or tifffile for TIFFs
-with any band count), channel policy, centre crop + resize (`pixels`).
+Every image goes through the same steps: its header checked against the pixel cap
+(`image_header`: nothing is decoded before), read to an (H, W, C) array (PIL, or tifffile for
+TIFFs with any band count), channel policy, centre crop + resize (`pixels`). Sample keys are
+made from file names by `sample_keys`; the name itself is kept in the sample's `json`.
 """
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -19,7 +20,10 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputNotFound, UserError
+from .image_header import (EmptyImage, UnreadableImage, UnsupportedLayout, check_pixels, open_lazily, pil_header,
+                           tiff_header)
 from .pixels import apply_channels, channel_policy, fit, from_pil, hwc, to_uint8
+from .sample_keys import unique_keys
 from .storage import check_reachable, filesystem
 from .threads import in_threads
 
@@ -61,23 +65,25 @@ class Source:
     notes: list[str] = field(default_factory=list)
 
 
-def key_from_path(rel: str) -> str:
-    """`a/b/img.01.png` -> `a_b_img_01`. webdataset splits a file name at its FIRST dot, so a
-    key must not contain one; slashes are flattened so keys stay file names."""
-    return re.sub(r"[/.\\]", "_", rel.rsplit(".", 1)[0])
-
-
-def tiff_array(data: bytes) -> np.ndarray:
-    """The first image of a TIFF as (H, W, bands) in its own dtype; a declared alpha band dropped."""
+def tiff_array(data: bytes, name: str = "TIFF") -> np.ndarray:
+    """The first image of a TIFF as (H, W, bands) in its own dtype; a declared alpha band dropped.
+    A stack of several multi-band images, or complex values, is refused: no one image to take."""
     import tifffile
 
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
         series, page = tif.series[0], tif.pages[0]
+        axes, shape = series.axes, tuple(series.shape)
+        if len(shape) > 3 and int(np.prod(shape[:-3])) > 1:
+            raise UnsupportedLayout(f"{name}: a TIFF of shape {shape} (axes {axes!r}) holds several multi-band "
+                                    "images; supported: one image with any number of bands (H, W, bands)")
+        if np.dtype(series.dtype).kind not in "biuf":
+            raise UnsupportedLayout(f"{name}: {series.dtype} values; supported: integers or floats")
         a = series.asarray()
-        axes = series.axes
         if axes.endswith("SYX") or (a.ndim == 3 and axes.endswith("YX")):
             a = np.moveaxis(a, -3, -1)  # planar bands, or a stack of single-band pages
         a = hwc(a.reshape(a.shape[-3:]) if a.ndim > 3 else a)
+        if 0 in a.shape:
+            raise EmptyImage(f"{name}: a TIFF of shape {a.shape} (H, W, bands): no pixels or zero bands")
         alpha = [i for i, e in enumerate(page.extrasamples or ()) if int(e) in (1, 2)]  # (un)associated alpha
         if alpha and a.shape[2] in (2, 4):
             a = a[:, :, : a.shape[2] - 1]
@@ -85,16 +91,31 @@ def tiff_array(data: bytes) -> np.ndarray:
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
-    """File bytes -> (H, W, C) uint8. TIFFs keep every band (tifffile; PIL as a fallback for
+    """File bytes -> (H, W, C) uint8. The header is checked against the pixel cap first
+    (UnreadableImage names `name`). TIFFs keep every band (tifffile; PIL as a fallback for
     codecs tifffile lacks); other formats are read by PIL (gray stays gray, alpha dropped)."""
     if name.lower().endswith(TIFF_EXTENSIONS):
         try:
-            return to_uint8(tiff_array(data))
-        except Exception:  # e.g. JPEG-compressed TIFF without imagecodecs: PIL may manage
-            pass
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return from_pil(img)
+            header = tiff_header(data, name)
+        except EmptyImage:
+            raise
+        except UnreadableImage:
+            header = None  # not a TIFF tifffile reads: PIL may manage
+        if header is not None:
+            check_pixels(header, name)
+            try:
+                return to_uint8(tiff_array(data, name))
+            except UnsupportedLayout:
+                raise
+            except Exception:  # e.g. JPEG-compressed TIFF without imagecodecs: PIL may manage
+                pass
+    img = open_lazily(data, name)
+    check_pixels(pil_header(img), name)
+    try:
+        img.load()
+        return from_pil(img)
+    except Exception as exc:  # truncated or damaged pixel data
+        raise UnreadableImage(f"{name}: does not decode: {type(exc).__name__}: {exc}") from None
 
 
 def prepare(a: np.ndarray, resolution: int, policy: str) -> np.ndarray:
@@ -110,8 +131,10 @@ def read_item(fs, path: str, item: str, make: Callable[[np.ndarray], Sample | Sk
     """Read and decode one file and hand the array to `make`; any failure becomes `Skipped(item)`."""
     try:
         with fs.open(path, "rb") as f:
-            a = decode_image(f.read(), path)
+            a = decode_image(f.read(), item)
         return make(a)
+    except UnreadableImage as exc:  # its message starts with the item's name
+        return Skipped(item, f"cannot read image: {str(exc).removeprefix(f'{item}: ')}")
     except Exception as exc:  # one bad file is that file's problem, whatever the library raised
         return Skipped(item, f"cannot read image: {exc}")
 
@@ -129,16 +152,6 @@ def open_folder(root: str):
 def list_images(fs, base: str) -> list[str]:
     """Image files under `base`, any depth, as paths relative to it, sorted."""
     return sorted(p[len(base) + 1:] for p in fs.find(base) if p.lower().endswith(IMAGE_EXTENSIONS))
-
-
-def unique_keys(rels: list[str], root: str) -> dict[str, str]:
-    keys: dict[str, str] = {}
-    for rel in rels:
-        key = key_from_path(rel)
-        if key in keys:
-            raise UserError(f"{root}: {rel} and {keys[key]} both map to sample key {key!r}")
-        keys[key] = rel
-    return keys
 
 
 def read_folder(root: str, resolution: int, channels: str | int | None = "keep") -> Iterator[Sample | Skipped]:

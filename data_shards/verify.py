@@ -13,7 +13,7 @@ import tarfile
 from dataclasses import dataclass, field
 
 from .card import fingerprint, read_card, read_manifest
-from .decode import KEYS, decode_sample, expected_shapes
+from .decode import KEYS, CorruptSample, decode_sample, expected_shapes
 from .member_names import UnsafeMemberName
 from .shard_reader import fetch, tar_samples
 from .storage import filesystem, is_local
@@ -68,14 +68,17 @@ def verify(url: str) -> Report:
             report.problems.append(Problem(name, None, "sha256 differs from the manifest (content changed)"))
         n = 0
         try:
-            for raw in tar_samples(io.BytesIO(data)):
+            for raw in tar_samples(io.BytesIO(data), row.url):
                 n += 1
                 try:
                     decode_sample(raw, keys, shapes)
-                except Exception as exc:  # whatever a decoder raises on bad bytes
+                except CorruptSample as exc:  # its message names the sample (said once here) and the part
+                    reason = str(exc).removeprefix(f"sample {raw['__key__']!r}").lstrip(": ")
+                    report.problems.append(Problem(name, raw["__key__"], reason))
+                except Exception as exc:  # anything else a decoder raises on bad bytes
                     report.problems.append(Problem(name, raw["__key__"], f"{type(exc).__name__}: {exc}"))
-        except UnsafeMemberName as exc:   # refused, not a finding: nothing from this set is used
-            raise UnsafeMemberName(str(exc).replace("shard:", f"{row.url}:", 1)) from None
+        except UnsafeMemberName:   # refused, not a finding: nothing from this set is used
+            raise
         except (tarfile.TarError, EOFError) as exc:
             report.problems.append(Problem(name, None, f"damaged tar after {n} samples: {exc}"))
         report.samples += n

@@ -100,11 +100,15 @@ class Pending:
         self.demand = demand
 
     def _placed(self) -> bool:
-        """A placement group of the demand's size holds its resources: the workers are starting."""
-        from ray.util import placement_group_table
+        """A placement group of this job (the driver's Ray job: Ray Train's controller makes it) of
+        the demand's size holds its resources: the workers are starting. Another job's group of the
+        same size is not ours, however alike: a cluster shared with other work has them."""
+        import ray
+        from ray.util.state import list_placement_groups
 
-        return any(pg.get("state") == "CREATED" and len(pg.get("bundles") or {}) == self.demand.count
-                   for pg in placement_group_table().values())
+        groups = list_placement_groups(filters=[("creator_job_id", "=", ray.get_runtime_context().get_job_id()),
+                                                ("state", "=", "CREATED")], detail=True, raise_on_missing_output=False)
+        return any(len(pg.bundles or ()) == self.demand.count for pg in groups)
 
     def line(self) -> str:
         import ray

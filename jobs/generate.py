@@ -36,7 +36,7 @@ from data_shards.shard_reader import read_piece
 from data_shards.sources import Sample
 from data_shards.storage import filesystem, join, to_url
 from data_shards.writer import write_shards
-from jobs.tracking.lineage import TAG_GENERATED
+from jobs.tracking.lineage import TAG_GENERATED, generated_summary, generated_tag
 from jobs.tracking.versions import version_of_ref
 
 CARD_KEY = "generated"               # the lineage's key in dataset.json
@@ -136,7 +136,7 @@ def _is_set_file(path: str) -> bool:
     return base in (CARD, MANIFEST, SKIPPED) or (base.startswith("shard-") and base.endswith(".tar"))
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")   # one a node while nodes are free
 class _Generator:
     """One worker: the model loaded once; writes whole shards of a seed (input) range."""
 
@@ -204,7 +204,7 @@ def input_pieces(counts: list[int], urls: list[str], lo: int, hi: int) -> list[t
 def generate(model: ModelSource, n: int | None, out: str, *, workers: int = 1, inputs: str | None = None,
              seed_base: int = 0, shard_size: int = SHARD_SIZE, overwrite: bool = False, client=None,
              progress: bool = True, say: Callable[[str], None] = print) -> GenerateResult:
-    """Write the set at `out`; on a registered version, append it to the version's `orbitgen.generated`."""
+    """Write the set at `out`; on a registered version, record it on the version (`record_on_version`)."""
     import time
 
     from models.snapshot import load_snapshot
@@ -303,8 +303,19 @@ def _write_shards(model: ModelSource, ranges, seed_base: int, tmp: str, workers:
 
 
 def record_on_version(client, name: str, version: str, entry: dict) -> None:
-    """Appends `entry` to the version's `orbitgen.generated` list (read, then write: two generate
-    commands finishing in the same instant on one version could lose one entry; the sets stay)."""
-    tags = client.get_model_version(name, version).tags or {}
-    made = json.loads(tags.get(TAG_GENERATED) or "[]")
-    client.set_model_version_tag(name, version, TAG_GENERATED, json.dumps(made + [entry]))
+    """Records `entry` (a set made from the version) in its own version tag, one write with no read
+    before it: two `generate`s finishing at once both stay recorded (jobs/tracking/lineage.py).
+    Then the old single-list tag is rebuilt from the per-set tags for its readers; it is a summary,
+    which a writer at the same instant may leave one set short until the next write."""
+    from mlflow.exceptions import MlflowException
+
+    import datetime
+
+    entry = {**entry, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")}
+    key, value = generated_tag(entry)
+    client.set_model_version_tag(name, version, key, value)
+    try:
+        tags = client.get_model_version(name, version).tags or {}
+        client.set_model_version_tag(name, version, TAG_GENERATED, generated_summary(tags))
+    except MlflowException:
+        pass   # the summary only (two first writes of it at once: one is refused); the set is recorded

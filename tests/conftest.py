@@ -45,8 +45,10 @@ def mlflow_server(s3_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
-    """A local Ray instance for the whole session (starting one costs seconds)."""
+def ray_local(s3_server, tmp_path_factory):
+    """A local Ray instance for the whole session (starting one costs seconds). Started after the S3
+    server's variables are set: its workers take their credentials from their own environment, as a
+    cluster's nodes do (jobs/runtime/env.py forwards none)."""
     import ray
 
     ray.init(address="local", num_cpus=2, object_store_memory=300_000_000,

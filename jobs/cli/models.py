@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -150,7 +151,17 @@ def models_generate(model, n, out, workers, inputs, seed_base, shard_size, overw
         click.echo(f"recorded on {source.name} v{source.version} (tag orbitgen.generated)")
 
 
-@models.command("promote")
+# `models promote` exit codes, for CI (also in its --help and the README).
+EXIT_NOT_BETTER, EXIT_INCOMPARABLE, EXIT_LOCK_BUSY = 3, 4, 5
+PROMOTE_EXITS = """Exit codes: 0 the candidate is champion (promoted now, or already was); 3 not promoted: it does
+not beat the champion by the margin (it is marked challenger); 4 not promoted: the two share no
+evaluation protocol with METRIC (nothing written; the output names the `orbitgen eval` command that
+fixes it, or use --reevaluate); 5 not promoted: another promotion held the registry lock for the
+whole wait (ORBITGEN_PROMOTION_WAIT_S, 300 s): try again. Any other code is an error (2: bad
+input, such as an unknown model, version, alias or metric)."""
+
+
+@models.command("promote", epilog=PROMOTE_EXITS)
 @click.argument("name")
 @click.option("--metric", default="fid", show_default=True, help="Evaluation metric that decides.")
 @click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
@@ -161,20 +172,33 @@ def models_generate(model, n, out, workers, inputs, seed_base, shard_size, overw
                    "champion's better (min: (champion-candidate)/|champion| >= 0.02); 0 asks for any improvement.")
 @click.option("--reevaluate", is_flag=True, help="When the two versions share no evaluation protocol, evaluate the "
                                                  "champion under the candidate's protocol first (orbitgen eval).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (promoted, outcome, "
+              "reason, candidate, champion_before, champion_after, metric, mode, candidate_score, champion_score, "
+              "improvement, protocol, compared: every shared metric) instead of text; the exit code is the same.")
 @tracking_option
-def models_promote(name, metric, mode, version, min_improvement, reevaluate, tracking_uri) -> None:
+def models_promote(name, metric, mode, version, min_improvement, reevaluate, as_json, tracking_uri) -> None:
     """Move alias `champion` of NAME to the candidate, only if it beats the current champion under
     an evaluation protocol both were evaluated with; print and log (on the candidate's run) the comparison."""
-    from jobs.tracking.registry import promote
+    import json
+
+    from jobs.tracking import registry
 
     client = _client(tracking_uri)
-    p = promote(name, metric=metric, mode=mode, candidate=version, client=client, min_improvement=min_improvement,
-                refuse_incomparable=True, reevaluate=_evaluator(name, client.tracking_uri) if reevaluate else None)
-    if p.table:
-        click.echo(p.table)
-    click.echo(p.reason)
-    if p.artifact:
-        click.echo(f"comparison logged on v{p.candidate}'s run as {p.artifact}")
+    p = registry.promote(name, metric=metric, mode=mode, candidate=version, client=client,
+                         min_improvement=min_improvement, refuse_incomparable=True,
+                         reevaluate=_evaluator(name, client.tracking_uri) if reevaluate else None)
+    if as_json:
+        click.echo(json.dumps(p.to_dict(), sort_keys=True))
+    else:
+        if p.table:
+            click.echo(p.table)
+        click.echo(p.reason)
+        if p.artifact:
+            click.echo(f"comparison logged on v{p.candidate}'s run as {p.artifact}")
+    code = {registry.NOT_BETTER: EXIT_NOT_BETTER, registry.INCOMPARABLE: EXIT_INCOMPARABLE,
+            registry.LOCK_BUSY: EXIT_LOCK_BUSY}.get(p.outcome, 0)
+    if code:
+        sys.exit(code)
 
 
 def _evaluator(name: str, tracking_uri: str):
@@ -189,11 +213,17 @@ def _evaluator(name: str, tracking_uri: str):
     return evaluate
 
 
-@models.command("rollback")
+@models.command("rollback", epilog="Exit codes: 0 rolled back; 2 bad input (unknown model, no previous champion); "
+                                   "5 another promotion held the registry lock for the whole wait: try again.")
 @click.argument("name")
 @tracking_option
 def models_rollback(name, tracking_uri) -> None:
     """Put alias `champion` of NAME back on the previous champion (the champion history on NAME)."""
     from jobs.tracking.registry import rollback
+    from jobs.tracking.registry_lock import LockBusy
 
-    click.echo(rollback(name, _client(tracking_uri)))
+    try:
+        click.echo(rollback(name, _client(tracking_uri)))
+    except LockBusy as e:
+        click.echo(f"error: {e}; try again", err=True)
+        sys.exit(EXIT_LOCK_BUSY)

@@ -80,7 +80,7 @@ class EvalWorker:
     """One worker of a distributed evaluation: the model, the extractors and its own suite."""
 
     def __init__(self, snapshot: bytes, data_url: str, settings: EvalSettings, env: dict[str, str]):
-        os.environ.update(env)   # S3 endpoint and credentials, as the driver has them
+        os.environ.update(env)   # the S3 endpoint as the driver has it; credentials are the node's own
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.family, self.sampler, _ = load_snapshot(io.BytesIO(snapshot), device=self.device)
         self.data_url, self.settings = data_url, settings
@@ -113,7 +113,9 @@ def evaluate_distributed(snapshot: Path, data_url: str, settings: EvalSettings, 
     positions = real_positions(family, data_url, settings.num_samples, settings.holdout, settings.real_seed)
     chunks = [c for c in plan(positions, settings, conditional=family.conditional, workers=workers) if c]
     model = ray.put(snapshot.read_bytes())
-    actors = [EvalWorker.options(num_cpus=_share("CPU", len(chunks)), num_gpus=_share("GPU", len(chunks)))
+    # SPREAD: one worker a node while nodes are free, so W workers use W machines' cores (or GPUs).
+    actors = [EvalWorker.options(num_cpus=_share("CPU", len(chunks)), num_gpus=_share("GPU", len(chunks)),
+                                 scheduling_strategy="SPREAD")
               .remote(model, data_url, settings, forwarded_env()) for _ in chunks]
     try:
         pending = {actor.score.remote(c): c for actor, mine in zip(actors, chunks) for c in mine}

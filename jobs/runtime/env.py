@@ -24,8 +24,11 @@ FORWARDED_ENV_VARS = (
 
 
 def forwarded_env() -> dict[str, str]:
-    """The variables set here that training workers must see too (inside a cluster, secrets included)."""
-    return {k: os.environ[k] for k in FORWARDED_ENV_VARS if os.environ.get(k)}
+    """The variables set here that the job's workers must see too, credentials left out: Ray shows
+    what a training's workers are handed (the Train state API, the dashboard), so a worker takes its
+    credentials from its node's own environment (an instance profile, IRSA, a Secret as env; the Ray
+    this process starts inherits this process's)."""
+    return job_env()[0]
 
 
 def is_secret(name: str, value: str) -> bool:

@@ -6,12 +6,20 @@ Everything is read from what training, `orbitgen eval`, `promote` and `models ge
   (`models:/diffusion-uncond@champion`) and as resolved (version, run). The logged spec holds
   local paths there (the driver replaces each ref by the file it downloaded), hence the tag;
 - the run's metrics; the registered model's `spec.yaml` artifact (augment.mineaug);
-- the version's tags: scores by evaluation protocol (`protocol.read_version_tags`) and
-  `orbitgen.generated`; the registered model's aliases and `orbitgen.champion_history`.
+- the version's tags: scores by evaluation protocol (`protocol.read_version_tags`) and the
+  generated sets; the registered model's aliases and `orbitgen.champion_history`.
 `version_lineage` gathers it as plain data; the CLI formats it.
+
+The generated sets: one tag per set, `orbitgen.generated.<set id>` (the id a hash of the set's URL
+and fingerprint), written in one call with no read before it, so two `models generate` finishing at
+once on one version both stay recorded, and a retried write of the same set is the same tag.
+Older versions appended to one JSON list, `orbitgen.generated`, read then write (two writers at once
+could lose one entry); that list is still read, and still written as a summary for its readers,
+but the per-set tags are what counts.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -29,7 +37,7 @@ from jobs.tracking.versions import model_version
 
 TAG_GIT_DIRTY = "orbitgen.git_dirty"
 TAG_BUILT_ON = "orbitgen.built_on"
-TAG_GENERATED = "orbitgen.generated"   # written by `models generate` (jobs/generate.py)
+TAG_GENERATED = "orbitgen.generated"   # written by `models generate` (jobs/generate.py); + ".<set id>" per set
 
 
 def given_refs(model: Mapping[str, Any]) -> dict[str, str]:
@@ -95,8 +103,37 @@ def version_lineage(client: MlflowClient, name: str, *, alias: str | None = None
                         for key, (protocol, scores, by) in sorted(read_version_tags(dict(v.tags or {})).items())],
         "run_metrics": dict(sorted(run.data.metrics.items())) if run else {},
         "built_on": _built_on(tags, spec),
-        "generated": json.loads((v.tags or {}).get(TAG_GENERATED) or "[]"),
+        "generated": read_generated(v.tags or {}),
     }
+
+
+def generated_tag(entry: Mapping[str, Any]) -> tuple[str, str]:
+    """The version tag (key, value) that records one generated set (`entry` has its "url" and
+    "fingerprint"): the same set gives the same key, another set another key."""
+    set_id = hashlib.sha256(f"{entry['url']}\0{entry.get('fingerprint', '')}".encode()).hexdigest()[:16]
+    return f"{TAG_GENERATED}.{set_id}", json.dumps({**entry, "set": set_id}, sort_keys=True)
+
+
+def read_generated(tags: Mapping[str, str]) -> list[dict]:
+    """The sets generated from a version, oldest first: those of the old single list (entries
+    without a set id), then one per `orbitgen.generated.<set id>` tag, by their time."""
+    try:
+        old = [e for e in json.loads(tags.get(TAG_GENERATED) or "[]") if "set" not in e]
+    except ValueError:
+        old = []
+    sets = []
+    for key, value in tags.items():
+        if key.startswith(TAG_GENERATED + "."):
+            try:
+                sets.append(json.loads(value))
+            except ValueError:
+                continue
+    return old + sorted(sets, key=lambda e: (e.get("created", ""), e.get("set", "")))
+
+
+def generated_summary(tags: Mapping[str, str]) -> str:
+    """The old single-list tag's value rebuilt from the per-set tags, for readers of that form."""
+    return json.dumps(read_generated(tags))
 
 
 def _built_on(tags: Mapping[str, str], spec: Mapping[str, Any]) -> dict[str, dict]:

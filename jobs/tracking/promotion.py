@@ -108,6 +108,14 @@ def beats(candidate: float, champion: float, mode: str, min_improvement: float) 
     return r > 0 and (r >= min_improvement or math.isclose(r, min_improvement, rel_tol=1e-9))
 
 
+def compared(cand: Evaluation, champ: Evaluation | None) -> dict[str, dict[str, float]]:
+    """Every metric of the candidate (and the champion's, where it has it) under their common
+    protocol: {metric: {"candidate": value, "champion": value}} (`models promote --json`)."""
+    names = set(cand.scores) & set(champ.scores) if champ else set(cand.scores)
+    return {n: {"candidate": cand.scores[n], **({"champion": champ.scores[n]} if champ else {})}
+            for n in sorted(names)}
+
+
 def summary(p: EvalProtocol) -> str:
     extractors = ", ".join(f"{n}@{h[:8]}" for n, h in sorted(p.extractors.items())) or "no extractor"
     return (f"data {p.data_fingerprint[:12]} split {p.split} · {p.num_samples} samples · seed base "

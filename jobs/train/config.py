@@ -14,9 +14,14 @@ class WorkerConfig:
     run_id: str                          # the MLflow run rank 0 logs into
     tracking_uri: str
     data_url: str                        # the training shards (built-in sets already materialised)
-    env: dict[str, str] = field(default_factory=dict)           # forwarded variables (S3 endpoint, credentials)
+    env: dict[str, str] = field(default_factory=dict)           # forwarded variables (S3 endpoint; no credential)
     model_files: dict[str, Any] = field(default_factory=dict)   # files `model.*_from` names, shipped by the driver
     progress_board: str | None = None    # the driver's progress board (jobs/train/progress.py); rank 0 posts to it
+
+    def __repr__(self) -> str:
+        # Ray's Train state (dashboard, state API) shows the loop config as this text: the run, not
+        # the spec's URLs, which may carry a password.
+        return f"WorkerConfig(run_id={self.run_id!r}, family={self.spec.get('family')!r}, env={sorted(self.env)})"
 
     def as_loop_config(self) -> dict[str, Any]:
         return {"worker": self}

@@ -16,6 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs.runtime.env import tracking_uri_restored
+from secret_scan import mlflow_texts
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -23,18 +24,6 @@ MODEL = "secrets-test"
 SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAORBITGENTEST7Q2Z", "AWS_SECRET_ACCESS_KEY": "orbitgen-s3-secret-9f41c2d7",
            "MLFLOW_TRACKING_TOKEN": "orbitgen-mlflow-token-3b8e"}
 URI_PASSWORD = "orbitgen-uri-password-51ac"
-
-
-def texts_of(client: MlflowClient, run_id: str, dest: Path) -> dict[str, str]:
-    """Every record of the run as text, by where it came from."""
-    run = client.get_run(run_id)
-    out = {f"param {k}": f"{k}={v}" for k, v in run.data.params.items()}
-    out |= {f"tag {k}": f"{k}={v}" for k, v in run.data.tags.items()}
-    out |= {f"metric {k}": k for k in run.data.metrics}
-    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(dest / run_id),
-                                                     tracking_uri=client.tracking_uri))
-    out |= {f"artifact {p.relative_to(local)}": p.read_bytes().decode("latin-1") for p in local.rglob("*") if p.is_file()}
-    return out
 
 
 def test_no_secret_in_mlflow_or_on_the_console(mlflow_server, s3_server, tmp_path):
@@ -57,7 +46,7 @@ def test_no_secret_in_mlflow_or_on_the_console(mlflow_server, s3_server, tmp_pat
     runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     records = {"console": console}
     for run in runs:
-        records |= {f"{run.info.run_id[:8]} {k}": v for k, v in texts_of(client, run.info.run_id, tmp_path / "dl").items()}
+        records |= {f"{run.info.run_id[:8]} {k}": v for k, v in mlflow_texts(client, run.info.run_id, tmp_path / "dl").items()}
     assert "model        models:/" in console, console[-3000:]
     version = client.get_model_version(MODEL, "1")
     records |= {f"model tag {k}": f"{k}={v}" for k, v in version.tags.items()}

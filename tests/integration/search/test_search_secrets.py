@@ -16,6 +16,8 @@ from data_shards.storage import filesystem
 from search.run import run_search
 from search.store import SearchStore
 
+import secret_scan
+
 pytestmark = pytest.mark.integration
 # The fake train_fn below travels to Tune's workers by value (this module is not importable there).
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -24,19 +26,8 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 KEY, SECRET = "AKIAORBITGENSECRETS7Q", "zQ9x-search-secret-never-at-rest-4tW"
 
 
-def encodings(value: str) -> list[bytes]:
-    """`value` as it may sit inside a file: raw, hex (Tune's JSON-embedded pickles), base64 at any alignment."""
-    raw = value.encode()
-    out = [raw, raw.hex().encode(), raw.hex().upper().encode()]
-    for pad in range(3):   # base64 of a longer blob: the value starts at any offset mod 3
-        enc = base64.b64encode(b"\0" * pad + raw)
-        out.append(enc[(pad * 4 + 2) // 3 + 1:-4])
-    return out
-
-
 def leaks(blob: bytes) -> list[str]:
-    return [name for name, value in (("key id", KEY), ("secret", SECRET))
-            if any(form in blob for form in encodings(value))]
+    return secret_scan.leaks(blob, {"key id": KEY, "secret": SECRET})
 
 
 def fake_train(augmentations, budget_steps, report, trial_dir):

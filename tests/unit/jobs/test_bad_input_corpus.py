@@ -6,11 +6,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import json
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +43,7 @@ class Case:
     argv: list[str]          # {work}: the fresh cwd; {fx}: the fixtures; {store}: their MLflow store
     names: list[str]         # what the message must name
     env: dict[str, str] = field(default_factory=dict)
+    absent: list[str] = field(default_factory=list)   # what it must not show (a buffer's repr, ...)
 
 
 def train(*sets: str, spec: str = QS, extra: tuple[str, ...] = ()) -> list[str]:
@@ -47,6 +51,14 @@ def train(*sets: str, spec: str = QS, extra: tuple[str, ...] = ()) -> list[str]:
 
 
 SHARDS = "data.train={fx}/shards"   # 1 channel, 16x16
+
+
+def build(source: str, *extra: str) -> list[str]:
+    return ["data", "build", source, "{work}/out", "--resolution", "8", *extra]
+
+
+GEO = ("--layout", "geotiff", "--resolution", "4")
+ZIP = ("--layout", "stylegan-zip")
 CASES = [
     # train: the spec and --set
     Case("train-unknown-key", train("train.stepz=5"), ["train.stepz", "unknown key"]),
@@ -124,6 +136,25 @@ CASES = [
                                                "--layout", "paired-folders"], ["square/cond", "no such folder"]),
     Case("build-timeseries-unknown-role", ["data", "build", "{fx}/series.csv", "{work}/out", "--resolution", "8",
                                            "--layout", "timeseries-csv", "--columns", "pst=a"], ["pst", "roles"]),
+    # data build: hostile and odd source files
+    Case("build-png-bomb", build("{fx}/bomb"), ["big.png", "13000x13000 pixels", "ORBITGEN_MAX_IMAGE_PIXELS"]),
+    Case("build-image-not-an-image", build("{fx}/textpng"), ["notes.png", "cannot read image"], absent=["BytesIO"]),
+    Case("build-tiff-zero-bands", build("{fx}/empty.tif", *GEO), ["empty.tif", "zero bands"]),
+    Case("build-tiff-zero-bands-folder", build("{fx}/emptytif"), ["empty.tif", "zero bands"]),
+    Case("build-tiff-stack-of-rgb-images", build("{fx}/stack.tif", *GEO), ["stack.tif", "several multi-band images"]),
+    Case("build-geotiff-gcps", build("{fx}/gcps.tif", *GEO), ["gcps.tif", "tie points", "needs an affine transform"]),
+    Case("build-geotiff-raster-over-cap", build("{fx}/scene.tif", *GEO), ["scene.tif", "ORBITGEN_MAX_RASTER_BYTES"],
+         env={"ORBITGEN_MAX_RASTER_BYTES": "10"}),
+    Case("build-zip-labels-bare-list", build("{fx}/barelist.zip", *ZIP),
+         ["barelist.zip", "dataset.json", "neither name/label pairs nor a mapping"]),
+    Case("build-zip-json-not-an-object", build("{fx}/jsonlist.zip", *ZIP), ["jsonlist.zip", "holds a JSON list"]),
+    Case("build-zip-json-broken", build("{fx}/brokenjson.zip", *ZIP), ["brokenjson.zip", "cannot be read as JSON"]),
+    Case("build-zip-vector-labels", build("{fx}/vector.zip", *ZIP), ["vector.zip", "only class indices"]),
+    Case("build-zip-member-inflates-past-cap", build("{fx}/inflates.zip", *ZIP),
+         ["00000/img00000001.png", "bytes uncompressed"], env={"ORBITGEN_MAX_IMAGE_PIXELS": "65536"}),
+    Case("build-names-collide-after-cleaning", build("{fx}/camera"), ["'DSC0001.png'", "'_DSC0001.png'", "'DSC0001'"]),
+    Case("build-image-pixel-cap-not-a-number", build("{fx}/square"), ["ORBITGEN_MAX_IMAGE_PIXELS", "lots"],
+         env={"ORBITGEN_MAX_IMAGE_PIXELS": "lots"}),
     # data inspect / verify
     Case("inspect-missing", ["data", "inspect", "{work}/nope"], ["nope", "nothing there"]),
     Case("inspect-not-a-shard-set", ["data", "inspect", "{fx}/square"], ["square", "no dataset.json"]),
@@ -131,6 +162,8 @@ CASES = [
          env={"AWS_ENDPOINT_URL": DEAD}),
     Case("inspect-preview-escaping-member", ["data", "inspect", "{fx}/evil", "--preview", "{work}/grid.png"],
          ["shard-000000.tar", "../", "escape"]),
+    Case("inspect-preview-malformed-pax-header", ["data", "inspect", "{fx}/paxzero", "--preview", "{work}/grid.png"],
+         ["shard-000000.tar", "PaxHeader", "pax record", "data verify"]),
     Case("inspect-samples-zero", ["data", "inspect", "{fx}/shards", "--samples", "0"], ["--samples"]),
     Case("verify-missing", ["data", "verify", "{work}/nope"], ["nope"]),
     Case("verify-escaping-member", ["data", "verify", "{fx}/evil"], ["shard-000000.tar", "../", "escape"]),
@@ -227,6 +260,48 @@ def _png(shape, seed=0) -> bytes:
     return buf.getvalue()
 
 
+def _bomb_png(side: int) -> bytes:
+    """A valid 1-band PNG of side x side zeros: a few hundred KB that decode to side² bytes."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    z, row = zlib.compressobj(9), bytes(side + 1)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _hostile_sources(fx: Path) -> None:
+    """Source files the world makes: a PNG bomb, TIFFs without bands or with tie points only,
+    dataset.json shapes dataset_tool never writes, camera names that clash once cleaned."""
+    import tifffile
+
+    for folder, files in (("bomb", {"a.png": _png((10, 10, 3)), "big.png": _bomb_png(13000)}),
+                          ("textpng", {"notes.png": b"meeting notes, not a picture"}),
+                          ("camera", {"_DSC0001.png": _png((10, 10, 3)), "DSC0001.png": _png((10, 10, 3), 1)})):
+        (fx / folder).mkdir()
+        for name, data in files.items():
+            (fx / folder / name).write_bytes(data)
+    geokeys = (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633)
+    gcps = (0, 0, 0, 10.0, 50.0, 0, 16, 0, 0, 11.0, 50.0, 0, 0, 16, 0, 10.0, 49.0, 0)
+    tifffile.imwrite(fx / "empty.tif", np.zeros((8, 8, 0), np.uint8))
+    (fx / "emptytif").mkdir()
+    shutil.copy(fx / "empty.tif", fx / "emptytif" / "empty.tif")
+    tifffile.imwrite(fx / "stack.tif", np.zeros((2, 8, 8, 3), np.uint8), photometric="rgb")
+    tifffile.imwrite(fx / "gcps.tif", np.ones((8, 8), np.uint8), extratags=[
+        (33922, "d", len(gcps), gcps, True), (34735, "H", len(geokeys), geokeys, True)])
+    tifffile.imwrite(fx / "scene.tif", np.ones((8, 8), np.uint8))
+    names = ["00000/img00000000.png", "00000/img00000001.png"]
+    for name, doc in (("barelist", json.dumps({"labels": [0, 1]})), ("jsonlist", json.dumps([[names[0], 0]])),
+                      ("brokenjson", '{"labels": [['), ("vector", json.dumps({"labels": [[n, [0.5]] for n in names]})),
+                      ("inflates", None)):
+        with zipfile.ZipFile(fx / f"{name}.zip", "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr(names[0], _png((8, 8, 3)))
+            z.writestr(names[1], bytes(4 << 20) if name == "inflates" else _png((8, 8, 3), 1))
+            if doc is not None:
+                z.writestr("dataset.json", doc)
+
+
 def _escaping_copy(good: Path, evil: Path) -> None:
     """The shard set `good` again, its shard's members renamed `../NAME`, manifest matching."""
     shutil.copytree(good, evil)
@@ -243,6 +318,25 @@ def _escaping_copy(good: Path, evil: Path) -> None:
     samples = int(read_manifest(str(good)).samples.iloc[0])
     write_manifest(str(evil), [{"url": shard.name, "samples": samples, "bytes": len(out.getvalue()),
                                 "sha256": hashlib.sha256(out.getvalue()).hexdigest()}])
+
+
+def _zero_length_pax_copy(good: Path, broken: Path) -> None:
+    """The set `good` again, its first shard rewritten with pax headers whose first record says
+    it is 0 bytes long (the hand-written tar reader used to loop on it), manifest matching."""
+    shutil.copytree(good, broken)
+    shard = broken / "shard-000000.tar"
+    out = io.BytesIO()
+    with tarfile.open(shard) as src, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            m.pax_headers = {"comment": "camera"}
+            dst.addfile(m, io.BytesIO(data))
+    data = bytearray(out.getvalue())
+    data[512:514] = b"00"   # "NN comment=camera\n" -> "00 comment=..."
+    shard.write_bytes(bytes(data))
+    rows = [{**r, "url": r["url"].rsplit("/", 1)[1]} for r in read_manifest(str(broken)).to_dict("records")]
+    first = {**rows[0], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    write_manifest(str(broken), [first, *rows[1:]])
 
 
 def _store(fx: Path) -> tuple[str, str]:
@@ -266,6 +360,7 @@ def fixtures(tmp_path_factory):
     Path(shards.removeprefix("file://")).rename(fx / "shards")
     shutil.rmtree(fx / "built")
     _escaping_copy(fx / "shards", fx / "evil")
+    _zero_length_pax_copy(fx / "shards", fx / "paxzero")
     shutil.copytree(fx / "shards", fx / "outside")   # its manifest names a shard of another set
     rows = read_manifest(str(fx / "shards")).to_dict("records")
     write_manifest(str(fx / "outside"), [{**r, "url": "../shards/" + r["url"].rsplit("/", 1)[1]} for r in rows])
@@ -280,6 +375,7 @@ def fixtures(tmp_path_factory):
     (fx / "bad.yaml").write_text(BAD_YAML)
     (fx / "list.yaml").write_text("- name\n- family\n")
     (fx / "series.csv").write_text("past,mask,future\na.png,b.png,c.png\n")
+    _hostile_sources(fx)
     uri, run_id = _store(fx)
     mlflow.set_tracking_uri(None)
     return {"fx": str(fx), "store": uri, "gen_run": run_id}
@@ -326,6 +422,8 @@ def test_bad_input_says_what_in_two_lines_exits_2_and_writes_nothing(case, fixtu
     assert len(lines) <= 2, res.stderr
     for name in case.names:
         assert name.format(**values) in "\n".join(lines), (name, res.stderr)
+    for shown in case.absent:
+        assert shown not in res.stderr, (shown, res.stderr)
     assert (tree(work), tree(Path(fixtures["fx"]))) == before
 
 

@@ -108,12 +108,12 @@ def test_only_a_monitor_with_node_types_of_its_own_can_grow():
 
 def test_the_waiting_line_names_what_is_missing_or_busy(monkeypatch):
     import ray
-    import ray.util
 
     from jobs.capacity import Pending
 
     gpu2 = training_demand(quickstart("scaling.use_gpu=true"))
-    monkeypatch.setattr(ray.util, "placement_group_table", lambda: {})
+    placed = False   # whether this job's placement group is made (read from Ray's state API)
+    monkeypatch.setattr(Pending, "_placed", lambda self: placed)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 8.0})
     assert Pending(gpu2).line() == ("waiting for 2 training workers × {GPU: 1, CPU: 1}: cluster has 0 GPUs; "
@@ -121,5 +121,5 @@ def test_the_waiting_line_names_what_is_missing_or_busy(monkeypatch):
     cpu2 = training_demand(quickstart())
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.0})
     assert Pending(cpu2).line() == "waiting for 2 training workers × {CPU: 1}: 1 of 8 CPUs free (other work holds the rest)"
-    monkeypatch.setattr(ray.util, "placement_group_table", lambda: {"pg": {"state": "CREATED", "bundles": {0: {}, 1: {}}}})
+    placed = True
     assert "placed, starting" in Pending(cpu2).line()

@@ -1,5 +1,7 @@
-"""Lineage without a training: `git_dirty`, version references, the `orbitgen.built_on` tag, and
-`version_lineage` on a registry written by hand (the trained case: tests/integration/test_lineage.py)."""
+"""Lineage without a training: `git_dirty`, version references, the `orbitgen.built_on` tag, the
+generated sets (one tag per set, the old single list still read), and `version_lineage` on a
+registry written by hand (the trained case: tests/integration/test_lineage.py; two writers at once:
+tests/integration/test_lineage_concurrent_generated.py)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +12,9 @@ from mlflow.tracking import MlflowClient
 
 from data_shards.errors import UserError
 from jobs.runtime.env import git_dirty
-from jobs.tracking.lineage import TAG_BUILT_ON, built_on_tag, given_refs, version_lineage
+from jobs.generate import record_on_version
+from jobs.tracking.lineage import (TAG_BUILT_ON, TAG_GENERATED, built_on_tag, generated_tag, given_refs,
+                                   read_generated, version_lineage)
 from jobs.tracking.versions import parse_version_ref
 
 
@@ -94,3 +98,20 @@ def test_an_unknown_version_names_what_exists(store, kw, names):
     assert all(n in str(e.value) for n in names)
     with pytest.raises(UserError, match="registered: base"):
         version_lineage(store[1], "nope", alias="champion")
+
+
+def test_generated_sets_one_tag_each_after_the_old_list(store):
+    """v1 has the old single-list tag (an older orbitgen wrote it); new sets get a tag each, the old
+    entry is still read first, the same set recorded again (a retry) is one entry, and the old tag
+    is kept as a summary for its readers."""
+    uri, client, runs = store
+    for url in ("s3://b/new1", "s3://b/new2", "s3://b/new1"):
+        record_on_version(client, "base", "1", {"url": url, "n": 4, "seeds": [0, 3], "fingerprint": "f-" + url})
+    tags = client.get_model_version("base", "1").tags
+    made = ["s3://b/g", "s3://b/new2", "s3://b/new1"]       # by when each set was last recorded
+    assert [e["url"] for e in read_generated(tags)] == made
+    assert len([k for k in tags if k.startswith(TAG_GENERATED + ".")]) == 2
+    assert [e["url"] for e in json.loads(tags[TAG_GENERATED])] == made
+    assert [g["url"] for g in version_lineage(client, "base", version="1")["generated"]] == made
+    key, _ = generated_tag({"url": "s3://b/new1", "fingerprint": "other bytes"})
+    assert key not in tags                      # another set at the same URL is another entry

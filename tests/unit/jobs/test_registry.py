@@ -1,8 +1,11 @@
 """Promotion semantics on a real (sqlite) MLflow registry: champion moves only to a version that is
-better under a common evaluation protocol, by the margin; rollback walks the champion history."""
+better under a common evaluation protocol, by the margin; rollback walks the champion history; the
+promotion lock is a lease tag on the model (no lock model), waited for, and broken once expired.
+(Two processes against a server: tests/integration/test_promotion_lock.py.)"""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 
 import mlflow
@@ -12,12 +15,19 @@ from mlflow.tracking import MlflowClient
 from data_shards.errors import UserError
 from jobs.tracking import registry_lock
 from jobs.tracking.protocol import TAG_CHAMPION_HISTORY, TAG_RUN_PROTOCOL, EvalProtocol, version_tags
-from jobs.tracking.registry import champion_history, list_models, previous_champion, promote, rollback
+from jobs.tracking.registry import (ALREADY_CHAMPION, INCOMPARABLE, LOCK_BUSY, NOT_BETTER, PROMOTED,
+                                    champion_history, list_models, previous_champion, promote, rollback)
 from jobs.tracking.runs import ensure_experiment
 
 P = EvalProtocol(data_fingerprint="f00d" * 4, split="all", real_seed=0, seed_base=1_000_000, num_samples=64,
                  extractors={"orbitgen-randconv64-v1": "00ff00ff00ff00ff"})
 P128 = replace(P, num_samples=128)
+
+
+@pytest.fixture(autouse=True)
+def quick_lock(monkeypatch):
+    """One process, one sqlite file: no write lands late, so the lock's settle wait can be short."""
+    monkeypatch.setenv(registry_lock.SETTLE_ENV, "0.02")
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +104,15 @@ def test_incomparable_versions_are_refused_naming_the_difference_and_the_fix(g):
     v1 = g.version({"fid": 5.0}, P128)
     promote(g.name, metric="fid", mode="min", candidate=v1, client=g.client)
     v2 = g.version({"fid": 1.0})               # far better, but over 64 samples, not 128
-    with pytest.raises(UserError) as e:
-        promote(g.name, metric="fid", mode="min", candidate=v2, client=g.client, refuse_incomparable=True)
-    msg = str(e.value)
-    assert "num_samples: 64 vs 128" in msg
-    assert f"orbitgen eval models:/{g.name}/{v1} --metrics fid --num-samples 64" in msg
-    assert "--reevaluate" in msg and g.aliases() == {"champion": v1}
-    # training's automatic promotion does not fail: the candidate is challenger, and it says why
+    p = promote(g.name, metric="fid", mode="min", candidate=v2, client=g.client, refuse_incomparable=True)
+    assert (p.promoted, p.outcome) == (False, INCOMPARABLE)
+    assert "num_samples: 64 vs 128" in p.reason
+    assert f"orbitgen eval models:/{g.name}/{v1} --metrics fid --num-samples 64" in p.reason
+    assert "--reevaluate" in p.reason and g.aliases() == {"champion": v1}     # refused: nothing written
+    # training's automatic promotion: the candidate is challenger, and it says why
     p = promote(g.name, metric="fid", mode="min", candidate=v2, client=g.client)
     assert not p.promoted and "challenger" in p.reason and "num_samples: 64 vs 128" in p.reason
-    assert g.aliases() == {"champion": v1, "challenger": v2}
+    assert p.outcome == INCOMPARABLE and g.aliases() == {"champion": v1, "challenger": v2}
 
 
 def test_reevaluate_compares_under_the_candidates_protocol(g):
@@ -127,8 +136,9 @@ def test_a_run_without_recorded_protocol_is_not_comparable_one_with_it_is(g):
     old = g.version(run_metrics={"fid": 9.0, "loss_g": 1.0})            # before protocols
     g.client.set_registered_model_alias(g.name, "champion", old)
     new = g.version({"fid": 8.0})
-    with pytest.raises(UserError, match=f"champion v{old} has no fid under a recorded evaluation protocol"):
-        promote(g.name, metric="fid", mode="min", candidate=new, client=g.client, refuse_incomparable=True)
+    p = promote(g.name, metric="fid", mode="min", candidate=new, client=g.client, refuse_incomparable=True)
+    assert p.outcome == INCOMPARABLE
+    assert f"champion v{old} has no fid under a recorded evaluation protocol" in p.reason
     # a run that recorded its protocol as a tag counts under it (its evaluation metrics, not its losses)
     tagged = g.version(run_metrics={"fid": 6.0, "loss_g": 1.0}, run_protocol=P)
     g.client.set_registered_model_alias(g.name, "champion", tagged)
@@ -185,15 +195,93 @@ def test_unknown_model_or_metric_is_an_error(g):
         rollback(g.name, g.client)
 
 
-def test_a_held_lock_makes_promoters_wait_and_an_expired_one_is_broken(g):
+def test_outcomes_and_their_json(g):
+    v1 = g.version({"fid": 5.0, "kid": 0.3})
+    first = promote(g.name, metric="fid", mode="min", candidate=v1, client=g.client)
+    assert (first.outcome, first.champion_after, first.to_dict()["compared"]) == (
+        PROMOTED, v1, {"fid": {"candidate": 5.0}, "kid": {"candidate": 0.3}})
+    again = promote(g.name, metric="fid", mode="min", candidate=v1, client=g.client)
+    assert (again.promoted, again.outcome, again.champion_after) == (False, ALREADY_CHAMPION, v1)
+    v2 = g.version({"fid": 6.0, "kid": 0.2})
+    d = json.loads(json.dumps(promote(g.name, metric="fid", mode="min", candidate=v2, client=g.client).to_dict()))
+    assert (d["promoted"], d["outcome"], d["candidate"], d["champion_before"], d["champion_after"]) == (
+        False, NOT_BETTER, v2, v1, v1)
+    assert (d["metric"], d["mode"], d["candidate_score"], d["champion_score"], d["protocol"]) == (
+        "fid", "min", 6.0, 5.0, P.key())
+    assert d["improvement"] == pytest.approx(-0.2) and d["compared"]["kid"] == {"candidate": 0.2, "champion": 0.3}
+    assert "does not beat" in d["reason"] and d["comparison_artifact"].startswith("promotion/")
+
+
+def lease(token: str, *, lease_s: float = 60.0, expires: float = 9e12) -> str:
+    return registry_lock.Lease(token, lease_s, expires, "elsewhere:1").to_json()
+
+
+def test_a_held_lease_makes_promoters_wait_then_says_registered_not_promoted(g, monkeypatch):
     v1 = g.version({"fid": 5.0})
-    lock = registry_lock.lock_name(g.name)
-    g.client.create_registered_model(lock, tags={registry_lock.TAG_OWNER: "elsewhere:1:x",
-                                               registry_lock.TAG_EXPIRES: "9e12"})
-    with pytest.raises(UserError, match="holds its lock.*elsewhere:1:x"):
-        with registry_lock.promotion_lock(g.client, g.name, wait_s=0.5):
+    g.client.set_registered_model_tag(g.name, registry_lock.TAG_LEASE, lease("theirs"))
+    with pytest.raises(registry_lock.LockBusy, match="holds its lock.*elsewhere:1"):
+        with registry_lock.promotion_lock(g.client, g.name, wait_s=0.3):
             pass
-    assert lock not in [m["name"] for m in list_models(g.client)]       # the lock is no model
-    g.client.set_registered_model_tag(lock, registry_lock.TAG_EXPIRES, "1")   # its promoter died long ago
+    monkeypatch.setenv(registry_lock.WAIT_ENV, "0.3")
+    p = promote(g.name, metric="fid", mode="min", candidate=v1, client=g.client)
+    assert (p.promoted, p.outcome) == (False, LOCK_BUSY) and "registered but not promoted" in p.reason
+    assert f"orbitgen models promote {g.name} --version {v1} --metric fid --mode min" in p.reason
+    assert g.aliases() == {}
+    # its holder died long ago (expiry a whole lease in the past): broken at once
+    monkeypatch.delenv(registry_lock.WAIT_ENV)
+    g.client.set_registered_model_tag(g.name, registry_lock.TAG_LEASE, lease("theirs", expires=1.0))
     assert promote(g.name, metric="fid", mode="min", candidate=v1, client=g.client).promoted
-    assert not g.client.search_registered_models(f"name='{lock}'")
+    tags = g.client.get_registered_model(g.name).tags
+    assert registry_lock.TAG_LEASE not in tags                                # released
+    assert [m.name for m in g.client.search_registered_models(f"name LIKE '{g.name}%'")] == [g.name]
+
+
+def test_a_lease_not_renewed_for_its_length_is_taken_over_whatever_the_clocks(g):
+    """A holder that died stops renewing: the waiter measures the unchanged lease on its own
+    clock (the expiry written by the holder is far in the future: its clock may be ahead)."""
+    g.version({"fid": 5.0})
+    g.client.set_registered_model_tag(g.name, registry_lock.TAG_LEASE, lease("dead", lease_s=0.5))
+    with registry_lock.promotion_lock(g.client, g.name, wait_s=5) as check:
+        check()
+        assert registry_lock.read_lease(g.client, g.name).token != "dead"
+
+
+def test_a_live_holder_renews_its_lease_and_loses_it_when_overwritten(g):
+    g.version({"fid": 5.0})
+    with registry_lock.promotion_lock(g.client, g.name, lease_s=0.3) as check:
+        first = registry_lock.read_lease(g.client, g.name)
+        time.sleep(0.5)                          # longer than the lease: renewed meanwhile
+        check()
+        renewed = registry_lock.read_lease(g.client, g.name)
+        assert renewed.token == first.token and renewed.expires > first.expires
+        # a waiter that (wrongly) took it over: the holder sees it before its next write
+        g.client.set_registered_model_tag(g.name, registry_lock.TAG_LEASE, lease("usurper"))
+        with pytest.raises(registry_lock.LockLost):
+            check()
+    assert registry_lock.read_lease(g.client, g.name).token == "usurper"   # not ours: not released by us
+
+
+def test_each_acquisition_has_its_own_token_and_an_own_leftover_is_not_waited_for(g):
+    g.version({"fid": 5.0})
+    tokens = []
+    for _ in range(2):
+        with registry_lock.promotion_lock(g.client, g.name):
+            tokens.append(registry_lock.read_lease(g.client, g.name).token)
+    assert tokens[0] != tokens[1] and len(tokens[0]) == 32
+    # a release that failed (server away) leaves our lease; our next promotion does not wait for it
+    g.client.set_registered_model_tag(g.name, registry_lock.TAG_LEASE, lease(tokens[1]))
+    with registry_lock.promotion_lock(g.client, g.name, wait_s=0.2):
+        pass
+
+
+def test_an_old_lock_model_is_respected_while_unexpired_and_hidden_from_lists(g):
+    v1 = g.version({"fid": 5.0})
+    old = registry_lock.lock_name(g.name)
+    g.client.create_registered_model(old, tags={registry_lock.LEGACY_TAG_OWNER: "host:1:2",
+                                                registry_lock.LEGACY_TAG_EXPIRES: "9e12"})
+    with pytest.raises(registry_lock.LockBusy, match="older orbitgen"):
+        with registry_lock.promotion_lock(g.client, g.name, wait_s=0.3):
+            pass
+    assert old not in [m["name"] for m in list_models(g.client)]
+    g.client.set_registered_model_tag(old, registry_lock.LEGACY_TAG_EXPIRES, "1")   # its promoter died
+    assert promote(g.name, metric="fid", mode="min", candidate=v1, client=g.client).promoted
