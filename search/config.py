@@ -17,13 +17,27 @@ class SearchConfigError(UserError):
     """A bad `search:` value; the message starts with the field's name."""
 
 
+PROXY_SAMPLES = 2048
+
+
 class ValidateConfig(BaseModel):
     """Stage 2: short proxy trainings of subsets of the `top_m` best kept candidates."""
 
     model_config = ConfigDict(extra="forbid")
     top_m: int = Field(0, ge=0)          # 0 = stage 2 off
-    trials: int = Field(0, ge=0)         # Optuna trials, seed points included
+    trials: int = Field(0, ge=0)         # Optuna proposals (subsets of the top M), beside the controls
     budget_steps: int = Field(0, ge=0)   # training steps of one proxy training
+    # Seeds per control (and for the best proposal's confirmation): the verdict pairs runs at equal seeds.
+    seeds: int = Field(3, ge=1)
+    # Generated images per proxy FID. None: eval.num_samples capped at PROXY_SAMPLES (the paper's
+    # specs evaluate 50,000, far too many for a proxy scored four times per training).
+    num_samples: int | None = Field(None, ge=2)
+    # Family-wise error rate of the verdict (Holm across the subsets compared with "none").
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)
+
+    def proxy_samples(self, eval_num_samples: int) -> int:
+        """What one proxy FID generates: `num_samples`, else eval.num_samples capped at PROXY_SAMPLES."""
+        return self.num_samples or min(eval_num_samples, PROXY_SAMPLES)
 
     @model_validator(mode="after")
     def _complete_when_on(self) -> "ValidateConfig":

@@ -13,8 +13,8 @@ import torch
 
 from data_shards.builtin import ensure_builtin, is_builtin
 from data_shards.card import read_card
-from data_shards.split import evaluation_positions
-from data_shards.stream import iterate_once
+from data_shards.split import Holdout, Positions, evaluation_positions
+from data_shards.stream import iterate_once, training_share
 from models.metrics.extractors import make_extractor
 
 BATCH = 256
@@ -53,17 +53,33 @@ def resolve_url(url: str, root: str, resolution: int | None, channels: int) -> s
     return url
 
 
+def search_positions(url: str, max_images: int | None, holdout: Holdout = None) -> Positions | None:
+    """What the search reads: the training share (the `data.holdout` split left out, as training
+    does: held-out images judge models and must not shape the augmentations), all of it or a
+    seeded draw of `max_images` (never the first N, which follow the source's order, e.g. one
+    class). None: every image of every shard."""
+    training = training_share(url, holdout)[1] if holdout is not None else None
+    if max_images is None:
+        return training
+    if training is None:
+        return evaluation_positions(url, max_images, seed=ORIGINALS_SEED)
+    pool = [(shard, int(i)) for shard, idx in enumerate(training) for i in idx]
+    rng = np.random.default_rng(ORIGINALS_SEED)
+    picked = [pool[j] for j in rng.choice(len(pool), size=min(max_images, len(pool)), replace=False)]
+    return [np.array(sorted(i for s, i in picked if s == shard), dtype=np.int64) for shard in range(len(training))]
+
+
 def load_originals(url: str, channels: int, extractor: str | torch.nn.Module = "randconv",
                    weights_path: str | None = None, max_images: int | None = None,
                    device: str | torch.device = "cpu",
-                   progress: Callable[[str], None] | None = None) -> Originals:
-    """Read every image of a shard set once (or `max_images` of them, a seeded draw from the whole
-    set: never the first N, which follow the source's order, e.g. one class), and extract features."""
+                   progress: Callable[[str], None] | None = None, holdout: Holdout = None) -> Originals:
+    """Read the images of a shard set once (see `search_positions`: the held-out split never),
+    and extract features."""
     card = read_card(url)
     if card.channels != channels:
         raise ValueError(f"data.train {url} holds {card.channels}-channel images, the spec says data.channels={channels}")
     images, keys = [], []
-    positions = evaluation_positions(url, max_images, seed=ORIGINALS_SEED) if max_images is not None else None
+    positions = search_positions(url, max_images, holdout)
     for batch in iterate_once(url, BATCH, positions=positions):
         images.append(batch["image"])
         keys.extend(batch["__key__"])

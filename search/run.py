@@ -16,8 +16,11 @@
 Steps: originals read and featurised once (driver) -> stage 1, one Ray Tune trial per candidate
 (search.stage1) -> ranking with MSE gate, near-duplicate groups and ties (search.select) ->
 every K-subset of the kept candidates scored as an expanded mixture from cached features ->
-optional stage 2 (search.validate) -> MLflow parent run with ranking.csv, subsets.csv, a FID
-bar chart, a contact sheet and the chosen list as tags (search.tracking).
+optional stage 2 (search.validate: controls at every seed, Optuna proposals under successive
+halving, a verdict against plain data with Holm-corrected paired bootstrap intervals) -> MLflow
+parent run with ranking.csv, subsets.csv, a FID bar chart, a contact sheet, stage 2's
+verdict.csv / rungs.csv / rank_agreement.csv, and the chosen list and verdict as tags
+(search.tracking, search.stage2_tracking). The originals never include the `holdout` split.
 
 Errors in the inputs raise `SearchConfigError` whose message starts with the spec field
 (`search.k: ...`), before anything is written; Ray is used as connected (`ray.init()` on the
@@ -41,16 +44,20 @@ from search.frechet import Reference
 from search.originals import Originals, load_originals, resolve_url
 from search.plots import contact_sheet, fid_bar_chart
 from search.scoring import CandidateScore, repeat_seed
+from search.gate_message import too_few_kept
 from search.select import (RankRow, SubsetRow, best_singles, mixture_fid, mixture_table, rank_candidates,
-                           rank_subsets)
+                           rank_subsets, screening_note)
 from search.stage1 import run_stage1
 from search.store import SearchStore
 from search.tracking import (RANKING_COLUMNS, TAG_CHOSEN, TAG_SELECT, SearchTracker, format_ranking, write_csv)
+from search.stage2_tracking import TAG_VERDICT, log_stage2_run, stage2_artifacts, stage2_metrics
 from search.validate import ValidationResult, run_stage2
 
 SUBSET_COLUMNS = ("rank", "augmentations", "fid", "fid_std", "fids", "exact")
 # What must match for a resumed search to reuse stored trials.
 _RESUME_KEYS = ("candidates", "repeats", "seed", "max_images")
+_STATE_FIELDS = {"data": "data.train", "channels": "data.channels", "extractor": "eval.fid_extractor",
+                 "holdout": "data.holdout", "resolution": "data.resolution", "extractor_weights": "eval.inception_weights"}
 
 
 @dataclass
@@ -71,6 +78,11 @@ class SearchResult:
     stage1_ran: list[str] = field(default_factory=list)
     stage1_reused: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def verdict(self) -> str:
+        """Stage 2's plain-words verdict ("" without stage 2): goes into the run and the written spec."""
+        return self.validation.verdict if self.validation else ""
 
     @property
     def table(self) -> str:
@@ -95,8 +107,11 @@ def _check_resume(store: SearchStore, state: dict, resume: bool) -> dict | None:
     old = store.read_json("search.json")
     diff = [k for k in _RESUME_KEYS if old["config"].get(k) != state["config"].get(k)]
     diff += [k for k in ("data", "channels", "extractor") if old.get(k) != state.get(k)]
+    # Recorded since the verdict work: a search stored before then is not refused for lacking them.
+    diff += [k for k in ("holdout", "resolution", "extractor_weights") if k in old and old[k] != state.get(k)]
     if diff:
-        raise SearchConfigError(f"search.{diff[0]}: differs from the stored search in {store.url} "
+        field = f"search.{diff[0]}" if diff[0] in _RESUME_KEYS else _STATE_FIELDS.get(diff[0], diff[0])
+        raise SearchConfigError(f"{field}: differs from the stored search in {store.url} "
                                 f"({', '.join(diff)} changed); a resumed search must score the same thing")
     return old
 
@@ -106,7 +121,8 @@ def run_search(originals: str | Originals, *, channels: int, config: dict | Sear
                extractor: str = "randconv", extractor_weights: str | None = None, resolution: int | None = None,
                resume: bool = False, train_fn: TrainFn | None = None,
                progress: Callable[[str], None] | None = print, parent_tags: dict[str, str] | None = None,
-               validate_resources: dict[str, float] | None = None) -> SearchResult:
+               validate_resources: dict[str, float] | None = None, holdout: float | int | None = None
+               ) -> SearchResult:
     start = time.perf_counter()
     say = progress or (lambda s: None)
     cfg = load_config(config)
@@ -119,7 +135,8 @@ def run_search(originals: str | Originals, *, channels: int, config: dict | Sear
         raise SearchConfigError(f"search.validate.top_m: {cfg.validate_.top_m} is below search.k={cfg.k}")
     store = SearchStore(storage)
     data = originals.url if isinstance(originals, Originals) else str(originals)
-    state = {"config": cfg.to_dict(), "data": data, "channels": channels, "extractor": extractor, "name": name}
+    state = {"config": cfg.to_dict(), "data": data, "channels": channels, "extractor": extractor, "name": name,
+             "holdout": holdout, "resolution": resolution, "extractor_weights": extractor_weights}
     old = _check_resume(store, state, resume)
 
     tracker = SearchTracker(tracking_uri, experiment, name)
@@ -128,7 +145,7 @@ def run_search(originals: str | Originals, *, channels: int, config: dict | Sear
     say(f"MineAug search {name}: MLflow parent run {parent} (experiment {experiment})")
     try:
         read = _read_originals(originals, cfg=cfg, channels=channels, resolution=resolution, extractor=extractor,
-                               weights=extractor_weights, store=store, say=say)
+                               weights=extractor_weights, store=store, say=say, holdout=holdout)
         ctx = SearchContext(config=cfg, candidates=candidates, channels=channels, originals=read, extractor=extractor,
                             extractor_weights=extractor_weights, store=store, tracker=tracker, parent_run_id=parent,
                             name=name, train_fn=train_fn, say=say, validate_resources=validate_resources)
@@ -144,13 +161,14 @@ def run_search(originals: str | Originals, *, channels: int, config: dict | Sear
 
 
 def _read_originals(source: str | Originals, *, cfg: SearchConfig, channels: int, resolution: int | None,
-                    extractor: str, weights: str | None, store: SearchStore, say: Callable[[str], None]) -> Originals:
+                    extractor: str, weights: str | None, store: SearchStore, say: Callable[[str], None],
+                    holdout: float | int | None = None) -> Originals:
     if isinstance(source, Originals):
         return source
     url = resolve_url(source, os.path.join(store.path, "shards") if store.url.startswith("file://")
                       else store.url + "/shards", resolution, channels)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_originals(url, channels, extractor, weights, cfg.max_images, device, say)
+    return load_originals(url, channels, extractor, weights, cfg.max_images, device, say, holdout=holdout)
 
 
 def _search(ctx: SearchContext) -> SearchResult:
@@ -165,10 +183,12 @@ def _search(ctx: SearchContext) -> SearchResult:
     for n in candidates:
         tracker.child(n, stage=1)
 
-    finished = [sum(store.stage1_done(n) for n in candidates)]   # a resumed search counts on from its finished trials
+    # A resumed search counts on from its finished trials; each candidate is counted once, so the
+    # lines of finished trials replayed at the end do not count past the total.
+    reported = {n for n in candidates if store.stage1_done(n)}
 
     def on_result(score: CandidateScore) -> None:
-        finished[0] += 1
+        reported.add(score.name)
         run_id, _ = tracker.child(score.name, stage=1)
         if not tracker.has_metric(run_id, "fid"):   # a resumed search never logs a trial twice
             tracker.log(run_id, params={"candidate": score.name, "repeats": len(score.fids)},
@@ -176,7 +196,7 @@ def _search(ctx: SearchContext) -> SearchResult:
                                  "mse_std": score.mse_std, "seconds": score.seconds},
                         step_metrics=[("fid_repeat", f, r) for r, f in enumerate(score.fids)]
                         + [("mse_repeat", m, r) for r, m in enumerate(score.mses)])
-        say(f"  [{finished[0]:>{len(str(len(candidates)))}}/{len(candidates)}] {score.name:20s} FID {score.fid:.4g} ± {score.fid_std:.2g}  MSE {score.mse:.4g}  ({score.seconds:.1f}s)")
+        say(f"  [{len(reported):>{len(str(len(candidates)))}}/{len(candidates)}] {score.name:20s} FID {score.fid:.4g} ± {score.fid_std:.2g}  MSE {score.mse:.4g}  ({score.seconds:.1f}s)")
 
     scores, ran = run_stage1(originals, candidates, repeats=cfg.repeats, seed=cfg.seed, extractor=ctx.extractor,
                              weights_path=ctx.extractor_weights, store=store, resources=cfg.resources_per_trial,
@@ -193,13 +213,14 @@ def _search(ctx: SearchContext) -> SearchResult:
         tracker.finish(run_id)
     kept = [r.augmentation for r in ranking if r.kept]
     if cfg.k > len(kept):
-        raise SearchConfigError(f"search.k: {cfg.k} is more than the {len(kept)} kept candidates "
-                                f"({', '.join(kept) or 'none'}); lower search.k or search.mse_min")
+        raise SearchConfigError(too_few_kept(ranking, cfg.k, cfg.mse_min, ctx.name))
     table = mixture_table(reference, scores, kept)
     t0 = time.perf_counter()
     subsets = rank_subsets(table, kept, cfg.k)
     say(f"ranked {len(subsets)} {cfg.k}-subsets of {len(kept)} kept candidates by mixture FID in "
         f"{time.perf_counter() - t0:.2f}s")
+    if note := screening_note(subsets):
+        say("WARNING: " + note)
     singles = best_singles(ranking, cfg.k)
     singles_fid, _ = mixture_fid(table, kept, singles)
     best_set, best_set_fid = list(subsets[0].augmentations), subsets[0].fid
@@ -217,23 +238,11 @@ def _search(ctx: SearchContext) -> SearchResult:
         def proxy(subset) -> float:
             return mixture_fid(table, kept, list(subset))[0]
 
-        def on_subset(sub) -> None:
-            run_id, _ = tracker.child(f"validate:{sub.key}", stage=2)
-            if not tracker.has_metric(run_id, "status_finished"):
-                metrics = {"status_finished": float(sub.status == "finished")}
-                if sub.fid is not None:
-                    metrics["fid"] = sub.fid
-                if sub.proxy_fid is not None:
-                    metrics["proxy_fid"] = sub.proxy_fid
-                tracker.log(run_id, params={"augmentations": sub.key, "budget_steps": cfg.validate_.budget_steps},
-                            metrics=metrics, tags={"orbitgen.search.status": sub.status},
-                            step_metrics=[("fid_step", f, s) for s, f in zip(sub.steps, sub.fids)])
-            tracker.finish(run_id, "FINISHED" if sub.status in ("finished", "stopped", "invalid") else "FAILED")
-
-        validation = run_stage2(ctx, top=top, singles=singles, best_set=best_set, stage1_choice=chosen, proxy=proxy,
-                                augmented_features=lambda n: cache.setdefault(n, scores[n].features),
-                                on_subset=on_subset)
+        validation = run_stage2(ctx, top=top, kept=kept, singles=singles, best_set=best_set, stage1_choice=chosen,
+                                proxy=proxy, augmented_features=lambda n: cache.setdefault(n, scores[n].features),
+                                on_run=lambda run: log_stage2_run(tracker, run, cfg.validate_.budget_steps))
         chosen, reason = validation.chosen, f"stage 2: {validation.reason}"
+        say("verdict: " + validation.verdict)
         if validation.warning:
             say("WARNING: " + validation.warning)
         if validation.leaks:
@@ -261,8 +270,11 @@ def _report(ctx: SearchContext, result: SearchResult) -> None:
                                              "best_set": res.best_set, "best_set_fid": res.best_set_fid,
                                              "config": cfg.to_dict(), "extractor": originals.extractor_name,
                                              "images": originals.count,
+                                             "verdict": res.verdict,
                                              "validation": validation.summary() if validation else None},
                                             indent=1, default=str)}
+        if validation:
+            files.update(stage2_artifacts(validation))
         for fname, text in files.items():
             with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
                 f.write(text)
@@ -271,18 +283,26 @@ def _report(ctx: SearchContext, result: SearchResult) -> None:
         contact_sheet(few, [(r.augmentation, apply_uint8(r.augmentation, few, originals.channels,
                                                          repeat_seed(cfg.seed, r.augmentation, 0)))
                             for r in res.ranking], os.path.join(tmp, "contact_sheet.png"))
-        for fname in (*files, "fid_bar.png", "contact_sheet.png"):
+        pictures = ["fid_bar.png", "contact_sheet.png"]
+        if validation:
+            from search.study_plots import study_pngs
+            from search.validate import STUDY_NAME
+
+            pictures += [os.path.basename(p) for p in study_pngs(ctx.store.optuna_storage(), STUDY_NAME, tmp)]
+        for fname in (*files, *pictures):
             ctx.tracker.artifact(ctx.parent_run_id, os.path.join(tmp, fname))
-        for fname in ("ranking.csv", "subsets.csv", "summary.json"):
-            ctx.store.write_bytes(files[fname].encode("utf-8"), fname)
+        for fname in files:
+            if fname.endswith((".csv", ".json")):
+                ctx.store.write_bytes(files[fname].encode("utf-8"), fname)
     metrics = {"singles_mixture_fid": res.singles_fid, "best_set_mixture_fid": res.best_set_fid,
                "kept": float(sum(r.kept for r in res.ranking))}
-    if validation and validation.kendall_tau is not None:
-        metrics["kendall_tau"] = validation.kendall_tau
+    if validation:
+        metrics.update(stage2_metrics(validation))
     ctx.tracker.log(ctx.parent_run_id, metrics=metrics,
                     tags={TAG_CHOSEN: ",".join(res.chosen), TAG_SELECT: res.select,
                           "orbitgen.search.reason": res.reason[:5000], "orbitgen.search.singles": ",".join(res.singles),
                           "orbitgen.search.best_set": ",".join(res.best_set),
                           **({"orbitgen.search.stage": "2", "orbitgen.search.leaks": ",".join(validation.leaks),
+                              TAG_VERDICT: validation.verdict[:5000],
                               "orbitgen.search.proxy_warning": validation.warning[:5000]} if validation else
                              {"orbitgen.search.stage": "1"})})

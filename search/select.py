@@ -119,14 +119,17 @@ def rank_candidates(scores: Mapping[str, CandidateScore], mse_min: float, dedupe
     `dedupe` is off (then all members stay eligible)."""
     rows = {n: RankRow(0, n, s.fid, s.fid_std, s.mse, True) for n, s in scores.items()}
     for n, s in scores.items():
-        if not s.mse > mse_min:
+        if not (np.isfinite(s.fid) and np.isfinite(s.mse)):
+            # A NaN score (a degenerate augmented set, a failed extraction) would sort anywhere.
+            rows[n].kept, rows[n].reason = False, f"FID {s.fid} / MSE {s.mse} not finite (scoring failed)"
+        elif not s.mse > mse_min:
             rows[n].kept, rows[n].reason = False, f"mse {s.mse:.4g} <= mse_min {mse_min:g} (near-identity)"
     passing = [n for n in scores if rows[n].kept]
     for member, rep in near_duplicate_groups(scores, passing, dup_ratio).items():
         rows[member].near_duplicate_of = rep
         if dedupe:
             rows[member].kept, rows[member].reason = False, f"near-duplicate of {rep} (lower FID)"
-    ordered = sorted(rows.values(), key=lambda r: (not r.kept, r.fid, r.augmentation))
+    ordered = sorted(rows.values(), key=lambda r: (not r.kept, r.fid if np.isfinite(r.fid) else np.inf, r.augmentation))
     for i, r in enumerate(ordered, start=1):
         r.rank = i
     tied(ordered)
@@ -187,3 +190,20 @@ def rank_subsets(table: MixtureTable, names: Sequence[str], k: int, screen_rank:
     order = np.lexsort((np.arange(len(combos)), means, ~exact))   # exact rows first, each part by FID
     return [SubsetRow(rank + 1, tuple(names[j] for j in combos[i]), float(means[i]), spread(fids[i]),
                       [float(v) for v in fids[i]], bool(exact[i])) for rank, i in enumerate(order)]
+
+
+def screening_note(subsets: Sequence[SubsetRow], exact_top: int = EXACT_TOP) -> str:
+    """A plain-words line when the screening of `rank_subsets` stopped at `max_exact` before it could
+    prove its top: some subset left unscored has a lower bound below the exact_top-th exact FID, so
+    it might belong in that top. "" when every subset is exact or the top is proven."""
+    exact = sorted(s.fid for s in subsets if s.exact)[:exact_top]
+    open_ = [s for s in subsets if not s.exact]
+    if not open_ or not exact:
+        return ""
+    doubtful = [s for s in open_ if s.fid < exact[-1]]
+    if not doubtful:
+        return ""
+    return (f"subset screening stopped at its limit of exact scores ({len([s for s in subsets if s.exact])} of "
+            f"{len(subsets)} subsets scored exactly): {len(doubtful)} unscored subset(s) have a lower bound below the "
+            f"{len(exact)}-th best exact FID {exact[-1]:.4g}, so the ranking's top {len(exact)} is not proven "
+            f"(the best set may still be right; subsets.csv marks the unscored rows exact=False).")

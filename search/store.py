@@ -4,7 +4,8 @@ themselves, so that a restarted search finds what already finished.
     <storage>/search.json            the config and the MLflow parent run of this search
     <storage>/stage1/<name>.npz      fids, mses, features (repeats, N, d) of one candidate
     <storage>/stage1/<name>.json     written last: its presence marks the trial finished
-    <storage>/stage2/<subset>.json   one validated subset's training outcome
+    <storage>/stage2/<subset>/seed-<s>.json   one proxy training's outcome (a subset at a seed)
+    <storage>/optuna.db              stage 2's Optuna study (local folders; `optuna-dashboard sqlite:///...`)
     <storage>/tune/                  Ray Tune's own experiment folders
 
 The store travels pickled (trial payloads, Tune's callbacks) and Tune pickles its storage
@@ -79,6 +80,16 @@ class SearchStore:
         with np.load(io.BytesIO(self.read_bytes("stage1", f"{name}.npz"))) as z:
             return CandidateScore(name, [float(v) for v in z["fids"]], [float(v) for v in z["mses"]],
                                   list(z["features"]), float(z["seconds"]))
+
+    def optuna_storage(self) -> str | None:
+        """The URL of the Optuna study's database beside the search (sqlite: local folders only,
+        a remote store keeps its study in memory and a resumed search starts a new one)."""
+        if not is_local(self.url):
+            return None
+        import os
+
+        os.makedirs(self.path, exist_ok=True)
+        return f"sqlite:///{self._p('optuna.db')}"
 
     def tune_storage(self) -> tuple[str, Any]:
         """(storage_path, storage_filesystem) for Tune's own folders, under this search's: the

@@ -1,34 +1,38 @@
-"""Stage 2: validate augmentation subsets by short proxy trainings (Ray Tune + Optuna TPE + ASHA).
+"""Stage 2: validate augmentation subsets by short proxy trainings, and give a verdict with its uncertainty.
 
-The search space is one boolean `use_<name>` per top-M kept candidate (Optuna refuses a
-categorical whose choices change, so a subset cannot be one categorical). Subsets of size
-0..K are trained; size 0 is the "no augmentation" control. A proposal with more than K members
-is invalid: it is not trained and reports the objective +inf at once, so TPE learns to avoid
-that region (resampling inside a Tune trial is not possible: the searcher owns the proposal).
-The first trials are the control points every user asks about: no augmentation, the K best
-singles, the best K-set (each restricted to the top-M).
+Three Ray Tune runs, each trial one proxy training of one subset at one seed:
 
-Metrics: ASHA stops on the intermediate `fid_step` (reported at every evaluation, time attribute
-`step`, which grows); Optuna reads the objective `fid_final`, which is +inf until the training
-has finished. A trial ASHA stops therefore reaches Optuna as +inf (worst), never as a COMPLETE
-trial with its partial FID. Optuna's searcher reads `fid_final` from every result, so it is in
-every report.
+1. Controls, with every seed (`search.validate.seeds`), to the full budget, without a scheduler,
+   so never stopped early: no augmentation ("none"); a TrivialAugment-style control ("trivial":
+   one kept candidate drawn uniformly per image, per draw); the published choice (the K best
+   singles); the best K-set by stage-1 mixture FID.
+2. Proposals: Optuna TPE samples one categorical over the valid subsets of the top M that are not
+   controls (`search.proposals`), at the first seed, under successive halving among the proposals
+   only (`search.halving`: grace period at least a quarter of the budget, every rung's cutoff
+   recorded). A stopped proposal has no final FID and cannot win.
+3. Confirmation: the best proposal that finished, with the remaining seeds, to the full budget.
 
-The training itself is the caller's, `SearchContext.train_fn`: `train_fn(augmentations,
-budget_steps, report, trial_dir)` calls `report(step, fid_vs_originals)` at each evaluation and
-returns a dict with at least `fid` (final FID of the trained generator against the ORIGINAL
-images), optionally `fid_std` (its measured spread), and `samples` (uint8 NCHW generated images)
-or `sample_features` (their features in the search's extractor) for the leak check.
+The verdict (`search.verdict`): each subset that ran every seed is compared with "none" by paired
+differences at equal seeds, with a bootstrap interval, Holm-corrected across the subsets
+compared. A subset wins only when its interval lies below zero; among winners the one with the
+most negative mean difference is chosen. TrivialAugment-style is compared and reported but cannot
+be written into a spec (`augment.mineaug` is a list of candidates). Without a winner the choice of
+`search.select` stands, and the verdict says in plain words that no subset beat plain data.
+Rank agreement (`search.rank_agreement`): Kendall τ and Spearman ρ per subset size over subsets
+trained to the full budget. Leak check: for each member a of the chosen subset, FID(samples,
+augmented copy a) < FID(samples, originals) means the generator learned the augmented look.
 
-Decision: the best validated non-empty subset replaces stage 1's choice only when its trained FID
-beats the trained FID of stage 1's choice by more than the larger of the two spreads (the
-reported `fid_std`, else the spread of the last three evaluations). Kendall τ between stage-1
-mixture FID and trained FID over the finished subsets says how far the proxy can be trusted.
-Leak check: for each member a of the winner, FID(samples, augmented copy a) < FID(samples,
-originals) means the generator learned the augmented look rather than the data: flagged.
+The training itself is the caller's, `SearchContext.train_fn`:
+`train_fn(augmentations, budget_steps, report, trial_dir, *, seed, policy)` calls
+`report(step, fid_vs_originals)` at each evaluation and returns a dict with at least `fid` (final
+FID against the ORIGINAL images), optionally `samples` (uint8 NCHW) or `sample_features` for the
+leak check. `policy` is "expand" (MineAug's N·(1+K) expansion of `augmentations`) or "trivial"
+(one of `augmentations` per image per draw). Each run is stored as `stage2/<key>/seed-<seed>.json`
+by the trial itself; a resumed search (or a repeated proposal) replays it instead of training.
 """
 from __future__ import annotations
 
+import inspect
 import io
 import math
 import os
@@ -44,102 +48,166 @@ from data_shards.environ import environ_set
 from models.metrics.extractors import make_extractor
 from search.context import SearchContext
 from search.frechet import Gaussian, fid_gaussians
+from search.halving import RecordedHalving, grace_steps
 from search.originals import extract
-from search.scoring import spread
+from search.proposals import NONE_KEY, in_order, members_of, proposal_choices, subset_key
+from search.rank_agreement import SizeAgreement, agreement_by_size
 from search.stage1 import concurrency_limit
 from search.store import SearchStore
+from search.verdict import CORRECTION, Comparison, compare_with_none, no_winner_sentence, winner_sentence
 
 INTERMEDIATE, OBJECTIVE = "fid_step", "fid_final"
 UNFINISHED = math.inf
-LOW_TAU = 0.3
+TRIVIAL_KEY = "trivial"
+EXPAND, TRIVIAL = "expand", "trivial"
 
 
-def subset_key(subset: Sequence[str]) -> str:
-    return "+".join(subset) if subset else "none"
+def seed_list(base: int, count: int) -> list[int]:
+    return [base + i for i in range(count)]
+
+
+@dataclass(frozen=True)
+class Treatment:
+    key: str
+    augmentations: tuple[str, ...]
+    policy: str          # EXPAND or TRIVIAL
+    role: str            # "control" or "proposal"
+    label: str           # which rule produced it
+
+
+def controls(kept: Sequence[str], singles: Sequence[str], best_set: Sequence[str]) -> list[Treatment]:
+    """none, TrivialAugment-style, the K best singles, the best K-set (a set named twice runs once)."""
+    out = [Treatment(NONE_KEY, (), EXPAND, "control", "no augmentation"),
+           Treatment(TRIVIAL_KEY, tuple(kept), TRIVIAL, "control",
+                     "TrivialAugment-style: one kept candidate per image per draw")]
+    for members, label in ((singles, "published choice: the K best singles"),
+                           (best_set, "best K-set by stage-1 mixture FID")):
+        members = in_order(members, kept)
+        same = next((t for t in out if t.policy == EXPAND and set(t.augmentations) == set(members)), None)
+        if same is None:
+            out.append(Treatment(subset_key(members), members, EXPAND, "control", label))
+        else:
+            out[out.index(same)] = Treatment(same.key, same.augmentations, EXPAND, "control", f"{same.label}; {label}")
+    return out
 
 
 @dataclass
-class ValidatedSubset:
+class ValidatedRun:
+    """One proxy training: one treatment at one seed."""
+    key: str
     augmentations: tuple[str, ...]
-    status: str                      # "finished", "stopped" (by ASHA), "invalid" (> K), "failed"
+    policy: str
+    role: str
+    seed: int
+    status: str                      # "finished", "stopped" (by halving), "failed"
     fid: float | None = None         # final trained FID against the originals
-    fid_spread: float = 0.0
     steps: list[int] = field(default_factory=list)
     fids: list[float] = field(default_factory=list)
-    proxy_fid: float | None = None   # stage-1 mixture FID of the same subset
-
-    @property
-    def key(self) -> str:
-        return subset_key(self.augmentations)
+    proxy_fid: float | None = None   # stage-1 mixture FID of the same subset (expand policy)
+    error: str = ""
 
 
 @dataclass
 class ValidationResult:
-    subsets: list[ValidatedSubset]
+    runs: list[ValidatedRun]
     chosen: list[str]
-    source: str                      # "stage2" or "stage1"
+    source: str                      # "stage2" (a subset beat none) or "stage1" (search.select's choice stands)
     reason: str
-    kendall_tau: float | None = None
-    tau_pvalue: float | None = None
+    verdict: str                     # the plain-words sentence that goes into the run and the written spec
+    winner: str | None
+    comparisons: list[Comparison] = field(default_factory=list)
+    correction: str = ""
+    agreement: list[SizeAgreement] = field(default_factory=list)
+    rungs: list[dict] = field(default_factory=list)       # per rung: judged, stopped, last cutoff
+    rung_decisions: list[dict] = field(default_factory=list)
     warning: str = ""
     leaks: list[str] = field(default_factory=list)
     leak_report: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def kendall_tau(self) -> float | None:
+        """τ of the largest subset size that has one (kept for callers that log one number)."""
+        taus = [a.tau for a in self.agreement if a.tau is not None]
+        return taus[-1] if taus else None
+
     def summary(self) -> dict:
-        return {**{k: v for k, v in asdict(self).items() if k != "subsets"},
-                "subsets": [asdict(s) for s in self.subsets]}
+        return {**{k: v for k, v in asdict(self).items() if k != "runs"},
+                "runs": [asdict(r) for r in self.runs]}
 
 
-def _measured_spread(out: dict, fids: list[float]) -> float:
-    if out.get("fid_std") is not None:
-        return float(out["fid_std"])
-    return spread(fids[-3:])   # evaluation noise near the end of the budget
+def _run_path(key: str, seed: int) -> tuple[str, str, str]:
+    return "stage2", key, f"seed-{seed}.json"
+
+
+def _samples_path(key: str, seed: int) -> tuple[str, str, str]:
+    return "stage2", key, f"seed-{seed}.samples.npy"
+
+
+def _finite(v: float) -> float:
+    """A NaN/inf FID (a diverged proxy) ranks worst at a rung instead of poisoning the cutoff."""
+    return float(v) if math.isfinite(v) else math.inf
+
+
+def call_train_fn(train_fn: Callable, augmentations: list[str], budget: int, report: Callable[[int, float], None],
+                  trial_dir: str, *, seed: int, policy: str) -> dict:
+    """`train_fn` with the seed and the policy; a function written for the former contract (four
+    arguments) is still called, without them: its runs at every seed are then the same training,
+    and its "trivial" control trains on the expansion of every kept candidate."""
+    try:
+        params = inspect.signature(train_fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes = lambda name: name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    extra = {k: v for k, v in (("seed", seed), ("policy", policy)) if takes(k)}
+    return train_fn(augmentations, budget, report, trial_dir, **extra)
 
 
 def _trial(config: dict, payload: tuple) -> None:
-    train_fn, top, k, budget, storage, extractor_name, weights, cpus = payload
-    subset = tuple(n for n in top if config[f"use_{n}"])
-    if len(subset) > k:
-        tune.report({OBJECTIVE: UNFINISHED, "subset": subset_key(subset), "valid": False})
-        return
+    train_fn, kept, budget, store, extractor_name, weights, cpus, first_seed = payload
+    config = config.get("run", config)   # controls and confirmations: a grid over whole runs
+    key, seed, policy = config["subset"], int(config.get("seed", first_seed)), config.get("policy", EXPAND)
+    augmentations = list(kept) if policy == TRIVIAL else list(members_of(key))
     torch.set_num_threads(max(1, int(cpus)))
-    store, key = storage, subset_key(subset)
-    if store.exists("stage2", f"{key}.json"):
+    tags = {"subset": key, "seed": seed}
+    rec = store.read_json(*_run_path(key, seed)) if store.exists(*_run_path(key, seed)) else None
+    if rec is not None and rec.get("budget_steps", budget) == budget:
         # The same subset proposed twice, or a resumed search: replay the stored training.
-        rec = store.read_json("stage2", f"{key}.json")
         for s, f in zip(rec["steps"], rec["fids"]):
-            tune.report({"step": s, INTERMEDIATE: f, OBJECTIVE: UNFINISHED, "subset": key})
-        tune.report({"step": rec["final_step"], INTERMEDIATE: rec["fid"], OBJECTIVE: rec["fid"], "subset": key})
+            tune.report({"step": s, INTERMEDIATE: _finite(f), OBJECTIVE: UNFINISHED, **tags})
+        tune.report({"step": rec["final_step"], INTERMEDIATE: rec["fid"], OBJECTIVE: rec["fid"], **tags})
         return
     steps, fids = [], []
 
     def report(step: int, fid: float) -> None:
         steps.append(int(step))
         fids.append(float(fid))
-        tune.report({"step": int(step), INTERMEDIATE: float(fid), OBJECTIVE: UNFINISHED, "subset": key})
+        tune.report({"step": int(step), INTERMEDIATE: _finite(fid), OBJECTIVE: UNFINISHED, **tags})
 
     trial_dir = tune.get_context().get_trial_dir() or os.getcwd()
-    out = train_fn(list(subset), budget, report, trial_dir)
+    out = call_train_fn(train_fn, augmentations, budget, report, trial_dir, seed=seed, policy=policy)
     if "fid" not in out:
         raise ValueError("train_fn must return a dict with 'fid' (final FID against the originals)")
+    if not math.isfinite(float(out["fid"])):
+        raise ValueError(f"the proxy training of {key} (seed {seed}) ended with FID {out['fid']}: it diverged or "
+                         "produced non-finite images; this run counts as failed")
     feats = out.get("sample_features")
     if feats is None and out.get("samples") is not None:
         feats = extract(make_extractor(extractor_name, weights), out["samples"])
     if feats is not None:
         buf = io.BytesIO()
         np.save(buf, np.asarray(feats, dtype=np.float32))
-        store.write_bytes(buf.getvalue(), "stage2", f"{key}.samples.npy")
+        store.write_bytes(buf.getvalue(), *_samples_path(key, seed))
     final_step = max([budget, *steps])
-    store.write_json({"augmentations": list(subset), "fid": float(out["fid"]), "steps": steps, "fids": fids,
-                      "final_step": final_step, "fid_spread": _measured_spread(out, fids),
-                      "has_samples": feats is not None}, "stage2", f"{key}.json")
-    tune.report({"step": final_step, INTERMEDIATE: float(out["fid"]), OBJECTIVE: float(out["fid"]), "subset": key})
+    store.write_json({"subset": key, "augmentations": augmentations, "policy": policy, "seed": seed,
+                      "fid": float(out["fid"]), "steps": steps, "fids": fids, "final_step": final_step,
+                      "budget_steps": budget, "has_samples": feats is not None}, *_run_path(key, seed))
+    tune.report({"step": final_step, INTERMEDIATE: float(out["fid"]), OBJECTIVE: float(out["fid"]), **tags})
 
 
 class _Watch(tune.Callback):
-    """Driver side: every trial's history (ASHA-stopped ones included) and a hook per finished trial."""
+    """Driver side: every trial's history (stopped ones included) and a hook per ended trial."""
 
-    def __init__(self, on_trial: Callable[[str, dict], None] | None):
+    def __init__(self, on_trial: Callable[[dict, list[dict], str], None] | None):
         self.history: dict[str, list[dict]] = {}
         self.on_trial = on_trial
 
@@ -148,66 +216,31 @@ class _Watch(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.history.setdefault(trial.trial_id, []).append(
-            {k: result.get(k) for k in ("step", INTERMEDIATE, OBJECTIVE, "subset", "valid")})
+            {k: result.get(k) for k in ("step", INTERMEDIATE, OBJECTIVE, "subset", "seed")})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if self.on_trial:
-            self.on_trial(trial.trial_id, {"config": trial.config, "history": self.history.get(trial.trial_id, [])})
+            self.on_trial(trial.config, self.history.get(trial.trial_id, []), "")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if self.on_trial:
+            self.on_trial(trial.config, self.history.get(trial.trial_id, []), str(getattr(trial, "error_msg", "")
+                                                                                    or "the trial raised"))
 
 
-def control_points(top: Sequence[str], singles: Sequence[str], best_set: Sequence[str]) -> list[dict[str, bool]]:
-    """No augmentation, the K best singles, the best K-set, each restricted to the top-M, deduplicated."""
-    points, seen = [], set()
-    for subset in ([], singles, best_set):
-        members = frozenset(n for n in subset if n in top)
-        if members not in seen:
-            seen.add(members)
-            points.append({f"use_{n}": n in members for n in top})
-    return points
-
-
-def kendall(subsets: Sequence[ValidatedSubset]) -> tuple[float | None, float | None]:
-    from scipy.stats import kendalltau
-
-    pairs = [(s.proxy_fid, s.fid) for s in subsets if s.status == "finished" and s.proxy_fid is not None]
-    if len(pairs) < 3:
-        return None, None
-    res = kendalltau([p for p, _ in pairs], [t for _, t in pairs])
-    tau = None if np.isnan(res.statistic) else float(res.statistic)
-    return tau, (None if np.isnan(res.pvalue) else float(res.pvalue))
-
-
-def decide(subsets: Sequence[ValidatedSubset], stage1_choice: Sequence[str]) -> tuple[list[str], str, str]:
-    """(chosen, source, reason): see the module docstring."""
-    finished = [s for s in subsets if s.status == "finished"]
-    s1 = next((s for s in subsets if set(s.augmentations) == set(stage1_choice)), None)
-    candidates = [s for s in finished if s.augmentations]
-    none = next((s for s in finished if not s.augmentations), None)
-    note = ""
-    if none and candidates and none.fid < min(s.fid for s in candidates):
-        note = (f" Note: no augmentation trained to FID {none.fid:.4g}, better than every augmented subset at "
-                f"this budget; short proxies favour plain data, judge with longer runs.")
-    if not candidates:
-        return list(stage1_choice), "stage1", "no augmented subset finished its proxy training; kept stage 1's choice." + note
-    best = min(candidates, key=lambda s: s.fid)
-    if s1 is None:
-        return list(stage1_choice), "stage1", ("stage 1's choice was not trained (outside the top-M or the trial "
-                                               "budget); kept it, nothing to compare against." + note)
-    if s1.status == "stopped":
-        return list(best.augmentations), "stage2", (
-            f"stage 1's choice {subset_key(s1.augmentations)} was stopped early by ASHA (FID {s1.fids[-1]:.4g} at "
-            f"step {s1.steps[-1]}); the best finished subset {best.key} trained to FID {best.fid:.4g}." + note)
-    if s1.status != "finished":
-        return list(stage1_choice), "stage1", f"stage 1's choice {s1.key} did not finish ({s1.status}); kept it." + note
-    margin = max(best.fid_spread, s1.fid_spread)
-    if best.key != s1.key and best.fid + margin < s1.fid:
-        return list(best.augmentations), "stage2", (
-            f"validated subset {best.key} trained to FID {best.fid:.4g}, better than stage 1's {s1.key} "
-            f"({s1.fid:.4g}) by more than the measured spread {margin:.3g}." + note)
-    why = ("it is stage 1's choice itself" if best.key == s1.key else
-           f"the best validated subset {best.key} ({best.fid:.4g}) does not beat it by more than the measured "
-           f"spread {margin:.3g}")
-    return list(stage1_choice), "stage1", f"kept stage 1's choice {s1.key} (trained FID {s1.fid:.4g}): {why}." + note
+def _collect(treatment: Treatment, seed: int, history: list[dict], store: SearchStore, error: str) -> ValidatedRun:
+    run = ValidatedRun(treatment.key, treatment.augmentations, treatment.policy, treatment.role, seed, "failed",
+                       error=error[:2000])
+    if store.exists(*_run_path(treatment.key, seed)):
+        rec = store.read_json(*_run_path(treatment.key, seed))
+        run.status, run.fid, run.steps, run.fids = "finished", rec["fid"], rec["steps"], rec["fids"]
+        return run
+    pairs = [(int(h["step"]), float(h[INTERMEDIATE])) for h in history
+             if h.get("step") is not None and h.get(INTERMEDIATE) is not None]
+    run.steps, run.fids = [s for s, _ in pairs], [f for _, f in pairs]
+    if pairs and not error:
+        run.status = "stopped"
+    return run
 
 
 def leak_check(sample_features: np.ndarray, originals_features: np.ndarray,
@@ -225,101 +258,220 @@ def leak_check(sample_features: np.ndarray, originals_features: np.ndarray,
     return leaks, report
 
 
-def run_stage2(ctx: SearchContext, *, top: Sequence[str], singles: Sequence[str], best_set: Sequence[str],
-               stage1_choice: Sequence[str], proxy: Callable[[Sequence[str]], float],
-               augmented_features: Callable[[str], list[np.ndarray]], grace_steps: int | None = None,
-               on_subset: Callable[[ValidatedSubset], None] | None = None) -> ValidationResult:
+def decide(runs: Sequence[ValidatedRun], labels: dict[str, str], stage1_choice: Sequence[str], *,
+           alpha: float, seed: int, budget_steps: int, n_seeds: int
+           ) -> tuple[list[str], str, str, str, str | None, list[Comparison]]:
+    """(chosen, source, reason, verdict sentence, winner key, comparisons): see the module docstring."""
+    by_key: dict[str, dict[int, float]] = {}
+    for r in runs:
+        if r.status == "finished" and r.fid is not None:
+            by_key.setdefault(r.key, {})[r.seed] = r.fid
+    none = by_key.pop(NONE_KEY, {})
+    complete = {k: v for k, v in by_key.items() if len(v) >= n_seeds}   # only subsets run at every seed
+    stage1_key = subset_key(stage1_choice)
+    if not none:
+        sentence = ("No verdict: the no-augmentation control did not finish, so nothing says whether any subset "
+                    "beats plain data.")
+        return list(stage1_choice), "stage1", f"kept stage 1's choice {stage1_key}. {sentence}", sentence, None, []
+    comparisons = compare_with_none(complete, none, labels, alpha=alpha, seed=seed)
+    if n_seeds < 2:
+        # One pair per subset: the bootstrap interval is a point, no noise estimate at all.
+        for c in comparisons:
+            c.beats_none = False
+        sentence = (f"No verdict with one seed (search.validate.seeds=1): a single paired difference carries no "
+                    f"noise estimate, so no subset is named as beating plain data at this budget ({budget_steps} steps).")
+        return (list(stage1_choice), "stage1", f"kept stage 1's choice {stage1_key} (search.select). {sentence}",
+                sentence, None, comparisons)
+    winners = [c for c in comparisons if c.beats_none and c.key != TRIVIAL_KEY]
+    trivial = next((c for c in comparisons if c.key == TRIVIAL_KEY and c.beats_none), None)
+    if winners:
+        best = min(winners, key=lambda c: (c.mean, c.key))
+        sentence = winner_sentence(best)
+        return list(members_of(best.key)), "stage2", f"stage 2 winner {best.key}. {sentence}", sentence, best.key, comparisons
+    sentence = no_winner_sentence(budget_steps, n_seeds)
+    if trivial:
+        sentence += (f" The TrivialAugment-style control did beat it (FID {trivial.mean:+.4g}, interval "
+                     f"[{trivial.low:.4g}, {trivial.high:.4g}]), which a fixed subset cannot express.")
+    return (list(stage1_choice), "stage1", f"kept stage 1's choice {stage1_key} (search.select). {sentence}",
+            sentence, None, comparisons)
+
+
+def run_stage2(ctx: SearchContext, *, top: Sequence[str], kept: Sequence[str] | None = None,
+               singles: Sequence[str], best_set: Sequence[str], stage1_choice: Sequence[str],
+               proxy: Callable[[Sequence[str]], float], augmented_features: Callable[[str], list[np.ndarray]],
+               on_run: Callable[[ValidatedRun], None] | None = None) -> ValidationResult:
     from optuna.samplers import TPESampler
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
 
     if ctx.train_fn is None:
         raise ValueError("run_stage2: the context has no train_fn")
     cfg, store, log, resources = ctx.config, ctx.store, ctx.say, ctx.stage2_resources
-    k, trials, budget_steps = cfg.k, cfg.validate_.trials, cfg.validate_.budget_steps
-    top = list(top)
-    points = control_points(top, singles, best_set)[:trials]
-    searcher = OptunaSearch(metric=OBJECTIVE, mode="min", points_to_evaluate=points,
-                            sampler=TPESampler(seed=cfg.seed))
-    grace = grace_steps or max(1, budget_steps // 4)
-    # stop_last_trials=False: a trial that reaches max_t must still deliver its final objective.
-    scheduler = ASHAScheduler(time_attr="step", metric=INTERMEDIATE, mode="min", max_t=max(budget_steps, grace),
-                              grace_period=grace, reduction_factor=2, stop_last_trials=False)
+    v = cfg.validate_
+    k, budget = cfg.k, v.budget_steps
+    top, kept = list(top), list(kept if kept is not None else top)
+    seeds = seed_list(cfg.seed, v.seeds)
     limit = concurrency_limit(resources, cfg.concurrency)
-    found: dict[str, ValidatedSubset] = {}
+    ctrl = controls(kept, singles, best_set)
+    treatments = {t.key: t for t in ctrl}
+    runs: dict[tuple[str, int], ValidatedRun] = {}
 
-    def finished_trial(trial_id: str, info: dict) -> None:
-        subset = tuple(n for n in top if info["config"][f"use_{n}"])
-        sub = _collect(subset, info["history"], store, k)
-        sub.proxy_fid = proxy(subset) if len(subset) <= k else None
-        if sub.key not in found or found[sub.key].status != "finished":
-            found[sub.key] = sub
-        log(f"stage 2: {sub.key}: {sub.status}" + (f", trained FID {sub.fid:.4g}" if sub.fid is not None else ""))
-        if on_subset:
-            on_subset(sub)
+    def ended(config: dict, history: list[dict], error: str) -> None:
+        config = config.get("run", config)
+        key = config["subset"]
+        t = treatments.get(key) or Treatment(key, members_of(key), EXPAND, "proposal", "Optuna proposal")
+        treatments.setdefault(key, t)
+        run = _collect(t, int(config.get("seed", seeds[0])), history, store, error)
+        if t.policy == EXPAND and run.augmentations:
+            run.proxy_fid = proxy(run.augmentations)
+        old = runs.get((key, run.seed))
+        if old is None or old.status != "finished":
+            runs[(key, run.seed)] = run
+        log(f"stage 2: {key} seed {run.seed}: {run.status}" + (f", trained FID {run.fid:.4g}" if run.fid is not None else ""))
+        if on_run:
+            on_run(run)
 
-    watch = _Watch(finished_trial)
+    payload = (ctx.train_fn, kept, budget, store, ctx.extractor, ctx.extractor_weights, resources["CPU"], seeds[0])
     # Trials get these values, never the context: its tracker and originals stay on the driver (store: see stage1).
-    payload = (ctx.train_fn, top, k, budget_steps, store, ctx.extractor, ctx.extractor_weights, resources["CPU"])
     trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload),
                                     {"cpu": resources["CPU"], "gpu": resources.get("GPU", 0.0)})
     path, fs = store.tune_storage()
-    log(f"stage 2: {trials} trial(s) over the top {len(top)} ({', '.join(top)}), subsets of 1..{k}, "
-        f"{budget_steps} steps each, up to {limit} at once")
-    tuner = tune.Tuner(
-        trainable,
-        param_space={f"use_{n}": tune.choice([False, True]) for n in top},
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
-                                    max_concurrent_trials=limit),
-        run_config=tune.RunConfig(name=f"stage2-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                                  storage_path=path, storage_filesystem=fs, verbose=0,
-                                  callbacks=[watch, CSVLoggerCallback(), JsonLoggerCallback()]),
-    )
-    with _tune_env():
-        grid = tuner.fit()
-    errors = [str(r.error) for r in grid if r.error]
-    if errors and not any(s.status == "finished" for s in found.values()):
-        raise RuntimeError("every stage-2 trial failed:\n  " + "\n  ".join(errors[:5]))
-    subsets = sorted(found.values(), key=lambda s: (s.status != "finished", s.fid if s.fid is not None else math.inf))
-    chosen, source, reason = decide(subsets, stage1_choice)
-    tau, p = kendall(subsets)
-    n_fin = sum(s.status == "finished" for s in subsets)
-    if tau is None:
-        warning = f"too few finished subsets ({n_fin}) to measure how well stage 1 predicts training (need 3)."
-    elif tau < LOW_TAU:
-        warning = (f"the stage-1 score did NOT predict the trained FID here (Kendall tau {tau:.2f} over {n_fin} "
-                   f"subsets): do not trust the proxy ranking on this data; prefer validated subsets.")
-    else:
-        warning = ""
-    leaks, leak_report = [], {"checked": False}
-    key = subset_key(tuple(n for n in top if n in chosen)) if set(chosen) <= set(top) else None
-    if key and store.exists("stage2", f"{key}.samples.npy"):
-        samples = np.load(io.BytesIO(store.read_bytes("stage2", f"{key}.samples.npy")))
-        leaks, leak_report = leak_check(samples, ctx.originals.features, {n: augmented_features(n) for n in chosen})
-        leak_report["checked"] = True
-    else:
-        leak_report["why_not"] = "the winner's proxy training returned no samples (or the winner was not trained)"
-    return ValidationResult(subsets=subsets, chosen=chosen, source=source, reason=reason, kendall_tau=tau,
-                            tau_pvalue=p, warning=warning, leaks=leaks, leak_report=leak_report)
+
+    def fit(name: str, param_space: dict, tune_config: tune.TuneConfig) -> None:
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                           run_config=tune.RunConfig(name=f"stage2-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                                                     storage_path=path, storage_filesystem=fs, verbose=0,
+                                                     callbacks=[_Watch(ended), CSVLoggerCallback(), JsonLoggerCallback()]))
+        with _tune_env():
+            tuner.fit()
+
+    # 1. Controls: every seed, full budget, no scheduler.
+    grid = [{"subset": t.key, "seed": s, "policy": t.policy} for t in ctrl for s in seeds]
+    log(f"stage 2: controls {', '.join(t.key for t in ctrl)} × seeds {seeds}, {budget} steps each, never stopped "
+        f"early, up to {limit} at once")
+    fit("controls", {"run": tune.grid_search(grid)}, tune.TuneConfig(max_concurrent_trials=limit, reuse_actors=True))
+
+    # 2. Proposals: one categorical over valid non-control subsets, halving among proposals only.
+    choices = proposal_choices(top, k, [t.augmentations for t in ctrl if t.policy == EXPAND])
+    halving = RecordedHalving(time_attr="step", metric=INTERMEDIATE, budget_steps=budget)
+    study = proposal_study(store)
+    done, queued = _replay_study(study, store, seeds[0], ended)
+    n_proposals = min(v.trials, len(choices)) - len(done)
+    if done:
+        log(f"stage 2: {len(done)} proposal(s) of the stored Optuna study replayed, not rerun")
+    if n_proposals > 0:
+        # With room for every choice, each is tried once (in order); else TPE samples the categorical.
+        points = ([{"subset": c} for c in choices if c not in set(done) | queued] if v.trials >= len(choices)
+                  else [])
+        searcher = OptunaSearch(metric=OBJECTIVE, mode="min", points_to_evaluate=points or None,
+                                sampler=TPESampler(seed=cfg.seed), study_name=STUDY_NAME, storage=study.storage)
+        log(f"stage 2: {n_proposals} Optuna proposal(s) among {len(choices)} valid subsets of 1..{k} of the top "
+            f"{len(top)} ({', '.join(top)}), seed {seeds[0]}, halving at steps {halving.rungs} "
+            f"(grace {grace_steps(budget)})")
+        fit("proposals", {"subset": tune.choice(choices)},
+            tune.TuneConfig(search_alg=searcher, scheduler=halving, num_samples=n_proposals,
+                            max_concurrent_trials=limit, reuse_actors=True))
+
+    # 3. Confirmation: the best finished proposal on the remaining seeds, full budget.
+    finished = [r for r in runs.values() if r.role == "proposal" and r.status == "finished" and r.seed == seeds[0]]
+    best_proposal = min(finished, key=lambda r: (r.fid, r.key)) if finished else None
+    if best_proposal is not None:
+        treatments[best_proposal.key] = Treatment(best_proposal.key, best_proposal.augmentations, EXPAND, "proposal",
+                                                  "best Optuna proposal, confirmed on every seed")
+        if len(seeds) > 1:
+            log(f"stage 2: confirming the best proposal {best_proposal.key} on seeds {seeds[1:]}")
+            fit("confirm", {"run": tune.grid_search([{"subset": best_proposal.key, "seed": s, "policy": EXPAND}
+                                                     for s in seeds[1:]])},
+                tune.TuneConfig(max_concurrent_trials=limit, reuse_actors=True))
+
+    all_runs = sorted(runs.values(), key=lambda r: (r.status != "finished", r.key, r.seed))
+    if not any(r.status == "finished" for r in all_runs):
+        raise RuntimeError("every stage-2 trial failed:\n  " + "\n  ".join(r.error or r.key for r in all_runs[:5]))
+    labels = {key: t.label for key, t in treatments.items()}
+    chosen, source, reason, verdict, winner, comparisons = decide(
+        all_runs, labels, stage1_choice, alpha=v.alpha, seed=cfg.seed, budget_steps=budget, n_seeds=len(seeds))
+    agreement = agreement_by_size(_agreement_points(all_runs), seed=cfg.seed)
+    warning = " ".join(a.warning for a in agreement if a.warning)
+    leaks, leak_report = _leaks(ctx, store, chosen, all_runs, augmented_features)
+    return ValidationResult(runs=all_runs, chosen=chosen, source=source, reason=reason, verdict=verdict, winner=winner,
+                            comparisons=comparisons, correction=CORRECTION.format(alpha=v.alpha), agreement=agreement,
+                            rungs=halving.summary(), rung_decisions=halving.record(), warning=warning,
+                            leaks=leaks, leak_report=leak_report)
+
+
+STUDY_NAME = "stage2-proposals"
+
+
+@dataclass
+class _Study:
+    storage: Any          # an optuna storage, or None (in memory)
+    trials: list          # the stored study's trials (FrozenTrial), empty for a new one
+
+
+def proposal_study(store: SearchStore) -> _Study:
+    """The proposals' Optuna study, in `optuna.db` beside the search, so that `--resume` continues it
+    (and optuna-dashboard opens it); in memory for a remote store."""
+    import optuna
+
+    url = store.optuna_storage()
+    if url is None:
+        return _Study(None, [])
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        trials = optuna.load_study(study_name=STUDY_NAME, storage=storage).trials
+    except KeyError:   # no such study yet
+        trials = []
+    return _Study(storage, trials)
+
+
+def _replay_study(study: _Study, store: SearchStore, seed: int,
+                  ended: Callable[[dict, list[dict], str], None]) -> tuple[list[str], set[str]]:
+    """(the subsets of the stored study's ended trials, one per trial, each reported again: finished
+    ones from their stored run, the others as stopped or failed; the subsets still queued in it)."""
+    import optuna
+
+    ended_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    done, queued = [], set()
+    for t in study.trials:
+        key = t.params.get("subset") or (t.system_attrs.get("fixed_params") or {}).get("subset")
+        if key is None:
+            continue
+        if t.state == optuna.trial.TrialState.WAITING:
+            queued.add(key)   # enqueued by the interrupted run: Optuna asks these first
+            continue
+        if t.state not in ended_states:
+            continue
+        done.append(key)
+        history = [] if store.exists(*_run_path(key, seed)) else [{"step": 0, INTERMEDIATE: math.inf}]
+        ended({"subset": key, "seed": seed}, history, "failed before" if t.state == ended_states[2] else "")
+    return done, queued
+
+
+def _agreement_points(runs: Sequence[ValidatedRun]) -> list[tuple[int, float, float]]:
+    """(size, mixture FID, mean trained FID over full-budget seeds) of every non-empty expanded subset."""
+    by_key: dict[str, list[ValidatedRun]] = {}
+    for r in runs:
+        if r.policy == EXPAND and r.augmentations and r.status == "finished" and r.proxy_fid is not None:
+            by_key.setdefault(r.key, []).append(r)
+    return [(len(rs[0].augmentations), rs[0].proxy_fid, float(np.mean([r.fid for r in rs]))) for rs in by_key.values()]
+
+
+def _leaks(ctx: SearchContext, store: SearchStore, chosen: Sequence[str], runs: Sequence[ValidatedRun],
+           augmented_features: Callable[[str], list[np.ndarray]]) -> tuple[list[str], dict[str, Any]]:
+    key = subset_key(chosen)
+    seeds = sorted(r.seed for r in runs if r.key == key and r.status == "finished")
+    if seeds and chosen and store.exists(*_samples_path(key, seeds[0])):
+        samples = np.load(io.BytesIO(store.read_bytes(*_samples_path(key, seeds[0]))))
+        leaks, report = leak_check(samples, ctx.originals.features, {n: augmented_features(n) for n in chosen})
+        return leaks, {**report, "checked": True, "seed": seeds[0]}
+    return [], {"checked": False, "why_not": "the chosen subset's proxy training returned no samples "
+                                             "(or the chosen subset was not trained)"}
 
 
 def _tune_env():
-    """Two Tune settings for the stage-2 run only, restored after it:
-    - intermediate results carry the ASHA metric and invalid ones do not, so Tune's strict check
-      (every result carries every metric) does not fit; it is switched off;
+    """Two Tune settings for the stage-2 runs only, restored after them:
+    - intermediate results carry the halving metric and the objective is +inf until the end, so
+      Tune's strict check (every result carries every metric) does not fit; it is switched off;
     - the automatic TensorBoard logger, which warns at every +inf objective, is not added (the CSV
       and JSON loggers are passed explicitly)."""
     return environ_set({"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"})
-
-
-def _collect(subset: tuple[str, ...], history: list[dict], store: SearchStore, k: int) -> ValidatedSubset:
-    key = subset_key(subset)
-    if len(subset) > k:
-        return ValidatedSubset(subset, "invalid")
-    if store.exists("stage2", f"{key}.json"):
-        rec = store.read_json("stage2", f"{key}.json")
-        return ValidatedSubset(subset, "finished", rec["fid"], rec["fid_spread"], rec["steps"], rec["fids"])
-    steps = [int(h["step"]) for h in history if h.get("step") is not None and h.get(INTERMEDIATE) is not None]
-    fids = [float(h[INTERMEDIATE]) for h in history if h.get("step") is not None and h.get(INTERMEDIATE) is not None]
-    return ValidatedSubset(subset, "stopped" if steps else "failed", None, spread(fids[-3:]), steps, fids)

@@ -34,8 +34,11 @@ def search_mineaug(spec_path, overrides, resume, out, spec_b64, verbose) -> None
     Stage 1 applies every candidate (search.candidates) to every image, search.repeats times, and
     scores FID against the originals (the spec's eval.fid_extractor) and pixel MSE; drops
     near-identity ones (MSE <= search.mse_min) and near-duplicates; ranks single augmentations
-    and every K-set. Stage 2 (search.validate.top_m > 0) trains the spec's family briefly on
-    subsets proposed by Optuna and keeps the one whose generator is closest to the originals.
+    and every K-set. Stage 2 (search.validate.top_m > 0) trains the spec's family briefly: the
+    controls (none, TrivialAugment-style, the K best singles, the best K-set) with
+    search.validate.seeds seeds each, and subsets proposed by Optuna; a subset replaces the
+    choice of search.select only when it beats no augmentation beyond seed noise (paired bootstrap
+    interval, Holm-corrected), and the verdict says so either way.
     Prints the ranking, the chosen list and the MLflow parent run; then run
     `orbitgen train <written spec>`. Bad input stops with exit code 2, naming the field.
     """
@@ -51,13 +54,40 @@ def search_mineaug(spec_path, overrides, resume, out, spec_b64, verbose) -> None
     click.echo("")
     click.echo(f"published choice (K best singles)  {', '.join(res.singles)}  (mixture FID {res.singles_fid:.4f})")
     click.echo(f"best K-set                         {', '.join(res.best_set)}  (mixture FID {res.best_set_fid:.4f})")
-    click.echo(f"chosen ({res.select})  {', '.join(res.chosen)}")
+    v = res.validation
+    if v is not None:
+        for line in stage2_lines(v):
+            click.echo(line)
+    rule = ("stage 2 winner" if v is not None and v.winner else
+            f"search.select={res.select}: " + ("the K best singles" if res.select == "singles" else "the best K-set"))
+    click.echo(f"chosen ({rule})  {', '.join(res.chosen)}")
     click.echo(f"  why        {res.reason}")
     click.echo(f"  mlflow     parent run {res.parent_run_id} (experiment {spec.experiment}) at {redact(done.tracking_uri)}")
     click.echo(f"  search     {res.name} (continue it with --resume {res.name}) · {res.seconds:.0f} s")
     click.echo(f"  next       orbitgen train {done.spec_path}")
     if log_file is not None and log_file.exists():
         click.echo(f"  logs       {log_file}; --verbose shows them here")
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def stage2_lines(v) -> list[str]:
+    """Stage 2's verdict as the console shows it: each subset against none, what each rung stopped."""
+    lines = [f"stage 2 ({v.correction})"]
+    for c in v.comparisons:
+        lines.append(f"  {c.key:32s} FID vs none {c.mean:+.4g}  {c.level:.1%} interval [{c.low:.4g}, {c.high:.4g}]  "
+                     f"seeds {c.seeds}  {'beats none' if c.beats_none else '-'}  ({c.label})")
+    for r in v.rungs:
+        cutoff = "-" if r["last_cutoff"] is None else f"{r['last_cutoff']:.4g}"
+        lines.append(f"  rung at step {r['rung']}: {r['judged']} judged, {r['stopped']} stopped (last cutoff {cutoff})")
+    for a in v.agreement:
+        if a.tau is not None:
+            lines.append(f"  rank agreement, {a.size}-subsets: Kendall tau {_num(a.tau)} [{_num(a.tau_low)}, "
+                         f"{_num(a.tau_high)}], Spearman rho {_num(a.rho)} over {a.subsets}")
+    lines.append(f"verdict  {v.verdict}")
+    return lines
 
 
 @search.command("show")

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from jobs.eval.core import EvalSettings, evaluate
+from jobs.mineaug.trivial import TrivialAugmentBatches
 from jobs.runtime.env import forwarded_env
 from jobs.spec import JobSpec
 from jobs.train.loop import build_training, run_steps, training_batches
@@ -25,11 +26,13 @@ EVALUATIONS = 4          # FIDs reported per proxy training (ASHA decides on the
 LEAK_SAMPLES_SEED = 7_000_000
 
 
-def proxy_spec(spec: JobSpec, augmentations: list[str], budget_steps: int) -> JobSpec:
-    """`spec` trained for `budget_steps` on one worker with `augmentations` as MineAug's list."""
+def proxy_spec(spec: JobSpec, augmentations: list[str], budget_steps: int, seed: int | None = None) -> JobSpec:
+    """`spec` trained for `budget_steps` on one worker with `augmentations` as MineAug's list, and
+    `seed` as train.seed (stage 2 pairs subsets with "none" at equal seeds)."""
     raw = spec.model_dump(mode="json")
     raw["augment"] = {**raw["augment"], "mineaug": list(augmentations)}
-    raw["train"] = {**raw["train"], "steps": budget_steps, "kimg": None}
+    raw["train"] = {**raw["train"], "steps": budget_steps, "kimg": None,
+                    **({"seed": int(seed)} if seed is not None else {})}
     raw["scaling"] = {**raw["scaling"], "num_workers": 1}
     raw["strategy"] = {**raw["strategy"], "kind": "ddp"}   # one process: no DeepSpeed start-up per trial
     return JobSpec.model_validate(raw)
@@ -43,9 +46,12 @@ def eval_steps(budget_steps: int, evaluations: int = EVALUATIONS) -> list[int]:
 
 def make_proxy_train_fn(spec: JobSpec, data_url: str, num_samples: int | None = None,
                         say: Callable[[str], None] | None = None) -> Callable[..., dict[str, Any]]:
-    """The `train_fn` of `search.run_search`: (augmentations, budget_steps, report, trial_dir) ->
-    {"fid": final FID against the originals, "samples": uint8 NCHW generated images}."""
-    n_eval = num_samples or spec.eval.num_samples
+    """The `train_fn` of `search.run_search`: (augmentations, budget_steps, report, trial_dir, *, seed,
+    policy) -> {"fid": final FID against the originals, "samples": uint8 NCHW generated images}.
+    policy "expand" is MineAug's expansion of `augmentations`; "trivial" draws one of them per image
+    per draw (jobs/mineaug/trivial.py). FIDs use `search.validate.num_samples` generated images, by
+    default eval.num_samples capped at 2,048 (the paper's specs evaluate 50,000: too many for a proxy)."""
+    n_eval = num_samples or spec.search.validate_.proxy_samples(spec.eval.num_samples)
     # The trial runs in a Ray worker that may have started before the driver's S3 settings were
     # set (or on another node): they travel with the function, as they do with a training's workers.
     env = forwarded_env()
@@ -55,12 +61,15 @@ def make_proxy_train_fn(spec: JobSpec, data_url: str, num_samples: int | None = 
         return replace(EvalSettings.from_spec(s, family), num_samples=n_eval, metrics=("fid",))
 
     def train(augmentations: list[str], budget_steps: int, report: Callable[[int, float], None],
-              trial_dir: str) -> dict[str, Any]:
+              trial_dir: str, *, seed: int | None = None, policy: str = "expand") -> dict[str, Any]:
         os.environ.update(env)
-        s = proxy_spec(spec, augmentations, budget_steps)
+        trivial = policy == "trivial"
+        s = proxy_spec(spec, [] if trivial else augmentations, budget_steps, seed)
         device = torch.device("cuda" if s.scaling.use_gpu and torch.cuda.is_available() else "cpu")
         family, networks, phases, engines = build_training(s, device, world_size=1)
         batches = training_batches(s, data_url, family, rank=0, world=1, device=device, start_batch=0)
+        if trivial:
+            batches = TrivialAugmentBatches(batches, augmentations, s.data.channels)
         sampler = networks[family.sampler_role]
         checkpoints, fid = set(eval_steps(budget_steps)), float("nan")
         for step, _ in run_steps(s, family, phases, engines, networks, batches, start=0, device=device,
@@ -70,7 +79,8 @@ def make_proxy_train_fn(spec: JobSpec, data_url: str, num_samples: int | None = 
                 fid = scores["fid"]
                 report(step, fid)
                 if say:
-                    say(f"proxy {'+'.join(augmentations) or '(none)'} · step {step}/{budget_steps} · fid {fid:.3f}")
+                    what = "trivial" if trivial else "+".join(augmentations) or "(none)"
+                    say(f"proxy {what} · seed {s.train.seed} · step {step}/{budget_steps} · fid {fid:.3f}")
         samples = to_uint8(family.sample(sampler, min(n_eval, 256), seed=LEAK_SAMPLES_SEED)).cpu()
         return {"fid": fid, "samples": samples}
 

@@ -8,6 +8,7 @@ the next command is `orbitgen train <that spec>`.
 from __future__ import annotations
 
 import os
+import textwrap
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,16 @@ def written_spec(spec: JobSpec, chosen: list[str], parent_run_id: str) -> str:
     raw = spec.model_dump(mode="json")
     raw["augment"] = {**raw["augment"], "mineaug": list(chosen), "search_run": parent_run_id}
     return yaml.safe_dump(raw, sort_keys=False)
+
+
+def spec_header(name: str, parent_run_id: str, verdict: str = "") -> str:
+    """The comment lines above a written spec: where it came from and, after stage 2, its verdict
+    (when no subset beat plain data, the reader of the spec learns it here, not from the run only)."""
+    lines = [f"# Written by `orbitgen search mineaug` (search {name}, MLflow run {parent_run_id})."]
+    if verdict:
+        wrapped = textwrap.wrap(verdict, 96)
+        lines += ["# Verdict: " + wrapped[0], *("#   " + line for line in wrapped[1:])]
+    return "\n".join(lines) + "\n"
 
 
 def run_search_job(spec: JobSpec, *, say: Callable[[str], None] = print, resume: str | None = None,
@@ -93,12 +104,12 @@ def run_search_job(spec: JobSpec, *, say: Callable[[str], None] = print, resume:
             data_url, channels=spec.data.channels, resolution=spec.data.resolution, config=cfg,
             tracking_uri=tracking_uri, experiment=spec.experiment, name=name, storage=storage,
             extractor=spec.eval.fid_extractor, extractor_weights=spec.eval.inception_weights,
-            resume=resume is not None, train_fn=train_fn, progress=say,
+            resume=resume is not None, train_fn=train_fn, progress=say, holdout=spec.data.holdout,
             parent_tags={TAG_FAMILY: spec.family, TAG_DATA: card["fingerprint"], TAG_SPEC: spec.sha()},
             validate_resources={"CPU": spec.scaling.cpus_per_worker, "GPU": 1.0 if spec.scaling.use_gpu else 0.0},
         )
     path = Path(out) if out else spec.workdir_path() / "search" / name / "spec.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# Written by `orbitgen search mineaug` (search {name}, MLflow run {result.parent_run_id}).\n"
+    path.write_text(spec_header(name, result.parent_run_id, result.verdict)
                     + written_spec(spec, result.chosen, result.parent_run_id))
     return SearchJobResult(result=result, spec_path=path, tracking_uri=tracking_uri)

@@ -48,13 +48,16 @@ def test_refuse_promote_with_table_and_rollback(mlflow_server):
     assert cli("models", "promote", name, "--version", v1, "--tracking-uri", uri)[0] == 0
 
     code, out, err = cli("models", "promote", name, "--version", v2, "--tracking-uri", uri)
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "extractors: {'orbitgen-randconv64-v1': '1234123412341234'} vs" in err
-    assert f"orbitgen eval models:/{name}/{v1} --metrics fid" in err and "--reevaluate" in err
+    assert code == 4, (out, err)                        # no shared protocol: refused, nothing written
+    assert "extractors: {'orbitgen-randconv64-v1': '1234123412341234'} vs" in out, out
+    assert f"orbitgen eval models:/{name}/{v1} --metrics fid" in out and "--reevaluate" in out, out
+    model = client.get_registered_model(name)
+    assert str(model.aliases["champion"]) == v1 and "challenger" not in model.aliases, model.aliases
 
     code, out, err = cli("models", "promote", name, "--version", v3, "--min-improvement", "0.25",
                          "--tracking-uri", uri)
-    assert code == 0 and "does not beat" in out and "20.00% better, needs +25.0%" in out, out
+    assert code == 3 and "does not beat" in out and "20.00% better, needs +25.0%" in out, out
+    assert str(client.get_registered_model(name).aliases["challenger"]) == v3
     code, out, err = cli("models", "promote", name, "--version", v3, "--min-improvement", "0.2",
                          "--tracking-uri", uri)
     assert code == 0 and f"v{v3} beats champion v{v1}" in out, out
@@ -92,15 +95,16 @@ def test_reevaluate_evaluates_the_champion_under_the_candidates_protocol(mlflow_
     candidate = evaluate_model(f"models:/{name}/2", tracking_uri=uri, metrics=["fid"], num_samples=8)
     assert champion.protocol.differences(candidate.protocol) == ["num_samples: 16 vs 8"]
     assert cli("models", "promote", name, "--version", "1", "--tracking-uri", uri)[0] == 0
-    code, _, err = cli("models", "promote", name, "--version", "2", "--tracking-uri", uri)
-    assert code == 2 and "num_samples: 8 vs 16" in err, err
+    code, out, err = cli("models", "promote", name, "--version", "2", "--tracking-uri", uri)
+    assert code == 4 and "num_samples: 8 vs 16" in out, (out, err)
+    assert "--reevaluate" in out, out
 
     code, out, err = cli("models", "promote", name, "--version", "2", "--reevaluate", "--tracking-uri", uri)
-    assert code == 0, (out, err)
     client = MlflowClient(uri)
     recorded = read_version_tags(client.get_model_version(name, "1").tags)
     key = candidate.protocol.key()
     assert set(recorded) == {champion.protocol.key(), key}        # v1 now also under v2's protocol
     assert f"protocol {key}" in out and "8 samples" in out
     fid1, fid2 = recorded[key][1]["fid"], candidate.scores["fid"]
+    assert code == (0 if fid2 < fid1 else 3), (out, err)
     assert str(client.get_registered_model(name).aliases["champion"]) == ("2" if fid2 < fid1 else "1"), out

@@ -15,12 +15,16 @@ from mlflow.tracking import MlflowClient
 
 from jobs.tracking.protocol import EvalProtocol, version_tags
 from jobs.tracking.registry import champion_history
+from jobs.tracking.registry_lock import TAG_LEASE
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 TRIALS = 24
 P = EvalProtocol(data_fingerprint="race", split="all", real_seed=0, seed_base=1_000_000, num_samples=64,
                  extractors={"orbitgen-randconv64-v1": "00ff00ff00ff00ff"})
+# The lock's read-back wait (default 1 s, see registry_lock): a request to the local server takes
+# milliseconds, so 0.3 s still covers every write, and the 2 x 24 promotions stay quick.
+FAST_LOCK = {"ORBITGEN_PROMOTION_SETTLE_S": "0.3"}
 
 # A promoter: reads "MODEL CANDIDATE START" lines, sleeps until START (epoch seconds), promotes,
 # answers one JSON line with what it did and when it ran.
@@ -41,7 +45,7 @@ for line in sys.stdin:
 
 def promoters(uri: str, n: int = 2) -> list[subprocess.Popen]:
     procs = [subprocess.Popen([sys.executable, "-c", PROMOTER, uri], cwd=REPO, text=True, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO), **FAST_LOCK})
              for _ in range(n)]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
@@ -79,6 +83,7 @@ def test_two_promoters_at_once_leave_the_better_candidate_champion(mlflow_server
             aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
             history = champion_history(client, name)
             assert aliases["champion"] == best, (trial, aliases, history, runs)
+            assert TAG_LEASE not in (client.get_registered_model(name).tags or {}), trial   # lock released
             assert history[0] == champion and history[-1] == best, (trial, history)
             orders.add(tuple(history))
             a, b = runs

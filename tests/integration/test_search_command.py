@@ -85,7 +85,7 @@ def test_search_writes_a_spec_that_trains(shards, mlflow_server, ray_local, tmp_
 def test_stage2_validates_subsets_by_training(shards, mlflow_server, ray_local, tmp_path):
     res = invoke("search", "mineaug", QUICKSTART, *small(
         tmp_path, shards, mlflow_server.url, "search.validate.top_m=3", "search.validate.trials=3",
-        "search.validate.budget_steps=4", "search.concurrency=2"))
+        "search.validate.budget_steps=4", "search.validate.seeds=1", "search.concurrency=2"))
     assert res.exit_code == 0, res.output + res.stderr
     assert "stage 2" in res.output
     parent = re.search(r"parent run ([0-9a-f]{32})", res.output).group(1)

@@ -60,7 +60,7 @@ def test_the_store_and_tune_s_filesystem_pickle_without_credentials(credentials)
 def test_a_search_on_s3_leaves_no_credential_at_rest(ray_local, credentials, tmp_path):
     prefix = f"orbitgen/searches/secrets-{uuid.uuid4().hex[:8]}"
     cfg = {"k": 2, "candidates": ["HorizontalFlip", "VerticalFlip", "Invert"], "repeats": 1, "max_images": 64,
-           "concurrency": 2, "validate": {"top_m": 2, "trials": 2, "budget_steps": 2}}
+           "concurrency": 2, "validate": {"top_m": 2, "trials": 2, "budget_steps": 2, "seeds": 1}}
     result = run_search("builtin:craters?count=64&seed=0", channels=1, resolution=32, config=cfg,
                         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="secrets", name="secrets",
                         storage=f"s3://{prefix}", train_fn=fake_train, progress=None)

@@ -78,8 +78,11 @@ def test_stage1_on_tune_equals_serial_and_is_tracked(ray_local, tmp_path, origin
     assert all(n in text for n in NAMES) and "chosen (sets)" in text
 
     # Resuming a finished search reruns nothing and makes no second child run.
-    again = search(tmp_path, originals, resume=True)
+    lines = []
+    again = search(tmp_path, originals, resume=True, progress=lines.append)
     assert again.stage1_ran == [] and sorted(again.stage1_reused) == sorted(NAMES)
+    counts = [line.split("]")[0].split("[")[1] for line in lines if line.startswith("  [")]
+    assert counts and all(c.split("/")[0].strip() == str(len(NAMES)) for c in counts)   # never [7/6]
     assert again.parent_run_id == result.parent_run_id and again.chosen == result.chosen
     children = client.search_runs([parent.info.experiment_id], f"tags.`{TAG_PARENT}` = '{result.parent_run_id}'")
     assert len(children) == len(NAMES)
@@ -103,13 +106,15 @@ def test_k_above_the_kept_candidates(ray_local, tmp_path, originals):
         search(tmp_path, originals, name="k3", config={"k": 3, "candidates": ["HorizontalFlip", "Invert", "Shear"]})
 
 
-def fake_train(augmentations, budget_steps, report, trial_dir):
+def fake_train(augmentations, budget_steps, report, trial_dir, *, seed=0, policy="expand"):
     """A test double for a proxy training: the 'generator' reproduces its training set (the
     originals plus one copy per augmentation) blurred toward the set's mean, less with every step
-    and with more data. Real augmentations, real FID against the originals."""
+    and with more data. Real augmentations, real FID against the originals. (The trivial policy is
+    stood in for by the expansion of the same list.)"""
     images, _ = craters(96, 32)
     ex = make_extractor("randconv")
-    expanded = torch.cat([images] + [apply_uint8(a, images, 1, 1234 + i) for i, a in enumerate(augmentations)])
+    expanded = torch.cat([images] + [apply_uint8(a, images, 1, 1234 + i + 100 * seed)
+                                     for i, a in enumerate(augmentations)])
     mean = expanded.float().mean(0, keepdim=True)
     fid = None
     for step in range(1, budget_steps + 1):
@@ -120,24 +125,29 @@ def fake_train(augmentations, budget_steps, report, trial_dir):
     return {"fid": fid, "samples": samples}
 
 
-def test_stage2_validates_subsets_with_optuna_and_asha(ray_local, tmp_path, originals):
+def test_stage2_runs_controls_and_optuna_proposals(ray_local, tmp_path, originals):
     cfg = {"k": 2, "candidates": ["HorizontalFlip", "VerticalFlip", "Invert", "Rotate"], "repeats": 2,
-           "concurrency": 1, "validate": {"top_m": 3, "trials": 6, "budget_steps": 4}}
+           "concurrency": 1, "validate": {"top_m": 3, "trials": 2, "budget_steps": 4, "seeds": 1}}
     result = search(tmp_path, originals, name="v", config=cfg, train_fn=fake_train)
     v = result.validation
     assert v is not None and v.reason and result.reason.startswith("stage 2:")
-    statuses = {s.key: s.status for s in v.subsets}
-    assert statuses.get("none") == "finished"           # the control point ran first
-    assert "stopped" in statuses.values()               # ASHA stopped at least one
-    for s in v.subsets:
-        if s.status == "stopped":
-            assert s.fid is None and len(s.steps) < 4   # never scored as if it had finished
-        if s.status == "finished":
-            assert s.fid == pytest.approx(s.fids[-1]) and s.proxy_fid is not None
-    assert all(len(s.augmentations) <= 2 for s in v.subsets if s.status != "invalid")
-    assert result.chosen == v.chosen and 1 <= len(result.chosen) <= 2
+    controls = {r.key: r for r in v.runs if r.role == "control"}
+    assert {"none", "trivial"} <= set(controls) and all(r.status == "finished" for r in controls.values())
+    for r in v.runs:
+        assert r.seed == 0 and (len(r.augmentations) <= 2 or r.policy == "trivial")   # trivial: every kept one
+        if r.status == "stopped":
+            assert r.fid is None and len(r.steps) < 4   # never scored as if it had finished
+        if r.status == "finished" and r.policy == "expand" and r.augmentations:
+            assert r.fid == pytest.approx(r.fids[-1]) and r.proxy_fid is not None
+    # One seed: no noise estimate, so no winner; the spec keeps search.select's choice and says why.
+    assert v.winner is None and result.chosen == result.best_set and "one seed" in result.verdict
     assert v.leak_report.get("checked") in (True, False)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["orbitgen.search.verdict"] == result.verdict
+    arts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"verdict.csv", "rungs.csv", "rank_agreement.csv", "optuna_history.png"} <= arts
     children = client.search_runs([result.experiment_id], f"tags.`{TAG_PARENT}` = '{result.parent_run_id}'")
     stage2 = [c for c in children if c.data.tags[TAG_TRIAL].startswith("validate:")]
-    assert {c.data.tags[TAG_TRIAL][len("validate:"):] for c in stage2} == set(statuses)
+    assert {c.data.tags[TAG_TRIAL] for c in stage2} == {f"validate:{r.key}@seed{r.seed}" for r in v.runs}
+    assert all(c.data.params["seed"] == "0" for c in stage2)

@@ -9,9 +9,21 @@ def test_defaults_are_the_issue_s():
     cfg = load_config({})
     assert (cfg.k, cfg.candidates, cfg.repeats, cfg.mse_min, cfg.dedupe, cfg.concurrency) == (3, "all", 3, 0.02, True, None)
     assert cfg.resources_per_trial == {"CPU": 1.0, "GPU": 0.0}
-    assert cfg.validate_.model_dump() == {"top_m": 0, "trials": 0, "budget_steps": 0}
+    assert cfg.validate_.model_dump() == {"top_m": 0, "trials": 0, "budget_steps": 0, "seeds": 3,
+                                          "num_samples": None, "alpha": 0.05}
     assert (cfg.select, cfg.seed, cfg.max_images) == ("sets", 0, None)
-    assert cfg.to_dict()["validate"] == {"top_m": 0, "trials": 0, "budget_steps": 0}
+    assert cfg.to_dict()["validate"]["seeds"] == 3
+
+
+def test_a_spec_written_before_seeds_still_parses():
+    cfg = load_config({"validate": {"top_m": 4, "trials": 6, "budget_steps": 20}})
+    assert (cfg.validate_.seeds, cfg.validate_.num_samples, cfg.validate_.alpha) == (3, None, 0.05)
+
+
+def test_proxies_have_their_own_sample_count():
+    assert load_config({}).validate_.proxy_samples(50_000) == 2048      # never the paper's 50k per proxy FID
+    assert load_config({}).validate_.proxy_samples(32) == 32
+    assert load_config({"validate": {"num_samples": 500}}).validate_.proxy_samples(50_000) == 500
 
 
 def test_spec_spelling_round_trips():
@@ -30,6 +42,8 @@ def test_spec_spelling_round_trips():
     ({"select": "best"}, "search.select:"),
     ({"validate": {"top_m": 3}}, "search.validate: with top_m > 0"),
     ({"validate": {"top": 3}}, "search.validate.top: unknown key"),
+    ({"validate": {"seeds": 0}}, "search.validate.seeds:"),
+    ({"validate": {"alpha": 1.5}}, "search.validate.alpha:"),
     ({"resources_per_trial": {"TPU": 1}}, "search.resources_per_trial: unknown resource(s) TPU"),
     ({"resources_per_trial": {"CPU": 1, "GPU": 1.5}}, "search.resources_per_trial: a GPU share above 1"),
 ])

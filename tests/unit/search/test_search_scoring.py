@@ -140,3 +140,16 @@ def test_identical_deterministic_outputs_group(crater_scores):
     twin.name = "HorizontalFlipTwin"
     groups = near_duplicate_groups({**scores, "HorizontalFlipTwin": twin}, ["HorizontalFlip", "HorizontalFlipTwin", "VerticalFlip"])
     assert list(groups.values()) == ["HorizontalFlip"] or list(groups.values()) == ["HorizontalFlipTwin"]
+
+
+def test_a_nan_fid_is_never_kept_nor_ranked_first(crater_scores):
+    _, _, scores = crater_scores
+    import copy
+    broken = copy.deepcopy(scores["HorizontalFlip"])
+    broken.name, broken.fids = "Broken", [float("nan")] * len(broken.fids)
+    assert np.isnan(broken.fid)
+    rows = rank_candidates({**scores, "Broken": broken}, 0.02, dedupe=True)
+    row = next(r for r in rows if r.augmentation == "Broken")
+    assert not row.kept and "not finite" in row.reason and rows[-1] is row
+    assert [r.augmentation for r in rows if r.kept] == [r.augmentation for r in rank_candidates(scores, 0.02, True)
+                                                        if r.kept]
