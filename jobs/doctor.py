@@ -20,7 +20,7 @@ from data_shards.errors import UserError
 from data_shards.storage import filesystem
 from jobs.capacity import fits_ever, training_demand, unfitting
 from jobs.inputs import check_data, check_files
-from jobs.placement import Place, builtin_home, data_location, refuse_unshared
+from jobs.placement import Place, artifact_place, builtin_home, data_location, local_path, refuse_unshared
 from jobs.runtime.cluster import Cluster
 from jobs.runtime.redact import redact
 from jobs.spec import JobSpec, SpecError
@@ -54,6 +54,15 @@ def _tracking(spec: JobSpec, cluster: Cluster | None) -> Check:
                                                 "or set tracking.uri / MLFLOW_TRACKING_URI to one that runs")
     if why := _unshared(spec, cluster, key, uri):
         return Check("tracking", False, why, "run an MLflow server every node reaches (infra/mlflow/README.md)")
+    if cluster is not None and cluster.spans_machines and local_path(uri) is None:
+        from mlflow.tracking import MlflowClient
+
+        # An experiment made before (a new one gets the server's default, checked when the job starts).
+        if (exp := MlflowClient(uri).get_experiment_by_name(spec.experiment)) is not None:
+            place = artifact_place(uri, exp.experiment_id)
+            if why := _unshared(spec, cluster, place.key, place.url):
+                return Check("tracking", False, why, "serve artifacts through the MLflow server "
+                                                     "(mlflow server --artifacts-destination s3://…)")
     return Check("tracking", True, redact(uri))
 
 

@@ -61,6 +61,9 @@ def _fix(key: str) -> str:
     declare = "or declare a folder every node mounts with --set storage.shared_mounts=[/mnt/shared]"
     if key in ("tracking.uri", "MLFLOW_TRACKING_URI"):
         return "track to an MLflow server every node reaches (tracking.uri: http://HOST:5000)"
+    if key.startswith("the artifact location"):
+        return ("start the MLflow server with --artifacts-destination s3://bucket/mlflow (its clients then send "
+                "artifacts through it), or use an experiment whose artifact location is in object storage")
     if key.startswith(("data.train", "--data", "--inputs")):
         return ("put the shards in object storage (`orbitgen data build SOURCE s3://bucket/shards/NAME`, or set "
                 "storage.root / ORBITGEN_STORAGE for built-in sets), " + declare)
@@ -74,6 +77,16 @@ def training_places(spec: JobSpec, *, data_url: str, tracking_uri: str, storage:
     return [Place("data.train", data_url),
             Place("checkpoint.storage" if spec.checkpoint.storage else "storage.root", storage or spec.storage_url()),
             Place(tracking_key, tracking_uri)]
+
+
+def artifact_place(tracking_uri: str, experiment_id: str) -> Place:
+    """Where a tracking server keeps an experiment's artifacts. MLflow clients write them there
+    themselves: a path (a server started without --artifacts-destination hands out its own folder)
+    lands on each node's own disk; s3:// and the server's mlflow-artifacts: are behind the network."""
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(tracking_uri).get_experiment(experiment_id)
+    return Place(f"the artifact location of MLflow experiment {experiment.name!r}", experiment.artifact_location or "")
 
 
 def data_location(spec: JobSpec, home: str) -> str:

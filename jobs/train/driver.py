@@ -18,7 +18,8 @@ from data_shards.storage import join, ray_storage
 from jobs.capacity import WAIT_REPORT_S, Pending, refuse_unfitting, training_demand
 from jobs.eval.core import EvalSettings
 from jobs.inputs import check_data, check_files, resolve_data
-from jobs.placement import builtin_home, data_location, refuse_unshared, training_places
+from jobs.placement import (artifact_place, builtin_home, data_location, local_path, refuse_unshared,
+                            training_places)
 from jobs.runtime.cleanup import removed_on_bad_input
 from jobs.runtime.env import forwarded_env, git_dirty, git_sha, tracking_uri_restored
 from jobs.runtime.ray_session import ensure_ray, one_node_settings
@@ -93,11 +94,14 @@ def _resumed_run(tracking_uri: str, storage: str, resume: str) -> dict[str, Any]
     return info
 
 
+def _experiment_id(spec: JobSpec, tracking_uri: str) -> str:
+    return tracking.ensure_experiment(tracking_uri, spec.experiment, spec.workdir_path() / "mlartifacts")
+
+
 def _open_run(spec: JobSpec, tracking_uri: str, resumed: dict[str, Any] | None):
     """The MLflow run to log into: a new one, or, on resume, the one the stopped run logged into."""
     if resumed is None:
-        experiment_id = tracking.ensure_experiment(tracking_uri, spec.experiment, spec.workdir_path() / "mlartifacts")
-        return mlflow.start_run(experiment_id=experiment_id)
+        return mlflow.start_run(experiment_id=_experiment_id(spec, tracking_uri))
     mlflow.set_tracking_uri(tracking_uri)
     run_id = resumed["mlflow_run_id"]
     # MLflow refuses to reopen a run outside the process's active experiment (a notebook's, an
@@ -137,6 +141,10 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         home = builtin_home(spec, cluster)
         refuse_unshared(cluster, training_places(spec, data_url=data_location(spec, home), tracking_uri=tracking_uri),
                         spec.storage.shared_mounts)
+        if resumed is None and cluster.spans_machines and local_path(tracking_uri) is None:
+            # Rank 0 writes the run's artifacts to the experiment's location itself.
+            refuse_unshared(cluster, [artifact_place(tracking_uri, _experiment_id(spec, tracking_uri))],
+                            spec.storage.shared_mounts)
         check_files(spec)
         demand = training_demand(spec)
         refuse_unfitting(demand, cluster)

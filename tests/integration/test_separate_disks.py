@@ -15,6 +15,9 @@ machine (RAY_ADDRESS), as a user's laptop or the head's shell would.
 - A training whose worker node is stopped after a checkpoint finishes, on the node that replaces
   it, from that checkpoint.
 - `orbitgen search mineaug` runs stage 1 and a short stage 2 with trials on both nodes.
+- A training whose nodes are busy with other work says what it waits for, then runs.
+- An MLflow experiment whose artifacts go to a folder (each node's own disk) is refused in one
+  line, and doctor says so too.
 """
 from __future__ import annotations
 
@@ -334,3 +337,21 @@ def test_a_training_waiting_for_busy_nodes_says_what_it_waits_for(cluster, train
         holder.kill()
     assert proc.returncode == 0, "".join(lines)[-4000:]
     assert waited and "waiting for 2 training workers × {CPU: 1}: 0 of 4 CPUs free (other work holds the rest)" in waited[0]
+
+
+def test_an_experiment_whose_artifacts_go_to_a_local_folder_is_refused(cluster, s3_server, mlflow_server):
+    """A tracking server that hands out a folder for artifacts (one started without
+    --artifacts-destination does): rank 0 would write the run's artifacts to its own node's disk."""
+    name = f"local-artifacts-{uuid.uuid4().hex[:8]}"
+    MlflowClient(mlflow_server.url).create_experiment(name, artifact_location="file:///var/lib/mlflow/artifacts")
+    env = command_env(cluster, ORBITGEN_STORAGE=f"s3://orbitgen/{name}", MLFLOW_TRACKING_URI=mlflow_server.url)
+    proc = orbitgen(cluster, *train_args(cluster, f"name={name}"), env=env, timeout_s=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = error_line(proc)
+    assert f"the artifact location of MLflow experiment '{name}': file:///var/lib/mlflow/artifacts" in line
+    assert "--artifacts-destination" in line
+    client = MlflowClient(mlflow_server.url)
+    assert client.search_runs([client.get_experiment_by_name(name).experiment_id]) == []   # no run started
+    # doctor says the same before a job is tried.
+    doctor = orbitgen(cluster, "doctor", "jobs/specs/quickstart.yaml", "--set", f"name={name}", env=env, timeout_s=180)
+    assert doctor.returncode == 1 and "file:///var/lib/mlflow/artifacts" in doctor.stdout + doctor.stderr
