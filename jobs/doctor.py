@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -160,14 +160,12 @@ def _ray(spec: JobSpec, cluster: Cluster | None) -> Check:
         if why := unfitting(training_demand(spec), cluster):
             return Check("ray", False, *why)
         return Check("ray", True, f"cluster at {address}: {cluster.describe()}")
-    need = spec.scaling.num_workers * spec.scaling.cpus_per_worker
-    have = os.cpu_count() or 1
-    if need > have:
-        return Check("ray", False, f"a local Ray here has {have} CPUs; the spec asks for {need:g} "
-                                   f"({spec.scaling.num_workers} workers × {spec.scaling.cpus_per_worker:g})",
-                     f"--set scaling.num_workers={max(1, int(have // spec.scaling.cpus_per_worker))}, or set RAY_ADDRESS "
-                     "to a cluster")
-    return Check("ray", True, f"local Ray on this machine ({have} CPUs, {need:g} needed)")
+    here = cluster or _local_ray()
+    demand = training_demand(spec)
+    # GPUs are the next check's: here, whether the CPUs fit.
+    if why := unfitting(replace(demand, bundle={"CPU": demand.bundle["CPU"]}), here):
+        return Check("ray", False, *why)
+    return Check("ray", True, f"local Ray on {here.describe()}")
 
 
 def _gpus(spec: JobSpec, cluster: Cluster | None) -> Check:
