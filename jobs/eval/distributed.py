@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from data_shards.split import Holdout, Positions
+from jobs.capacity import WAIT_REPORT_S, Demand, Pending
 from jobs.eval.core import EvalSettings, eval_params, real_positions, score_part
 from jobs.runtime.env import forwarded_env
 from models.metrics.suite import MetricSuite
@@ -96,11 +97,22 @@ class EvalWorker:
     def state(self) -> dict:
         return self.suite.state()
 
+    def ready(self) -> bool:
+        return True
+
 
 def _share(resource: str, workers: int) -> float:
     """Each worker's share of the cluster's CPUs or GPUs, at most one: W workers always fit."""
     total = ray.cluster_resources().get(resource, 0)
     return min(1.0, total / workers) if total else 0
+
+
+def _started(actors: list, demand: Demand) -> None:
+    """Returns once every worker has started; until then, every WAIT_REPORT_S, a line says what
+    they wait for (a busy cluster, or nodes an autoscaler is still adding)."""
+    ready, pending = [actor.ready.remote() for actor in actors], Pending(demand)
+    while len(ray.wait(ready, num_returns=len(ready), timeout=WAIT_REPORT_S)[0]) < len(ready):
+        print(f"[orbitgen] {pending.line()}", file=sys.stderr, flush=True)
 
 
 def evaluate_distributed(snapshot: Path, data_url: str, settings: EvalSettings, *, workers: int,
@@ -114,10 +126,11 @@ def evaluate_distributed(snapshot: Path, data_url: str, settings: EvalSettings, 
     chunks = [c for c in plan(positions, settings, conditional=family.conditional, workers=workers) if c]
     model = ray.put(snapshot.read_bytes())
     # SPREAD: one worker a node while nodes are free, so W workers use W machines' cores (or GPUs).
-    actors = [EvalWorker.options(num_cpus=_share("CPU", len(chunks)), num_gpus=_share("GPU", len(chunks)),
-                                 scheduling_strategy="SPREAD")
+    each = {"CPU": _share("CPU", len(chunks)), "GPU": _share("GPU", len(chunks))}
+    actors = [EvalWorker.options(num_cpus=each["CPU"], num_gpus=each["GPU"], scheduling_strategy="SPREAD")
               .remote(model, data_url, settings, forwarded_env()) for _ in chunks]
     try:
+        _started(actors, Demand("evaluation workers", len(actors), each, keys="--workers"))
         pending = {actor.score.remote(c): c for actor, mine in zip(actors, chunks) for c in mine}
         with tqdm(total=sum(c.images for c in pending.values()), unit="img", desc="evaluating", file=sys.stderr,
                   disable=not progress, mininterval=0.5 if sys.stderr.isatty() else 30) as bar:

@@ -15,7 +15,7 @@ machine (RAY_ADDRESS), as a user's laptop or the head's shell would.
 - A training whose worker node is stopped after a checkpoint finishes, on the node that replaces
   it, from that checkpoint.
 - `orbitgen search mineaug` runs stage 1 and a short stage 2 with trials on both nodes.
-- A training whose nodes are busy with other work says what it waits for, then runs.
+- A training and an evaluation whose nodes are busy with other work say what they wait for, then run.
 - An MLflow experiment whose artifacts go to a folder (each node's own disk) is refused in one
   line, and doctor says so too.
 """
@@ -307,17 +307,15 @@ sys.stdin.read()   # until the test lets go
 """
 
 
-def test_a_training_waiting_for_busy_nodes_says_what_it_waits_for(cluster, trained):
-    """Every CPU of the cluster is held by other work: the training does not fail and does not sit
-    silent; it says what it waits for, and starts once the CPUs are free."""
+def waiting_lines_while_busy(cluster: TwoNodes, args: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
+    """Runs `orbitgen ARGS` while other work holds every CPU of the cluster, lets go once the
+    command says what it waits for (or after 180 s: no hang); (its exit code, its console lines)."""
     holder = subprocess.Popen([sys.executable, "-c", HOLD, cluster.head.gcs_address], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=command_env(cluster))
     try:
         assert holder.stdout.readline().strip() == "held"
-        env = {**trained.env, "ORBITGEN_WAIT_REPORT_S": "1"}
-        proc = subprocess.Popen([str(BIN / "orbitgen"), *train_args(cluster, f"name={trained.root}-wait",
-                                                                    "tracking.registry_model=null")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        proc = subprocess.Popen([str(BIN / "orbitgen"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, env={**env, "ORBITGEN_WAIT_REPORT_S": "1"}, cwd=REPO)
         lines: list[str] = []
 
         def read() -> None:   # the console's lines go to stderr
@@ -329,14 +327,28 @@ def test_a_training_waiting_for_busy_nodes_says_what_it_waits_for(cluster, train
         deadline = time.monotonic() + 180
         while not any("waiting for" in line for line in lines) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
-        waited = [line.strip() for line in lines if "waiting for" in line]
-        holder.stdin.close()        # the other work ends: the CPUs are free (whatever was seen: no hang)
+        holder.stdin.close()        # the other work ends: the CPUs are free
         proc.wait(timeout=600)
         reader.join(timeout=30)
     finally:
         holder.kill()
-    assert proc.returncode == 0, "".join(lines)[-4000:]
+    return proc.returncode, lines
+
+
+def test_commands_waiting_for_busy_nodes_say_what_they_wait_for(cluster, trained):
+    """Every CPU of the cluster is held by other work: a training and an evaluation neither fail
+    nor sit silent; each says what it waits for, and runs once the CPUs are free."""
+    code, lines = waiting_lines_while_busy(
+        cluster, train_args(cluster, f"name={trained.root}-wait", "tracking.registry_model=null"), trained.env)
+    assert code == 0, "".join(lines)[-4000:]
+    waited = [line for line in lines if "waiting for" in line]
     assert waited and "waiting for 2 training workers × {CPU: 1}: 0 of 4 CPUs free (other work holds the rest)" in waited[0]
+
+    code, lines = waiting_lines_while_busy(
+        cluster, ["eval", f"models:/{trained.model}/1", "--workers", "2", "--num-samples", "128"], trained.env)
+    assert code == 0, "".join(lines)[-4000:]
+    waited = [line for line in lines if "waiting for" in line]
+    assert waited and "waiting for 2 evaluation workers × {CPU: 1}: 0 of 4 CPUs free (other work holds the rest)" in waited[0]
 
 
 def test_an_experiment_whose_artifacts_go_to_a_local_folder_is_refused(cluster, s3_server, mlflow_server):
