@@ -57,6 +57,23 @@ def ray_local(s3_server, tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.fixture
+def pil_decodes(monkeypatch):
+    """The sizes of the images PIL decodes pixels of (ImageFile.load) while the test runs; the
+    decodes still happen. An image refused by its header never shows here."""
+    from PIL import ImageFile
+
+    calls = []
+    real = ImageFile.ImageFile.load
+
+    def load(self):
+        calls.append(self.size)
+        return real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def process_group():
     """DeepSpeed needs a process group and the launcher's variables, even alone: one gloo rank.

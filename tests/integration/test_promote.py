@@ -15,9 +15,11 @@ from mlflow.tracking import MlflowClient
 from jobs.cli import main
 from jobs.eval.model import evaluate_model
 from jobs.spec import SPECS_DIR, load_spec
-from jobs.tracking.protocol import EvalProtocol, read_version_tags, version_tags
+from jobs.tracking.protocol import EvalProtocol, read_version_tags
 from jobs.tracking.registry import log_generator
 from models.snapshot import save_snapshot
+
+from registered_versions import scored_version
 from tiny_specs import tiny_sets
 
 pytestmark = pytest.mark.integration
@@ -38,9 +40,7 @@ def test_refuse_promote_with_table_and_rollback(mlflow_server):
     client.create_registered_model(name)
 
     def version(protocol, scores):
-        run = client.create_run(experiment).info.run_id
-        return str(client.create_model_version(name, f"runs:/{run}/generator", run,
-                                               tags=version_tags(protocol, scores, run)).version)
+        return scored_version(client, experiment, name, protocol, scores)
 
     v1 = version(P, {"fid": 5.0, "kid": 0.3})
     v2 = version(P_OTHER, {"fid": 2.0, "kid": 0.1})     # better, but with other extractor weights

@@ -11,7 +11,9 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from jobs.cli import main
-from jobs.tracking.protocol import EvalProtocol, version_tags
+from jobs.tracking.protocol import EvalProtocol
+
+from registered_versions import scored_version
 
 pytestmark = pytest.mark.integration
 NAME = "promote-exits"
@@ -31,9 +33,7 @@ def test_exit_codes_and_json_say_what_promote_did(mlflow_server):
     client.create_registered_model(NAME)
 
     def version(protocol, scores):
-        run = client.create_run(experiment).info.run_id
-        return str(client.create_model_version(NAME, f"runs:/{run}/generator", run,
-                                               tags=version_tags(protocol, scores, run)).version)
+        return scored_version(client, experiment, NAME, protocol, scores)
 
     v1, v2 = version(P, {"fid": 5.0, "kid": 0.3}), version(P, {"fid": 6.0, "kid": 0.2})
     v3 = version(replace(P, num_samples=128), {"fid": 1.0})

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 from fuzz_harness import bomb_png, fix_checksum, png
-from PIL import Image, ImageFile
+from PIL import Image
 from shard_helpers import write_craters
 
 from data_shards.card import read_manifest, write_manifest
@@ -200,42 +200,29 @@ def bomb() -> bytes:
     return data
 
 
-@pytest.fixture
-def no_decoding(monkeypatch):
-    """Records every pixel decode PIL starts."""
-    calls = []
-    real = ImageFile.ImageFile.load
-
-    def load(self):
-        calls.append(self.size)
-        return real(self)
-    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
-    return calls
-
-
 def peak_rss_mib() -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
-def test_a_png_bomb_in_a_shard_is_refused_by_its_header_against_the_card(bomb, no_decoding):
+def test_a_png_bomb_in_a_shard_is_refused_by_its_header_against_the_card(bomb, pil_decodes):
     raw = {"__key__": "crater-000003", "__url__": "s3://b/set/shard-000000.tar", "image.png": bomb}
     t0, before = time.perf_counter(), peak_rss_mib()
     with pytest.raises(CorruptSample) as err:
         decode_sample(raw, ("image",), {"image": (16, 16, 1)})
     assert time.perf_counter() - t0 < 1 and peak_rss_mib() - before < 100
-    assert no_decoding == []
+    assert pil_decodes == []
     text = str(err.value)
     assert "s3://b/set/shard-000000.tar: sample 'crater-000003' part image.png" in text
     assert "(13000, 13000, 1)" in text and "(16, 16, 1)" in text and "BytesIO" not in text
 
 
-def test_a_png_bomb_is_refused_by_the_pixel_cap_when_no_card_is_given(bomb, no_decoding, monkeypatch):
+def test_a_png_bomb_is_refused_by_the_pixel_cap_when_no_card_is_given(bomb, pil_decodes, monkeypatch):
     with pytest.raises(CorruptSample, match=r"x.png: 13000x13000 pixels, more than the 100,000,000 allowed"):
         decode_png(bomb, "x.png")
     with pytest.raises(UserError, match=r"^photos/big.png: 13000x13000 pixels"):
         decode_image(bomb, "photos/big.png")
-    assert no_decoding == []
+    assert pil_decodes == []
     monkeypatch.setenv("ORBITGEN_MAX_IMAGE_PIXELS", "63")   # the cap is the environment's to set
     with pytest.raises(UserError, match="8x8 pixels, more than the 63 allowed"):
         decode_image(png(np.zeros((8, 8, 1), np.uint8)), "small.png")
@@ -273,7 +260,7 @@ def test_card_checks_read_only_the_header_for_a_good_sample_too():
         decode_sample(raw, ("image",), {"image": (16, 16, 3)})
 
 
-def test_a_bomb_source_image_stops_a_build_in_one_line_without_decoding(tmp_path, bomb, no_decoding):
+def test_a_bomb_source_image_stops_a_build_in_one_line_without_decoding(tmp_path, bomb, pil_decodes):
     from data_shards.build import SourceItemError, build
 
     src = tmp_path / "photos"
@@ -285,7 +272,7 @@ def test_a_bomb_source_image_stops_a_build_in_one_line_without_decoding(tmp_path
         build(str(src), str(tmp_path / "out"), layout="folder", resolution=8, progress=False)
     assert peak_rss_mib() - before < 300 and not os.path.exists(tmp_path / "out")
     assert str(err.value).startswith("big.png: cannot read image: 13000x13000 pixels, more than the")
-    assert all(size != (13000, 13000) for size in no_decoding)
+    assert all(size != (13000, 13000) for size in pil_decodes)
 
 
 def non_utf8_name() -> bytes:

@@ -10,7 +10,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image
 
 from models.png import decode_pngs, encode_png
 
@@ -32,27 +32,13 @@ def png(width: int, height: int, rows: int | None = None, idat: bytes | None = N
             + chunk(b"IEND", b""))
 
 
-@pytest.fixture
-def loads(monkeypatch):
-    """Counts PIL's pixel decodes (ImageFile.load), still doing them."""
-    calls = []
-    real = ImageFile.ImageFile.load
-
-    def load(self):
-        calls.append(self.size)
-        return real(self)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
-    return calls
-
-
-def test_the_hand_made_png_is_a_valid_png(loads):
+def test_the_hand_made_png_is_a_valid_png(pil_decodes):
     out = decode_pngs([png(RES, RES)], channels=1, size=RES, what="cond")
     assert out.shape == (1, 1, RES, RES) and int(out.sum()) == 0
-    assert loads and set(loads) == {(RES, RES)}       # decoding goes through load: the spy sees it
+    assert pil_decodes and set(pil_decodes) == {(RES, RES)}       # decoding goes through load: the spy sees it
 
 
-def test_a_13000_square_bomb_is_refused_before_decoding(loads):
+def test_a_13000_square_bomb_is_refused_before_decoding(pil_decodes):
     bomb = png(13_000, 13_000, rows=1)
     assert len(bomb) < 1_000
     with pytest.warns(Image.DecompressionBombWarning):        # PIL alone only warns at this size
@@ -66,23 +52,23 @@ def test_a_13000_square_bomb_is_refused_before_decoding(loads):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert set(loads) == {(RES, RES)}, loads          # the good input only: the bomb's pixels never
+    assert set(pil_decodes) == {(RES, RES)}, pil_decodes          # the good input only: the bomb's pixels never
     assert peak < 5_000_000, peak                     # decoded 13,000 x 13,000 would be 169 MB
 
 
-def test_a_bomb_past_pils_own_limit_is_refused_naming_the_input(loads):
+def test_a_bomb_past_pils_own_limit_is_refused_naming_the_input(pil_decodes):
     # 20,000 x 20,000 is over twice PIL's MAX_IMAGE_PIXELS: PIL itself refuses to open it
     with pytest.raises(ValueError, match=r"^mask\[0\]: .*refused before decoding"):
         decode_pngs([png(20_000, 20_000, rows=1)], channels=1, size=RES, what="mask")
-    assert loads == []
+    assert pil_decodes == []
 
 
-def test_the_pixel_cap_applies_at_the_models_own_size(monkeypatch, loads):
+def test_the_pixel_cap_applies_at_the_models_own_size(monkeypatch, pil_decodes):
     monkeypatch.setenv("ORBITGEN_MAX_IMAGE_PIXELS", str(RES * RES - 1))
     with pytest.raises(ValueError, match=r"^cond\[0\]: 16x16 pixels, more than the 255 allowed .*"
                                          r"ORBITGEN_MAX_IMAGE_PIXELS"):
         decode_pngs([png(RES, RES)], channels=1, size=RES, what="cond")
-    assert loads == []
+    assert pil_decodes == []
 
 
 def test_other_formats_and_damaged_pngs_are_refused_naming_the_input():
