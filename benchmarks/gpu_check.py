@@ -1,25 +1,36 @@
-"""The GPU check (issue 12): one command that measures what one GPU does with orbitgen, in one table.
+"""The GPU check (issues 12, 24): one command that measures what one GPU does with orbitgen, in one table.
 
     bash benchmarks/gpu_check.sh [--out FILE.json] [--inception PATH] [--rows a,b] [--smoke]
 
+gpu_check.sh first runs infra/setup.sh (the CUDA torch build that the driver runs; its time is
+printed apart from the check's 8-minute budget), then this script. Without CUDA it exits non-zero in
+one line, except with `--smoke`. The header names the device, the driver and the CUDA versions.
+
 Rows, each through the code a training run uses (`jobs.spec.load_spec` with `--set` overrides,
 `spec.make_family()`, `jobs.train.loop.build_training` / `run_steps` / `training_batches`, the engines
-of `jobs.train.engines`), one process, world size 1:
-  * stylegan2_ddp, stylegan2_zero1: `scbgan_rosetta` at its paper256 size (256², 1 channel, ADA on,
-    `model.vision_aided=null`), bf16, global batch `--sg-batch` on one GPU, under the DDP engine (at
-    world size 1 the DDP wrapper is skipped, as in a one-worker run) and DeepSpeed ZeRO-1, on a
-    fixed batch already on the device; s/kimg over whole 16-step windows (so R1, every 16 steps,
-    and path length, every 4, weigh as in training), warm-up steps excluded. Anchors: StyleGAN2-ADA
-    256² on one V100 21.6–24.2 s/kimg, on one A100 12.5.
-  * diffusion_img_s, diffusion_tflops, diffusion_mfu: `diffusion_uncond` (DDPM's UNet, 64², bf16,
-    batch `--diff-batch`), DDP engine, training images/s; model FLOPs of one step counted with
+of `jobs.train.engines`), one process, world size 1. Every spec runs as it trains: at its own batch
+per GPU (`train.batch / scaling.num_workers` of the ready spec) and its own switches
+(`train.channels_last`, `train.compile`, `train.precision`), which each row records, with the host
+syncs per step (counted with `torch.cuda.set_sync_debug_mode("warn")` over 16 steps):
+  * stylegan2_ddp, stylegan2_zero1: `scbgan_rosetta` (paper256_2fmap: 256², 1 channel,
+    `model.vision_aided=null`), ADA active (p starts at ADA_P, so the augmentation pipeline runs),
+    under the DDP engine (at world size 1 the DDP wrapper is skipped, as in a one-worker run) and
+    DeepSpeed ZeRO-1, on a fixed batch already on the device; s/kimg over whole 16-step windows (so
+    R1, every 16 steps, and path length, every 4, weigh as in training), warm-up steps excluded.
+  * stylegan2_anchor: StyleGAN2-ADA's published paper256 config (channel base 16384, max 512,
+    mapping 8, minibatch-std group 8, batch 64 over 8 GPUs = 8 per GPU, lr 0.0025, γ 1, EMA 20 kimg,
+    256² RGB) on the same code and engine, ADA active. Its s/kimg is the one the published anchors
+    (SG_ANCHOR) measure; the SCB-GAN spec is 2× wider (about 3× the FLOPs per image), so every
+    StyleGAN2 row also gives its model FLOPs per image and achieved TFLOP/s: compare at equal FLOPs.
+  * diffusion_img_s, diffusion_tflops, diffusion_mfu: `diffusion_uncond` (DDPM's UNet, 64², bf16),
+    DDP engine, training images/s; model FLOPs of one step counted with
     torch.utils.flop_counter.FlopCounterMode (forward + backward; matmuls, convolutions, attention);
-    MFU = achieved FLOP/s ÷ the card's dense bf16 peak (PEAK_TFLOPS by device name, `--peak-tflops`
-    overrides; "unknown card" otherwise).
-  * data_img_s: the shard stream (`data_shards.stream` through `jobs.train.loop.training_batches`:
+    MFU = achieved FLOP/s ÷ the card's dense bf16 peak (PEAK_TFLOPS by the exact device name,
+    `--peak-tflops` overrides; "unknown" otherwise, never a guess).
+  * data: the shard stream (`data_shards.stream` through `jobs.train.loop.training_batches`:
     DataLoader workers, decode, `DevicePrefetcher`, MineAug) of the StyleGAN2 row's spec over a
     built-in crater set written to a temp dir; images/s delivered on the device, nothing else running.
-  * randconv_img_s, inception_img_s: the evaluation's feature extractors
+  * randconv, inception: the evaluation's feature extractors
     (`models.metrics.extractors.make_extractor`) on uint8 batches of 64 on the device, at the
     StyleGAN2 row's resolution and channels; Inception needs NVIDIA's TorchScript file
     (`--inception` or $ORBITGEN_INCEPTION_WEIGHTS), else the row says so.
@@ -43,10 +54,12 @@ import os
 import platform
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -60,20 +73,50 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+
+def no_cuda_line() -> str:
+    return (f"gpu_check: no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+            "--smoke runs on the CPU")
+
+
+# Refused before the project's imports (seconds, and DeepSpeed's warnings): one line, non-zero.
+if __name__ == "__main__" and not {"--smoke", "-h", "--help"} & set(sys.argv[1:]) and not torch.cuda.is_available():
+    print(no_cuda_line(), file=sys.stderr)
+    sys.exit(2)
+
 from data_shards.builtin import ensure_builtin  # noqa: E402
 from jobs.spec import SPECS_DIR, JobSpec, load_spec  # noqa: E402
 from jobs.train.loop import build_training, run_steps, training_batches  # noqa: E402
 from models.metrics.extractors import make_extractor  # noqa: E402
 from models.registry import get_family_cls  # noqa: E402
 
-# Dense bf16 tensor peak, TFLOP/s, by a piece of torch.cuda.get_device_name(); first match wins.
-PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("A100", 312.0),
-               ("V100", 125.0))   # V100: fp16 tensor peak (it has no bf16 units)
-SG_ANCHOR = "StyleGAN2-ADA 256²: 21.6–24.2 on one V100, 12.5 on one A100"
+# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from NVIDIA's datasheets (half their "with
+# sparsity" figure), keyed by the exact torch.cuda.get_device_name(): an H200 NVL is not an H200 SXM.
+# A name not here is "unknown" (give --peak-tflops), never the nearest match.
+PEAK_TFLOPS: dict[str, float] = {
+    "NVIDIA H100 80GB HBM3": 989.5,    # H100 SXM
+    "NVIDIA H100 PCIe": 756.5,
+    "NVIDIA H100 NVL": 835.5,
+    "NVIDIA H200": 989.5,              # H200 SXM
+    "NVIDIA H200 NVL": 835.5,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA L40S": 362.05,
+    "NVIDIA L4": 121.0,
+    "Tesla T4": 65.0,                  # fp16 tensor peak: T4 has no bf16 tensor cores
+    "Tesla V100-SXM2-16GB": 125.0,     # fp16 tensor peak: V100 has no bf16 tensor cores
+    "Tesla V100-SXM2-32GB": 125.0,
+}
+# Known cards without a published datasheet figure: named so the table says why, not guessed.
+NO_DATASHEET = {"NVIDIA A10G": "AWS's A10G has no NVIDIA datasheet peak"}
+ADA_P = 0.2   # ADA's p at the start of every StyleGAN2 row: the augmentation pipeline runs, as in training
+SG_ANCHOR = "StyleGAN2-ADA paper256 (published): 21.6–24.2 s/kimg on one V100, 12.5 on one A100"
 MFU_GOAL = "goal ≥ 35% (issue 6)"
 # Seconds each row group may take on a GPU (the whole check: 8 minutes) and in --smoke.
-BUDGETS = {"stylegan2_ddp": 95, "stylegan2_zero1": 105, "diffusion": 90, "data": 60, "randconv": 25,
-           "inception": 40}
+BUDGETS = {"stylegan2_ddp": 80, "stylegan2_zero1": 90, "stylegan2_anchor": 70, "diffusion": 80, "data": 50,
+           "randconv": 20, "inception": 30}
 SMOKE_BUDGET = 120   # a cold DeepSpeed comm-op compile on a loaded CPU fits
 
 
@@ -86,6 +129,21 @@ class Row:
     note: str = ""
     error: str | None = None
     seconds: float | None = None
+    # How the row ran (None: not a training row, or not measured there).
+    batch_per_gpu: int | None = None
+    bf16: bool | None = None
+    channels_last: bool | None = None
+    compile: bool | None = None
+    syncs_per_step: float | None = None
+
+
+@dataclass
+class Measured:
+    """What a row group's measurement returns for one of its rows."""
+    value: float | None
+    note: str
+    spec: JobSpec | None = None
+    syncs_per_step: float | None = None
 
 
 class RowTimeout(Exception):
@@ -119,19 +177,24 @@ class Check:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def spec(self, name: str, *sets: str) -> JobSpec:
-        """Ready spec `name` with `sets`, at its family's tiny size in --smoke."""
+    def spec(self, name: str, *sets: str, batch: int | None = None) -> JobSpec:
+        """Ready spec `name` with `sets` on one worker, at the ready spec's own batch per GPU (or `batch`),
+        at its family's tiny size and batch 4 in --smoke."""
         path = SPECS_DIR / f"{name}.yaml"
+        if batch is None:
+            batch = load_spec(path, list(sets)).per_worker_batch   # as it trains: train.batch / num_workers
         common = [f"scaling.use_gpu={str(self.device.type == 'cuda').lower()}", "scaling.num_workers=1",
-                  "train.steps=1000000", *sets]
+                  "train.steps=1000000", *sets, f"train.batch={batch}"]
         if self.smoke:
             tiny = get_family_cls(load_spec(path, common).family).tiny
             common += [f"{k}={json.dumps(v)}" for k, v in tiny.items()] + ["train.batch=4"]
         return load_spec(path, common + list(self.args.set))
 
-    def sg_spec(self, *sets: str) -> JobSpec:
+    def sg_spec(self, *sets: str, batch: int | None = None) -> JobSpec:
+        """scbgan_rosetta as it trains (bf16, its batch per GPU), without the vision-aided heads, ADA active."""
         return self.spec("scbgan_rosetta", "model.vision_aided=null", "data.resolution=256", "data.channels=1",
-                         "train.precision=bf16", f"train.batch={self.args.sg_batch}", *sets)
+                         "train.precision=bf16", f"augment.ada.initial_p={ADA_P}", *sets,
+                         batch=batch if batch is not None else self.args.sg_batch)
 
     def measure(self, one: Callable[[], Any], *, warmup: int, chunk: int, seconds: float) -> tuple[int, float]:
         """Runs `one` `warmup` times untimed, then in chunks of `chunk` until `seconds` have passed
@@ -171,39 +234,122 @@ def training_steps(check: Check, spec: JobSpec) -> Callable[[], Any]:
     return lambda: next(steps)
 
 
-def stylegan2(check: Check, strategy: list[str]) -> dict[str, tuple[float, str]]:
-    spec = check.sg_spec(*strategy)
-    n, seconds = check.measure(training_steps(check, spec), warmup=4, chunk=16, seconds=20)
-    per_image = seconds / (n * spec.train.batch)
-    return {"": (per_image * 1000, f"{1 / per_image:.1f} img/s · {spec.data.resolution}² × {spec.data.channels}ch, "
-                                   f"batch {spec.train.batch}, {n} steps timed · {SG_ANCHOR}")}
+class _NoModuleTracker:
+    """Stands in for FlopCounterMode's per-module tracker, whose backward hooks refuse autograd.grad
+    (R1 and path length differentiate a gradient): every FLOP goes to "Global", which is all we read."""
+    parents = {"Global"}
+
+    def __enter__(self) -> "_NoModuleTracker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
-def diffusion(check: Check) -> dict[str, tuple[float | None, str]]:
+def count_flops(one: Callable[[], Any], steps: int) -> float | None:
+    """Model FLOPs of `steps` calls (forward + backward, double backward included; FlopCounterMode's
+    formulas); None where it cannot count."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    spec = check.spec("diffusion_uncond", "train.precision=bf16", f"train.batch={check.args.diff_batch}")
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _NoModuleTracker()
+    try:
+        with counter:
+            for _ in range(steps):
+                one()
+        return float(counter.get_total_flops())
+    except Exception:   # noqa: BLE001 — a counting failure must not cost the row its timing
+        traceback.print_exc(file=sys.stderr)
+        return None
+
+
+def count_host_syncs(check: Check, one: Callable[[], Any], steps: int) -> float | None:
+    """Host syncs per call over `steps` calls: torch.cuda.set_sync_debug_mode("warn") warns at each one.
+    None on the CPU (there is no device to wait for)."""
+    if check.device.type != "cuda":
+        return None
+    check.sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                one()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    check.sync()
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
+
+
+def peak_for(card: str) -> tuple[float | None, str]:
+    """The dense bf16 peak of the card named exactly `card`, and where it comes from ("unknown: ..." else)."""
+    if card in PEAK_TFLOPS:
+        return PEAK_TFLOPS[card], card
+    return None, f"unknown: {card}" + (f" ({NO_DATASHEET[card]})" if card in NO_DATASHEET else "")
+
+
+def peak_tflops(check: Check) -> tuple[float | None, str]:
+    """The peak the check divides by: --peak-tflops, else the table's entry for this device's exact name."""
+    card = device_name(check.device)
+    if check.args.peak_tflops is not None:
+        return check.args.peak_tflops, f"--peak-tflops ({card})"
+    return peak_for(card)
+
+
+def stylegan2(check: Check, spec: JobSpec) -> dict[str, Measured]:
+    """s/kimg of `spec` over whole 16-step windows, with model FLOPs per image over one such window."""
+    one = training_steps(check, spec)
+    window = 1 if check.smoke else 16   # one R1 step and four path-length steps per window
+    if not check.smoke:
+        for _ in range(4):
+            one()   # first-use allocations, kernel choices and compiles, outside every count
+    flops = count_flops(one, window)
+    if flops is None:
+        one = training_steps(check, spec)   # the failed count may have stopped the step generator
+    syncs = count_host_syncs(check, one, 16)
+    n, seconds = check.measure(one, warmup=4, chunk=16, seconds=20)
+    batch = spec.per_worker_batch
+    per_image = seconds / (n * batch)
+    work = "FLOPs: n/a"
+    if flops is not None:
+        per_img = flops / (window * batch)
+        work = f"{per_img / 1e9:.1f} GFLOP/img (FlopCounterMode, {window}-step window), " \
+               f"{per_img / per_image / 1e12:.1f} TFLOP/s achieved"
+    return {"": Measured(per_image * 1000, f"{1 / per_image:.1f} img/s · {spec.data.resolution}² × "
+                                           f"{spec.data.channels}ch, ch. base {spec.model['channel_base']}, "
+                                           f"ADA p₀ {ADA_P}, {n} steps timed · {work} · {SG_ANCHOR}",
+                         spec, syncs)}
+
+
+def anchor_sets(check: Check) -> list[str]:
+    """StyleGAN2-ADA's paper256 config (its cfg_specs: ref_gpus 8, mb 64, mbstd 8, fmaps 0.5, lrate 0.0025,
+    gamma 1, ema 20, map 8) in scbgan_rosetta's terms; 256² RGB as its published timings."""
+    return ["model.channel_base=16384", "model.channel_max=512", "model.mapping_layers=8",
+            f"model.mbstd_group={4 if check.smoke else 8}", "train.lr=0.0025", "model.r1_gamma=1.0",
+            "model.ema_kimg=20", "data.channels=3", "strategy.kind=ddp"]
+
+
+def diffusion(check: Check) -> dict[str, Measured]:
+    spec = check.spec("diffusion_uncond", "train.precision=bf16", batch=check.args.diff_batch)
     one = training_steps(check, spec)
     if not check.smoke:
         one()   # first-use allocations and kernel choices, outside the count
-    with FlopCounterMode(display=False) as counter:
-        one()
-    flops = counter.get_total_flops()
+    flops = count_flops(one, 1) or 0.0
+    syncs = count_host_syncs(check, one, 16)
     n, seconds = check.measure(one, warmup=2, chunk=5, seconds=20)
-    rate, achieved = n * spec.train.batch / seconds, flops * n / seconds
-    size = f"{spec.data.resolution}² × {spec.data.channels}ch, batch {spec.train.batch}, {n} steps timed"
-    peak, card = check.args.peak_tflops, device_name(check.device)
-    if peak is None:
-        peak = next((p for name, p in PEAK_TFLOPS if name in card), None)
-    mfu = (achieved / (peak * 1e12) * 100, f"of {peak:g} TFLOP/s dense bf16 ({card}) · {MFU_GOAL}") if peak \
-        else (None, f"unknown card: {card} (give --peak-tflops) · {MFU_GOAL}")
-    return {"img_s": (rate, size),
-            "tflops": (achieved / 1e12, f"{flops / 1e9 / spec.train.batch:.2f} GFLOP per image (fwd + bwd, "
-                                        "FlopCounterMode)"),
+    batch = spec.per_worker_batch
+    rate, achieved = n * batch / seconds, flops * n / seconds
+    size = f"{spec.data.resolution}² × {spec.data.channels}ch, {n} steps timed"
+    peak, source = peak_tflops(check)
+    mfu = Measured(achieved / (peak * 1e12) * 100, f"of {peak:g} TFLOP/s dense bf16 ({source}) · {MFU_GOAL}", spec,
+                   syncs) if peak else Measured(None, f"peak {source} (give --peak-tflops) · {MFU_GOAL}", spec, syncs)
+    return {"img_s": Measured(rate, size, spec, syncs),
+            "tflops": Measured(achieved / 1e12, f"{flops / 1e9 / batch:.2f} GFLOP per image (fwd + bwd, "
+                                                "FlopCounterMode)", spec, syncs),
             "mfu": mfu}
 
 
-def data_stream(check: Check) -> dict[str, tuple[float, str]]:
+def data_stream(check: Check) -> dict[str, Measured]:
     spec = check.sg_spec()
     count = 64 if check.smoke else 512
     url = ensure_builtin(f"builtin:craters?count={count}&seed=0", str(check.tmp / "data"),
@@ -211,20 +357,20 @@ def data_stream(check: Check) -> dict[str, tuple[float, str]]:
     batches = training_batches(spec, url, spec.make_family(), rank=0, world=1, device=check.device, start_batch=0)
     n, seconds = check.measure(lambda: next(batches), warmup=2, chunk=8, seconds=15)
     batches = None   # drops the stream: its DataLoader workers stop
-    return {"": (n * spec.per_worker_batch / seconds,
+    return {"": Measured(n * spec.per_worker_batch / seconds,
                  f"{spec.data.resolution}² × {spec.data.channels}ch, batch {spec.per_worker_batch}, "
                  f"{spec.data.loader_workers} DataLoader workers, MineAug {'+'.join(spec.augment.mineaug) or 'off'}, "
-                 f"{count} images, {n} batches timed")}
+                 f"{count} images, {n} batches timed", spec)}
 
 
-def features(check: Check, name: str) -> dict[str, tuple[float | None, str]]:
+def features(check: Check, name: str) -> dict[str, Measured]:
     weights = None
     if name == "inception":
         weights = check.args.inception or os.environ.get("ORBITGEN_INCEPTION_WEIGHTS")
         if not weights and check.smoke:
             weights = stub_inception(check.tmp / "inception-stub.pt")
         if not weights:
-            return {"": (None, "skipped: no weights (give --inception PATH or $ORBITGEN_INCEPTION_WEIGHTS)")}
+            return {"": Measured(None, "skipped: no weights (give --inception PATH or $ORBITGEN_INCEPTION_WEIGHTS)")}
     spec = check.sg_spec()
     extractor = make_extractor(name, weights).to(check.device)
     batch = 8 if check.smoke else 64
@@ -233,7 +379,7 @@ def features(check: Check, name: str) -> dict[str, tuple[float | None, str]]:
     n, seconds = check.measure(lambda: extractor(images), warmup=2, chunk=5, seconds=5)
     stub = " (a stand-in TorchScript of Inception's interface: --smoke)" if check.smoke and not check.args.inception \
         and not os.environ.get("ORBITGEN_INCEPTION_WEIGHTS") and name == "inception" else ""
-    return {"": (n * batch / seconds, f"uint8 {spec.data.resolution}² × {spec.data.channels}ch, batch {batch}{stub}")}
+    return {"": Measured(n * batch / seconds, f"uint8 {spec.data.resolution}² × {spec.data.channels}ch, batch {batch}{stub}")}
 
 
 def stub_inception(path: Path) -> str:
@@ -251,11 +397,13 @@ def stub_inception(path: Path) -> str:
 
 
 # name -> (its rows: key suffix -> (label, unit), the measurement)
-GROUPS: dict[str, tuple[dict[str, tuple[str, str]], Callable[[Check], dict]]] = {
-    "stylegan2_ddp": ({"": ("StyleGAN2 paper256, bf16, DDP engine", "s/kimg")},
-                      lambda c: stylegan2(c, ["strategy.kind=ddp"])),
-    "stylegan2_zero1": ({"": ("StyleGAN2 paper256, bf16, DeepSpeed ZeRO-1", "s/kimg")},
-                        lambda c: stylegan2(c, ["strategy.kind=deepspeed", "strategy.zero_stage=1"])),
+GROUPS: dict[str, tuple[dict[str, tuple[str, str]], Callable[[Check], dict[str, Measured]]]] = {
+    "stylegan2_ddp": ({"": ("StyleGAN2 scbgan_rosetta (paper256_2fmap), DDP engine", "s/kimg")},
+                      lambda c: stylegan2(c, c.sg_spec("strategy.kind=ddp"))),
+    "stylegan2_zero1": ({"": ("StyleGAN2 scbgan_rosetta (paper256_2fmap), DeepSpeed ZeRO-1", "s/kimg")},
+                        lambda c: stylegan2(c, c.sg_spec("strategy.kind=deepspeed", "strategy.zero_stage=1"))),
+    "stylegan2_anchor": ({"": ("StyleGAN2-ADA paper256 (published config), DDP engine", "s/kimg")},
+                         lambda c: stylegan2(c, c.sg_spec(*anchor_sets(c), batch=8))),
     "diffusion": ({"img_s": ("diffusion UNet (diffusion_uncond), bf16, DDP engine: training", "images/s"),
                    "tflops": ("diffusion UNet: achieved model FLOP/s", "TFLOP/s"),
                    "mfu": ("diffusion UNet: model FLOP utilisation", "%")}, diffusion),
@@ -280,7 +428,13 @@ def run_group(check: Check, group: str) -> list[Row]:
         with hard_limit(budget):
             values = measure(check)
         for row, suffix in zip(rows, labels):
-            row.value, row.note = values[suffix]
+            got = values[suffix]
+            row.value, row.note, row.syncs_per_step = got.value, got.note, got.syncs_per_step
+            if got.spec is not None:
+                row.batch_per_gpu = got.spec.per_worker_batch
+                row.bf16 = got.spec.train.precision == "bf16"
+                row.channels_last = bool(getattr(got.spec.train, "channels_last", False))
+                row.compile = bool(getattr(got.spec.train, "compile", False))
     except Exception as e:   # noqa: BLE001 — fail soft: this row's error, then the next row
         traceback.print_exc(file=sys.stderr)
         for row in rows:
@@ -303,6 +457,17 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
+def driver_version() -> str | None:
+    """The NVIDIA driver's version (nvidia-smi); None where there is none."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.split()
+    return lines[0] if out.returncode == 0 and lines else None
+
+
 def environment(check: Check) -> dict[str, Any]:
     try:
         import deepspeed
@@ -314,7 +479,9 @@ def environment(check: Check) -> dict[str, Any]:
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if cuda else None,
             "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(check.device))) if cuda else None,
-            "deepspeed": ds, "python": platform.python_version(), "cpu_cores": os.cpu_count(), "smoke": check.smoke}
+            "driver": driver_version(), "deepspeed": ds, "python": platform.python_version(),
+            "cpu_cores": os.cpu_count(), "smoke": check.smoke, "peak_tflops": peak_tflops(check)[0],
+            "setup_seconds": float(os.environ["GPU_CHECK_SETUP_S"]) if os.environ.get("GPU_CHECK_SETUP_S") else None}
 
 
 def one_process_group(device: torch.device) -> None:
@@ -326,17 +493,28 @@ def one_process_group(device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
+def flag(value: bool | None) -> str:
+    return "—" if value is None else ("on" if value else "off")
+
+
 def table(env: dict[str, Any], rows: list[Row]) -> str:
     smoke = " · SMOKE (CPU, tiny sizes: not a measurement)" if env["smoke"] else ""
-    lines = [f"GPU check · {env['date']} · {env['card']} · torch {env['torch']} · CUDA {env['cuda']} · "
-             f"cuDNN {env['cudnn']} · DeepSpeed {env['deepspeed']} · Python {env['python']} · "
+    setup = f"{env['setup_seconds']:.0f} s" if env["setup_seconds"] is not None else "not run by gpu_check.sh"
+    lines = [f"GPU check · {env['date']} · {env['card']} · driver {env['driver']} · torch {env['torch']} · "
+             f"CUDA {env['cuda']} · cuDNN {env['cudnn']} · DeepSpeed {env['deepspeed']} · Python {env['python']} · "
              f"{env['cpu_cores']} CPU cores{smoke}",
-             "", "| measure | value | unit | notes | s |", "|---|---:|---|---|---:|"]
+             f"set-up (infra/setup.sh, outside the check's budget): {setup} · check: "
+             f"{sum(r.seconds or 0 for r in rows):.0f} s of its {sum(BUDGETS.values())} s of row budgets",
+             "", "| measure | value | unit | batch/GPU | bf16 | channels_last | compile | host syncs/step | notes | s |",
+             "|---|---:|---|---:|---|---|---|---:|---|---:|"]
     for r in rows:
         value = f"{r.value:.4g}" if r.value is not None else ("error" if r.error else "—")
         note = f"error: {r.error}" if r.error else r.note
         secs = f"{r.seconds:.0f}" if r.seconds is not None else "not run"
-        lines.append(f"| {r.label} | {value} | {r.unit} | {note.replace('|', '/')} | {secs} |")
+        syncs = f"{r.syncs_per_step:.3g}" if r.syncs_per_step is not None else "—"
+        batch = str(r.batch_per_gpu) if r.batch_per_gpu is not None else "—"
+        lines.append(f"| {r.label} | {value} | {r.unit} | {batch} | {flag(r.bf16)} | {flag(r.channels_last)} | "
+                     f"{flag(r.compile)} | {syncs} | {note.replace('|', '/')} | {secs} |")
     return "\n".join(lines)
 
 
@@ -347,13 +525,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default=",".join(GROUPS), help=f"row groups to run, of {','.join(GROUPS)}")
     ap.add_argument("--inception", help="NVIDIA's inception-2015-12-05.pt (else $ORBITGEN_INCEPTION_WEIGHTS)")
     ap.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, over the built-in table")
-    ap.add_argument("--sg-batch", type=int, default=16, help="StyleGAN2 batch on the one GPU (StyleGAN2-ADA's "
-                                                            "256² single-GPU default)")
-    ap.add_argument("--diff-batch", type=int, default=128, help="diffusion batch (the spec's global batch)")
+    ap.add_argument("--sg-batch", type=int, help="StyleGAN2 batch on the one GPU (default: the spec's batch per GPU)")
+    ap.add_argument("--diff-batch", type=int, help="diffusion batch on the one GPU (default: the spec's batch per GPU)")
     ap.add_argument("--set", action="append", default=[], help="extra spec override for every row, KEY=VALUE")
     args = ap.parse_args(argv)
-    if args.smoke:
-        args.sg_batch = args.diff_batch = 4
+    if not args.smoke and not torch.cuda.is_available():
+        print(no_cuda_line(), file=sys.stderr)
+        return 2
     groups = [g for g in args.rows.split(",") if g]
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
@@ -366,7 +544,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         check = Check(args, Path(tmp))
         env = environment(check)
-        print(f"[gpu_check] {env['card']} · torch {env['torch']} · CUDA {env['cuda']}", file=sys.stderr, flush=True)
+        if env["setup_seconds"] is not None:
+            print(f"[gpu_check] set-up (infra/setup.sh): {env['setup_seconds']:.0f} s, outside the check's "
+                  f"{os.environ.get('GPU_CHECK_LIMIT', '?')} s limit", file=sys.stderr, flush=True)
+        print(f"[gpu_check] {env['card']} · driver {env['driver']} · torch {env['torch']} · CUDA {env['cuda']} · "
+              f"peak {env['peak_tflops'] or 'unknown'} TFLOP/s bf16", file=sys.stderr, flush=True)
         if check.device.type == "cuda":
             torch.cuda.set_device(check.device)
         try:

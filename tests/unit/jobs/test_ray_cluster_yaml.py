@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -85,6 +86,21 @@ def test_nodes_install_the_repo(cluster):
     assert len(install) == 1 and "--no-build-isolation" in install[0]
     # Ray must stay the image's version when pip resolves orbitgen's dependencies.
     assert any(f"=={ray.__version__}" in c for c in cluster["setup_commands"])
+
+
+def test_nodes_install_torch_and_deepspeed_without_a_cuda_toolkit(cluster):
+    # The torch build comes from infra/setup.sh's driver -> wheel-line choice (its tests:
+    # tests/unit/infra/test_setup_gpu_branch.py), not the registry's default build.
+    commands = cluster["setup_commands"]
+    assert not any(re.search(r"pip install (-q )?torch(\s|$)", c) for c in commands)
+    assert any("infra/setup.sh --torch-args" in c for c in commands)
+    install = next(c for c in commands if "-e ~/orbitgen" in c)
+    # DeepSpeed's setup.py runs nvcc in its op checks unless told not to: no nvcc on the image's runtime.
+    assert "DS_BUILD_OPS=0" in install and "DS_IGNORE_CUDA_DETECTION=1" in install
+    # A GPU node whose torch sees no GPU fails its set-up instead of joining as a CPU node.
+    assert any("nvidia-smi -L" in c and "torch.cuda.is_available()" in c for c in commands)
+    for c in commands:
+        assert subprocess.run(["bash", "-n", "-c", c]).returncode == 0, c
 
 
 def test_dashboard_listens_on_loopback_only(cluster):
