@@ -1,13 +1,17 @@
 """The description of a shard set: `dataset.json` (the card) and `manifest.parquet` (one row a shard).
 
-The manifest is written last: its presence means the set is complete. It stores shard names
-relative to the set, so a set can be copied elsewhere (local -> S3) as is; `read_manifest`
-returns full URLs.
+The manifest is written last: a manifest that reads whole means the set is complete (one cut
+short by a crash or a full disk reads as an incomplete set, `IncompleteSet`). It stores shard
+names relative to the set, so a set can be copied elsewhere (local -> S3) as is; `read_manifest`
+returns full URLs. Every file here is written whole or not at all (`write_whole`).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
+import uuid
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -25,6 +29,46 @@ MANIFEST = "manifest.parquet"
 SKIPPED = "skipped.jsonl"  # what a build left out, one JSON object a line
 NOTHING_THERE = "nothing there (no such folder or prefix); build a shard set with `orbitgen data build`"
 NOT_A_SET = "no dataset.json: not an orbitgen shard set (build one with `orbitgen data build`)"
+SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".tar"
+
+
+class IncompleteSet(InputNotFound):
+    """A set whose manifest is missing or does not read whole: a build that was cut short."""
+
+
+def write_whole(fs, path: str, data: bytes) -> None:
+    """`data` at `path`, all of it or nothing: readers never see a part. A local file is written
+    under a temporary name in its folder and renamed into place (atomic on POSIX); on an object
+    store one PUT is already all-or-nothing. On failure the temporary file goes."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    folder, name = os.path.split(fs._strip_protocol(path))   # a file:// URL or a path
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.partial")
+    # 0o666 less the umask, as a plain open() would make it (mkstemp's 0o600 would hide it from the group)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())   # the rename must not reach the disk before the bytes do
+        os.replace(tmp, os.path.join(folder, name))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+        raise
+
+
+def is_set_file(name: str) -> bool:
+    """A file `data build` writes into a set (card, manifest, skipped list, shards)."""
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    return base in (CARD, MANIFEST, SKIPPED) or (base.startswith(SHARD_PREFIX) and base.endswith(SHARD_SUFFIX))
 
 
 def builder() -> str:
@@ -73,8 +117,7 @@ def read_card(url: str) -> DatasetCard:
 
 def write_card(url: str, card: DatasetCard) -> None:
     fs, path = filesystem(url)
-    with fs.open(join(path, CARD), "wb") as f:
-        f.write(card.model_dump_json(indent=2).encode())
+    write_whole(fs, join(path, CARD), card.model_dump_json(indent=2).encode())
 
 
 def read_manifest(url: str) -> pd.DataFrame:
@@ -82,15 +125,42 @@ def read_manifest(url: str) -> pd.DataFrame:
     fs, path = filesystem(url)
     try:
         with fs.open(join(path, MANIFEST), "rb") as f:
-            df = pq.read_table(io.BytesIO(f.read())).to_pandas()
+            raw = f.read()
     except FileNotFoundError:
         if not fs.exists(join(path, CARD)):
             raise InputNotFound(f"{url}: {NOT_A_SET}") from None
-        raise InputNotFound(f"{url}: no {MANIFEST}: the shard set is incomplete "
-                                "(interrupted build?); build it again") from None
+        raise IncompleteSet(f"{url}: no {MANIFEST}: the shard set is incomplete "
+                            "(interrupted build?); build it again") from None
+    df = parse_manifest(raw, url)
     refuse_outside(df["url"], url)
     df["url"] = [join(to_url(url), u) for u in df["url"]]
     return df
+
+
+def parse_manifest(raw: bytes, url: str) -> pd.DataFrame:
+    """The manifest's rows; `IncompleteSet` when the bytes are not a whole manifest (cut short)."""
+    try:
+        df = pq.read_table(io.BytesIO(raw)).to_pandas()
+    except (pa.ArrowException, OSError) as e:   # a cut parquet file: no footer, "magic bytes", ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise IncompleteSet(f"{url}: {MANIFEST} does not read whole ({len(raw)} bytes; {reason}): the shard set "
+                            "is incomplete (a build cut short?); remove the folder and build it again") from None
+    missing = {"url", "samples", "bytes", "sha256"} - set(df.columns)
+    if missing:
+        raise IncompleteSet(f"{url}: {MANIFEST} lacks the columns {', '.join(sorted(missing))}: not a manifest "
+                            "`orbitgen data build` wrote; build the set again")
+    return df
+
+
+def complete_card(url: str) -> DatasetCard | None:
+    """The card of the complete set at `url` (card and a manifest that reads whole), else None."""
+    fs, path = filesystem(url)
+    try:
+        with fs.open(join(path, MANIFEST), "rb") as f:
+            parse_manifest(f.read(), url)
+        return read_card(url)
+    except (FileNotFoundError, UserError):
+        return None
 
 
 def refuse_outside(names, url: str) -> None:
@@ -109,5 +179,4 @@ def write_manifest(url: str, rows: list[dict]) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     fs, path = filesystem(url)
-    with fs.open(join(path, MANIFEST), "wb") as f:
-        f.write(buf.getvalue())
+    write_whole(fs, join(path, MANIFEST), buf.getvalue())

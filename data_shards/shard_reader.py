@@ -25,7 +25,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Iterable, Iterator
 
-from .errors import UserError
+from .errors import EnvironmentProblem, UserError
 from .member_names import UnsafeMemberName
 from .storage import PERMANENT_ERRORS, GaveUp, Retries, filesystem, is_local
 from .tar_reader import DamagedShard, tar_files
@@ -33,8 +33,9 @@ from .tar_reader import DamagedShard, tar_files
 log = logging.getLogger(__name__)
 
 
-class ShardReadError(IOError):
-    """A shard that could not be read at all."""
+class ShardReadError(EnvironmentProblem):
+    """A shard that could not be read at all (gone, not permitted, its store away for the whole
+    retry budget): the message names it; one `error:` line, exit 1, where it reaches the CLI."""
 
 
 class DamagedShardError(ShardReadError, UserError):

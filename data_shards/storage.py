@@ -4,9 +4,16 @@ S3 settings come from the standard AWS variables plus `AWS_ENDPOINT_URL` for S3-
 servers (moto, MinIO, Ceph). Filesystem instances are cached by fsspec itself: its cache key
 includes the process id (and the thread), so a forked DataLoader worker gets fresh s3fs
 instances instead of sharing the parent's event loop and connections.
+
+Failures are sorted where they arise: `is_transient` says which errors a retry can outlast (a
+connection refused or reset, a timeout, a 5xx, throttling), and `storage_problem` turns the
+others a user can fix (no credentials, a bucket that does not exist, access denied, an endpoint
+nobody answers, a scheme whose filesystem is not installed) into one line naming the thing and
+the fix. `Retries` retries only the transient ones: the rest fail at once.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -17,7 +24,7 @@ from typing import Any, Callable
 import fsspec
 
 from .endpoint import unanswered
-from .errors import UserError
+from .errors import EnvironmentProblem, InputNotFound, UserError, environment_problem
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +80,29 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
                 kwargs[arg] = os.environ[var]
         fs = fsspec.filesystem("s3", **kwargs)
         return fs, fs._strip_protocol(url)
-    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except ImportError as e:   # fsspec knows the scheme, but its package is not installed
+        raise MissingFilesystem(f"{url}: no filesystem for {protocol}:// is installed here ({e}); install "
+                                f"{_package_for(protocol)} (e.g. pip install {_package_for(protocol)})") from None
+    except ValueError as e:
+        if str(protocol) not in fsspec.available_protocols():   # fsspec: "Protocol not known: x"
+            raise UserError(f"{url}: unknown URL scheme {protocol}://; use a local path, s3:// or another "
+                            "scheme fsspec knows") from None
+        raise
     return fs, path
+
+
+class MissingFilesystem(EnvironmentProblem):
+    """The URL's scheme is known to fsspec but the package that reads it is not installed."""
+
+
+def _package_for(protocol: str | None) -> str:
+    """The package that implements `protocol`, from fsspec's registry ("gcsfs" for gs)."""
+    from fsspec.registry import known_implementations
+
+    spec = known_implementations.get(str(protocol), {})
+    return spec.get("class", "").split(".", 1)[0] or f"the fsspec implementation of {protocol}://"
 
 
 def check_reachable(url: str) -> None:
@@ -98,10 +126,134 @@ def ray_storage(url: str) -> tuple[str, Any]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-# Errors worth another try when reading remote objects: connection resets, refusals, timeouts,
-# 5xx (botocore and aiohttp errors share no base class). Missing objects and refused permissions
-# are not transient.
-PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Missing objects and refused permissions are never transient; `is_transient` decides the rest.
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, EnvironmentProblem,
+                    UserError)
+
+# errnos of a network or a server that may come back (s3fs turns a 500 into EREMOTEIO, a 503 or
+# SlowDown into EBUSY, codes it does not know into EIO).
+_TRANSIENT_ERRNOS = {getattr(errno, name) for name in (
+    "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN",
+    "ENETRESET", "EPIPE", "EAGAIN", "EBUSY", "EIO", "EREMOTEIO") if hasattr(errno, name)}
+_UNREACHABLE_ERRNOS = {getattr(errno, name) for name in ("ENETUNREACH", "EHOSTUNREACH", "ENETDOWN", "ECONNREFUSED")
+                       if hasattr(errno, name)}
+_TRANSIENT_S3_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
+                       "RequestTimeout", "RequestTimeoutException", "RequestLimitExceeded", "503", "500", "502", "504"}
+
+
+def _chain(exc: BaseException):
+    """`exc` and the errors it was raised from (`raise ... from`: s3fs keeps botocore's ClientError
+    as the cause). Not the error being handled when it was raised (`__context__`): a bug raised
+    while handling a missing bucket is still a bug."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen and len(seen) < 16:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__
+
+
+def _s3_error(exc: BaseException) -> dict:
+    """The `Error` part of a botocore ClientError's response (in `exc` or the errors it was raised
+    from: s3fs keeps it as the cause), e.g. {"Code": "NoSuchBucket", "BucketName": "x"}; else {}."""
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            return response["Error"]
+    return {}
+
+
+def _s3_code(exc: BaseException) -> str | None:
+    """The S3 error code of a botocore ClientError (or of the error it caused), else None."""
+    code = _s3_error(exc).get("Code")
+    return None if code is None else str(code)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether another try may succeed: a connection refused, reset or timed out, an endpoint
+    down, a 5xx or throttling answer. Nothing else: missing credentials, invalid or missing
+    buckets, refused access, full disks, anything that parsed badly and bugs fail at once, since
+    retrying them only delays the error."""
+    if isinstance(exc, PERMANENT_ERRORS):
+        return False
+    code = _s3_code(exc)
+    if code is not None:
+        return code in _TRANSIENT_S3_CODES
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    import http.client
+
+    if isinstance(exc, http.client.HTTPException):   # IncompleteRead, a bad status line mid-outage
+        return True
+    botocore_exceptions = _module("botocore.exceptions")
+    if botocore_exceptions is not None and isinstance(exc, (
+            botocore_exceptions.HTTPClientError, botocore_exceptions.ConnectionError,
+            botocore_exceptions.IncompleteReadError)):
+        return True   # connection closed, read or connect timeouts, an endpoint down (it may come back)
+    aiohttp = _module("aiohttp")
+    if aiohttp is not None:
+        if isinstance(exc, aiohttp.ClientResponseError):
+            return exc.status >= 500 or exc.status in (408, 429)
+        if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
+            return True
+    return False
+
+
+def _module(name: str):
+    """`name` when some code already imported it (its errors cannot occur otherwise), else None."""
+    import sys
+
+    return sys.modules.get(name)
+
+
+def storage_problem(exc: BaseException, what: str | None = None) -> Exception | None:
+    """`exc` as the error a user can fix, naming `what` (a URL) and the fix: an EnvironmentProblem
+    (missing credentials, access denied, an endpoint nobody answers, a full or read-only disk), an
+    InputNotFound for a bucket that does not exist, a UserError for an invalid bucket name;
+    None when it is none of these (transient, or a bug)."""
+    disk = environment_problem(exc, what)
+    if disk is not None:
+        return disk
+    if isinstance(exc, (UserError, EnvironmentProblem)):
+        return exc
+    subject = f"{what}: " if what else ""
+    botocore_exceptions = _module("botocore.exceptions")
+    if botocore_exceptions is not None:
+        for e in _chain(exc):
+            if isinstance(e, (botocore_exceptions.NoCredentialsError, botocore_exceptions.PartialCredentialsError)):
+                return EnvironmentProblem(f"{subject}no AWS credentials found ({e}); set AWS_ACCESS_KEY_ID and "
+                                          "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, for this S3 store")
+            if isinstance(e, botocore_exceptions.ParamValidationError):   # refused before sending: a bad name
+                bucket = _bucket_of(what)
+                said = f"{bucket!r} is not a valid bucket name" if bucket else " ".join(str(e).split())[:160]
+                return UserError(f"{subject}{said} (a bucket name has 3-63 lower-case letters, digits, dots and "
+                                 "hyphens)")
+            if isinstance(e, botocore_exceptions.EndpointConnectionError):
+                return EnvironmentProblem(f"{subject}the S3 endpoint does not answer ({e}); check AWS_ENDPOINT_URL "
+                                          "and the network, or try again when the store is back")
+    if isinstance(exc, ConnectionError) or (isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS):
+        said = " ".join(str(exc).split()) or type(exc).__name__
+        return EnvironmentProblem(f"{subject}{said}; check the network and that the server is up, then try again")
+    code = _s3_code(exc)
+    bucket = _bucket_of(what) or _s3_error(exc).get("BucketName")
+    if code == "NoSuchBucket":
+        return InputNotFound(f"{subject}the bucket {bucket!r} does not exist; create it or name an existing one")
+    if code == "InvalidBucketName":
+        return UserError(f"{subject}{bucket!r} is not a valid bucket name (3-63 lower-case letters, digits, "
+                         "dots and hyphens)")
+    if code in ("AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                "403"):
+        return EnvironmentProblem(f"{subject}access denied ({code}); check the AWS credentials in use and that "
+                                  f"they may read and write bucket {bucket!r}")
+    return None
+
+
+def _bucket_of(url: str | None) -> str | None:
+    if not url or "://" not in str(url):
+        return None
+    return str(url).split("://", 1)[1].split("/", 1)[0] or None
+
 
 RETRY_ENV = "ORBITGEN_DATA_RETRY_S"
 DEFAULT_RETRY_S = 180.0   # an object store restarting, a network partition healing: minutes, not hours
@@ -119,8 +271,9 @@ def retry_budget_s() -> float:
     return float(os.environ.get(RETRY_ENV) or DEFAULT_RETRY_S)
 
 
-class GaveUp(IOError):
-    """Reading failed with transport errors for longer than the retry budget."""
+class GaveUp(EnvironmentProblem):
+    """Reading failed with transport errors for longer than the retry budget (an IOError, as
+    before: an EnvironmentProblem is one)."""
 
 
 class Retries:
@@ -145,15 +298,23 @@ class Retries:
         self.failing_since, self.attempt = None, 0
 
     def wait(self, exc: Exception) -> None:
-        """Sleep before the next try; GaveUp (from `exc`) once the budget is spent."""
+        """Sleep before the next try; GaveUp (from `exc`) once the budget is spent. An error no
+        retry can outlast (`is_transient`) is raised at once: as the one-line error a user can
+        fix when it is one (`storage_problem`), else as it is."""
         global _retried
+        if not is_transient(exc):
+            problem = storage_problem(exc, self.what)
+            if problem is None or problem is exc:
+                raise exc
+            raise problem from exc
         now = self.clock()
         if self.failing_since is None:
             self.failing_since = now
         left = self.budget_s - (now - self.failing_since)
         if left <= 0:
             raise GaveUp(f"{self.what}: still failing after {now - self.failing_since:.0f} s and {self.attempt} "
-                         f"retries ({RETRY_ENV}={self.budget_s:g}): {type(exc).__name__}: {exc}") from exc
+                         f"retries ({RETRY_ENV}={self.budget_s:g}): {type(exc).__name__}: {exc}; check that the "
+                         f"store and the network are up, or give outages longer with {RETRY_ENV}") from exc
         delay = min(left, min(self.cap_s, self.first_s * 2**self.attempt) * (0.5 + random.random()))
         self.attempt += 1
         with _retried_lock:

@@ -80,10 +80,10 @@ def verify(url: str) -> Report:
         except UnsafeMemberName:   # refused, not a finding: nothing from this set is used
             raise
         except (tarfile.TarError, EOFError) as exc:
-            report.problems.append(Problem(name, None, f"damaged tar after {n} samples: {exc}"))
+            report.problems.append(Problem(name, None, f"damaged tar after {n} sample{'s' * (n != 1)}: {exc}"))
         report.samples += n
         if n != row.samples:
-            report.problems.append(Problem(name, None, f"{n} samples, the manifest says {row.samples}"))
+            report.problems.append(Problem(name, None, f"{n} sample{'s' * (n != 1)}, the manifest says {row.samples}"))
     checks = [("count", card.count, int(manifest.samples.sum())), ("shards", card.shards, len(manifest)),
               ("fingerprint", card.fingerprint, fingerprint(list(manifest.sha256)))]
     for what, in_card, in_manifest in checks:

@@ -1,7 +1,12 @@
 """Samples -> WebDataset tar shards at any fsspec URL, plus `dataset.json` and `manifest.parquet`.
 
-Shards are written under `<dest>/.tmp-<uuid>/` and moved into place only when all of them
-are done; `manifest.parquet` is written last, so its presence means the set is complete.
+Nothing half-written: the whole set (shards, skipped list, card, manifest) is written under
+`<dest>/.tmp-<uuid>/` first, then moved into place (`publish`: renames on a local disk, so a full
+disk cannot stop it halfway) with the manifest last, so a manifest that reads whole means the set
+is complete. One build at a time publishes into a folder (`publishing`: an O_EXCL lock file), and
+checks there that no other build finished meanwhile. A failure removes what this build wrote
+(staging folder, moved files, folders it created): the destination is left as it was. A folder
+holding part of a set (a build cut short) is refused (`PartialSet`), never written into.
 Tar headers carry a fixed mtime and PNG/JSON encoding is deterministic: the same samples
 give the same bytes, hence the same fingerprint, which is how a rebuild is recognised.
 A sample is `KEY.image.png` (+ `cond.png`, `mask.png`, `cls`, `json`); images with more than
@@ -9,20 +14,26 @@ A sample is `KEY.image.png` (+ `cond.png`, `mask.png`, `cls`, `json`); images wi
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import itertools
 import json
 import logging
+import os
+import socket
 import sys
+import time
 import uuid
+from contextlib import contextmanager, suppress
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from .errors import InputExists
-from .card import CARD, MANIFEST, SKIPPED, DatasetCard, fingerprint, read_card, write_card, write_manifest
+from .errors import InputExists, UserError
+from .card import CARD, MANIFEST, SKIPPED, DatasetCard, complete_card, fingerprint, is_set_file, read_card, \
+    write_card, write_manifest
 from .pixels import PIL_MODES
 from .sources import Sample
 from .storage import filesystem, join, to_url
@@ -119,8 +130,108 @@ def _write_shard(fs, path: str, records: Iterator[dict], max_samples: int, max_b
     return n, out.size, out.sha.hexdigest()
 
 
-def _complete_card(url: str, fs, path: str) -> DatasetCard | None:
-    return read_card(url) if fs.exists(join(path, MANIFEST)) and fs.exists(join(path, CARD)) else None
+class PartialSet(InputExists):
+    """The destination holds files of a shard set without a manifest that reads whole."""
+
+
+LOCK = ".orbitgen-publish.lock"   # in the set's folder while a build moves its files in
+LOCK_WAIT_S, LOCK_POLL_S = 10.0, 0.1   # publishing is a few renames: a lock held longer is stale
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def existing_set(dest: str, fs, root: str) -> DatasetCard | None:
+    """The card of a complete set at `dest`; None when no set is there. Refused (`PartialSet`,
+    one line naming the folder and what is in it), as nothing is written there: files of a set
+    without a manifest that reads whole (a build cut short), a `dataset.json` that is not an
+    orbitgen card (another tool's, e.g. StyleGAN's), tar files that are not this layout's shards."""
+    if not fs.exists(root):
+        return None
+    card = complete_card(dest)
+    if card is not None:
+        return card
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    ours = [n for n in names if is_set_file(n)]
+    foreign_tars = [n for n in names if n.endswith(".tar") and n not in ours]
+    if not ours and not foreign_tars:
+        return None
+    if foreign_tars:
+        why = f"tar files that are not orbitgen shards ({_shown(foreign_tars)})"
+    elif CARD in ours and not _is_our_card(dest):
+        why = f"a {CARD} that is not an orbitgen card (another tool's set?)"
+    else:
+        missing = "no manifest" if MANIFEST not in ours else f"a {MANIFEST} that does not read whole"
+        why = f"part of a shard set ({_shown(ours)}; {missing}: a build cut short?)"
+    raise PartialSet(f"{dest} holds {why}; nothing was written there: remove those files or pick another dest")
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _is_our_card(dest: str) -> bool:
+    try:
+        read_card(dest)
+        return True
+    except UserError:
+        return False
+
+
+def _refuse_other(dest: str, existing: DatasetCard, card: DatasetCard) -> None:
+    if existing.fingerprint != card.fingerprint:
+        raise InputExists(f"{dest} already holds a shard set with other content "
+                          f"(fingerprint {existing.fingerprint[:12]}, new {card.fingerprint[:12]})")
+
+
+@contextmanager
+def publishing(dest: str, fs, root: str) -> Iterator[None]:
+    """Only one build at a time moves files into a local `root` (a lock file made with O_EXCL);
+    the check that nobody finished meanwhile happens inside. An object store has no such lock:
+    there the manifest's single PUT, last, is what makes a set visible."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not isinstance(fs, LocalFileSystem):
+        yield
+        return
+    lock = os.path.join(root, LOCK)
+    for _ in range(int(LOCK_WAIT_S / LOCK_POLL_S)):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            time.sleep(LOCK_POLL_S)
+    else:
+        raise InputExists(f"{dest}: another build has been publishing there for {LOCK_WAIT_S:.0f} s ({lock} "
+                          "exists); if no build runs, remove that file")
+    try:
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        os.close(fd)
+        yield
+    finally:
+        os.unlink(lock)
+
+
+def publish(fs, staged: str, root: str, names: list[str]) -> None:
+    """Move `names` from `staged` into `root`, in order (the manifest last): all of them or, on a
+    failure, none (what was moved goes again)."""
+    moved: list[str] = []
+    try:
+        for name in names:
+            fs.mv(join(staged, name), join(root, name))
+            moved.append(join(root, name))
+    except BaseException:
+        for path in reversed(moved):
+            try:
+                fs.rm(path)
+            except Exception as e:   # reported, not raised: the first error is the one to tell
+                log.warning("could not remove %s after a failed publish: %s", path, e)
+        raise
+
+
+def _one_line(e: OSError, dest: str) -> OSError:
+    """A disk or permission error, as one line naming the set (same type and errno for the CLI)."""
+    where = f" ({e.filename})" if e.filename else ""
+    return OSError(e.errno, f"cannot write the shard set {dest}{where}: {e.strerror or e}; "
+                            "nothing was left there")
 
 
 def write_shards(samples: Iterable[Sample], dest: str, *, layout: str, resolution: int, channels: int,
@@ -132,8 +243,9 @@ def write_shards(samples: Iterable[Sample], dest: str, *, layout: str, resolutio
     A shard closes at `shard_samples` samples or once it reaches `shard_bytes`. `skipped` is
     what the source left out (`{"item", "reason"}` dicts, read once `samples` is exhausted):
     it goes to `skipped.jsonl` beside the card. An existing complete set at `dest` is left
-    alone if it has the same content (its card is returned), otherwise `FileExistsError`.
-    On any error the temporary prefix is removed.
+    alone if it has the same content (its card is returned), otherwise `FileExistsError`; part of
+    a set there is refused (`PartialSet`). On any error the destination is left as it was; a disk
+    or permission error is re-raised as one line naming the set (same errno).
     """
     from tqdm import tqdm
 
@@ -141,14 +253,14 @@ def write_shards(samples: Iterable[Sample], dest: str, *, layout: str, resolutio
         raise ValueError("shard_samples and shard_bytes must be >= 1")
     dest = to_url(dest).rstrip("/")
     fs, root = filesystem(dest)
-    existing = _complete_card(dest, fs, root)
+    existing = existing_set(dest, fs, root)
     what = dict(layout=layout, resolution=resolution, channels=channels)  # content decides the rest
     if existing is not None and existing.model_dump(include=set(what)) != what:
         raise InputExists(f"{dest} already holds a different shard set "
                               f"({existing.model_dump(include=set(what))}); remove it or pick another dest")
 
     tmp = join(root, f".tmp-{uuid.uuid4().hex}")
-    made_root = not fs.exists(root)   # a failed build removes the folder it created, not one it found
+    made = _missing_folders(fs, root)   # a failed build removes the folders it created, not ones it found
     try:
         seen: set[str] = set()
         modalities: list[str] = []
@@ -186,27 +298,61 @@ def write_shards(samples: Iterable[Sample], dest: str, *, layout: str, resolutio
                            fingerprint=fingerprint([s["sha256"] for s in shards]),
                            shards=len(shards), source=source,
                            classes=list(classes) if classes is not None else None, skipped=len(skipped))
-        existing = _complete_card(dest, fs, root)  # again: another writer may have finished meanwhile
-        if existing is not None:
-            if existing.fingerprint != card.fingerprint:
-                raise InputExists(f"{dest} already holds a shard set with other content "
-                                      f"(fingerprint {existing.fingerprint[:12]}, new {card.fingerprint[:12]})")
-            log.info("%s already holds this shard set; nothing to do", dest)
-            return existing
-        for s in shards:
-            fs.mv(join(tmp, s["url"]), join(root, s["url"]))
+        # The whole set is staged first; publishing then only moves files (no disk space needed).
+        names = [s["url"] for s in shards]
         if skipped:
-            with fs.open(join(root, SKIPPED), "wb") as f:
-                f.write("".join(json.dumps(dict(s), sort_keys=True) + "\n" for s in skipped).encode())
-        elif fs.exists(join(root, SKIPPED)):
-            fs.rm(join(root, SKIPPED))  # left by an earlier, failed build of this set
-        write_card(dest, card)
-        write_manifest(dest, shards)  # last: the set is complete from here on
+            fs.pipe_file(join(tmp, SKIPPED), "".join(json.dumps(dict(s), sort_keys=True) + "\n"
+                                                     for s in skipped).encode())
+            names.append(SKIPPED)
+        write_card(join(dest, tmp.rsplit("/", 1)[-1]), card)
+        write_manifest(join(dest, tmp.rsplit("/", 1)[-1]), shards)
+        with publishing(dest, fs, root):
+            existing = existing_set(dest, fs, root)  # again: another writer may have finished meanwhile
+            if existing is not None:
+                _refuse_other(dest, existing, card)
+                log.info("%s already holds this shard set; nothing to do", dest)
+                return existing
+            publish(fs, tmp, root, [*names, CARD, MANIFEST])   # the manifest last: complete from here on
         return card
+    except OSError as e:
+        _clean_up(fs, tmp, made)
+        ours = e.filename is None or str(e.filename).startswith(root)   # not the source's (read) errors
+        if e.errno in WRITE_ERRNOS and ours and not isinstance(e, (InputExists, FileNotFoundError)):
+            raise _one_line(e, dest) from None
+        raise
     except BaseException:
-        if made_root and fs.exists(root) and all(p.rstrip("/") == tmp for p in fs.ls(root, detail=False)):
-            fs.rm(root, recursive=True)
+        _clean_up(fs, tmp, made)
         raise
     finally:
+        _clean_up(fs, tmp, [])   # the emptied staging folder (or, after a failure, already gone)
+
+
+def _missing_folders(fs, root: str) -> list[str]:
+    """`root` and those of its parents that do not exist yet (a local disk; an object store has no
+    folders), deepest first: the ones writing the set will create."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not isinstance(fs, LocalFileSystem):
+        return [root] if not fs.exists(root) else []
+    missing, path = [], root
+    for _ in range(root.count("/")):   # bounded by the path's depth
+        if os.path.exists(path):
+            break
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _clean_up(fs, tmp: str, made: list[str]) -> None:
+    """After a failure: the staging folder goes, and the folders this build made if nothing else
+    is in them now (a concurrent build's staging folder keeps them)."""
+    fs.invalidate_cache()   # s3fs lists from a cache: what was moved out may still be listed
+    try:
         if fs.exists(tmp):
-            fs.rm(tmp, recursive=True)
+            with suppress(FileNotFoundError):   # an object store: no objects, no "folder" to remove
+                fs.rm(tmp, recursive=True)
+        for folder in made:   # deepest first
+            if fs.exists(folder) and not fs.ls(folder, detail=False):
+                fs.rm(folder, recursive=True)
+    except Exception as e:   # the first error is the one to tell
+        log.warning("could not clean up after a failed build in %s: %s", tmp.rsplit("/", 1)[0], e)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 from jobs.runtime.cluster import Cluster
 from jobs.spec import JobSpec, SpecError
@@ -111,10 +112,14 @@ class Pending:
         return any(len(pg.bundles or ()) == self.demand.count for pg in groups)
 
     def line(self) -> str:
-        import ray
-
         if self._placed():
             return f"{self.demand} placed, starting (loading libraries, joining the process group)"
+        return self.unplaced()
+
+    def unplaced(self) -> str:
+        """What the demand waits for: nodes yet to come, or resources other work holds."""
+        import ray
+
         free = {k: float(v) for k, v in ray.available_resources().items()}
         total = {k: float(v) for k, v in ray.cluster_resources().items()}
         wanted = {k: v * self.demand.count for k, v in self.demand.bundle.items() if v}
@@ -124,3 +129,40 @@ class Pending:
             return f"waiting for {self.demand}: cluster has {has}; the autoscaler is adding nodes"
         busy = ", ".join(f"{free.get(k, 0.0):g} of {total[k]:g} {k}s free" for k in wanted)
         return f"waiting for {self.demand}: {busy} (other work holds the rest)"
+
+
+class PendingTrials:
+    """For a job of many small placements (a search's trials): while it runs, every `every_s`, a
+    line says what its placements still pending wait for. Read from Ray's state API; a state API
+    that does not answer only costs the line."""
+
+    def __init__(self, what: str, say: Callable[[str], None], every_s: float = WAIT_REPORT_S):
+        self.what, self.say, self.every_s = what, say, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="orbitgen-pending", daemon=True)
+
+    def _pending(self) -> list[Mapping[str, float]]:
+        import ray
+        from ray.util.state import list_placement_groups
+
+        groups = list_placement_groups(filters=[("creator_job_id", "=", ray.get_runtime_context().get_job_id()),
+                                                ("state", "=", "PENDING")], detail=True, raise_on_missing_output=False)
+        return [dict(b.get("unit_resources") or {}) for pg in groups for b in (pg.bundles or ())[:1]]
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                pending = self._pending()
+            except Exception:   # noqa: BLE001 - the line is a courtesy; the search goes on without it
+                continue
+            if pending:
+                bundle = {k: float(v) for k, v in pending[0].items() if k in ("CPU", "GPU")}
+                self.say(Pending(Demand(self.what, len(pending), bundle)).unplaced())
+
+    def __enter__(self) -> "PendingTrials":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -11,9 +11,12 @@ Why it is shaped this way:
 - W Ray actors each load the model once and take shards from a queue: a shard is one disjoint
   seed (or input) range, written by one actor as a one-shard set under a temporary prefix
   (`write_shards`: the checks and encoding of `data build`).
-- Nothing is visible at `--out` until the set is complete: the driver moves the shards into
-  place, then writes the card and, last, the manifest. On failure the temporary prefix goes,
-  and so does a destination folder the command created.
+- Nothing is visible at `--out` until the set is complete: the driver stages the whole set (shards,
+  card, manifest) under the temporary prefix, then moves it into place with the manifest last
+  (`swap_in`). `--overwrite` publishes the new set before the old one goes: the old set is moved
+  aside, the new one in, and the old one back if that fails; it is removed only once the new set
+  is complete. On failure the temporary prefix goes, and so does a destination folder the command
+  created.
 """
 from __future__ import annotations
 
@@ -30,12 +33,12 @@ import numpy as np
 import ray
 
 from data_shards.card import CARD, MANIFEST, SKIPPED, DatasetCard, fingerprint, read_card, read_manifest, \
-    write_manifest
+    write_manifest, write_whole
 from data_shards.errors import InputExists, UserError
 from data_shards.shard_reader import read_piece
 from data_shards.sources import Sample
 from data_shards.storage import filesystem, join, to_url
-from data_shards.writer import write_shards
+from data_shards.writer import publish, publishing, write_shards
 from jobs.tracking.lineage import TAG_GENERATED, generated_summary, generated_tag
 from jobs.tracking.versions import version_of_ref
 
@@ -226,47 +229,73 @@ def generate(model: ModelSource, n: int | None, out: str, *, workers: int = 1, i
 
     fs, root = filesystem(out)
     tmp = join(out, f".tmp-generate-{uuid.uuid4().hex}")
+    aside = join(tmp, "old")   # an --overwrite's old set while the new one moves in
     made_root = not fs.exists(root)
-    moved: list[str] = []
+    done = False
     try:
         rows = _write_shards(model, ranges, seed_base, tmp, workers, inputs, progress)
         card = DatasetCard(layout=f"generated:{family.name}", modalities=rows[0]["modalities"],
                            resolution=family.resolution, channels=family.channels, count=n,
                            fingerprint=fingerprint([r["sha256"] for r in rows]), shards=len(rows), source=model.ref)
-        if overwrite:
-            _remove_set(fs, root)
+        staged = join(tmp, "set")   # the whole new set, before anything at --out changes
         names = []
         for r in rows:
             names.append(f"shard-{r['index']:06d}.tar")
-            fs.mv(filesystem(r["shard"])[1], join(root, names[-1]))
-            moved.append(join(root, names[-1]))
-        with fs.open(join(root, CARD), "wb") as f:
-            f.write(json.dumps(card.model_dump(mode="json") | {CARD_KEY: lineage}, indent=2).encode())
-        write_manifest(out, [{"url": name, **{k: r[k] for k in ("samples", "bytes", "sha256")}}
-                             for name, r in zip(names, rows)])   # last: the set is complete from here on
+            fs.mv(filesystem(r["shard"])[1], join(filesystem(staged)[1], names[-1]))
+        write_whole(fs, join(filesystem(staged)[1], CARD),
+                    json.dumps(card.model_dump(mode="json") | {CARD_KEY: lineage}, indent=2).encode())
+        write_manifest(staged, [{"url": name, **{k: r[k] for k in ("samples", "bytes", "sha256")}}
+                                for name, r in zip(names, rows)])
+        with publishing(out, fs, root):
+            check_out(out, overwrite)   # again: another command may have written there meanwhile
+            swap_in(fs, staged, root, names, aside)
+        done = True
     except BaseException:
         if made_root and fs.exists(root):
             fs.rm(root, recursive=True)
-        elif moved:   # failed while publishing: what was moved in goes, and the card if written
-            for path in [*moved, join(root, CARD)]:
-                if fs.exists(path):
-                    fs.rm(path)
         raise
     finally:
-        if fs.exists(tmp):
-            fs.rm(tmp, recursive=True)
+        _remove_staging(fs, tmp, keep=None if done else aside)
     if model.version is not None and client is not None:
         record_on_version(client, model.name, model.version,
                           {"url": out, "n": n, "seeds": lineage["seeds"], "fingerprint": card.fingerprint})
     return GenerateResult(out, card, lineage, workers, time.perf_counter() - started)
 
 
-def _remove_set(fs, root: str) -> None:
-    """The shard set at `root` (--overwrite): the manifest first, so it never looks complete half-removed."""
-    paths = sorted((p for p in fs.ls(root, detail=False) if _is_set_file(p)),
-                   key=lambda p: not p.rstrip("/").endswith(MANIFEST))
-    for p in paths:
-        fs.rm(p)
+def _remove_staging(fs, tmp: str, keep: str | None) -> None:
+    """The temporary prefix (with an --overwrite's old set, once the new one is in place), but
+    `keep` if files are there: an old set that could not be moved back is not deleted."""
+    fs.invalidate_cache()   # s3fs lists from a cache: what was moved out of `tmp` may still be listed there
+    keep_path = filesystem(keep)[1] if keep else None
+    kept = keep_path is not None and fs.exists(keep_path) and bool(fs.find(keep_path))
+    try:
+        if not kept:
+            fs.rm(filesystem(tmp)[1], recursive=True)
+            return
+        for p in fs.ls(filesystem(tmp)[1], detail=False):
+            if p.rstrip("/") != keep_path:
+                fs.rm(p, recursive=True)
+    except FileNotFoundError:   # nothing left there (an object store has no empty folders)
+        pass
+
+
+def swap_in(fs, staged: str, root: str, names: list[str], aside: str) -> None:
+    """Publish the complete set at `staged` into `root` (its shards, card, and last its manifest),
+    replacing a set there (--overwrite): the old one is moved `aside` first (its manifest first,
+    so it never looks complete half-moved) and moved back if the new one cannot be published; the
+    caller removes `aside` once this returns. A failure leaves the old set whole, or no set."""
+    old = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if _is_set_file(p)),
+                 key=lambda name: name != MANIFEST) if fs.exists(root) else []
+    publish(fs, root, aside, old)   # all or none of the old set's files move
+    try:
+        publish(fs, staged, root, [*names, CARD, MANIFEST])
+    except BaseException:
+        try:
+            publish(fs, aside, root, old[1:] + old[:1])   # back, the manifest last
+        except Exception as e:
+            raise OSError(f"--out {root}: could not publish the new set, nor move the old one back ({e}); "
+                          f"the old set's files are in {aside}: move them back into {root}") from None
+        raise
 
 
 def _write_shards(model: ModelSource, ranges, seed_base: int, tmp: str, workers: int, inputs: str | None,

@@ -98,7 +98,12 @@ class TrainSpec(_Section):
     optimizer: Literal["adam", "adamw"] = Field("adam", description="betas and weight decay come from the family")
     scheduler: SchedulerSpec = SchedulerSpec()
     channels_last: bool = Field(False, description="NHWC memory layout for networks and images (faster convs on GPU)")
-    compile: bool = Field(False, description="torch.compile the trained network of each phase")
+    compile: bool = Field(False, description="torch.compile the trained network of each phase (refused with "
+                                             "DeepSpeed where a gradient penalty needs a double backward)")
+    cudnn_benchmark: bool = Field(True, description="on GPU, cuDNN times its convolution algorithms once and keeps "
+                                                    "the fastest (no effect on CPU)")
+    fused_adam: bool = Field(True, description="on GPU under DDP, torch's fused (one-kernel) Adam: the same update, "
+                                               "fewer launches (no effect on CPU)")
 
 
 class StrategySpec(_Section):
@@ -106,6 +111,27 @@ class StrategySpec(_Section):
     zero_stage: int = Field(1, ge=0, le=2, description="DeepSpeed ZeRO stage (0, 1 or 2)")
     timeout_s: int = Field(300, ge=10, description="collective timeout: a hung peer fails the group after this long")
     deepspeed: dict[str, Any] = Field({}, description="extra DeepSpeed config, merged over the one built from the spec")
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _nothing_that_unpickles(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # DeepSpeed's universal-checkpoint load reads its files with torch.load(weights_only=False),
+        # outside the restricted load every engine state goes through (models/safe_load.py): a file
+        # in run storage could run code on every worker. orbitgen resumes from its own checkpoints.
+        for path, why in UNPICKLING_DEEPSPEED_KEYS.items():
+            section, _, key = path.partition(".")
+            block = value.get(section)
+            if isinstance(block, dict) and key in block and block[key] not in (False, None):
+                raise ValueError(f"strategy.deepspeed.{path} is refused: {why}; remove it (orbitgen resumes "
+                                 "from its own checkpoints with --resume)")
+        return value
+
+
+# DeepSpeed config keys that make it unpickle files, and why they are refused.
+UNPICKLING_DEEPSPEED_KEYS = {
+    "checkpoint.load_universal": "DeepSpeed's universal-checkpoint load unpickles files (torch.load with "
+                                 "weights_only=False), which can run code",
+}
 
 
 class ScalingSpec(_Section):
@@ -147,6 +173,10 @@ class EvalSpec(_Section):
     inception_weights: str | None = None
     vgg_weights: str | None = Field(None, description="NVIDIA's VGG-16 TorchScript (vgg16.pt), a local file: the "
                                                        "feature space of precision/recall; null = the fid_extractor's")
+    lpips_weights: str | None = Field(None, description="LPIPS's weights (backbone and lin layers, the state dict of "
+                                                         "the reference lpips.LPIPS module; models/metrics/lpips.py), a "
+                                                         "local file: a family's perceptual metric is then published "
+                                                         "LPIPS, logged as `lpips`; null = `perceptual_randconv`")
 
     @model_validator(mode="after")
     def _inception_has_weights(self) -> "EvalSpec":
@@ -155,9 +185,24 @@ class EvalSpec(_Section):
             raise ValueError("fid_extractor 'inception' needs eval.inception_weights (a local file path)")
         return self
 
+    @model_validator(mode="after")
+    def _perceptual_named_for_its_weights(self) -> "EvalSpec":
+        """A family lists its perceptual metric as `lpips`; what is computed, and its logged name, follow
+        eval.lpips_weights (models.metrics.suite.named_for_weights): without weights it is
+        `perceptual_randconv`, and a run that asked for it as `lpips` says so in its params. Here
+        `perceptual_randconv` is read as that family metric (held as `lpips`, the name families list), so
+        old specs (`lpips`) and new ones parse alike. (No warning: every re-read of a dumped spec would repeat it.)"""
+        if self.metrics is None:
+            return self
+        if self.lpips_weights and "perceptual_randconv" in self.metrics:
+            raise ValueError("eval.metrics: with eval.lpips_weights a family's perceptual metric is published LPIPS: "
+                             "write lpips for perceptual_randconv (or drop eval.lpips_weights)")
+        self.metrics = list(dict.fromkeys("lpips" if m == "perceptual_randconv" else m for m in self.metrics))
+        return self
+
     def weight_files(self) -> dict[str, str]:
         """The extractor weights this section names, by spec key."""
-        return {f"eval.{key}": path for key in ("inception_weights", "vgg_weights")
+        return {f"eval.{key}": path for key in ("inception_weights", "vgg_weights", "lpips_weights")
                 if (path := getattr(self, key))}
 
 
@@ -230,6 +275,7 @@ class JobSpec(_Section):
             if unknown or not self.eval.metrics:
                 raise ValueError(f"eval.metrics: {', '.join(unknown) or 'an empty list'} — the {self.family} family is "
                                  f"judged by {', '.join(instance.metrics)}; pick among those (or null for all)")
+        check_training_setup(self, instance)
         logged = reported_names(self.eval_metrics(instance))
         if self.tracking.registry_model and self.tracking.promote_metric not in logged:
             raise ValueError(f"tracking.promote_metric {self.tracking.promote_metric!r} is not computed; "
@@ -372,3 +418,17 @@ def decode_inline(b64: str) -> str:
 def ready_specs() -> dict[str, Path]:
     """The ready specs in jobs/specs/, by file stem."""
     return {p.stem: p for p in sorted(SPECS_DIR.glob("*.yaml"))}
+
+
+def check_training_setup(spec: JobSpec, family) -> None:
+    """Refuses, in one line each, spec settings the family cannot train under: checked with the
+    spec, so on the driver before anything starts (and again where a worker builds its engines)."""
+    if spec.train.precision not in family.precisions:
+        raise ValueError(f"train.precision {spec.train.precision}: the {family.name} family trains only in "
+                         f"{' or '.join(family.precisions)} (fp16's range is too small for it)")
+    if spec.train.compile and spec.strategy.kind == "deepspeed" and family.needs_double_backward():
+        # DeepSpeed compiles the network in place, so the bare module that R1 / path length run
+        # through is compiled too, and compiled code has no double backward (DDP compiles a copy).
+        raise ValueError(f"train.compile with strategy.kind deepspeed: the {family.name} family's gradient penalties "
+                         "(R1, path length) need a double backward, which compiled code cannot run; "
+                         "use strategy.kind ddp, or set train.compile false")

@@ -90,6 +90,10 @@ class StepEnd:
     device: torch.device
     mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     from_rank0: Callable[[Any], Any] = lambda obj: obj
+    # on_rank0(work): runs `work()` on rank 0 alone and returns its result on every rank, for work
+    # that takes minutes (SCB-GAN's linear probe): the other ranks wait under a timeout long enough
+    # for it, where `from_rank0` after such work would outlast the collective timeout. A collective.
+    on_rank0: Callable[[Callable[[], Any]], Any] = lambda work: work()
     # Up to n training images as the data set holds them (float NCHW in [-1, 1] on the device, in
     # batches), read from the shards, not from the steps' batches, which MineAug and ADA change:
     # for what must see the real distribution (SCB-GAN's linear probe). Not a collective.
@@ -129,6 +133,8 @@ class Family(ABC):
     # caller's. tests/families/test_family_contract.py trains every family × ready spec with it
     # and fails a family that leaves it empty.
     tiny: ClassVar[dict[str, Any]] = {}
+    # The `train.precision` values the family trains correctly in; engines refuse the others.
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16", "fp16")
 
     def __init__(self, config: FamilyConfig, *, resolution: int, channels: int, lr: float):
         self.config = config
@@ -151,6 +157,12 @@ class Family(ABC):
         The batch holds `data_keys`: image-like keys (image, cond, mask) as float NCHW in [-1, 1]
         on the device, `cls` as int64.
         """
+
+    def needs_double_backward(self) -> bool:
+        """Whether a phase's loss differentiates a gradient (R1, path length: autograd.grad with
+        create_graph=True) with this config. torch.compile'd code cannot run such a backward:
+        engines refuse `train.compile` where it would compile the network the penalty runs through."""
+        return False
 
     def required_files(self) -> dict[str, str | None]:
         """Local files the training needs, by spec key (e.g. pretrained backbone weights): the
@@ -192,8 +204,14 @@ def run_in_eval(net: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def update_ema(ema: nn.Module, source: nn.Module, keep: float) -> None:
     """ema ← keep·ema + (1 − keep)·source for the parameters; buffers (BatchNorm statistics,
-    StyleGAN2's w_avg) are copied."""
-    for p_ema, p in zip(ema.parameters(), source.parameters()):
-        p_ema.lerp_(p.detach(), 1.0 - keep)
-    for b_ema, b in zip(ema.buffers(), source.buffers()):
-        b_ema.copy_(b)
+    StyleGAN2's w_avg) are copied. Foreach kernels: a few launches per step on a GPU, where one
+    lerp per tensor would be hundreds."""
+    ema_params = list(ema.parameters())
+    params = [p.detach() for p in source.parameters()]
+    if len(ema_params) != len(params):
+        raise ValueError(f"EMA copy has {len(ema_params)} parameters, its source {len(params)}")
+    if ema_params:
+        torch._foreach_lerp_(ema_params, params, 1.0 - keep)
+    ema_buffers, buffers = list(ema.buffers()), list(source.buffers())
+    if ema_buffers:
+        torch._foreach_copy_(ema_buffers, buffers)

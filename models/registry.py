@@ -7,6 +7,9 @@ A family is found in one of three ways, so that adding a system touches no list 
 - a reference `pkg.mod:Class` written as the spec's `family:` (the module must be importable
   on every worker, e.g. on PYTHONPATH or in the job's working dir).
 
+A file never chooses what is imported: `loadable_family_cls` (what a snapshot may name) knows only
+discovered families and classes of modules this process imported already, and imports nothing.
+
 `make_family` validates the `model:` section against the family's config and `augment.ada`
 against what the family declares (`Family.ada_config`), so no caller has to remember either.
 """
@@ -15,8 +18,9 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
+import sys
 from importlib import metadata
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from pydantic import BaseModel
 
@@ -86,6 +90,32 @@ def get_family_cls(name: str) -> type[Family]:
         raise KeyError(f"unknown family {name!r}; available: {', '.join(sorted(found))} "
                        "(or a reference pkg.module:Class)")
     return _complete(found[name], name)
+
+
+def loadable_family_cls(ref: str, trusted_packages: Iterable[str] = ()) -> type[Family] | None:
+    """The family that a file (a snapshot) naming `ref` may load, without importing anything: a
+    discovered family, by name or as `module:Class`, or a `module:Class` family whose module this
+    process has imported already (a spec's `family: pkg.mod:Class` loaded it), or one whose top-level
+    package is in `trusted_packages` (code the caller ships with the file: a registered model's
+    code paths), imported and checked to be a Family. None otherwise: a file that names
+    `os:system` or any other installed module must not get it imported."""
+    found = _discovered()
+    if ":" not in ref:
+        return found.get(ref)
+    for cls in found.values():
+        if f"{cls.__module__}:{cls.__qualname__}" == ref:
+            return cls
+    module_name, _, attr = ref.partition(":")
+    module = sys.modules.get(module_name)
+    if module is None and module_name.split(".", 1)[0] in set(trusted_packages):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            return None
+    obj = getattr(module, attr, None) if module is not None and attr.isidentifier() else None
+    if isinstance(obj, type) and issubclass(obj, Family) and obj is not Family:
+        return obj
+    return None
 
 
 def family_ref(cls: type[Family]) -> str:

@@ -2,18 +2,22 @@
 
 It is what a checkpoint hands the registry and what the registered MLflow model loads; it
 depends on `models/` only, so a served model needs no Ray, MLflow server or training code.
+
+A snapshot names its family; loading one imports nothing it names: the family must be one that
+discovery found (models/registry.py `loadable_family_cls`), else the file is refused
+(`UntrustedFileError`) before any module is imported.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from models.family import Family
-from models.registry import family_ref, make_family
-from models.safe_load import load_weights_only
+from models.registry import available_families, family_ref, loadable_family_cls, make_family
+from models.safe_load import UntrustedFileError, load_weights_only
 
 SNAPSHOT = "generator.pt"   # its file name in a training checkpoint's folder
 
@@ -31,10 +35,20 @@ def save_snapshot(path: str | Path, family: Family, sampler: nn.Module, extra: d
     }, path)
 
 
-def load_snapshot(path: str | Path, device: str | torch.device = "cpu") -> tuple[Family, nn.Module, dict[str, Any]]:
+def load_snapshot(path: str | Path, device: str | torch.device = "cpu", *,
+                  trusted_packages: Iterable[str] = ()) -> tuple[Family, nn.Module, dict[str, Any]]:
+    """The family, its sampler (on `device`, in eval mode) and the extra info of a snapshot.
+    `trusted_packages`: top-level packages whose code ships with the snapshot (a registered
+    model's code paths); a family from one of them may be imported, no other module."""
     snap = load_weights_only(path)
     if snap.get("format") != "orbitgen-snapshot-v1":
         raise ValueError(f"{path} is not an orbitgen snapshot")
+    ref = snap.get("family")
+    if not isinstance(ref, str) or loadable_family_cls(ref, trusted_packages) is None:
+        raise UntrustedFileError(
+            f"{path}: refused to load: it names the family {ref!r}, which is not one this installation discovered "
+            f"({', '.join(available_families())}; a lab's own family is installed through the orbitgen.families "
+            "entry point). Loading imports nothing a file names: was the snapshot replaced in storage?")
     family = make_family(snap["family"], snap["config"], resolution=snap["resolution"], channels=snap["channels"],
                          lr=snap["lr"])
     sampler = family.build()[family.sampler_role]

@@ -19,6 +19,11 @@ class SearchConfigError(UserError):
 
 PROXY_SAMPLES = 2048
 
+# `search.preset: paper`: the published MineAug selection (MINEAUG.md §1), field by field.
+PAPER_PRESET = {"select": "singles", "dedupe": False, "mse_min": 0.02, "k": 3, "features": "inception"}
+# `search.features`: "eval" scores stage 1 in eval.fid_extractor's space (the behaviour before the setting).
+FEATURES = ("eval", "randconv", "inception")
+
 
 class ValidateConfig(BaseModel):
     """Stage 2: short proxy trainings of subsets of the `top_m` best kept candidates."""
@@ -47,6 +52,10 @@ class ValidateConfig(BaseModel):
 
 
 class SearchConfig(BaseModel):
+    """The spec's `search:` section. `preset: paper` fills in the published rule's values (PAPER_PRESET)
+    and refuses a conflicting value written beside it, so a spec never claims the paper's mode while
+    departing from it."""
+
     # `validate` is a (deprecated) BaseModel method, so the field is `validate_` spelled `validate` in specs.
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
     k: int = Field(3, ge=1)
@@ -61,6 +70,22 @@ class SearchConfig(BaseModel):
     select: Literal["singles", "sets"] = "sets"
     seed: int = Field(0, ge=0)
     max_images: int | None = Field(None, ge=2)   # cap on the originals, for quick runs
+    preset: Literal["paper"] | None = None
+    # Stage 1's feature space: "eval" = eval.fid_extractor (and its weights); "inception" needs
+    # eval.inception_weights (a local file; nothing is downloaded).
+    features: Literal["eval", "randconv", "inception"] = "eval"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, values):
+        if not isinstance(values, dict) or values.get("preset") != "paper":
+            return values
+        clash = [f"search.{k}={values[k]!r}" for k, v in PAPER_PRESET.items() if k in values and values[k] != v]
+        if clash:
+            fixed = ", ".join(f"{k}={v!r}" for k, v in PAPER_PRESET.items())
+            raise ValueError(f"preset 'paper' fixes {fixed}; the spec also sets {', '.join(clash)}: remove it, "
+                             "or remove the preset")
+        return {**values, **PAPER_PRESET}
 
     @field_validator("candidates")
     @classmethod
@@ -105,8 +130,10 @@ def load_config(values: dict | SearchConfig | None) -> SearchConfig:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(section)"
             msg = err["msg"].removeprefix("Value error, ")
+            # The preset's check runs on the whole section: it names its own field.
+            loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or (
+                "preset" if msg.startswith("preset ") else "(section)")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             lines.append(f"search.{loc}: {msg}")
@@ -130,3 +157,23 @@ def resolve_candidates(cfg: SearchConfig, channels: int) -> list[str]:
         raise SearchConfigError(f"search.candidates: {', '.join(colour)} need(s) 3-channel images, the data has "
                                 f"{channels}; remove them or use 'all' (which skips colour-only entries)")
     return list(cfg.candidates)
+
+
+def stage1_features(cfg: SearchConfig, eval_extractor: str, eval_weights: str | None) -> tuple[str, str | None]:
+    """(extractor name, weights path) of stage 1: `search.features`, or eval.fid_extractor for "eval".
+    Inception without a weights file is refused here in one line, before anything runs."""
+    import os
+
+    name = eval_extractor if cfg.features == "eval" else cfg.features
+    if name != "inception":
+        return name, eval_weights   # unused by randconv; kept so a resumed search compares the same state
+    if not eval_weights or not os.path.isfile(eval_weights):
+        why = ("search.preset paper scores with Inception-v3 2048-d features" if cfg.preset == "paper"
+               else "search.features" + (" (eval.fid_extractor)" if cfg.features == "eval" else "") + " is inception")
+        where = "it is not set" if not eval_weights else f"no file at {eval_weights!r}"
+        way_out = ("or remove search.preset (the paper's selection needs Inception's features)" if cfg.preset == "paper"
+                   else "or set search.features: randconv")
+        raise SearchConfigError(f"search.features: {why}, which needs eval.inception_weights, the local file "
+                                f"inception-2015-12-05.pt ({where}; nothing is downloaded), {way_out}")
+    return name, eval_weights
+

@@ -59,11 +59,21 @@ class Reference:
         f = _f64(features)
         self.n, self.d = f.shape
         self.mu = f.mean(axis=0)
-        cov = np.cov(f, rowvar=False)
-        self.trace = float(np.trace(cov))
-        lam, vec = np.linalg.eigh(cov)
-        keep = lam > RANK_TOL * max(float(lam[-1]), 0.0)
-        self.basis = vec[:, keep] * np.sqrt(lam[keep])     # B: d x r
+        centred = f - self.mu
+        if self.n <= self.d:
+            # Fewer images than dimensions (Inception features of a small set): the n x n Gram matrix
+            # G = C C^T / (n-1) has the covariance's non-zero eigenvalues, and B = C^T U / sqrt(n-1)
+            # (U: G's eigenvectors) equals V L^(1/2); one n x n problem instead of d x d.
+            lam, u = np.linalg.eigh(centred @ centred.T / (self.n - 1))
+            keep = lam > RANK_TOL * max(float(lam[-1]), 0.0)
+            self.trace = float(np.trace(centred @ centred.T)) / (self.n - 1)
+            self.basis = centred.T @ u[:, keep] / np.sqrt(self.n - 1)   # B: d x r
+        else:
+            cov = np.cov(f, rowvar=False)
+            self.trace = float(np.trace(cov))
+            lam, vec = np.linalg.eigh(cov)
+            keep = lam > RANK_TOL * max(float(lam[-1]), 0.0)
+            self.basis = vec[:, keep] * np.sqrt(lam[keep])     # B: d x r
         self.rank = int(keep.sum())
         self.own = self.stats(f)
 

@@ -13,13 +13,16 @@
     )
     result.chosen, result.parent_run_id, result.table
 
-Steps: originals read and featurised once (driver) -> stage 1, one Ray Tune trial per candidate
-(search.stage1) -> ranking with MSE gate, near-duplicate groups and ties (search.select) ->
-every K-subset of the kept candidates scored as an expanded mixture from cached features ->
-optional stage 2 (search.validate: controls at every seed, Optuna proposals under successive
-halving, a verdict against plain data with Holm-corrected paired bootstrap intervals) -> MLflow
-parent run with ranking.csv, subsets.csv, a FID bar chart, a contact sheet, stage 2's
-verdict.csv / rungs.csv / rank_agreement.csv, and the chosen list and verdict as tags
+Steps: the feature space resolved (search.features or the caller's extractor; search.preset=paper
+is Inception-v3, refused in one line without its weights file) -> originals read and featurised
+once (driver) -> stage 1, one Ray Tune trial per candidate (search.stage1: FID, KID, MSE) ->
+ranking with MSE gate, near-duplicate groups and ties (search.select) -> every K-subset of the
+kept candidates scored as an expanded mixture from cached features (and a mixture KID for the K
+best singles and the best K-set) -> optional stage 2 (search.validate: controls at every seed,
+Optuna proposals under successive halving, a verdict against plain data with Holm-corrected
+paired bootstrap intervals) -> MLflow parent run with ranking.csv, subsets.csv, a FID bar chart,
+a contact sheet, stage 2's verdict.csv / trained.csv / rungs.csv / rank_agreement.csv, and the
+chosen list, the rule that chose it (search.labels) and the verdict as tags
 (search.tracking, search.stage2_tracking). The originals never include the `holdout` split.
 
 Errors in the inputs raise `SearchConfigError` whose message starts with the spec field
@@ -38,15 +41,16 @@ import numpy as np
 import torch
 
 from models.augment.pool import apply_uint8
-from search.config import SearchConfig, SearchConfigError, load_config, resolve_candidates
+from search.config import SearchConfig, SearchConfigError, load_config, resolve_candidates, stage1_features
 from search.context import SearchContext, TrainFn
 from search.frechet import Reference
 from search.originals import Originals, load_originals, resolve_url
 from search.plots import contact_sheet, fid_bar_chart
-from search.scoring import CandidateScore, repeat_seed
+from search.labels import best_set_rule, features_note, singles_rule, stage1_rule
+from search.scoring import CandidateScore, repeat_seed, with_kids
 from search.gate_message import too_few_kept
-from search.select import (RankRow, SubsetRow, best_singles, mixture_fid, mixture_table, rank_candidates,
-                           rank_subsets, screening_note)
+from search.select import (RankRow, SubsetRow, best_singles, mixture_fid, mixture_kid, mixture_table,
+                           rank_candidates, rank_subsets, screening_note)
 from search.stage1 import run_stage1
 from search.store import SearchStore
 from search.tracking import (RANKING_COLUMNS, TAG_CHOSEN, TAG_SELECT, SearchTracker, format_ranking, write_csv)
@@ -56,7 +60,7 @@ from search.validate import ValidationResult, run_stage2
 SUBSET_COLUMNS = ("rank", "augmentations", "fid", "fid_std", "fids", "exact")
 # What must match for a resumed search to reuse stored trials.
 _RESUME_KEYS = ("candidates", "repeats", "seed", "max_images")
-_STATE_FIELDS = {"data": "data.train", "channels": "data.channels", "extractor": "eval.fid_extractor",
+_STATE_FIELDS = {"data": "data.train", "channels": "data.channels", "extractor": "search.features (or eval.fid_extractor)",
                  "holdout": "data.holdout", "resolution": "data.resolution", "extractor_weights": "eval.inception_weights"}
 
 
@@ -78,6 +82,12 @@ class SearchResult:
     stage1_ran: list[str] = field(default_factory=list)
     stage1_reused: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    singles_kid: tuple[float, float] = (float("nan"), float("nan"))    # (mixture KID, spread over repeats)
+    best_set_kid: tuple[float, float] = (float("nan"), float("nan"))
+    singles_rule: str = ""             # which rule produced each list (search.labels)
+    best_set_rule: str = ""
+    chosen_rule: str = ""
+    features_note: str = ""            # the feature space, and whether it is the paper's
 
     @property
     def verdict(self) -> str:
@@ -133,6 +143,8 @@ def run_search(originals: str | Originals, *, channels: int, config: dict | Sear
         raise SearchConfigError("search.validate.top_m: stage 2 needs a training function; none was given")
     if 0 < cfg.validate_.top_m < cfg.k:
         raise SearchConfigError(f"search.validate.top_m: {cfg.validate_.top_m} is below search.k={cfg.k}")
+    # search.features (or eval's extractor); Inception without its weights file stops here, in one line.
+    extractor, extractor_weights = stage1_features(cfg, extractor, extractor_weights)
     store = SearchStore(storage)
     data = originals.url if isinstance(originals, Originals) else str(originals)
     state = {"config": cfg.to_dict(), "data": data, "channels": channels, "extractor": extractor, "name": name,
@@ -156,7 +168,7 @@ def run_search(originals: str | Originals, *, channels: int, config: dict | Sear
     result.seconds = time.perf_counter() - start
     tracker.log(parent, metrics={"seconds": result.seconds})
     tracker.finish(parent)
-    say(f"chosen ({result.select}): {', '.join(result.chosen)}")   # the caller prints `result.table`
+    say(f"chosen ({result.chosen_rule}): {', '.join(result.chosen)}")   # the caller prints `result.table`
     return result
 
 
@@ -178,6 +190,7 @@ def _search(ctx: SearchContext) -> SearchResult:
                                 "data": originals.url, "images": originals.count, "channels": ctx.channels,
                                 "extractor": originals.extractor_name, "candidates": len(candidates)},
                 tags={"orbitgen.data_fingerprint": originals.fingerprint} if originals.fingerprint else None)
+    say(features_note(ctx.extractor, originals.extractor_name))
     _ensure_ray()
     reference = Reference(originals.features)
     for n in candidates:
@@ -193,14 +206,16 @@ def _search(ctx: SearchContext) -> SearchResult:
         if not tracker.has_metric(run_id, "fid"):   # a resumed search never logs a trial twice
             tracker.log(run_id, params={"candidate": score.name, "repeats": len(score.fids)},
                         metrics={"fid": score.fid, "fid_std": score.fid_std, "mse": score.mse,
-                                 "mse_std": score.mse_std, "seconds": score.seconds},
+                                 "mse_std": score.mse_std, "seconds": score.seconds,
+                                 **({"kid": score.kid, "kid_std": score.kid_std} if score.kids else {})},
                         step_metrics=[("fid_repeat", f, r) for r, f in enumerate(score.fids)]
                         + [("mse_repeat", m, r) for r, m in enumerate(score.mses)])
-        say(f"  [{len(reported):>{len(str(len(candidates)))}}/{len(candidates)}] {score.name:20s} FID {score.fid:.4g} ± {score.fid_std:.2g}  MSE {score.mse:.4g}  ({score.seconds:.1f}s)")
+        say(f"  [{len(reported):>{len(str(len(candidates)))}}/{len(candidates)}] {score.name:20s} FID {score.fid:.4g} ± {score.fid_std:.2g}  KID {score.kid:.3g} ± {score.kid_std:.2g}  MSE {score.mse:.4g}  ({score.seconds:.1f}s)")
 
     scores, ran = run_stage1(originals, candidates, repeats=cfg.repeats, seed=cfg.seed, extractor=ctx.extractor,
                              weights_path=ctx.extractor_weights, store=store, resources=cfg.resources_per_trial,
                              concurrency=cfg.concurrency, reference=reference, on_result=on_result, log=say)
+    scores = {n: with_kids(sc, originals.features) for n, sc in scores.items()}   # stored before KID: filled in
     for n in candidates:
         if n not in ran:
             on_result(scores[n])   # finished before a restart: its child run may lack the metrics
@@ -224,11 +239,12 @@ def _search(ctx: SearchContext) -> SearchResult:
     singles = best_singles(ranking, cfg.k)
     singles_fid, _ = mixture_fid(table, kept, singles)
     best_set, best_set_fid = list(subsets[0].augmentations), subsets[0].fid
+    singles_kid = mixture_kid(originals.features, scores, singles)
+    best_set_kid = mixture_kid(originals.features, scores, best_set)
     chosen = singles if cfg.select == "singles" else best_set
-    reason = (f"stage 1, select={cfg.select}: " + ("the K best singles (published rule)" if cfg.select == "singles"
-              else "the K-set whose expanded mixture is closest to the originals")
-              + f"; singles {'+'.join(singles)} mixture FID {singles_fid:.4g}, best set {'+'.join(best_set)} "
-              f"{best_set_fid:.4g}")
+    chosen_rule = stage1_rule(cfg)
+    reason = (f"stage 1, {chosen_rule}; singles {'+'.join(singles)} mixture FID {singles_fid:.4g}, best set "
+              f"{'+'.join(best_set)} {best_set_fid:.4g}")
 
     validation = None
     if cfg.validate_.top_m > 0:
@@ -242,17 +258,27 @@ def _search(ctx: SearchContext) -> SearchResult:
                                 proxy=proxy, augmented_features=lambda n: cache.setdefault(n, scores[n].features),
                                 on_run=lambda run: log_stage2_run(tracker, run, cfg.validate_.budget_steps))
         chosen, reason = validation.chosen, f"stage 2: {validation.reason}"
+        if validation.winner:
+            chosen_rule = "stage 2: it beat no augmentation beyond seed noise (Holm-corrected paired bootstrap)"
+        else:
+            chosen_rule = f"{chosen_rule} (stage 2 found no subset beating no augmentation)"
         say("verdict: " + validation.verdict)
         if validation.warning:
             say("WARNING: " + validation.warning)
         if validation.leaks:
-            say("WARNING: leak check: the proxy generator's samples are closer to the augmented copies of "
-                f"{', '.join(validation.leaks)} than to the originals")
+            lr = validation.leak_report
+            say("WARNING: leak check: by KID, the proxy generator's samples are closer to the augmented copies of "
+                f"{', '.join(validation.leaks)} than to the originals (KID to originals "
+                f"{lr.get('kid_samples_originals', float('nan')):.3g}, margin {lr.get('margin', float('nan')):.2g}, "
+                f"{lr.get('samples', '?')} samples)")
 
     result = SearchResult(name=ctx.name, parent_run_id=parent, experiment_id=tracker.experiment_id, ranking=ranking,
                           subsets=subsets, singles=singles, singles_fid=singles_fid, best_set=best_set,
                           best_set_fid=best_set_fid, chosen=chosen, select=cfg.select, reason=reason,
-                          validation=validation, stage1_ran=ran, stage1_reused=[n for n in candidates if n not in ran])
+                          validation=validation, stage1_ran=ran, stage1_reused=[n for n in candidates if n not in ran],
+                          singles_kid=singles_kid, best_set_kid=best_set_kid, singles_rule=singles_rule(cfg),
+                          best_set_rule=best_set_rule(cfg), chosen_rule=chosen_rule,
+                          features_note=features_note(ctx.extractor, originals.extractor_name))
     _report(ctx, result)
     return result
 
@@ -270,7 +296,10 @@ def _report(ctx: SearchContext, result: SearchResult) -> None:
                                              "best_set": res.best_set, "best_set_fid": res.best_set_fid,
                                              "config": cfg.to_dict(), "extractor": originals.extractor_name,
                                              "images": originals.count,
-                                             "verdict": res.verdict,
+                                             "verdict": res.verdict, "singles_kid": res.singles_kid,
+                                             "best_set_kid": res.best_set_kid, "singles_rule": res.singles_rule,
+                                             "best_set_rule": res.best_set_rule, "chosen_rule": res.chosen_rule,
+                                             "features_note": res.features_note,
                                              "validation": validation.summary() if validation else None},
                                             indent=1, default=str)}
         if validation:
@@ -296,12 +325,17 @@ def _report(ctx: SearchContext, result: SearchResult) -> None:
                 ctx.store.write_bytes(files[fname].encode("utf-8"), fname)
     metrics = {"singles_mixture_fid": res.singles_fid, "best_set_mixture_fid": res.best_set_fid,
                "kept": float(sum(r.kept for r in res.ranking))}
+    for label, (kid, _) in (("singles", res.singles_kid), ("best_set", res.best_set_kid)):
+        if np.isfinite(kid):
+            metrics[f"{label}_mixture_kid"] = kid
     if validation:
         metrics.update(stage2_metrics(validation))
     ctx.tracker.log(ctx.parent_run_id, metrics=metrics,
                     tags={TAG_CHOSEN: ",".join(res.chosen), TAG_SELECT: res.select,
                           "orbitgen.search.reason": res.reason[:5000], "orbitgen.search.singles": ",".join(res.singles),
                           "orbitgen.search.best_set": ",".join(res.best_set),
+                          "orbitgen.search.chosen_rule": res.chosen_rule[:5000],
+                          "orbitgen.search.features": res.features_note[:5000],
                           **({"orbitgen.search.stage": "2", "orbitgen.search.leaks": ",".join(validation.leaks),
                               TAG_VERDICT: validation.verdict[:5000],
                               "orbitgen.search.proxy_warning": validation.warning[:5000]} if validation else

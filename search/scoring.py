@@ -14,6 +14,7 @@ import torch
 
 from models.augment.pool import apply_uint8, mse_pm1
 from search.frechet import Reference
+from search.kid import kid_with_std
 from search.originals import Originals, extract
 
 
@@ -36,6 +37,7 @@ class CandidateScore:
     mses: list[float]                   # pixel MSE in [-1, 1], images matched by key, one per repeat
     features: list[np.ndarray] = field(repr=False, default_factory=list)   # float32 (N, d) per repeat
     seconds: float = 0.0
+    kids: list[float] = field(default_factory=list)   # KID(augmented copy, originals), one per repeat
 
     @property
     def fid(self) -> float:
@@ -44,6 +46,15 @@ class CandidateScore:
     @property
     def fid_std(self) -> float:
         return spread(self.fids)
+
+    @property
+    def kid(self) -> float:
+        return float(np.mean(self.kids)) if self.kids else float("nan")
+
+    @property
+    def kid_std(self) -> float:
+        """Spread over repeats, as fid_std (KID's own subset spread is 0 for sets of <= 1000 images)."""
+        return spread(self.kids) if self.kids else float("nan")
 
     @property
     def mse(self) -> float:
@@ -75,4 +86,12 @@ def score_candidate(name: str, originals: Originals, extractor: torch.nn.Module,
         fids.append(reference.fid(reference.stats(f)))
         # apply_uint8 keeps row order, so row i is the copy of key i: matched by key by construction.
         mses.append(mse_pm1(aug, originals.images))
-    return CandidateScore(name, fids, mses, feats, time.perf_counter() - start)
+    kids = [kid_with_std(originals.features, f)[0] for f in feats]
+    return CandidateScore(name, fids, mses, feats, time.perf_counter() - start, kids)
+
+
+def with_kids(score: CandidateScore, originals_features: np.ndarray) -> CandidateScore:
+    """`score` with its per-repeat KIDs, computed from its stored features when it was stored without them."""
+    if not score.kids:
+        score.kids = [kid_with_std(originals_features, f)[0] for f in score.features]
+    return score

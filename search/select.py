@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from search.frechet import MixtureTable, Reference
+from search.kid import FULL_KERNEL_MAX, kid_with_std
 from search.scoring import CandidateScore, spread
 
 DUP_RATIO = 1.15
@@ -46,6 +47,8 @@ class RankRow:
     reason: str = ""                 # why not kept (MSE gate, near-duplicate)
     near_duplicate_of: str = ""      # the group's representative (best FID), for its other members
     tied_with: list[str] = field(default_factory=list)   # kept candidates whose fid ± fid_std overlap
+    kid: float = float("nan")        # KID(augmented copy, originals), mean over repeats
+    kid_std: float = float("nan")    # its spread over repeats
 
     def as_csv(self) -> dict:
         d = asdict(self)
@@ -117,7 +120,7 @@ def rank_candidates(scores: Mapping[str, CandidateScore], mse_min: float, dedupe
     """Kept candidates (MSE > mse_min, not a near-duplicate of a better one when `dedupe`) ranked by
     FID ascending, then the dropped ones in FID order. Near-duplicate groups are reported even when
     `dedupe` is off (then all members stay eligible)."""
-    rows = {n: RankRow(0, n, s.fid, s.fid_std, s.mse, True) for n, s in scores.items()}
+    rows = {n: RankRow(0, n, s.fid, s.fid_std, s.mse, True, kid=s.kid, kid_std=s.kid_std) for n, s in scores.items()}
     for n, s in scores.items():
         if not (np.isfinite(s.fid) and np.isfinite(s.mse)):
             # A NaN score (a degenerate augmented set, a failed extraction) would sort anywhere.
@@ -150,6 +153,21 @@ def mixture_fid(table: MixtureTable, names: Sequence[str], subset: Sequence[str]
     index = {n: i for i, n in enumerate(names)}
     fids = table.fids(np.array([[index[n] for n in subset]], dtype=np.int64).reshape(1, len(subset)))[0]
     return float(fids.mean()), spread(fids)
+
+
+def mixture_kid(originals_features: np.ndarray, scores: Mapping[str, CandidateScore], subset: Sequence[str],
+                max_rows: int = FULL_KERNEL_MAX) -> tuple[float, float]:
+    """(mean, spread over repeats) of the KID of the expanded mixture (originals plus one copy per
+    `subset` member, repeat r mixing the r-th copies) against the originals; (nan, nan) above
+    `max_rows` mixture rows, where its kernel matrices stop being cheap (the FID table is not)."""
+    n = originals_features.shape[0] * (1 + len(subset))
+    if n > max_rows or not subset:
+        return float("nan"), float("nan")
+    repeats = min(len(scores[a].features) for a in subset)
+    kids = [kid_with_std(originals_features,
+                         np.concatenate([originals_features, *(scores[a].features[r] for a in subset)]))[0]
+            for r in range(repeats)]
+    return float(np.mean(kids)), spread(kids)
 
 
 def rank_subsets(table: MixtureTable, names: Sequence[str], k: int, screen_rank: int = SCREEN_RANK,

@@ -36,7 +36,7 @@ def _trial(config: dict, payload: tuple) -> None:
     score = score_candidate(name, originals, extractor, repeats, seed, reference, device)
     storage.save_score(score)
     tune.report({"candidate": name, "fid": score.fid, "fid_std": score.fid_std, "mse": score.mse,
-                 "seconds": score.seconds})
+                 "kid": score.kid, "kid_std": score.kid_std, "seconds": score.seconds})
 
 
 class _Forward(tune.Callback):

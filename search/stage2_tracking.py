@@ -2,7 +2,8 @@
 
 A child run's trial name is `validate:<subset key>@seed<seed>`; it records its seed as a param
 and a tag (`orbitgen.search.seed`), its role (control or proposal), its policy and its status.
-The parent run gets `verdict.csv` (each subset against none), `rungs.csv` (what each halving rung
+The parent run gets `verdict.csv` (each subset against none, with its trained FID and KID),
+`trained.csv` (every subset's trained FID and KID, mean and spread over seeds, "none" included), `rungs.csv` (what each halving rung
 stopped, and its cutoff), `rung_decisions.csv` (every decision) and `rank_agreement.csv`.
 """
 from __future__ import annotations
@@ -16,7 +17,9 @@ if TYPE_CHECKING:
 
 TAG_SEED = "orbitgen.search.seed"
 TAG_VERDICT = "orbitgen.search.verdict"
-VERDICT_COLUMNS = ("key", "label", "seeds", "diffs", "mean", "low", "high", "level", "pvalue", "beats_none")
+VERDICT_COLUMNS = ("key", "label", "seeds", "diffs", "mean", "low", "high", "level", "pvalue", "beats_none",
+                   "fid", "fid_std", "kid", "kid_std")
+TRAINED_COLUMNS = ("key", "seeds", "fid", "fid_std", "kid", "kid_std")
 RUNG_COLUMNS = ("rung", "judged", "stopped", "last_cutoff")
 DECISION_COLUMNS = ("rung", "step", "trial", "value", "cutoff", "stopped")
 AGREEMENT_COLUMNS = ("size", "subsets", "tau", "tau_low", "tau_high", "rho", "rho_low", "rho_high", "warning")
@@ -34,6 +37,8 @@ def log_stage2_run(tracker: SearchTracker, run: "ValidatedRun", budget_steps: in
             metrics["fid"] = run.fid
         if run.proxy_fid is not None:
             metrics["proxy_fid"] = run.proxy_fid
+        if run.kid is not None:
+            metrics["kid"] = run.kid
         tracker.log(run_id, params={"augmentations": run.key, "seed": run.seed, "policy": run.policy,
                                     "role": run.role, "budget_steps": budget_steps},
                     metrics=metrics, tags={"orbitgen.search.status": run.status, TAG_SEED: str(run.seed),
@@ -48,8 +53,11 @@ def _join(values) -> str:
 
 def stage2_artifacts(v: "ValidationResult") -> dict[str, str]:
     """File name -> CSV text, for the parent run and the search's folder."""
-    verdict = [{**c.as_dict(), "seeds": _join(c.seeds), "diffs": _join(c.diffs)} for c in v.comparisons]
+    trained = {k: {**t, "seeds": _join(t["seeds"])} for k, t in v.trained.items()}
+    verdict = [{**{k: x for k, x in trained.get(c.key, {}).items() if k != "seeds"}, **c.as_dict(),
+                "seeds": _join(c.seeds), "diffs": _join(c.diffs)} for c in v.comparisons]
     return {"verdict.csv": write_csv(verdict, VERDICT_COLUMNS),
+            "trained.csv": write_csv([{"key": k, **t} for k, t in trained.items()], TRAINED_COLUMNS),
             "rungs.csv": write_csv(v.rungs, RUNG_COLUMNS),
             "rung_decisions.csv": write_csv(v.rung_decisions, DECISION_COLUMNS),
             "rank_agreement.csv": write_csv([a.as_dict() for a in v.agreement], AGREEMENT_COLUMNS)}

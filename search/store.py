@@ -70,16 +70,19 @@ class SearchStore:
     def save_score(self, score: CandidateScore) -> None:
         buf = io.BytesIO()
         np.savez(buf, fids=np.asarray(score.fids), mses=np.asarray(score.mses),
-                 features=np.stack(score.features).astype(np.float32), seconds=np.asarray(score.seconds))
+                 features=np.stack(score.features).astype(np.float32), seconds=np.asarray(score.seconds),
+                 kids=np.asarray(score.kids, dtype=np.float64))
         self.write_bytes(buf.getvalue(), "stage1", f"{score.name}.npz")
         # The marker goes last: a trial killed between the two files counts as unfinished.
         self.write_json({"candidate": score.name, "fid": score.fid, "fid_std": score.fid_std, "mse": score.mse,
-                         "repeats": len(score.fids), "seconds": score.seconds}, "stage1", f"{score.name}.json")
+                         "kid": score.kid, "kid_std": score.kid_std, "repeats": len(score.fids), "seconds": score.seconds}, "stage1", f"{score.name}.json")
 
     def load_score(self, name: str) -> CandidateScore:
         with np.load(io.BytesIO(self.read_bytes("stage1", f"{name}.npz"))) as z:
             return CandidateScore(name, [float(v) for v in z["fids"]], [float(v) for v in z["mses"]],
-                                  list(z["features"]), float(z["seconds"]))
+                                  list(z["features"]), float(z["seconds"]),
+                                  # a score stored before KID has none: search.scoring.with_kids fills it in
+                                  [float(v) for v in z["kids"]] if "kids" in z.files else [])
 
     def optuna_storage(self) -> str | None:
         """The URL of the Optuna study's database beside the search (sqlite: local folders only,

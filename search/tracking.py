@@ -28,7 +28,7 @@ TAG_CHOSEN = "orbitgen.search.chosen"
 TAG_SELECT = "orbitgen.search.select"
 TAG_KIND = "orbitgen.kind"
 
-RANKING_COLUMNS = ("rank", "augmentation", "fid", "fid_std", "mse", "kept", "reason", "near_duplicate_of", "tied_with")
+RANKING_COLUMNS = ("rank", "augmentation", "fid", "fid_std", "kid", "kid_std", "mse", "kept", "reason", "near_duplicate_of", "tied_with")
 
 
 def _is_local_store(uri: str) -> bool:
@@ -156,11 +156,12 @@ def format_ranking(rows: Sequence[Mapping[str, Any]], chosen: Sequence[str] = ()
     """A fixed-width table of ranking rows (dicts from RankRow.as_csv or read_ranking); '*' = chosen."""
     def fmt(v, kind):
         if kind == "f":
-            return f"{float(v):.4g}"
+            return "-" if v in (None, "") or v != v or str(v) == "nan" else f"{float(v):.4g}"
         return str(v)
 
     cols = [("rank", "rank", "s"), ("augmentation", "augmentation", "s"), ("fid", "fid", "f"),
-            ("fid_std", "±", "f"), ("mse", "mse", "f"), ("kept", "kept", "s"), ("reason", "note", "s")]
+            ("fid_std", "±", "f"), ("kid", "kid", "f"), ("kid_std", "±", "f"), ("mse", "mse", "f"),
+            ("kept", "kept", "s"), ("reason", "note", "s")]
     table = [["", *[h for _, h, _ in cols]]]
     for r in rows:
         kept = str(r["kept"]).lower() in ("true", "1")
@@ -168,7 +169,8 @@ def format_ranking(rows: Sequence[Mapping[str, Any]], chosen: Sequence[str] = ()
         if r.get("tied_with"):
             tw = r["tied_with"] if isinstance(r["tied_with"], str) else " ".join(r["tied_with"])
             note = (note + "; " if note else "") + f"tied with {tw.replace(' ', ', ')}"
-        row = {**r, "kept": "yes" if kept else "no", "reason": note}
+        # ranking.csv of a search run before KID has no kid columns: shown as "-".
+        row = {"kid": None, "kid_std": None, **r, "kept": "yes" if kept else "no", "reason": note}
         table.append(["*" if r["augmentation"] in chosen else "", *[fmt(row[k], t) for k, _, t in cols]])
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table)
@@ -179,7 +181,10 @@ def show_search(run_id: str, tracking_uri: str) -> str:
     rows, tags = read_ranking(run_id, tracking_uri)
     chosen = [c for c in tags.get(TAG_CHOSEN, "").split(",") if c]
     lines = [f"search {tags.get(TAG_SEARCH, '?')} (MLflow run {run_id})", format_ranking(rows, chosen),
-             f"chosen ({tags.get(TAG_SELECT, '?')}): {', '.join(chosen) or '(none)'}"]
+             f"chosen ({tags.get('orbitgen.search.chosen_rule') or tags.get(TAG_SELECT, '?')}): "
+             f"{', '.join(chosen) or '(none)'}"]
+    if tags.get("orbitgen.search.features"):
+        lines.append(tags["orbitgen.search.features"])
     if tags.get("orbitgen.search.reason"):
         lines.append(f"why: {tags['orbitgen.search.reason']}")
     return "\n".join(lines)

@@ -19,13 +19,14 @@ most negative mean difference is chosen. TrivialAugment-style is compared and re
 be written into a spec (`augment.mineaug` is a list of candidates). Without a winner the choice of
 `search.select` stands, and the verdict says in plain words that no subset beat plain data.
 Rank agreement (`search.rank_agreement`): Kendall τ and Spearman ρ per subset size over subsets
-trained to the full budget. Leak check: for each member a of the chosen subset, FID(samples,
-augmented copy a) < FID(samples, originals) means the generator learned the augmented look.
+trained to the full budget. Leak check: for each member a of the chosen subset, KID(samples,
+augmented copy a) below KID(samples, originals) by more than a noise margin (`leak_check`) means
+the generator learned the augmented look.
 
 The training itself is the caller's, `SearchContext.train_fn`:
 `train_fn(augmentations, budget_steps, report, trial_dir, *, seed, policy)` calls
 `report(step, fid_vs_originals)` at each evaluation and returns a dict with at least `fid` (final
-FID against the ORIGINAL images), optionally `samples` (uint8 NCHW) or `sample_features` for the
+FID against the ORIGINAL images), optionally `kid` (final KID, likewise), `samples` (uint8 NCHW) or `sample_features` for the
 leak check. `policy` is "expand" (MineAug's N·(1+K) expansion of `augmentations`) or "trivial"
 (one of `augmentations` per image per draw). Each run is stored as `stage2/<key>/seed-<seed>.json`
 by the trial itself; a resumed search (or a repeated proposal) replays it instead of training.
@@ -49,6 +50,10 @@ from models.metrics.extractors import make_extractor
 from search.context import SearchContext
 from search.frechet import Gaussian, fid_gaussians
 from search.halving import RecordedHalving, grace_steps
+from models.metrics.kid import SUBSET_SIZE
+from search.kid import kid_subset_values, kid_with_std
+from search.labels import best_set_rule, singles_rule
+from search.scoring import spread
 from search.originals import extract
 from search.proposals import NONE_KEY, in_order, members_of, proposal_choices, subset_key
 from search.rank_agreement import SizeAgreement, agreement_by_size
@@ -75,13 +80,15 @@ class Treatment:
     label: str           # which rule produced it
 
 
-def controls(kept: Sequence[str], singles: Sequence[str], best_set: Sequence[str]) -> list[Treatment]:
-    """none, TrivialAugment-style, the K best singles, the best K-set (a set named twice runs once)."""
+def controls(kept: Sequence[str], singles: Sequence[str], best_set: Sequence[str],
+             singles_label: str = "the K best singles", best_set_label: str = "best K-set by stage-1 mixture FID"
+             ) -> list[Treatment]:
+    """none, TrivialAugment-style, the K best singles, the best K-set (a set named twice runs once);
+    the labels name the rule that produced each set (search.labels)."""
     out = [Treatment(NONE_KEY, (), EXPAND, "control", "no augmentation"),
            Treatment(TRIVIAL_KEY, tuple(kept), TRIVIAL, "control",
                      "TrivialAugment-style: one kept candidate per image per draw")]
-    for members, label in ((singles, "published choice: the K best singles"),
-                           (best_set, "best K-set by stage-1 mixture FID")):
+    for members, label in ((singles, singles_label), (best_set, best_set_label)):
         members = in_order(members, kept)
         same = next((t for t in out if t.policy == EXPAND and set(t.augmentations) == set(members)), None)
         if same is None:
@@ -105,6 +112,7 @@ class ValidatedRun:
     fids: list[float] = field(default_factory=list)
     proxy_fid: float | None = None   # stage-1 mixture FID of the same subset (expand policy)
     error: str = ""
+    kid: float | None = None         # final trained KID against the originals, when the proxy reports it
 
 
 @dataclass
@@ -123,6 +131,8 @@ class ValidationResult:
     warning: str = ""
     leaks: list[str] = field(default_factory=list)
     leak_report: dict[str, Any] = field(default_factory=dict)
+    # subset key -> trained {fid, fid_std, kid, kid_std, seeds}: mean and spread over its finished seeds
+    trained: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def kendall_tau(self) -> float | None:
@@ -198,8 +208,9 @@ def _trial(config: dict, payload: tuple) -> None:
         np.save(buf, np.asarray(feats, dtype=np.float32))
         store.write_bytes(buf.getvalue(), *_samples_path(key, seed))
     final_step = max([budget, *steps])
+    kid = out.get("kid")
     store.write_json({"subset": key, "augmentations": augmentations, "policy": policy, "seed": seed,
-                      "fid": float(out["fid"]), "steps": steps, "fids": fids, "final_step": final_step,
+                      "fid": float(out["fid"]), "kid": None if kid is None else float(kid), "steps": steps, "fids": fids, "final_step": final_step,
                       "budget_steps": budget, "has_samples": feats is not None}, *_run_path(key, seed))
     tune.report({"step": final_step, INTERMEDIATE: float(out["fid"]), OBJECTIVE: float(out["fid"]), **tags})
 
@@ -234,6 +245,7 @@ def _collect(treatment: Treatment, seed: int, history: list[dict], store: Search
     if store.exists(*_run_path(treatment.key, seed)):
         rec = store.read_json(*_run_path(treatment.key, seed))
         run.status, run.fid, run.steps, run.fids = "finished", rec["fid"], rec["steps"], rec["fids"]
+        run.kid = rec.get("kid")   # None for a run stored before KID, or a train_fn that gives none
         return run
     pairs = [(int(h["step"]), float(h[INTERMEDIATE])) for h in history
              if h.get("step") is not None and h.get(INTERMEDIATE) is not None]
@@ -243,18 +255,45 @@ def _collect(treatment: Treatment, seed: int, history: list[dict], store: Search
     return run
 
 
+# A leak must exceed the noise of KID itself: an augmented copy of rotation-invariant data (the crater
+# fields) has nearly the originals' distribution, and two equal-in-truth KIDs differ by estimation noise.
+LEAK_Z = 2.0               # margin: this many standard deviations of the paired difference (see leak_check)
+LEAK_SUBSETS = 100
+
+
 def leak_check(sample_features: np.ndarray, originals_features: np.ndarray,
                augmented_features: dict[str, list[np.ndarray]]) -> tuple[list[str], dict[str, Any]]:
-    """Members whose augmented copies are closer (FID) to the generator's samples than the originals."""
+    """Members whose augmented copies are closer to the generator's samples than the originals are,
+    by KID, beyond a noise margin. KID, not FID: it has no sample-size bias, so a few hundred
+    generated samples compare fairly.
+
+    The noise: the same half-size subsets of the samples are scored against half-size subsets of the
+    originals and of each copy (paired: the same seed draws the same sample subsets, the copy having
+    the originals' count), giving differences d_s = MMD²(samples_s, originals_s) - MMD²(samples_s,
+    copy_s). Half-size subsets drawn without replacement from n spread around the full estimate by
+    about the full estimate's own standard error (variance 2s²/n times the finite-population
+    factor 1 - m/n = 1/2, i.e. s²/n), so the margin LEAK_Z x std(d) is a two-standard-error rule.
+    (Full-size subsets cannot measure it: with at most 1000 images a side every subset is the
+    whole set and their spread is 0.) A member leaks when KID(samples, originals) - KID(samples,
+    copy) > margin. FIDs are kept beside it."""
     g = Gaussian(sample_features)
-    to_orig = fid_gaussians(g, Gaussian(originals_features))
-    report: dict[str, Any] = {"fid_samples_originals": to_orig}
-    leaks = []
+    to_orig = kid_with_std(originals_features, sample_features)[0]
+    half = max(2, min(sample_features.shape[0], originals_features.shape[0], SUBSET_SIZE) // 2)
+    orig_halves = kid_subset_values(originals_features, sample_features, subsets=LEAK_SUBSETS, subset_size=half)
+    report: dict[str, Any] = {"kid_samples_originals": to_orig, "samples": int(sample_features.shape[0]),
+                              "fid_samples_originals": fid_gaussians(g, Gaussian(originals_features))}
+    leaks, margins = [], []
     for name, feats in augmented_features.items():
-        d = float(np.mean([fid_gaussians(g, Gaussian(f)) for f in feats]))
-        report[f"fid_samples_{name}"] = d
-        if d < to_orig:
+        kid = float(np.mean([kid_with_std(f, sample_features)[0] for f in feats]))
+        diffs = np.concatenate([orig_halves - kid_subset_values(f, sample_features, subsets=LEAK_SUBSETS,
+                                                                 subset_size=half) for f in feats])
+        margin = LEAK_Z * float(diffs.std(ddof=1))
+        margins.append(margin)
+        report[f"kid_samples_{name}"], report[f"margin_{name}"] = kid, margin
+        report[f"fid_samples_{name}"] = float(np.mean([fid_gaussians(g, Gaussian(f)) for f in feats]))
+        if to_orig - kid > margin:
             leaks.append(name)
+    report["margin"] = max(margins) if margins else 0.0
     return leaks, report
 
 
@@ -312,7 +351,7 @@ def run_stage2(ctx: SearchContext, *, top: Sequence[str], kept: Sequence[str] | 
     top, kept = list(top), list(kept if kept is not None else top)
     seeds = seed_list(cfg.seed, v.seeds)
     limit = concurrency_limit(resources, cfg.concurrency)
-    ctrl = controls(kept, singles, best_set)
+    ctrl = controls(kept, singles, best_set, singles_rule(cfg), best_set_rule(cfg))
     treatments = {t.key: t for t in ctrl}
     runs: dict[tuple[str, int], ValidatedRun] = {}
 
@@ -393,13 +432,28 @@ def run_stage2(ctx: SearchContext, *, top: Sequence[str], kept: Sequence[str] | 
     agreement = agreement_by_size(_agreement_points(all_runs), seed=cfg.seed)
     warning = " ".join(a.warning for a in agreement if a.warning)
     leaks, leak_report = _leaks(ctx, store, chosen, all_runs, augmented_features)
-    return ValidationResult(runs=all_runs, chosen=chosen, source=source, reason=reason, verdict=verdict, winner=winner,
+    return ValidationResult(trained=trained_summary(all_runs), runs=all_runs, chosen=chosen, source=source, reason=reason, verdict=verdict, winner=winner,
                             comparisons=comparisons, correction=CORRECTION.format(alpha=v.alpha), agreement=agreement,
                             rungs=halving.summary(), rung_decisions=halving.record(), warning=warning,
                             leaks=leaks, leak_report=leak_report)
 
 
 STUDY_NAME = "stage2-proposals"
+
+
+def trained_summary(runs: Sequence[ValidatedRun]) -> dict[str, dict[str, Any]]:
+    """Per subset key: trained FID and KID, mean and spread (sample std) over its finished seeds;
+    KID is None where no run reported one."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in sorted({r.key for r in runs}):
+        done = [r for r in runs if r.key == key and r.status == "finished" and r.fid is not None]
+        if not done:
+            continue
+        fids = [r.fid for r in done]
+        kids = [r.kid for r in done if r.kid is not None]
+        out[key] = {"seeds": [r.seed for r in done], "fid": float(np.mean(fids)), "fid_std": spread(fids),
+                    "kid": float(np.mean(kids)) if kids else None, "kid_std": spread(kids) if kids else None}
+    return out
 
 
 @dataclass

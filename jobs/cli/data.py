@@ -62,11 +62,11 @@ def data_build(source, dest, layout, resolution, channels, shard_size, on_error,
                    shard_size=shard_size, on_error=on_error, **options)
     card = result.card
     click.echo(f"{card.count} samples ({', '.join(card.modalities)}; {card.channels} channels, {card.resolution}²) "
-               f"in {card.shards} shards → {to_url(dest)} (fingerprint {card.fingerprint[:12]})")
+               f"in {card.shards} shard{'s' * (card.shards != 1)} → {to_url(dest)} (fingerprint {card.fingerprint[:12]})")
     for note in result.notes:
         click.echo(note)
     if result.skipped:
-        click.echo(f"skipped {len(result.skipped)} items (all listed in {join(to_url(dest), SKIPPED)}):")
+        click.echo(f"skipped {len(result.skipped)} item{'s' * (len(result.skipped) != 1)} (all listed in {join(to_url(dest), SKIPPED)}):")
         for s in result.skipped[:20]:
             click.echo(f"  {s['item']}: {s['reason']}")
         if len(result.skipped) > 20:
@@ -100,8 +100,11 @@ def data_verify(dest) -> None:
 
     report = verify(to_url(dest))
     if report.ok:
-        click.echo(f"ok: {report.samples} samples in {report.shards} shards; sha256 and decoding checked")
+        click.echo(f"ok: {report.samples} sample{'s' * (report.samples != 1)} in {report.shards} "
+                   f"shard{'s' * (report.shards != 1)}; sha256 and decoding checked")
         return
     for p in report.problems:
         click.echo(f"CORRUPT {p}", err=True)
-    raise click.ClickException(f"{len(report.problems)} problems in {report.shards} shards of {report.url}")
+    n = len(report.problems)
+    raise click.ClickException(f"{n} problem{'s' * (n != 1)} in {report.shards} shard{'s' * (report.shards != 1)} "
+                               f"of {report.url}")

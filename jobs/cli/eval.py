@@ -44,9 +44,13 @@ def eval_command(model, data_url, metrics, num_samples, workers, tracking_uri, v
 
     \b
     Example:
-      orbitgen eval models:/quickstart@champion --num-samples 2000 --workers 2
+      orbitgen eval models:/quickstart-dcgan@champion --num-samples 2000 --workers 2
     """
+    from mlflow.tracking import MlflowClient
+
     from jobs.eval.model import evaluate_model
+    from jobs.tracking.registry import write_model_card
+    from jobs.tracking.runs import is_http, run_link, version_link
 
     console.set_verbose(verbose)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_WORKDIR).absolute() / 'mlflow.db'}"
@@ -57,8 +61,14 @@ def eval_command(model, data_url, metrics, num_samples, workers, tracking_uri, v
     for name, value in res.scores.items():
         click.echo(f"  {name:<10} {value:.6g}")
     extractors = ", ".join(f"{n} ({h})" for n, h in p.extractors.items()) or "none"
-    click.echo(f"  protocol   {p.key()}: data {p.data_fingerprint[:12]} ({p.split}), {p.num_samples} samples, "
+    click.echo(f"  protocol   {p.key()}: data {p.data_fingerprint[:12]} ({p.split}), {p.num_samples} sample{'s' * (p.num_samples != 1)}, "
                f"seeds {p.seed_base} (reals {p.real_seed}), extractors {extractors}")
     click.echo(f"  mlflow run {res.run_id} at {redact(uri)}")
+    client = MlflowClient(uri)
+    click.echo(f"  run page   {run_link(uri, client.get_run(res.run_id).info.experiment_id, res.run_id)}")
     if res.model_version:
         click.echo(f"  model      {res.model_name} v{res.model_version}: scores tagged under protocol {p.key()}")
+        # The version's card shows its evaluations: this one too, from now on.
+        write_model_card(client, res.model_name, res.model_version)
+        if is_http(uri):
+            click.echo(f"  model page {version_link(uri, res.model_name, res.model_version)}")

@@ -51,9 +51,8 @@ def models_show(name, metric, tracking_uri) -> None:
     """NAME: every version with its alias, run and METRIC. NAME@ALIAS or NAME/VERSION: where that
     version came from (spec, git, data, augmentations, the model it was built on), its evaluations
     with their protocol, and the data sets generated from it."""
-    from jobs.tracking.lineage import version_lineage
+    from jobs.tracking.registry import card_facts, describe_model
     from jobs.tracking.versions import parse_version_ref
-    from jobs.tracking.registry import describe_model
 
     client = _client(tracking_uri)
     model, alias, version = parse_version_ref(name)
@@ -64,7 +63,7 @@ def models_show(name, metric, tracking_uri) -> None:
             mark = r["alias"] or ("was champion" if r["version"] in before else "")
             click.echo(f"v{r['version']:<4} {mark:<12} {metric}={r[metric]}  run {r['run_id']}")
         return
-    for line in _lineage_lines(version_lineage(client, model, alias=alias, version=version)):
+    for line in _lineage_lines(card_facts(client, model, alias=alias, version=version)):
         click.echo(line)
 
 
@@ -77,7 +76,10 @@ def _previous_champions(client, name: str) -> list[str]:
 
 
 def _lineage_lines(info: dict) -> list[str]:
-    """`models show NAME@ALIAS`: one version's lineage, as text."""
+    """`models show NAME@ALIAS`: one version's lineage, as text: the facts of its model card
+    (`registry.card_facts`, also its MLflow description), and what was generated from it."""
+    import json
+
     marks = info["aliases"] + (["was champion"] if info["was_champion"] else [])
     lines = [f"{info['name']} v{info['version']}" + (f"  [{', '.join(marks)}]" if marks else "")]
     if info["previous_champions"]:
@@ -87,9 +89,13 @@ def _lineage_lines(info: dict) -> list[str]:
     lines += [f"  {'run':<13} {info['run_id']}",
               f"  {'spec sha':<13} {info['spec_sha']}",
               f"  {'git sha':<13} {info['git_sha']}{dirty}",
-              f"  {'data':<13} fingerprint {info['data_fingerprint']}" + (f" ({info['data_train']})" if info["data_train"] else ""),
+              f"  {'spec':<13} {info['spec_name'] or '?'}: runs:/{info['run_id']}/spec.yaml",
+              f"  {'data':<13} fingerprint {info['data_fingerprint']}" + (f" ({info['data_url']})" if info["data_url"] else ""),
               f"  {'augment':<13} " + (", ".join(info["augmentations"]) or "no MineAug augmentations")
-              + (f" (search run {info['search_run']})" if info["search_run"] else "")]
+              + (f" (search run {info['search_run']})" if info["search_run"] else "")
+              + (f"; ADA {json.dumps(info['augment']['ada'])}" if info["augment"].get("ada") else ""),
+              f"  {'sample grid':<13} {info['sample_grid'] or 'none logged'}",
+              f"  {'run page':<13} {info['run_link'] or 'no run'}"]
     for key, ref in info["built_on"].items():
         meant = f" = {ref['name']} v{ref['version']}" if ref.get("version") else ""
         lines.append(f"  {'built on':<13} model.{key}: {ref['ref']}{meant}" + (f" (run {ref['run_id']})" if ref.get("run_id") else ""))
@@ -104,9 +110,10 @@ def _lineage_lines(info: dict) -> list[str]:
         lines.append(f"  {'evaluation':<13} none recorded under a protocol (`orbitgen eval` records one)")
     lines.append(f"  {'run metrics':<13} " + ("  ".join(f"{m}={v:.6g}" for m, v in info["run_metrics"].items()) or "none"))
     for g in info["generated"]:
-        lines.append(f"  {'generated':<13} {g['url']}: {g['n']} images, seeds {g['seeds'][0]}..{g['seeds'][1]}")
+        lines.append(f"  {'generated':<13} {g['url']}: {g['n']} image{'s' * (g['n'] != 1)}, seeds {g['seeds'][0]}..{g['seeds'][1]}")
     if not info["generated"]:
         lines.append(f"  {'generated':<13} none (`orbitgen models generate` makes a set)")
+    lines.append(f"  {'reproduce':<13} " + (" && ".join(info["reproduce"]) or "no run recorded"))
     lines.append("  spec.yaml:" if info["spec"] else "  spec.yaml: not found with the model or its run")
     lines += [f"    {line}" for line in (info["spec"] or "").splitlines()]
     return lines
@@ -145,8 +152,8 @@ def models_generate(model, n, out, workers, inputs, seed_base, shard_size, overw
         r = generate(source, n, out, workers=workers, inputs=inputs, seed_base=seed_base, shard_size=shard_size,
                      overwrite=overwrite, client=client, say=say)
     seeds = r.lineage["seeds"]
-    click.echo(f"{r.card.count} images in {r.card.shards} shards → {r.url} (fingerprint {r.card.fingerprint[:12]}; "
-               f"seeds {seeds[0]}..{seeds[1]}; {r.workers} workers, {r.card.count / r.seconds:.1f} images/s)")
+    click.echo(f"{r.card.count} image{'s' * (r.card.count != 1)} in {r.card.shards} shard{'s' * (r.card.shards != 1)} → {r.url} (fingerprint {r.card.fingerprint[:12]}; "
+               f"seeds {seeds[0]}..{seeds[1]}; {r.workers} worker{'s' * (r.workers != 1)}, {r.card.count / r.seconds:.1f} images/s)")
     if source.version is not None:
         click.echo(f"recorded on {source.name} v{source.version} (tag orbitgen.generated)")
 
@@ -182,6 +189,7 @@ def models_promote(name, metric, mode, version, min_improvement, reevaluate, as_
     import json
 
     from jobs.tracking import registry
+    from jobs.tracking.runs import version_link
 
     client = _client(tracking_uri)
     p = registry.promote(name, metric=metric, mode=mode, candidate=version, client=client,
@@ -195,6 +203,8 @@ def models_promote(name, metric, mode, version, min_improvement, reevaluate, as_
         click.echo(p.reason)
         if p.artifact:
             click.echo(f"comparison logged on v{p.candidate}'s run as {p.artifact}")
+        if p.champion_after is not None:
+            click.echo(f"champion v{p.champion_after}: {version_link(client.tracking_uri, name, p.champion_after)}")
     code = {registry.NOT_BETTER: EXIT_NOT_BETTER, registry.INCOMPARABLE: EXIT_INCOMPARABLE,
             registry.LOCK_BUSY: EXIT_LOCK_BUSY}.get(p.outcome, 0)
     if code:

@@ -32,7 +32,9 @@ def search_mineaug(spec_path, overrides, resume, out, spec_b64, verbose) -> None
     """Search the MineAug augmentations for the data of SPEC_PATH.
 
     Stage 1 applies every candidate (search.candidates) to every image, search.repeats times, and
-    scores FID against the originals (the spec's eval.fid_extractor) and pixel MSE; drops
+    scores FID and KID against the originals (in search.features' space: by default the spec's
+    eval.fid_extractor) and pixel MSE (search.preset=paper: the published rule, with Inception-v3
+    features from eval.inception_weights); drops
     near-identity ones (MSE <= search.mse_min) and near-duplicates; ranks single augmentations
     and every K-set. Stage 2 (search.validate.top_m > 0) trains the spec's family briefly: the
     controls (none, TrivialAugment-style, the K best singles, the best K-set) with
@@ -52,21 +54,36 @@ def search_mineaug(spec_path, overrides, resume, out, spec_b64, verbose) -> None
     click.echo("")
     click.echo(res.table)
     click.echo("")
-    click.echo(f"published choice (K best singles)  {', '.join(res.singles)}  (mixture FID {res.singles_fid:.4f})")
-    click.echo(f"best K-set                         {', '.join(res.best_set)}  (mixture FID {res.best_set_fid:.4f})")
+    click.echo(res.features_note)
+    click.echo(f"K best singles  {', '.join(res.singles)}  (mixture FID {res.singles_fid:.4f}{_kid(res.singles_kid)})"
+               f"  rule: {res.singles_rule}")
+    click.echo(f"best K-set      {', '.join(res.best_set)}  (mixture FID {res.best_set_fid:.4f}{_kid(res.best_set_kid)})"
+               f"  rule: {res.best_set_rule}")
     v = res.validation
     if v is not None:
         for line in stage2_lines(v):
             click.echo(line)
-    rule = ("stage 2 winner" if v is not None and v.winner else
-            f"search.select={res.select}: " + ("the K best singles" if res.select == "singles" else "the best K-set"))
-    click.echo(f"chosen ({rule})  {', '.join(res.chosen)}")
+    click.echo(f"chosen ({res.chosen_rule})  {', '.join(res.chosen)}")
     click.echo(f"  why        {res.reason}")
     click.echo(f"  mlflow     parent run {res.parent_run_id} (experiment {spec.experiment}) at {redact(done.tracking_uri)}")
     click.echo(f"  search     {res.name} (continue it with --resume {res.name}) · {res.seconds:.0f} s")
     click.echo(f"  next       orbitgen train {done.spec_path}")
     if log_file is not None and log_file.exists():
         click.echo(f"  logs       {log_file}; --verbose shows them here")
+
+
+def _kid(pair) -> str:
+    """", KID k ± s" of a (KID, spread) pair; "" where it was not computed (nan)."""
+    kid, std = pair
+    return "" if kid != kid else f", KID {kid:.3g} ± {std:.2g}"
+
+
+def _trained(t) -> str:
+    """" FID f ± s, KID k ± s" of a subset's trained scores over its seeds ("" when unknown)."""
+    if not t:
+        return ""
+    out = f" FID {t['fid']:.4g} ± {t['fid_std']:.2g}"
+    return out + (f", KID {t['kid']:.3g} ± {t['kid_std']:.2g}" if t.get("kid") is not None else "")
 
 
 def _num(x) -> str:
@@ -76,9 +93,13 @@ def _num(x) -> str:
 def stage2_lines(v) -> list[str]:
     """Stage 2's verdict as the console shows it: each subset against none, what each rung stopped."""
     lines = [f"stage 2 ({v.correction})"]
+    trained = getattr(v, "trained", {}) or {}
+    if "none" in trained:
+        lines.append(f"  {'none':32s} trained{_trained(trained['none'])}  (control: no augmentation)")
     for c in v.comparisons:
         lines.append(f"  {c.key:32s} FID vs none {c.mean:+.4g}  {c.level:.1%} interval [{c.low:.4g}, {c.high:.4g}]  "
-                     f"seeds {c.seeds}  {'beats none' if c.beats_none else '-'}  ({c.label})")
+                     f"seeds {c.seeds}  {'beats none' if c.beats_none else '-'}  trained{_trained(trained.get(c.key))}"
+                     f"  ({c.label})")
     for r in v.rungs:
         cutoff = "-" if r["last_cutoff"] is None else f"{r['last_cutoff']:.4g}"
         lines.append(f"  rung at step {r['rung']}: {r['judged']} judged, {r['stopped']} stopped (last cutoff {cutoff})")

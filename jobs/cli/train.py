@@ -13,6 +13,7 @@ from jobs.spec import SPECS_DIR, load_spec
 
 
 def _run_and_report(spec, resume: str | None, verbose: bool, check_learning: bool = False) -> None:
+    from jobs.tracking.runs import is_http, run_link, version_link
     from jobs.train.driver import run_job
 
     console.set_verbose(verbose)
@@ -30,6 +31,7 @@ def _run_and_report(spec, resume: str | None, verbose: bool, check_learning: boo
     click.echo(f"  run          {res.run_name} (continue it with --resume {res.run_name})")
     click.echo(f"  checkpoints  {res.checkpoint or res.storage}")
     click.echo(f"  mlflow run   {res.run_id} (experiment {spec.experiment}) at {redact(res.tracking_uri)}")
+    click.echo(f"  run page     {run_link(res.tracking_uri, res.experiment_id, res.run_id)}")
     if fid is not None:
         click.echo(f"  fid          {fid:.4f} (extractor {spec.eval.fid_extractor})")
     if check is not None:
@@ -40,8 +42,8 @@ def _run_and_report(spec, resume: str | None, verbose: bool, check_learning: boo
     if res.model_version:
         click.echo(f"  model        models:/{spec.tracking.registry_model}/{res.model_version} — {res.promotion.reason}")
         click.echo(f"               load it: mlflow.pyfunc.load_model('models:/{spec.tracking.registry_model}@champion')")
-    if res.tracking_uri.startswith("sqlite:"):
-        click.echo(f"  open the UI  mlflow ui --backend-store-uri {redact(res.tracking_uri)} --port 5000")
+        if is_http(res.tracking_uri):   # a local store: the run page line already gave the `mlflow ui` command
+            click.echo(f"  model page   {version_link(res.tracking_uri, spec.tracking.registry_model, res.model_version)}")
     if log_file is not None and log_file.exists():
         click.echo(f"  logs         {log_file}" + (f" (workers: {ray_logs})" if ray_logs else "") + "; --verbose shows them here")
     if res.extra.get("tracking_unfinished"):

@@ -15,6 +15,7 @@ spreads over Ray workers.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -94,6 +95,23 @@ def feature_extractors(metrics: Sequence[str], *, extractor: str, inception_weig
     return (load_extractor(extractor, inception_weights) if needs_feature else None), pr_feature
 
 
+@contextlib.contextmanager
+def fp32_highest() -> Iterator[None]:
+    """fp32 arithmetic as the published metrics use it, the protocol's "fp32-highest": TF32 off
+    for matmuls and cuDNN convolutions (cuDNN allows it by default) and matmul precision
+    "highest" (torch.cdist goes through matmul). The settings before are restored on exit."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+              torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[:2]
+        torch.set_float32_matmul_precision(before[2])
+
+
 def score_part(family: Family, sampler: nn.Module, suite: MetricSuite, *, data_url: str, positions: Positions,
                fake_starts: Iterable[int], num_samples: int, device: torch.device, batch: int = BATCH,
                seed_base: int = EVAL_SEED) -> None:
@@ -101,6 +119,14 @@ def score_part(family: Family, sampler: nn.Module, suite: MetricSuite, *, data_u
     with the outputs for their inputs), and, unconditional, the generated batches starting at
     `fake_starts` (multiples of `batch`; seeds `seed_base + start`). Parts cut at multiples of
     `batch`, fed in order, give what one whole evaluation gives."""
+    with fp32_highest():   # the protocol's precision (jobs/tracking/protocol.py)
+        _score_part(family, sampler, suite, data_url=data_url, positions=positions, fake_starts=fake_starts,
+                    num_samples=num_samples, device=device, batch=batch, seed_base=seed_base)
+
+
+def _score_part(family: Family, sampler: nn.Module, suite: MetricSuite, *, data_url: str, positions: Positions,
+                fake_starts: Iterable[int], num_samples: int, device: torch.device, batch: int = BATCH,
+                seed_base: int = EVAL_SEED) -> None:
     data = iterate_once(data_url, batch_size=batch, keys=family.data_keys, positions=positions)
     if family.conditional:
         for b in data:
@@ -176,7 +202,9 @@ def evaluate(family: Family, sampler: nn.Module, settings: EvalSettings, *, data
                positions=real_positions(family, data_url, s.num_samples, s.holdout, s.real_seed),
                fake_starts=range(0, s.num_samples, s.batch), num_samples=s.num_samples, device=device, batch=s.batch,
                seed_base=s.seed_base)
-    return suite.compute(), eval_params(suite, family, s.holdout, s.real_seed)
+    with fp32_highest():   # precision/recall's distances run in compute()
+        scores = suite.compute()
+    return scores, eval_params(suite, family, s.holdout, s.real_seed)
 
 
 def preview(family: Family, sampler: nn.Module, *, data_url: str, n: int, seed: int,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from data_shards.split import Holdout, Positions
 from jobs.capacity import WAIT_REPORT_S, Demand, Pending
-from jobs.eval.core import EvalSettings, eval_params, real_positions, score_part
+from jobs.eval.core import EvalSettings, eval_params, fp32_highest, real_positions, score_part
 from jobs.runtime.env import forwarded_env
 from models.metrics.suite import MetricSuite
 from models.snapshot import load_snapshot
@@ -145,4 +145,5 @@ def evaluate_distributed(snapshot: Path, data_url: str, settings: EvalSettings, 
     for state in states:   # in range order: the order of one process
         suite.merge(state)
     params = eval_params(suite, family, settings.holdout, settings.real_seed) | {"eval_workers": str(len(actors))}
-    return suite.compute(), params, suite
+    with fp32_highest():   # as the single-process evaluation computes its values
+        return suite.compute(), params, suite

@@ -24,6 +24,10 @@ from models.images import to_uint8
 
 EVALUATIONS = 4          # FIDs reported per proxy training (ASHA decides on the earlier ones)
 LEAK_SAMPLES_SEED = 7_000_000
+# Samples the leak check compares (search.validate.leak_check). Above 256 because the check's margin
+# is KID's own noise, which shrinks with the sample; 1024 costs a quarter of one proxy FID at the
+# default 2,048 and fills KID's 1000-image subsets.
+LEAK_SAMPLES = 1024
 
 
 def proxy_spec(spec: JobSpec, augmentations: list[str], budget_steps: int, seed: int | None = None) -> JobSpec:
@@ -47,7 +51,8 @@ def eval_steps(budget_steps: int, evaluations: int = EVALUATIONS) -> list[int]:
 def make_proxy_train_fn(spec: JobSpec, data_url: str, num_samples: int | None = None,
                         say: Callable[[str], None] | None = None) -> Callable[..., dict[str, Any]]:
     """The `train_fn` of `search.run_search`: (augmentations, budget_steps, report, trial_dir, *, seed,
-    policy) -> {"fid": final FID against the originals, "samples": uint8 NCHW generated images}.
+    policy) -> {"fid": final FID against the originals, "kid": final KID likewise, "samples": uint8 NCHW
+    generated images for the leak check (up to LEAK_SAMPLES)}.
     policy "expand" is MineAug's expansion of `augmentations`; "trivial" draws one of them per image
     per draw (jobs/mineaug/trivial.py). FIDs use `search.validate.num_samples` generated images, by
     default eval.num_samples capped at 2,048 (the paper's specs evaluate 50,000: too many for a proxy)."""
@@ -56,9 +61,11 @@ def make_proxy_train_fn(spec: JobSpec, data_url: str, num_samples: int | None = 
     # set (or on another node): they travel with the function, as they do with a training's workers.
     env = forwarded_env()
 
-    def settings(s: JobSpec, family) -> EvalSettings:
-        # FID alone: the objective; nothing else is needed.
-        return replace(EvalSettings.from_spec(s, family), num_samples=n_eval, metrics=("fid",))
+    def settings(s: JobSpec, family, final: bool) -> EvalSettings:
+        # FID is the objective at every evaluation; KID, reported beside it, at the last one only
+        # (it keeps every feature and costs its kernel matrices: not worth it at the halving rungs).
+        return replace(EvalSettings.from_spec(s, family), num_samples=n_eval,
+                       metrics=("fid", "kid") if final else ("fid",))
 
     def train(augmentations: list[str], budget_steps: int, report: Callable[[int, float], None],
               trial_dir: str, *, seed: int | None = None, policy: str = "expand") -> dict[str, Any]:
@@ -71,17 +78,18 @@ def make_proxy_train_fn(spec: JobSpec, data_url: str, num_samples: int | None = 
         if trivial:
             batches = TrivialAugmentBatches(batches, augmentations, s.data.channels)
         sampler = networks[family.sampler_role]
-        checkpoints, fid = set(eval_steps(budget_steps)), float("nan")
+        checkpoints, fid, kid = set(eval_steps(budget_steps)), float("nan"), None
         for step, _ in run_steps(s, family, phases, engines, networks, batches, start=0, device=device,
                                  data_url=data_url):
             if step in checkpoints:
-                scores, _ = evaluate(family, sampler, settings(s, family), data_url=data_url, device=device)
-                fid = scores["fid"]
+                scores, _ = evaluate(family, sampler, settings(s, family, step == budget_steps), data_url=data_url,
+                                     device=device)
+                fid, kid = scores["fid"], scores.get("kid", kid)
                 report(step, fid)
                 if say:
                     what = "trivial" if trivial else "+".join(augmentations) or "(none)"
                     say(f"proxy {what} · seed {s.train.seed} · step {step}/{budget_steps} · fid {fid:.3f}")
-        samples = to_uint8(family.sample(sampler, min(n_eval, 256), seed=LEAK_SAMPLES_SEED)).cpu()
-        return {"fid": fid, "samples": samples}
+        samples = to_uint8(family.sample(sampler, min(n_eval, LEAK_SAMPLES), seed=LEAK_SAMPLES_SEED)).cpu()
+        return {"fid": fid, "kid": kid, "samples": samples}
 
     return train

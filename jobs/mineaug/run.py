@@ -17,7 +17,7 @@ from typing import Any, Callable
 import yaml
 
 from data_shards.storage import join
-from jobs.capacity import Demand, refuse_unfitting, training_demand
+from jobs.capacity import Demand, PendingTrials, refuse_unfitting, training_demand
 from jobs.inputs import check_data, check_files, resolve_data
 from jobs.placement import builtin_home, data_location, refuse_unshared, training_places
 from jobs.runtime.cleanup import removed_on_bad_input
@@ -27,6 +27,7 @@ from jobs.runtime.redact import redact
 from jobs.spec import JobSpec, SpecError
 from jobs.tracking.runs import TAG_DATA, TAG_FAMILY, TAG_SPEC
 from jobs.tracking.store_check import check_answers
+from search.config import stage1_features
 
 
 @dataclass
@@ -52,10 +53,13 @@ def written_spec(spec: JobSpec, chosen: list[str], parent_run_id: str) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
 
 
-def spec_header(name: str, parent_run_id: str, verdict: str = "") -> str:
+def spec_header(name: str, parent_run_id: str, verdict: str = "", rule: str = "") -> str:
     """The comment lines above a written spec: where it came from and, after stage 2, its verdict
     (when no subset beat plain data, the reader of the spec learns it here, not from the run only)."""
     lines = [f"# Written by `orbitgen search mineaug` (search {name}, MLflow run {parent_run_id})."]
+    if rule:   # which rule produced augment.mineaug (search.labels)
+        wrapped = textwrap.wrap(rule, 96)
+        lines += ["# Chosen by: " + wrapped[0], *("#   " + line for line in wrapped[1:])]
     if verdict:
         wrapped = textwrap.wrap(verdict, 96)
         lines += ["# Verdict: " + wrapped[0], *("#   " + line for line in wrapped[1:])]
@@ -72,6 +76,8 @@ def run_search_job(spec: JobSpec, *, say: Callable[[str], None] = print, resume:
         raise SpecError(f"family: {spec.family} is conditional; MineAug searches augmentations of unconditional "
                         "image sets (stylegan2, dcgan, diffusion with conditioning none)")
     cfg = spec.search
+    # search.features / search.preset=paper without Inception's weights file: one line, before Ray starts.
+    stage1_features(cfg, spec.eval.fid_extractor, spec.eval.inception_weights)
     local = spec.model_copy(update={"workdir": str(spec.workdir_path())})
     tracking_uri = local.tracking_uri()
     name = resume or f"{spec.name}-search-{uuid.uuid4().hex[:8]}"
@@ -99,7 +105,7 @@ def run_search_job(spec: JobSpec, *, say: Callable[[str], None] = print, resume:
         train_fn = make_proxy_train_fn(local, data_url, say=say)
     # Tune's console box and TensorBoard hint say nothing the search's own progress lines don't.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    with tracking_uri_restored():
+    with tracking_uri_restored(), PendingTrials("search trials", say):
         result = run_search(
             data_url, channels=spec.data.channels, resolution=spec.data.resolution, config=cfg,
             tracking_uri=tracking_uri, experiment=spec.experiment, name=name, storage=storage,
@@ -110,6 +116,6 @@ def run_search_job(spec: JobSpec, *, say: Callable[[str], None] = print, resume:
         )
     path = Path(out) if out else spec.workdir_path() / "search" / name / "spec.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(spec_header(name, result.parent_run_id, result.verdict)
+    path.write_text(spec_header(name, result.parent_run_id, result.verdict, result.chosen_rule)
                     + written_spec(spec, result.chosen, result.parent_run_id))
     return SearchJobResult(result=result, spec_path=path, tracking_uri=tracking_uri)

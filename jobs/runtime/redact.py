@@ -17,7 +17,10 @@ MASK = "***"
 SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
                    "MLFLOW_TRACKING_TOKEN", "DATABRICKS_TOKEN")
 MIN_SECRET_LENGTH = 6   # shorter values (test dummies like "x") would mask ordinary words
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):(?P<password>[^@/\s]+)@")
+# A scheme starts where no scheme character stands before it and is at most 32 long: without these
+# bounds, a long run of letters (100 KB of a value) costs quadratic time to find no URL in.
+_URL_PASSWORD = re.compile(r"(?P<head>(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{0,31}://[^:/@\s]*)"
+                           r":(?P<password>[^@/\s]+)@")
 
 
 def redact_urls(text: str) -> str:

@@ -1,14 +1,15 @@
 """Tracking that outlives an MLflow server gone away: nothing logged is lost, nothing twice.
 
-Workers: `RecordBuffer` (behind `RunLogger`) sends each record (a batch of metrics, params, an
-image) at once while the server answers; when a send fails for a reason a later try can fix (no
-answer, a timeout, a 5xx), the record and every one after it are queued, in logging order, and
-sent by a background thread, so training goes on without the server. Queued records are also
-written to the run's storage (`<storage>/<run>/mlflow-pending/`, one JSON file each) and retried
-with backoff; a record's file goes once the server has taken it. At the end a worker waits a
-little for the queue to drain; what is left stays in storage (so does what a worker that
-restarted had queued), and the driver replays it (`replay`) before it registers the model and
-ends the run.
+Workers: `RecordBuffer` (behind `RunLogger`) queues each record (a batch of metrics, params, an
+image) and a background thread sends them in logging order, so a step never waits on the server
+(a send may take up to 30 s) nor on storage. When a send fails for a reason a later try can fix (no
+answer, a timeout, a 5xx), the queued records are written to the run's storage
+(`<storage>/<run>/mlflow-pending/`, one JSON file each, written whole under a temporary name and
+renamed) and leave memory (they are read back to be sent), and the thread retries with backoff,
+storing what is logged meanwhile; a record's file goes once the server has taken it. At the end a
+worker waits a little for the queue to drain; what is left stays in storage (so does what a worker
+that restarted had queued), and the driver replays it (`replay`) before it registers the model and
+ends the run; a file that does not read whole is left out and reported, not a failure.
 
 The driver's last calls (replay, tags, registering, promoting, ending the run) go through
 `retried`: quick tries with backoff until the server has been away for `ORBITGEN_TRACKING_RETRY_S`
@@ -41,6 +42,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from data_shards.card import write_whole
 from data_shards.environ import environ_set
 from data_shards.storage import filesystem, join
 
@@ -94,7 +96,7 @@ class Record:
     image {"path": artifact file, "png": base64}."""
 
     kind: str
-    data: Any
+    data: Any                 # None once stored: read back from its file to be sent
     name: str                 # its file under PENDING; names sort in logging order
     spilled: bool = False     # written to storage
     tried: bool = False       # a send failed: it may have reached the server anyway
@@ -104,8 +106,17 @@ class Record:
 
     @classmethod
     def from_json(cls, name: str, raw: bytes) -> "Record":
-        d = json.loads(raw)
-        return cls(d["kind"], d["data"], name, spilled=True, tried=True)
+        """The record stored as `name`; `DamagedRecord` when the file is not a whole record."""
+        try:
+            d = json.loads(raw)
+            return cls(d["kind"], d["data"], name, spilled=True, tried=True)
+        except (ValueError, KeyError, TypeError) as e:   # cut short (JSONDecodeError, bad UTF-8) or not ours
+            raise DamagedRecord(f"tracking record {name} is damaged ({len(raw)} bytes; {type(e).__name__}: "
+                                f"{e}): cut short by a crash?") from None
+
+
+class DamagedRecord(ValueError):
+    """A stored record that does not read whole."""
 
 
 def _held(client: MlflowClient, run_id: str, key: str) -> set[tuple[int, int]]:
@@ -148,17 +159,20 @@ def pending_url(run_storage: str) -> str:
 
 
 class RecordBuffer:
-    """A run's records, sent at once while the server answers, else queued in order for a
-    background thread and kept in storage (`spill`, a URL) until the server takes them."""
+    """A run's records, sent in order by a background thread (`put` only queues: a step never
+    waits on the server or on storage); while the server is away they are kept in storage
+    (`spill`, a URL) until it takes them, and a record once stored leaves memory (it is read back
+    to be sent), so a long outage costs storage, not the worker's memory."""
 
     def __init__(self, client: MlflowClient, run_id: str, spill: str | None):
         self.client, self.run_id, self.spill = client, run_id, spill
         self.queue: deque[Record] = deque()
-        self.cond = threading.Condition()
+        self.cond = threading.Condition()   # held for queue bookkeeping only, never during a send or a write
         self.draining = False       # close() asked: try at once, however long the backoff
         self.stopped = False
         self.failures = 0           # failed sends, all outages together
         self.down_since: float | None = None
+        self.refused: Exception | None = None   # a record the server refused: raised by the next put/close
         # Records of a later buffer of the same run (a restarted worker) sort after this one's.
         self.prefix = f"{time.time_ns():020d}-{os.getpid()}"
         self.seq = 0
@@ -166,27 +180,19 @@ class RecordBuffer:
         self.thread.start()
 
     def put(self, kind: str, data: Any) -> None:
-        """Sent at once while the server takes everything (so what was logged before a worker
-        dies is there, as without a buffer); queued behind what waits, or when the send fails."""
-        failed = None
+        """Queue a record for the sender thread; returns at once. A record the server refused
+        earlier (a caller's bug, not an outage) is raised here, as it would be without a buffer."""
         with self.cond:
+            refused, self.refused = self.refused, None
             self.seq += 1
             rec = Record(kind, data, f"{self.prefix}-{self.seq:08d}.json")
-            if not self.queue and not self.stopped:   # the sender thread is idle: no call of its own runs
-                try:
-                    with quick_failing():
-                        deliver(self.client, self.run_id, rec)
-                    return
-                except Exception as e:
-                    if not transient(e):
-                        raise   # refused: a bug of the caller's, as without a buffer
-                    failed = e
             self.queue.append(rec)
             self.cond.notify_all()
-        if failed is not None:
-            self._failed(rec, failed)
-        else:   # behind records the server has not taken: it is away, keep this one too
+            stopped = self.stopped
+        if stopped:   # after close(): no thread to send it, keep it for the driver
             self._spill([rec])
+        if refused is not None:
+            raise refused
 
     def close(self, timeout: float) -> int:
         """Wait up to `timeout` s for the queue to drain, then stop; returns how many records are
@@ -198,34 +204,45 @@ class RecordBuffer:
             self.stopped = True
             self.cond.notify_all()
             left = list(self.queue)
+            refused, self.refused = self.refused, None
         self._spill(left)
         lost = sum(not r.spilled for r in left)
         if left:
             log.warning("MLflow server still away: %d records left in %s for the driver to deliver%s", len(left),
                         self.spill, f"; {lost} could not be stored and are lost" if lost else "")
+        if refused is not None:
+            raise refused
         return len(left)
+
+    def in_memory(self) -> int:
+        """How many queued records hold their data in memory (not yet stored)."""
+        with self.cond:
+            return sum(r.data is not None for r in self.queue)
 
     def _send_all(self) -> None:
         delay = 1.0
-        while True:
+        while True:   # until close() stops it
             with self.cond:
                 self.cond.wait_for(lambda: self.queue or self.stopped)
                 if self.stopped:
                     return
                 rec = self.queue[0]
             try:
+                data = self._data(rec)
+                if data is None:   # its file is gone or damaged: said in _data
+                    self._sent(rec)
+                    continue
                 with quick_failing():
-                    deliver(self.client, self.run_id, rec)
+                    deliver(self.client, self.run_id, Record(rec.kind, data, rec.name, rec.spilled, rec.tried))
             except Exception as e:
                 if not transient(e):
                     log.warning("MLflow refused a %s record (%s); it is left out", rec.kind, e)
+                    with self.cond:
+                        self.refused = self.refused or e
                     self._sent(rec)
                     continue
                 self._failed(rec, e)
-                with self.cond:   # back off; close() wakes it for one more try at once
-                    self.cond.wait_for(lambda: self.stopped or self.draining, delay)
-                    if self.draining:
-                        self.draining, delay = False, 1.0
+                self._back_off(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
                 continue
             if self.down_since is not None:
@@ -233,6 +250,44 @@ class RecordBuffer:
                             time.monotonic() - self.down_since, self.failures, len(self.queue))
                 self.down_since, delay = None, 1.0
             self._sent(rec)
+
+    def _back_off(self, delay: float) -> None:
+        """Wait `delay` s before the next try (close() ends the wait at once); records queued
+        meanwhile are stored as they come, so they leave memory and outlive this process."""
+        deadline = time.monotonic() + delay
+        for _ in range(1000):   # bounded: each turn stores at least one record or ends the wait
+            with self.cond:
+                self.cond.wait_for(lambda: self.stopped or self.draining or self._unstored(),
+                                   max(0.0, deadline - time.monotonic()))
+                if self.draining:
+                    self.draining = False
+                    return
+                if self.stopped or time.monotonic() >= deadline:
+                    return
+                todo = [r for r in self.queue if not r.spilled]
+            if not self.spill or not self._spill(todo):
+                with self.cond:   # storage away: nothing to store until the next try
+                    self.cond.wait_for(lambda: self.stopped or self.draining, max(0.0, deadline - time.monotonic()))
+                    self.draining = False
+                return
+
+    def _unstored(self) -> bool:
+        return bool(self.spill) and any(not r.spilled for r in self.queue)
+
+    def _data(self, rec: Record) -> Any:
+        """The record's data: in memory, or read back from storage once it was stored there.
+        None when its file is gone or damaged (said in the log; the record is lost)."""
+        data = rec.data
+        if data is not None or not rec.spilled:
+            return data
+        fs, path = filesystem(self.spill)
+        try:
+            return Record.from_json(rec.name, fs.cat_file(f"{path}/{rec.name}")).data
+        except FileNotFoundError:
+            log.warning("tracking record %s/%s is gone from storage; it is left out", self.spill, rec.name)
+        except DamagedRecord as e:
+            log.warning("%s; it is left out", e)
+        return None
 
     def _failed(self, rec: Record, e: Exception) -> None:
         with self.cond:
@@ -247,28 +302,37 @@ class RecordBuffer:
             log.warning("MLflow server not answering (%s): training goes on, records kept in %s and retried",
                         e, self.spill or "memory")
 
-    def _spill(self, records: list[Record]) -> None:
+    def _spill(self, records: list[Record]) -> bool:
+        """Store the records not stored yet, each file whole or not at all; once stored, a record's
+        data leaves memory. False when storage refused (they stay in memory, stored at the next failure)."""
         todo = [r for r in records if not r.spilled]
         if not todo or not self.spill:
-            return
+            return True
         try:
             fs, path = filesystem(self.spill)
             for r in todo:
-                fs.pipe_file(f"{path}/{r.name}", r.to_json())
+                data = r.data
+                if data is None:
+                    continue
+                write_whole(fs, f"{path}/{r.name}", Record(r.kind, data, r.name).to_json())
                 r.spilled = True
-        except Exception as e:   # storage away too: they stay in memory, stored at the next failure
+                r.data = None   # read back from storage when it is sent
+            return True
+        except Exception as e:
             log.warning("could not keep tracking records in %s (%s); they stay in memory", self.spill, e)
+            return False
 
     def _sent(self, rec: Record) -> None:
-        with self.cond:
-            self.queue.popleft()
-            self.cond.notify_all()
-        if rec.spilled:
+        if rec.spilled:   # its file first: once the queue is empty (close), no file of a sent record is left
             try:
                 fs, path = filesystem(self.spill)
                 fs.rm_file(f"{path}/{rec.name}")
             except Exception as e:   # the replay leaves out what the server holds
                 log.warning("could not remove the delivered record %s (%s)", rec.name, e)
+        with self.cond:
+            if self.queue and self.queue[0] is rec:
+                self.queue.popleft()
+            self.cond.notify_all()
 
 
 # The driver's side: what it waits for, and for how long.
@@ -310,20 +374,39 @@ def retried(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def replay(client: MlflowClient, run_id: str, run_storage: str) -> int:
-    """Deliver, oldest first, what the workers of the run left in storage; returns how many records."""
+    """Deliver, oldest first, what the workers of the run left in storage; returns how many records.
+    A file that does not read whole (cut short by a crash, from a version that wrote in place) is
+    left out and reported, not a failure: it is renamed `*.damaged` so the next replay passes it by."""
     fs, path = filesystem(pending_url(run_storage))
     try:
         names = sorted(fs.ls(path, detail=False))
     except FileNotFoundError:
         return 0
     held: dict[str, set] = {}   # only this replay writes to the run now: read each key's points once
+    delivered, damaged = 0, []
     for name in names:
-        rec = Record.from_json(name, retried(fs.cat_file, name))
+        base = name.rsplit("/", 1)[-1]
+        if base.endswith(".partial"):   # a write a crash cut short: its record never was stored
+            fs.rm_file(name)
+            continue
+        if not base.endswith(".json"):   # *.damaged from an earlier replay
+            continue
+        try:
+            rec = Record.from_json(name, retried(fs.cat_file, name))
+        except DamagedRecord:
+            fs.mv(name, name + ".damaged")
+            damaged.append(base)
+            continue
         retried(deliver, client, run_id, rec, held)
         fs.rm_file(name)
-    if fs.exists(path):
+        delivered += 1
+    if damaged:
+        log.warning("%d tracking record file(s) in %s did not read whole (cut short by a crash?) and are left out: "
+                    "%s; the run lacks what they held; they are kept as *.damaged: delete them once seen",
+                    len(damaged), path, ", ".join(damaged[:3]) + (" ..." if len(damaged) > 3 else ""))
+    if fs.exists(path) and not fs.ls(path, detail=False):
         fs.rm(path, recursive=True)   # the empty folder, on a local disk
-    return len(names)
+    return delivered
 
 
 class Unfinished:

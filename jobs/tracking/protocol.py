@@ -33,6 +33,7 @@ TAG_CHAMPION_HISTORY = "orbitgen.champion_history"
 TAG_EVAL_OF = "orbitgen.eval_of"
 TAG_MODEL_NAME = "orbitgen.model_name"
 TAG_MODEL_VERSION = "orbitgen.model_version"
+PRECISION_FP32_HIGHEST = "fp32-highest"
 
 
 @dataclass(frozen=True)
@@ -43,19 +44,27 @@ class EvalProtocol:
     seed_base: int                  # generator seeds (unconditional); unused by conditional families
     num_samples: int
     extractors: dict[str, str] = field(default_factory=dict)   # extractor name -> weights hash
+    # The arithmetic of feature extraction and distances: "fp32-highest" is fp32 with TF32 off and
+    # matmul precision "highest" (jobs/eval/core.py's `fp32_highest`). Protocols recorded before
+    # this field were measured so (on CPUs, where TF32 does not exist): the default is left out of
+    # the JSON, so their keys and JSON stay what they were and they compare equal to today's.
+    precision: str = PRECISION_FP32_HIGHEST
 
     def key(self) -> str:
         """12 hex characters naming this protocol in tag keys."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        d = asdict(self)
+        if d["precision"] == PRECISION_FP32_HIGHEST:
+            del d["precision"]
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> "EvalProtocol":
         d = json.loads(text)
         names = {f.name for f in fields(cls)}
-        if set(d) != names:
+        if not isinstance(d, dict) or not names - {"precision"} <= set(d) <= names:
             raise ValueError(f"not an evaluation protocol: keys {sorted(d)}, expected {sorted(names)}")
         return cls(**{**d, "extractors": dict(d["extractors"])})
 

@@ -24,9 +24,16 @@ def input_columns(family) -> tuple[str, ...]:
 
 class GeneratorModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
+        from pathlib import Path
+
         from models.snapshot import load_snapshot
 
-        self.family, self.sampler, self.info = load_snapshot(context.artifacts["snapshot"])
+        snapshot = Path(context.artifacts["snapshot"])
+        # The packages this model ships (MLflow's code_paths, in <model>/code: models/ and a lab's own
+        # family package) are the ones its snapshot may name; nothing else installed is imported.
+        code = snapshot.parent.parent / "code"
+        shipped = [p.name for p in code.iterdir() if p.is_dir()] if code.is_dir() else []
+        self.family, self.sampler, self.info = load_snapshot(snapshot, trusted_packages=shipped)
 
     def predict(self, context, model_input, params=None):
         from models.images import nchw_to_nhwc_numpy, to_uint8

@@ -8,6 +8,13 @@ marked `challenger`. Each move happens under the registered model's promotion lo
 MLflow: aliases only. `promote` returns its outcome (`PROMOTED`, `ALREADY_CHAMPION`,
 `NOT_BETTER`, `INCOMPARABLE`, `LOCK_BUSY`) for the CLI's exit code and `--json`.
 
+Every registered version carries a model card: its MLflow description, in markdown
+(`write_model_card`), written when it is registered and again when its evaluations change
+(`promote`, `orbitgen eval`). It holds what `orbitgen models show NAME/VERSION` prints (both read
+`card_facts`): the spec and its hash, the git commit, the data URL (password masked) and
+fingerprint, the augmentations and the search run that chose them, the evaluations with their
+protocols, the sample grid's artifact path, and the commands that train it again.
+
 Registration cannot duplicate: a retried `log_generator` (a server error after the version was
 written, or `train --resume` after the server stayed away) finds the version it made by its
 registration token (tag `orbitgen.registration` on the version and on the run; the token is a
@@ -26,6 +33,7 @@ from typing import Callable
 import mlflow
 import numpy as np
 import pandas as pd
+import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
@@ -89,7 +97,10 @@ def log_generator(snapshot: Path, spec_file: Path, registered_name: str | None) 
             run = mlflow.active_run()
             if registered_name is None or run is None:   # no run to find a registration by: register once
                 info = retried(_log_model, snapshot, spec_file, family, signature, example, registered_name)
-                return str(info.registered_model_version) if registered_name else None
+                if not registered_name:
+                    return None
+                retried(write_model_card, MlflowClient(), registered_name, str(info.registered_model_version))
+                return str(info.registered_model_version)
             token = registration_token(run.info.run_id, snapshot, registered_name)
             found = retried(registered_version, MlflowClient(), registered_name, run.info.run_id, token)
             if found is not None:
@@ -97,7 +108,127 @@ def log_generator(snapshot: Path, spec_file: Path, registered_name: str | None) 
             # The token goes on the run first: a retry after a lost answer looks for it (and the version).
             retried(mlflow.set_tag, TAG_REGISTRATION, token)
             model_uri = retried(_logged_model, snapshot, spec_file, family, signature, example, run, token)
-            return retried(_register, model_uri, registered_name, run.info.run_id, token)
+            version = retried(_register, model_uri, registered_name, run.info.run_id, token)
+            retried(write_model_card, MlflowClient(), registered_name, version)
+            return version
+
+
+CARD_MAX_CHARS = 5000   # MLflow's stores hold a version description of at most 5000 characters
+
+
+def card_facts(client: MlflowClient, name: str, *, alias: str | None = None, version: str | None = None) -> dict:
+    """What the model card and `models show NAME/VERSION` say about one version: its lineage
+    (`lineage.version_lineage`) plus the data URL, the sample grid, the evaluations (those of its
+    run until the version has its own) and the commands that reproduce it."""
+    from jobs.tracking.lineage import version_lineage
+    from jobs.tracking.runs import run_link
+
+    info = version_lineage(client, name, alias=alias, version=version)
+    run = client.get_run(info["run_id"]) if info["run_id"] else None
+    spec = yaml.safe_load(info["spec"]) if info["spec"] else {}
+    info["spec_name"] = (spec or {}).get("name")
+    info["augment"] = (spec or {}).get("augment") or {}
+    info["data_url"] = _data_url(run) or info["data_train"]
+    info["sample_grid"] = _sample_grid(client, info["run_id"]) if run else None
+    info["card_evaluations"] = evaluations(client, client.get_model_version(name, info["version"]))
+    uri = redact(client.tracking_uri)
+    info["tracking_uri"] = uri
+    info["run_link"] = run_link(client.tracking_uri, run.info.experiment_id, run.info.run_id) if run else None
+    commit = info["git_sha"] if info["git_sha"] not in (None, "", "unknown") else None
+    info["reproduce"] = ([f"git checkout {commit}"] if commit else []) + (
+        [f"MLFLOW_TRACKING_URI={uri} mlflow artifacts download -u runs:/{info['run_id']}/spec.yaml -d .",
+         "orbitgen train spec.yaml"] if info["run_id"] else [])
+    return info
+
+
+def _data_url(run) -> str | None:
+    """The shard set the run trained on, from its dataset input (the manifest's location), password masked."""
+    for given in (run.inputs.dataset_inputs if run is not None and run.inputs else []):
+        try:
+            source = json.loads(given.dataset.source)
+        except ValueError:
+            continue
+        where = source.get("uri") or source.get("path") or source.get("url")
+        if where:
+            return redact(str(where).removesuffix("/manifest.parquet"))
+    return None
+
+
+def _sample_grid(client: MlflowClient, run_id: str) -> str | None:
+    """The run's last sample grid (`samples/grid_stepNNNNNNN.png`, logged at each evaluation) as an artifact URI."""
+    try:
+        grids = sorted(f.path for f in client.list_artifacts(run_id, "samples")
+                       if Path(f.path).name.startswith("grid_step") and f.path.endswith(".png"))
+    except (MlflowException, OSError):
+        return None
+    return f"runs:/{run_id}/{grids[-1]}" if grids else None
+
+
+def model_card(info: dict) -> str:
+    """The markdown description of a version (`info` from `card_facts`), at most CARD_MAX_CHARS long:
+    evaluations that do not fit are counted, not shown."""
+    def cell(v) -> str:
+        return str(v).replace("|", "\\|")
+
+    aug = info["augment"]
+    dirty = {True: " (work tree had uncommitted changes)", False: "", None: ""}[info["git_dirty"]]
+    head = [f"# {info['name']} v{info['version']}", "",
+            "| | |", "|---|---|",
+            f"| spec | `{cell(info['spec_name'] or '?')}`, sha `{info['spec_sha'] or 'unknown'}`: "
+            f"`runs:/{info['run_id']}/spec.yaml` |",
+            f"| git commit | `{info['git_sha'] or 'unknown'}`{dirty} |",
+            f"| data | `{cell(info['data_url'] or 'unknown')}`, fingerprint `{info['data_fingerprint'] or 'unknown'}` |",
+            f"| augmentations | MineAug: {cell(', '.join(info['augmentations']) or 'none')}; "
+            f"ADA: {cell(json.dumps(aug.get('ada')) if aug.get('ada') else 'off')} |",
+            f"| search run | {'`' + info['search_run'] + '`' if info['search_run'] else 'none'} |",
+            f"| training run | `{info['run_id']}` ({cell(info['run_link'] or 'no run')}) |",
+            f"| sample grid | {'`' + info['sample_grid'] + '`' if info['sample_grid'] else 'none logged'} |",
+            f"| tracking | `{info['tracking_uri']}` |"]
+    for key, ref in sorted(info["built_on"].items()):
+        meant = f" = {ref['name']} v{ref['version']}" if ref.get("version") else ""
+        head.append(f"| built on | model.{key}: `{cell(ref['ref'])}`{cell(meant)} |")
+    evals = info["card_evaluations"]
+    metrics = sorted({m for e in evals for m in e.scores})
+    rows = []
+    for e in evals:
+        p = e.protocol
+        where = (f"`{e.key}` | data `{p.data_fingerprint[:12]}` {cell(p.split)}, {p.num_samples} samples, seeds "
+                 f"{p.seed_base} (reals {p.real_seed}), extractors "
+                 f"{cell(', '.join(f'{n} {h}' for n, h in sorted(p.extractors.items())) or 'none')}"
+                 if p else "none recorded | -")
+        rows.append(f"| {where} | " + " | ".join(f"{e.scores[m]:.6g}" if m in e.scores else "" for m in metrics)
+                    + f" | `{e.run_id}` |")
+    table = ["", "## Evaluations", ""]
+    if rows:
+        table += [f"| protocol | measured under | {' | '.join(metrics)} | run |",
+                  "|---" * (len(metrics) + 3) + "|"]
+    else:
+        table.append("none yet (`orbitgen eval` records one)")
+    tail = ["", "## Reproduce", "", "```bash", *info["reproduce"], "```",
+            "", "Passwords in URLs are masked (`***`) here and in the logged spec: set them again before training."]
+    for shown in range(len(rows), -1, -1):   # the longest card that fits
+        more = [f"", f"{len(rows) - shown} more evaluations in the version's tags (`orbitgen.eval.*`)"] if shown < len(rows) else []
+        text = "\n".join(head + table + rows[:shown] + more + tail)
+        if len(text) <= CARD_MAX_CHARS:
+            return text
+    return text[:CARD_MAX_CHARS]
+
+
+def write_model_card(client: MlflowClient, name: str, version: str) -> str:
+    """Writes version `version` of `name`'s model card (its description) from what is recorded now; returns it."""
+    text = model_card(card_facts(client, name, version=str(version)))
+    client.update_model_version(name, str(version), description=text)
+    return text
+
+
+def _refresh_card(client: MlflowClient, name: str, version: str) -> None:
+    """The version's card written again; a version whose run was deleted keeps the card it has
+    (a card never stops a promotion)."""
+    try:
+        write_model_card(client, name, version)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
 
 
 def registration_token(run_id: str, snapshot: Path, name: str) -> str:
@@ -228,6 +359,7 @@ def promote(name: str, *, metric: str, mode: str, candidate: str | None = None,
         raise UserError(f"no registered model named {name!r}; {registered_names(client)}")
     candidate = (_best_version(name, versions, metric, mode, client) if candidate is None
                  else _version(client, name, str(candidate)))
+    _refresh_card(client, name, candidate)   # training tagged its scores just before: the card shows them
     rounds, lost = 0, 0
     champ_version = None
     while True:
@@ -264,6 +396,9 @@ def promote(name: str, *, metric: str, mode: str, candidate: str | None = None,
         if champ_version is not None and like is not None:
             reevaluate(champ_version, like.protocol)
     p.name, p.metric, p.mode, p.min_improvement = name, metric, mode, min_improvement
+    if rounds:   # evaluated again under a common protocol: their cards show it
+        for evaluated in sorted({candidate, champ_version} - {None}):
+            _refresh_card(client, name, evaluated)
     if p.table:
         p.artifact = _log_comparison(client, versions[candidate].run_id, p, p.champion_before)
     return p

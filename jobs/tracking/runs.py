@@ -3,6 +3,11 @@
 The driver owns the run (creates it, marks it failed on error); rank 0 of the training workers
 logs step metrics and images into it by run id through `RunLogger`, which keeps what a server
 gone away did not take (jobs/tracking/buffered.py).
+
+Links: `run_link`, `experiment_link` and `version_link` give the tracking server's page for what a
+command made (`{uri}/#/experiments/{exp}/runs/{run}`, `{uri}/#/models/{name}/versions/{v}`, as
+MLflow's UI routes them) when the tracking URI is http(s), password masked; for a local store
+there is no page to link, so they give the `mlflow ui` command that serves one.
 """
 from __future__ import annotations
 
@@ -12,13 +17,14 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import quote
 
 import mlflow
 import numpy as np
 from PIL import Image
 from mlflow.tracking import MlflowClient
 
-from jobs.runtime.redact import redact_json
+from jobs.runtime.redact import redact, redact_json
 from jobs.tracking.buffered import RecordBuffer
 
 TAG_FAMILY = "orbitgen.family"
@@ -31,6 +37,42 @@ CLOSE_S = 10.0   # a worker's last wait for the server: the driver replays what 
 
 def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def is_http(tracking_uri: str) -> bool:
+    """A tracking server (it has web pages to link), not a local store."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def _ui_base(tracking_uri: str) -> str | None:
+    """The server's web address (password masked), or None for a store no server serves."""
+    if not is_http(tracking_uri):
+        return None
+    return redact(tracking_uri).rstrip("/")
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that serves the UI of a local store."""
+    return f"mlflow ui --backend-store-uri {redact(tracking_uri)} --port 5000"
+
+
+def _link(tracking_uri: str, route: str) -> str:
+    base = _ui_base(tracking_uri)
+    return f"{base}/#/{route}" if base else f"open it with: {ui_command(tracking_uri)}"
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page on the tracking server, or the `mlflow ui` command for a local store."""
+    return _link(tracking_uri, f"experiments/{experiment_id}/runs/{run_id}")
+
+
+def experiment_link(tracking_uri: str, experiment_id: str) -> str:
+    return _link(tracking_uri, f"experiments/{experiment_id}")
+
+
+def version_link(tracking_uri: str, name: str, version: str) -> str:
+    """A registered model version's page (the name quoted: it may hold spaces or slashes)."""
+    return _link(tracking_uri, f"models/{quote(name, safe='')}/versions/{version}")
 
 
 def ensure_experiment(tracking_uri: str, name: str, local_artifacts: Path) -> str:

@@ -65,7 +65,10 @@ def write(directory: Path, *, rank: int, engines: Mapping, networks: Mapping[str
         marker = {"files": {name: [p.stat().st_size, _sha256(p.open("rb"))] for name, p in files.items()}}
         if rank == 0:
             marker.update(step=step, writers=writers)
-        (directory / COMPLETE.format(rank)).write_text(json.dumps(marker))
+        done = directory / COMPLETE.format(rank)
+        partial = done.with_name(f".{done.name}.partial")   # renamed whole into place: never half a marker
+        partial.write_text(json.dumps(marker))
+        partial.replace(done)
 
 
 def _gather(value: Any) -> list[Any]:
@@ -90,19 +93,25 @@ def verify(path: str, fs: pyarrow.fs.FileSystem | None = None) -> int:
     fs = fs or pyarrow.fs.LocalFileSystem()
     path = str(path).rstrip("/")
 
-    def marker(rank: int) -> dict[str, Any]:
+    def marker(rank: int, *keys: str) -> dict[str, Any]:
+        name = COMPLETE.format(rank)
         try:
-            with fs.open_input_stream(f"{path}/{COMPLETE.format(rank)}") as f:
-                return json.loads(f.read())
+            with fs.open_input_stream(f"{path}/{name}") as f:
+                found = json.loads(f.read())
+            if not isinstance(found, dict) or any(k not in found for k in keys):
+                raise ValueError(f"missing {', '.join(k for k in keys if k not in found)}")
+            return found
         except FileNotFoundError:
-            raise IncompleteCheckpoint(f"{path}: no {COMPLETE.format(rank)} (its copy was cut short, "
+            raise IncompleteCheckpoint(f"{path}: no {name} (its copy was cut short, "
                                        "or it was written before completion markers)") from None
+        except (ValueError, UnicodeDecodeError, TypeError):   # JSONDecodeError is a ValueError
+            raise IncompleteCheckpoint(f"{path}: {name} does not read whole (its copy was cut short)") from None
 
-    head = marker(0)
+    head = marker(0, "files", "writers", "step")
     listed = dict(head["files"])
     for r in head["writers"]:
         if r != 0:
-            listed.update(marker(r)["files"])
+            listed.update(marker(r, "files")["files"])
     sizes = {i.path[len(path) + 1:]: i.size for i in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
              if i.type == pyarrow.fs.FileType.File}
     for name, (size, digest) in listed.items():

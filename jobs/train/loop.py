@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -29,7 +30,7 @@ from data_shards.split import Holdout
 from data_shards.storage import join
 from data_shards.stream import batches_per_epoch, image_stream, iterate_once, retries, skipped, training_share
 from jobs.train import checkpoints
-from jobs.train.engines import Engine, make_engine
+from jobs.train.engines import Engine, check_training_setup, make_engine
 from jobs.eval.core import EvalSettings, evaluate, preview
 from jobs.train.config import WorkerConfig
 from jobs.train.progress import WorkerProgress
@@ -70,6 +71,7 @@ def build_training(spec: JobSpec, device: torch.device, world_size: int
     """The family, its networks on the device (bare modules), its phases and one engine per
     phase, identical on every rank."""
     family = spec.make_family()
+    check_training_setup(spec, family)
     torch.manual_seed(spec.train.seed)  # identical init everywhere (DDP also broadcasts rank 0's)
     networks = family.build()
     phases = family.phases()
@@ -116,6 +118,38 @@ def _from_rank0(world_size: int):
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return broadcast
+
+
+# How long the other ranks wait for rank 0's solo work (`StepEnd.on_rank0`): SCB-GAN's probe reads
+# 10k images, runs four backbones on 20k and fits 12 probes, far past the 300 s collective timeout.
+SOLO_WORK_TIMEOUT_S = 3 * 3600
+
+
+def _on_rank0(world_size: int, rank: int, timeout_s: float = SOLO_WORK_TIMEOUT_S):
+    """`StepEnd.on_rank0`: rank 0 runs the work, then broadcasts its result over a gloo group of
+    its own with a long timeout; the run's group (NCCL on GPUs) and its timeout stay as they were.
+    The group is made on first use, before rank 0 starts the work, while every rank is there."""
+    group: list[Any] = []
+
+    def run(work: Callable[[], Any]) -> Any:
+        if world_size == 1:
+            return work()
+        if not group:
+            group.append(dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)))
+        box: list[Any] = [None]
+        if rank == 0:
+            try:
+                box = [(True, work())]
+            except Exception as e:
+                # The others must not wait out the long timeout for a result that will not come.
+                dist.broadcast_object_list([(False, f"{type(e).__name__}: {e}")], src=0, group=group[0])
+                raise
+        dist.broadcast_object_list(box, src=0, group=group[0])
+        ok, value = box[0]
+        if not ok:
+            raise RuntimeError(f"rank 0's work failed: {value}")
+        return value
+    return run
 
 
 def open_stream(data_url: str, spec: JobSpec, keys: tuple[str, ...], rank: int, world_size: int,
@@ -255,7 +289,7 @@ def run_steps(spec: JobSpec, family: Family, phases: list[Phase], engines: Mappi
               ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """The loop itself: from step `start` to the spec's last step, yields (steps done, the step's values).
     Ray Train's workers and the MineAug search's proxy trainings both run it."""
-    mean_over_ranks, from_rank0 = _mean_over_ranks(world), _from_rank0(world)
+    mean_over_ranks, from_rank0, on_rank0 = _mean_over_ranks(world), _from_rank0(world), _on_rank0(world, rank)
     reals = data_reals(data_url, device, spec.data.holdout) if data_url else (lambda n: iter(()))
 
     def restart_optimizer(role: str, params: list[nn.Parameter]) -> None:
@@ -270,7 +304,8 @@ def run_steps(spec: JobSpec, family: Family, phases: list[Phase], engines: Mappi
         step += 1
         values.update(family.after_step(StepEnd(networks=networks, rank=rank, step=step, batch=spec.train.batch,
                                                 device=device, mean_over_ranks=mean_over_ranks, from_rank0=from_rank0,
-                                                reals=reals, restart_optimizer=restart_optimizer)))
+                                                reals=reals, restart_optimizer=restart_optimizer,
+                                                on_rank0=on_rank0)))
         yield step, values
 
 

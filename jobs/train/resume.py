@@ -3,7 +3,8 @@
 Ray Train resumes a run by itself when a TorchTrainer starts again with the same storage path and
 run name: the workers get the latest checkpoint from `ray.train.get_checkpoint()`. What Ray does
 not know is the MLflow run to keep logging into; the driver writes it into `orbitgen-run.json`
-in the run's folder when the run starts, and reads it back on `--resume`.
+in the run's folder when the run starts, and reads it back on `--resume`: a file cut short by a
+crash, or without the run's id, is `DamagedRunInfo`, naming the run and what to do.
 
 Nor does Ray check that the checkpoint it hands out is whole: the workers resume from
 `checkpoint_to_resume(ray.train.get_checkpoint())`, which passes over a checkpoint whose files
@@ -15,6 +16,7 @@ import json
 import logging
 from typing import Any
 
+from data_shards.card import write_whole
 from data_shards.errors import UserError
 from data_shards.storage import filesystem, join
 from jobs.runtime.redact import redact_json
@@ -30,9 +32,10 @@ class ResumeError(UserError):
 
 def write_run_info(storage: str, run_name: str, info: dict[str, Any]) -> None:
     fs, path = filesystem(join(storage, run_name, RUN_INFO))
-    with fs.open(path, "w") as f:
-        # Redacted: the run's storage is shared and kept; a tracking URI may carry a password.
-        json.dump(redact_json(info), f, indent=1)
+    # Redacted: the run's storage is shared and kept; a tracking URI may carry a password.
+    # Whole or not at all (a temporary name renamed into place): a crash never leaves half a file
+    # for --resume to read.
+    write_whole(fs, path, json.dumps(redact_json(info), indent=1).encode())
 
 
 def read_run_info(storage: str, run_name: str) -> dict[str, Any]:
@@ -42,8 +45,28 @@ def read_run_info(storage: str, run_name: str) -> dict[str, Any]:
         runs = sorted(p.split("/")[-2] for p in root_fs.glob(join(root, "*", RUN_INFO)))
         raise ResumeError(f"no orbitgen run {run_name!r} under {storage} "
                           f"(runs there: {', '.join(runs) or 'none'})")
-    with fs.open(path, "r") as f:
-        return json.load(f)
+    try:
+        with fs.open(path, "rb") as f:
+            info = json.loads(f.read().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamagedRunInfo(_damaged(storage, run_name, f"not valid JSON ({e})")) from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(info, dict) or not isinstance(info.get(k), str)]
+    if missing:
+        raise DamagedRunInfo(_damaged(storage, run_name, f"it lacks {', '.join(missing)}"))
+    return info
+
+
+REQUIRED_KEYS = ("mlflow_run_id", "tracking_uri")   # what `--resume` needs to log into the same MLflow run
+
+
+class DamagedRunInfo(ResumeError):
+    """The run's `orbitgen-run.json` is there but cut short (a crash while it was written) or edited."""
+
+
+def _damaged(storage: str, run_name: str, why: str) -> str:
+    return (f"cannot resume run {run_name!r}: its {join(storage, run_name, RUN_INFO)} is damaged ({why}; a crash "
+            "while it was written?); restore that file, or start a new run without --resume (its checkpoints "
+            "stay where they are)")
 
 
 def checkpoint_to_resume(latest):

@@ -10,6 +10,7 @@ The pipeline is differentiable in the images (it also runs on generated images i
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -40,12 +41,18 @@ def _rotate2d(cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class AdaptiveAugment(nn.Module):
+    """p lives on the device (the buffer `p`): the controller steps it there and the gates compare
+    against it, so neither reads a value back to the host. The host keeps a mirror of p (`_p`) only to
+    skip the pipeline while p is 0; on a GPU it is refreshed from a non-blocking copy once that copy
+    has landed (a step or so late, which only delays the skip), on the CPU at once."""
+
     def __init__(self, channels: int, *, target: float = 0.6, interval: int = 4, speed_kimg: float = 500,
                  p: float = 0.0):
         super().__init__()
         self.channels, self.target, self.interval, self.speed_kimg = channels, target, interval, speed_kimg
         self.register_buffer("p", torch.tensor(float(p)))
-        self._p = float(p)   # a host copy: reading the buffer each forward would sync the GPU
+        self._p = float(p)   # the host mirror; see the class docstring
+        self._p_copy: tuple[Tensor, torch.cuda.Event] | None = None   # (pinned host copy, its event)
         # sum of sign(D(real)) and count since the last take_stats(); not part of a checkpoint.
         self.register_buffer("stats", torch.zeros(2), persistent=False)
 
@@ -55,7 +62,8 @@ class AdaptiveAugment(nn.Module):
         if self.stats.device != real_logits.device:
             self.stats = self.stats.to(real_logits.device)
         s = real_logits.detach().float().sign()
-        self.stats += torch.stack([s.sum(), s.new_tensor(float(s.numel()))])
+        self.stats[0] += s.sum()
+        self.stats[1] += s.numel()   # a Python number: no tensor made on the host
 
     @torch.no_grad()
     def take_stats(self) -> Tensor:
@@ -73,26 +81,65 @@ class AdaptiveAugment(nn.Module):
         self.set_p(new_p)
         return new_p
 
+    @torch.no_grad()
+    def adjust_from_stats(self, stats: Tensor, images: int) -> Tensor:
+        """`adjust` on the device from tensor([sum_sign, count]) (`take_stats`, summed or averaged
+        over ranks): no host sync. Returns p (a 0-dim tensor); p stays where it is when count is 0."""
+        if self.p.device != stats.device:
+            self.p = self.p.to(stats.device)
+        total, count = stats[0].float(), stats[1].float()
+        step = (total / count.clamp(min=1e-30) - self.target).sign()   # 0 when exactly on target
+        moved = (self.p + step * (images / (self.speed_kimg * 1000))).clamp(0.0, 1.0)
+        self.p.copy_(torch.where(count > 0, moved, self.p))
+        self._refresh_host_p()
+        return self.p.clone()
+
+    def _refresh_host_p(self) -> None:
+        if self.p.device.type == "meta":
+            return
+        if self.p.device.type != "cuda":
+            self._p = float(self.p)   # on the CPU a read costs nothing
+            return
+        host = torch.empty((), dtype=self.p.dtype, pin_memory=True)
+        host.copy_(self.p, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._p_copy = (host, event)
+
+    def _host_p(self) -> float:
+        """The host mirror of p, updated from a finished copy (never waits for one)."""
+        if self._p_copy is not None and self._p_copy[1].query():
+            self._p = float(self._p_copy[0])
+            self._p_copy = None
+        return self._p
+
     def set_p(self, value: float) -> None:
         self.p.fill_(value)
         self._p = float(value)
+        self._p_copy = None
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._p = float(self.p)
+        self._p_copy = None
 
     # ---- augmentation ------------------------------------------------------------------------
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        p = self._p
-        if p <= 0:
+        if self._host_p() <= 0:
             return images
-        with torch.autocast(device_type=images.device.type, enabled=False):
+        if self.p.device != images.device:
+            self.p = self.p.to(images.device)
+        p = self.p   # the gates compare against the device value: no host read
+        kind = images.device.type
+        fp32 = (torch.autocast(device_type=kind, enabled=False) if torch.amp.is_autocast_available(kind)
+                else contextlib.nullcontext())   # the meta device has no autocast to switch off
+        with fp32:
             x = images.float()
             x = self._warp(x, self._geometric(x, p, generator))
             x = self._colour(x, p, generator)
         return x.to(images.dtype)
 
-    def _geometric(self, x: Tensor, p: float, gen: torch.Generator | None) -> Tensor:
+    def _geometric(self, x: Tensor, p: Tensor, gen: torch.Generator | None) -> Tensor:
         n, _, h, w = x.shape
         dev = x.device
         rand = lambda: torch.rand(n, device=dev, generator=gen)  # noqa: E731
@@ -105,8 +152,9 @@ class AdaptiveAugment(nn.Module):
         m = _scale2d(1 - 2 * flip, one)
         k = torch.where(gate(p), torch.randint(0, 4, (n,), device=dev, generator=gen),
                         torch.zeros(n, dtype=torch.long, device=dev))
-        cos_k = torch.tensor([1.0, 0.0, -1.0, 0.0], device=dev)[k]   # exact for multiples of 90 degrees
-        sin_k = torch.tensor([0.0, 1.0, 0.0, -1.0], device=dev)[k]
+        # cos and sin of k·90° exactly, in integer arithmetic: (1, 0, -1, 0) and (0, 1, 0, -1) for k = 0..3
+        cos_k = ((1 - k) * (k % 2 == 0)).float()
+        sin_k = ((2 - k) * (k % 2 == 1)).float()
         m = m @ _rotate2d(cos_k, sin_k)
         g = gate(p)
         tx = torch.where(g, torch.round((rand() * 2 - 1) * 0.125 * w) * 2 / w, zero)
@@ -115,7 +163,7 @@ class AdaptiveAugment(nn.Module):
         # geometric: isotropic scale, rotation, anisotropic scale, rotation, fractional translation.
         s = torch.where(gate(p), torch.exp2(randn() * 0.2), one)
         m = m @ _scale2d(s, s)
-        p_rot = 1 - math.sqrt(max(1 - p, 0.0))   # two rotations: P(at least one) = p
+        p_rot = 1 - (1 - p).clamp(min=0.0).sqrt()   # two rotations: P(at least one) = p
         theta = torch.where(gate(p_rot), (rand() * 2 - 1) * math.pi, zero)
         m = m @ _rotate2d(theta.cos(), theta.sin())
         s = torch.where(gate(p), torch.exp2(randn() * 0.2), one)
@@ -131,7 +179,7 @@ class AdaptiveAugment(nn.Module):
         grid = F.affine_grid(m[:, :2, :], list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
-    def _colour(self, x: Tensor, p: float, gen: torch.Generator | None) -> Tensor:
+    def _colour(self, x: Tensor, p: Tensor, gen: torch.Generator | None) -> Tensor:
         n, c = x.shape[:2]
         dev = x.device
         rand = lambda: torch.rand(n, device=dev, generator=gen)  # noqa: E731
@@ -154,7 +202,8 @@ class AdaptiveAugment(nn.Module):
         if c == 3:
             theta = torch.where(gate(), (rand() * 2 - 1) * math.pi, zero)
             r = 1 / math.sqrt(3)
-            cross = torch.tensor([[0.0, -r, r], [r, 0.0, -r], [-r, r, 0.0]], device=dev)   # [v]x
+            # [v]x = r·[[0, -1, 1], [1, 0, -1], [-1, 1, 0]]: +r below the diagonal cyclically, -r above
+            cross = r * (eye_c.roll(-1, dims=1) - eye_c.roll(1, dims=1))
             cos, sin = theta.cos()[:, None, None], theta.sin()[:, None, None]
             a = cos * eye_c + sin * cross + (1 - cos) * vv       # hue: rotation about the luma axis
             lin, off = a @ lin, (a @ off[:, :, None])[:, :, 0]

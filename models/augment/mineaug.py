@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from models.augment.pool import build_augmentation
+from models.augment.pool import build_augmentation, draw_on
 
 
 def stable_hash(key: str) -> int:
@@ -29,6 +29,7 @@ class MineAugExpansion:
         self.channels = channels
         # build_augmentation validates each name (unknown, or colour-only for grey).
         self.augmentations = [build_augmentation(n, channels) for n in self.names]
+        self._device = torch.device("cpu")   # where the augmentations draw their parameters
 
     @property
     def k(self) -> int:
@@ -47,6 +48,9 @@ class MineAugExpansion:
         if self.k == 0:
             return images
         tags = tags.cpu()   # tags come from keys, on the host: choosing rows there needs no device sync
+        if images.device != self._device:
+            self.augmentations = [draw_on(aug, images.device) for aug in self.augmentations]
+            self._device = images.device
         out = images.clone()
         for i, aug in enumerate(self.augmentations, start=1):
             idx = (tags == i).nonzero().flatten()

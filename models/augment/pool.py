@@ -41,7 +41,22 @@ class FullSizeResizedCrop(nn.Module):
         size = (x.shape[-2], x.shape[-1])
         if size not in self.by_size:
             self.by_size[size] = K.RandomResizedCrop(size, p=1.0, same_on_batch=False)
-        return self.by_size[size](x)
+        crop = self.by_size[size]
+        if x.device.type != "cpu" and getattr(crop, "device", None) != x.device:
+            crop.set_rng_device_and_dtype(x.device, torch.float32)
+        return crop(x)
+
+
+def draw_on(module: nn.Module, device: torch.device) -> nn.Module:
+    """Makes the kornia transforms in `module` draw their random parameters on `device`, where
+    the images are: kornia draws on the CPU by default and copies each draw over, a blocking
+    transfer per transform per batch on a GPU. A no-op on the CPU (its draws stay what they were)."""
+    if device.type == "cpu":
+        return module
+    for m in module.modules():
+        if hasattr(m, "set_rng_device_and_dtype"):
+            m.set_rng_device_and_dtype(device, torch.float32)
+    return module.to(device)
 
 
 def _affine(**kw) -> nn.Module:

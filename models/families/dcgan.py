@@ -69,6 +69,9 @@ class DCGAN(Family):
                                max_channels=c.max_channels),
         }
 
+    def needs_double_backward(self) -> bool:
+        return self.config.r1_gamma > 0
+
     def phases(self) -> list[Phase]:
         # G first: its phase makes the step's one fake, which D's phase then learns from.
         return two_player_phases(self.config, self.lr, order=("G", "D"))

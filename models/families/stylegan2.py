@@ -146,6 +146,10 @@ class StyleGAN2(Family):
     tiny = {"data.resolution": 16, "model.z_dim": 16, "model.w_dim": 16, "model.mapping_layers": 2,
             "model.channel_base": 128, "model.channel_max": 16, "model.vision_aided": None}
 
+    # fp16's range (65504) is too small for the modulated activations before demodulation and for
+    # R1's gradients; bf16 has fp32's range.
+    precisions = ("fp32", "bf16")
+
     config: StyleGAN2Config
 
     def __init__(self, config: StyleGAN2Config, *, resolution: int, channels: int, lr: float,
@@ -184,6 +188,9 @@ class StyleGAN2(Family):
         va = self.config.vision_aided
         heads = [list(d.heads.parameters_of(kind)) for kind in va.candidates] if va else []
         return [list(d.main.parameters()), *heads]
+
+    def needs_double_backward(self) -> bool:
+        return self.config.r1_gamma > 0 or self.config.pl_weight > 0
 
     def required_files(self) -> dict[str, str | None]:
         va = self.config.vision_aided
@@ -300,8 +307,7 @@ class StyleGAN2(Family):
         va = c.vision_aided
         if va is not None:
             if self._stage_due(end.images_seen):   # the same answer on every rank: from the image count
-                kind, accuracies = self._probe(end) if end.rank == 0 else (None, {})
-                kind, accuracies = end.from_rank0((kind, accuracies))
+                kind, accuracies = end.on_rank0(lambda: self._probe(end))   # minutes of work on rank 0
                 self.active.append(kind)
                 end.restart_optimizer("D", list(end.networks["D"].heads.parameters_of(kind)))
                 logs.update({f"probe_acc_{k}": v for k, v in accuracies.items()})
@@ -309,9 +315,9 @@ class StyleGAN2(Family):
         return logs
 
     @staticmethod
-    def _adjust(ada: AdaptiveAugment, end: StepEnd, images: int) -> float:
-        total, count = end.mean_over_ranks(ada.take_stats().to(end.device)).tolist()
-        return ada.adjust(total / count, images) if count else float(ada.p)
+    def _adjust(ada: AdaptiveAugment, end: StepEnd, images: int) -> Tensor:
+        # On the device: the mean over ranks has the same ratio as the sum; nothing read back.
+        return ada.adjust_from_stats(end.mean_over_ranks(ada.take_stats().to(end.device)), images)
 
     def _stage_due(self, images_seen: int) -> bool:
         """Whether the next backbone is due: the warm-up and every earlier stage are done."""

@@ -1,9 +1,11 @@
-"""A perceptual distance with LPIPS's structure (Zhang et al. 2018) on a feature network we have.
+"""`perceptual_randconv`: a perceptual distance with LPIPS's structure (Zhang et al. 2018) on
+fixed random convolutions. Published LPIPS, with its learned weights from a local file, is
+`models.metrics.lpips`; this one is named for what it is, so nobody takes its values for LPIPS.
 
 LPIPS compares two images layer by layer in a feature network: activations are unit-normalised
 along channels, squared differences are weighted per channel, averaged over space and summed
-over layers. Its published numbers need VGG/AlexNet weights plus learned per-channel weights,
-which cannot be downloaded here. This module keeps the structure with the fixed random conv
+over layers. Its published numbers need VGG/AlexNet weights plus learned per-channel weights
+(`eval.lpips_weights`). Without them, this module keeps the structure with the fixed random conv
 network of `RandConvExtractor` (all four layers, native resolution) and uniform weights: it
 ranks image pairs sensibly and is differentiable (a training loss too), but its values are on
 their own scale, NOT comparable with published LPIPS. `name` says which network was used.
@@ -22,7 +24,7 @@ def _unit_channels(f: Tensor, eps: float = 1e-10) -> Tensor:
 class PerceptualDistance(nn.Module):
     """distance(a, b) -> (N,) for float NCHW images in [-1, 1] (1, 3 or more channels); 0 for equal images."""
 
-    name = f"lpips-structure/{RandConvExtractor.name}/uniform-weights"
+    name = f"perceptual_randconv/{RandConvExtractor.name}/uniform-weights"
 
     def __init__(self) -> None:
         super().__init__()

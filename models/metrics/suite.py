@@ -15,7 +15,11 @@ and `params()` -> what the values were computed with (log both). Names:
   mse    mean (fake - real)^2, intensities scaled to [0, 1]                        (paired)
   psnr   peak signal-to-noise ratio in dB, per image, then averaged (torchmetrics) (paired)
   ssim   structural similarity per image, then averaged (`models.metrics.ssim`)   (paired)
-  lpips  perceptual distance with LPIPS's structure (`models.metrics.perceptual`)  (paired)
+  lpips  LPIPS with its published weights, from the local file `lpips_weights` (`models.metrics.
+         lpips`); without that file, a family's `lpips` is computed and logged as
+         perceptual_randconv                                                     (paired)
+  perceptual_randconv  LPIPS's structure on fixed random convolutions, uniform weights: its
+         own scale, not comparable with published LPIPS (`models.metrics.perceptual`) (paired)
   f1     F1 of the change mask against `cond`, the past image (`models.metrics.change`) (paired)
 
 Paired metrics compare fake[i] with real[i], so they need both in the same call.
@@ -37,6 +41,7 @@ from models.metrics.change import CHANGE_THRESHOLD, ChangeF1
 from models.metrics.fid import FrechetDistance
 from models.metrics.kid import KernelDistance
 from models.metrics.merge import merge_state, metric_state
+from models.metrics.lpips import LPIPS
 from models.metrics.perceptual import PerceptualDistance
 from models.metrics.precision_recall import PrecisionRecall
 from models.metrics.ssim import ssim
@@ -54,31 +59,51 @@ TORCHMETRICS: dict[str, Callable[[], Metric]] = {
 
 
 class _Perceptual:
-    def __init__(self) -> None:
-        self.net = PerceptualDistance()
+    """A perceptual distance network on (fake, real) in [0, 1]."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
 
     def __call__(self, f: Tensor, r: Tensor) -> Tensor:
         return self.net.to(f.device)(2 * f - 1, 2 * r - 1)   # it takes [-1, 1]
 
 
-# Scores of each pair, (fake, real) scaled to [0, 1] -> (N,), averaged over all pairs.
-PER_IMAGE: dict[str, Callable[[], Callable[[Tensor, Tensor], Tensor]]] = {
-    "ssim": lambda: lambda f, r: ssim(f, r, data_range=1.0),
-    "lpips": _Perceptual,
+# Scores of each pair, (fake, real) scaled to [0, 1] -> (N,), averaged over all pairs; built
+# with the LPIPS weights file (None when none was given).
+PER_IMAGE: dict[str, Callable[[str | None], Callable[[Tensor, Tensor], Tensor]]] = {
+    "ssim": lambda _: lambda f, r: ssim(f, r, data_range=1.0),
+    "lpips": lambda weights: _Perceptual(LPIPS(weights)),
+    "perceptual_randconv": lambda _: _Perceptual(PerceptualDistance()),
 }
 DISTRIBUTION = ("fid", "kid", "pr")   # fake and real need not come together, nor pair up
 METRICS = (*DISTRIBUTION, *TORCHMETRICS, *PER_IMAGE, "f1")
 
 
-def reported_names(names: Iterable[str]) -> tuple[str, ...]:
-    """The names the values of these metrics are logged under ("pr" logs two)."""
-    return tuple(r for n in names for r in (("precision", "recall") if n == "pr" else (n,)))
+def named_for_weights(names: Iterable[str], lpips_weights: str | None = None) -> tuple[str, ...]:
+    """The metrics computed for `names`: `lpips` is published LPIPS only with its weights file;
+    without one it is the random-convolution distance and named so (`perceptual_randconv`),
+    which is what specs and families that asked for `lpips` got before the weights existed."""
+    if lpips_weights:
+        return tuple(names)
+    out = tuple("perceptual_randconv" if n == "lpips" else n for n in names)
+    return tuple(dict.fromkeys(out))   # a list that named both once has it once
+
+
+def reported_names(names: Iterable[str], lpips_weights: str | None = None) -> tuple[str, ...]:
+    """The names the values of these metrics are logged under ("pr" logs two; `lpips` without
+    weights logs as perceptual_randconv)."""
+    return tuple(r for n in named_for_weights(names, lpips_weights)
+                 for r in (("precision", "recall") if n == "pr" else (n,)))
 
 
 class MetricSuite:
     def __init__(self, names: Iterable[str], *, extractor: nn.Module | None = None,
-                 pr_extractor: nn.Module | None = None, device: str | torch.device = "cpu"):
-        self.names = tuple(names)
+                 pr_extractor: nn.Module | None = None, device: str | torch.device = "cpu",
+                 lpips_weights: str | None = None):
+        names = tuple(names)
+        self.names = named_for_weights(names, lpips_weights)
+        self.lpips_weights = lpips_weights
+        self.lpips_renamed = "lpips" in names and "lpips" not in self.names   # asked for by its old name
         unknown = [n for n in self.names if n not in METRICS]
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
@@ -95,7 +120,8 @@ class MetricSuite:
         pr_space = extractor if pr_extractor is None else pr_extractor
         self.pr = PrecisionRecall(pr_space, self.device) if "pr" in self.names else None
         self.torchmetrics = {n: TORCHMETRICS[n]().to(self.device) for n in self.names if n in TORCHMETRICS}
-        self.per_image = {n: (PER_IMAGE[n](), MeanMetric(**LOCAL).to(self.device)) for n in self.names if n in PER_IMAGE}
+        self.per_image = {n: (PER_IMAGE[n](lpips_weights), MeanMetric(**LOCAL).to(self.device))
+                          for n in self.names if n in PER_IMAGE}
         self.f1 = ChangeF1().to(self.device) if "f1" in self.names else None
         self.paired = [n for n in self.names if n not in DISTRIBUTION]
 
@@ -190,7 +216,12 @@ class MetricSuite:
         if self.pr is not None:
             p |= {"pr_extractor": self.pr.extractor.name, "pr_k": str(self.pr.k)}
         if "lpips" in self.names:
-            p["lpips_network"] = PerceptualDistance.name
+            p["lpips_network"] = self.per_image["lpips"][0].net.name
+        if "perceptual_randconv" in self.names:
+            p["perceptual_randconv_network"] = PerceptualDistance.name
+        if self.lpips_renamed:
+            p["perceptual_randconv_note"] = ("asked for as lpips; without LPIPS weights (eval.lpips_weights) it is "
+                                             "LPIPS's structure on random convolutions, not comparable with LPIPS")
         if self.f1 is not None:
             p["f1_change_threshold"] = str(CHANGE_THRESHOLD)
         return p

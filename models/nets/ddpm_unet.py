@@ -76,11 +76,18 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_(nn.Conv2d(channels, channels, 1))
 
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v as (n, 1, hw, c), each with unit stride in its last dimension, as the fused
+        attention kernels (flash, memory-efficient) need: positions-major, channels innermost. From
+        a channels_last feature map this is a view; from NCHW one copy."""
+        n, c, h, w = x.shape
+        y = self.qkv(self.norm(x)).permute(0, 2, 3, 1).contiguous().reshape(n, 1, h * w, 3, c)
+        return y[..., 0, :], y[..., 1, :], y[..., 2, :]
+
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, 1, c, h * w).transpose(-1, -2).unbind(1)   # (n, 1, hw, c)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(n, c, h, w))
+        out = F.scaled_dot_product_attention(*self.qkv_heads(x))             # (n, 1, hw, c)
+        return x + self.proj(out.reshape(n, h, w, c).permute(0, 3, 1, 2))
 
 
 class Block(nn.Module):

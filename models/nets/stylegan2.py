@@ -10,6 +10,7 @@ num_ws = 2 * log2(resolution) - 2 style vectors: one per convolution, the last o
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -177,11 +178,20 @@ def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, *, demodulate: b
     else:
         x = F.conv2d(x, weight.to(x.dtype), padding=k // 2)
     if demodulate:
-        # 1/sqrt of the L2 norm of each output channel's modulated weights, in fp32.
-        w2 = weight.float().square().sum(dim=[2, 3])                      # (out, in)
-        d = (styles.float().square() @ w2.t() + 1e-8).rsqrt()               # (N, out)
-        x = x * d.to(x.dtype)[:, :, None, None]
+        x = x * demodulation(weight, styles).to(x.dtype)[:, :, None, None]
     return x
+
+
+def demodulation(weight: Tensor, styles: Tensor) -> Tensor:
+    """(N, out) fp32: 1/sqrt of the L2 norm of each output channel's modulated weights. Autocast
+    is switched off around it: under autocast a matmul runs in bf16/fp16 whatever its inputs'
+    dtype, and the sum of squares must not lose precision or overflow."""
+    kind = weight.device.type
+    off = (torch.autocast(device_type=kind, enabled=False) if torch.amp.is_autocast_available(kind)
+           else contextlib.nullcontext())   # the meta device has no autocast to switch off
+    with off:
+        w2 = weight.float().square().sum(dim=[2, 3])                      # (out, in)
+        return (styles.float().square() @ w2.t() + 1e-8).rsqrt()
 
 
 class SynthesisLayer(nn.Module):

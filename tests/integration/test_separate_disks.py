@@ -15,7 +15,7 @@ machine (RAY_ADDRESS), as a user's laptop or the head's shell would.
 - A training whose worker node is stopped after a checkpoint finishes, on the node that replaces
   it, from that checkpoint.
 - `orbitgen search mineaug` runs stage 1 and a short stage 2 with trials on both nodes.
-- A training and an evaluation whose nodes are busy with other work say what they wait for, then run.
+- A training, a search and an evaluation whose nodes are busy say what they wait for, then run.
 - An MLflow experiment whose artifacts go to a folder (each node's own disk) is refused in one
   line, and doctor says so too.
 """
@@ -336,13 +336,22 @@ def waiting_lines_while_busy(cluster: TwoNodes, args: list[str], env: dict[str, 
 
 
 def test_commands_waiting_for_busy_nodes_say_what_they_wait_for(cluster, trained):
-    """Every CPU of the cluster is held by other work: a training and an evaluation neither fail
-    nor sit silent; each says what it waits for, and runs once the CPUs are free."""
+    """Every CPU of the cluster is held by other work: a training, a search and an evaluation
+    neither fail nor sit silent; each says what it waits for, and runs once the CPUs are free."""
     code, lines = waiting_lines_while_busy(
         cluster, train_args(cluster, f"name={trained.root}-wait", "tracking.registry_model=null"), trained.env)
     assert code == 0, "".join(lines)[-4000:]
     waited = [line for line in lines if "waiting for" in line]
     assert waited and "waiting for 2 training workers × {CPU: 1}: 0 of 4 CPUs free (other work holds the rest)" in waited[0]
+
+    code, lines = waiting_lines_while_busy(
+        cluster, ["search", "mineaug", "jobs/specs/quickstart.yaml", "--set", f"workdir={cluster.work}",
+                  *[a for s in [*TINY, "search.candidates=[HorizontalFlip,Invert]", "search.k=1", "search.repeats=1",
+                                 "search.concurrency=1"] for a in ("--set", s)]],
+        {**trained.env, "ORBITGEN_STORAGE": f"s3://orbitgen/{trained.root}-search-wait"})
+    assert code == 0, "".join(lines)[-4000:]
+    waited = [line for line in lines if "waiting for" in line]
+    assert waited and "search trials × {CPU: 1}: 0 of 4 CPUs free (other work holds the rest)" in waited[0]
 
     code, lines = waiting_lines_while_busy(
         cluster, ["eval", f"models:/{trained.model}/1", "--workers", "2", "--num-samples", "128"], trained.env)

@@ -9,10 +9,10 @@ from torch import nn
 
 from jobs.train.engines.base import Engine, autocast_dtype, lr_factor, make_optimizer, make_scheduler
 from jobs.train.engines.ddp import DDPEngine
-from jobs.spec import JobSpec
-from models.family import Phase
+from jobs.spec import JobSpec, check_training_setup
+from models.family import Family, Phase
 
-__all__ = ["DDPEngine", "Engine", "autocast_dtype", "lr_factor", "make_engine", "make_optimizer", "make_scheduler"]
+__all__ = ["DDPEngine", "Engine", "autocast_dtype", "check_training_setup", "lr_factor", "make_engine", "make_optimizer", "make_scheduler"]
 
 
 def make_engine(spec: JobSpec, module: nn.Module, phase: Phase, device: torch.device, world_size: int) -> Engine:

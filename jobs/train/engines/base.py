@@ -29,10 +29,14 @@ from jobs.spec import JobSpec, SchedulerSpec, TrainSpec
 from models.family import Phase
 
 
-def make_optimizer(groups: list[list[nn.Parameter]], phase: Phase, train: TrainSpec) -> torch.optim.Optimizer:
+def make_optimizer(groups: list[list[nn.Parameter]], phase: Phase, train: TrainSpec,
+                   fused: bool = False) -> torch.optim.Optimizer:
     # torch's own Adam under both strategies: DeepSpeed's fused/CPU Adam would need a JIT compile.
+    # fused: torch's single-kernel CUDA Adam (the same update; DDP on GPUs only).
     cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-    return cls([{"params": g} for g in groups], lr=phase.lr, betas=phase.betas, weight_decay=phase.weight_decay)
+    extra = {"fused": True} if fused else {}
+    return cls([{"params": g} for g in groups], lr=phase.lr, betas=phase.betas, weight_decay=phase.weight_decay,
+               **extra)
 
 
 def param_groups(module: nn.Module, phase: Phase) -> list[list[nn.Parameter]]:
@@ -88,6 +92,9 @@ class Engine:
         self.name = phase.name
         self.device = device
         self.precision = spec.train.precision
+        if device.type == "cuda":
+            # Fixed shapes every step: let cuDNN time its convolution algorithms once and keep the fastest.
+            torch.backends.cudnn.benchmark = spec.train.cudnn_benchmark
         memory_format = torch.channels_last if spec.train.channels_last else torch.preserve_format
         self.module = module.to(device, memory_format=memory_format)
         # Only what is trainable now is ever trained: a frozen part of the module (ControlNet's

@@ -26,7 +26,8 @@ class DDPEngine(Engine):
                     if world_size > 1 else None)
         wrapped = self.ddp or self.module
         self.wrapped = torch.compile(wrapped) if spec.train.compile else wrapped
-        self.optimizer = make_optimizer(self.groups, phase, spec.train)
+        self.optimizer = make_optimizer(self.groups, phase, spec.train,
+                                        fused=spec.train.fused_adam and device.type == "cuda")
         self.scheduler = make_scheduler(self.optimizer, phase, spec)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
 

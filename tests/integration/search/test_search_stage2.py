@@ -44,7 +44,8 @@ def stand_in(fid):
     def train(augmentations, budget_steps, report, trial_dir, *, seed, policy):
         for step in (2, 4, 6, 8):
             report(step, fid(augmentations, step, seed, policy))
-        return {"fid": fid(augmentations, budget_steps, seed, policy)}
+        final = fid(augmentations, budget_steps, seed, policy)
+        return {"fid": final, "kid": final / 100}   # a KID beside it, as the real proxy reports
     return train
 
 
@@ -107,6 +108,9 @@ def test_nothing_beats_none_and_the_verdict_says_so(ray_local, tmp_path):
     assert v.verdict.startswith("No subset beat plain data at this budget (8 steps, 2 seed(s))")
     assert v.verdict in v.reason
     assert all(not c.beats_none for c in v.comparisons) and len(v.comparisons) >= 3
+    # Each subset's trained KID (mean and spread over its seeds) is kept beside its FID.
+    none = v.trained["none"]
+    assert none["seeds"] == [0, 1] and none["kid"] == pytest.approx(none["fid"] / 100) and none["kid_std"] == 0.0
 
 
 def test_a_resumed_stage2_continues_the_optuna_study_with_no_extra_trials(ray_local, tmp_path):

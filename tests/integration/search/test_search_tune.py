@@ -61,11 +61,13 @@ def test_stage1_on_tune_equals_serial_and_is_tracked(ray_local, tmp_path, origin
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags[TAG_CHOSEN] == ",".join(result.chosen)
+    assert "NOT the paper's" in parent.data.tags["orbitgen.search.features"]   # randconv features, said so
+    assert result.chosen_rule.startswith("search.select=sets")
     children = client.search_runs([parent.info.experiment_id], f"tags.`{TAG_PARENT}` = '{result.parent_run_id}'")
     assert sorted(c.data.tags[TAG_TRIAL] for c in children) == sorted(NAMES)
     for c in children:
         assert c.data.params["candidate"] == c.data.tags[TAG_TRIAL] and c.data.params["repeats"] == "2"
-        assert {"fid", "fid_std", "mse", "kept"} <= set(c.data.metrics)
+        assert {"fid", "fid_std", "kid", "kid_std", "mse", "kept"} <= set(c.data.metrics)   # KID beside FID
     arts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"ranking.csv", "subsets.csv", "fid_bar.png", "contact_sheet.png", "summary.json"} <= arts
     rows, _ = read_ranking(result.parent_run_id, f"sqlite:///{tmp_path}/mlflow.db")
@@ -75,7 +77,7 @@ def test_stage1_on_tune_equals_serial_and_is_tracked(ray_local, tmp_path, origin
     png = client.download_artifacts(result.parent_run_id, "contact_sheet.png", str(tmp_path))
     assert Image.open(png).size[1] > 72 * len(NAMES)
     text = show_search(result.parent_run_id, f"sqlite:///{tmp_path}/mlflow.db")
-    assert all(n in text for n in NAMES) and "chosen (sets)" in text
+    assert all(n in text for n in NAMES) and "chosen (search.select=sets: " in text and "NOT the paper" in text
 
     # Resuming a finished search reruns nothing and makes no second child run.
     lines = []

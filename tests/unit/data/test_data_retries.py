@@ -115,3 +115,89 @@ def test_a_server_down_longer_than_the_budget_fails_naming_the_shard(monkeypatch
         list(read_piece(url, budget_s=1.0))
     assert t.now == pytest.approx(1.0)   # retried for the budget, then gave up
     assert storage.retries() - before == len(t.slept) > 1
+
+
+# Only transient errors are retried: what no retry can mend fails at once, with the retry budget
+# left long so that a wrong retry shows as a slow test and a wait asked of the fake clock.
+def _client_error(code: str, bucket: str = "team-b") -> Exception:
+    import botocore.exceptions
+
+    return botocore.exceptions.ClientError({"Error": {"Code": code, "Message": code, "BucketName": bucket}},
+                                           "GetObject")
+
+
+def _not_retried(t: FakeTime, exc: Exception) -> BaseException:
+    retry = t.retries("reading s3://team-b/set/shard-000000.tar", budget_s=600)
+    with pytest.raises(Exception) as caught:
+        retry.wait(exc)
+    assert t.slept == [] and retry.attempt == 0   # no wait asked: failed at once
+    return caught.value
+
+
+def test_missing_credentials_fail_at_once_naming_the_url():
+    import botocore.exceptions
+
+    err = _not_retried(FakeTime(), botocore.exceptions.NoCredentialsError())
+    assert isinstance(err, storage.EnvironmentProblem)
+    assert "s3://team-b/set/shard-000000.tar" in str(err) and "AWS_ACCESS_KEY_ID" in str(err)
+
+
+@pytest.mark.parametrize("code, kind, said", [
+    ("NoSuchBucket", storage.InputNotFound, "'team-b' does not exist"),
+    ("InvalidBucketName", storage.UserError, "not a valid bucket name"),
+    ("AccessDenied", storage.EnvironmentProblem, "access denied"),
+])
+def test_bucket_errors_fail_at_once_naming_the_bucket(code, kind, said):
+    err = _not_retried(FakeTime(), _client_error(code))
+    assert isinstance(err, kind) and said in str(err)
+
+
+@pytest.mark.parametrize("exc", [ValueError("pax record 'x' does not parse"), KeyError("size"),
+                                 UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"), RuntimeError("a bug")])
+def test_parse_errors_and_bugs_are_raised_as_they_are_at_once(exc):
+    assert _not_retried(FakeTime(), exc) is exc
+
+
+@pytest.mark.parametrize("exc", [ConnectionResetError(), TimeoutError(), _client_error("SlowDown"),
+                                 _client_error("InternalError"), OSError(5, "EIO from s3fs")])
+def test_transient_errors_are_still_retried(exc):
+    t = FakeTime()
+    retry = t.retries("reading x", budget_s=1.0)
+    retry.wait(exc)
+    assert len(t.slept) == 1 and storage.is_transient(exc)
+
+
+def test_a_parse_error_in_a_local_shard_is_not_reread(tmp_path, monkeypatch):
+    """A real shard on disk whose reading raises an error the tar reader does not classify (a
+    parse error): read once, raised at once, not re-read for the retry budget."""
+    write_craters(tmp_path, count=4, shard_samples=4, resolution=8)
+    t = FakeTime()
+    monkeypatch.setattr(shard_reader, "Retries", functools.partial(Retries, clock=t.clock, sleep=t.sleep))
+    reads = []
+    real = shard_reader.tar_files
+
+    def parse_fails(f, shard):
+        reads.append(shard)
+        for i, member in enumerate(real(f, shard)):
+            if i == 2:
+                raise ValueError(f"{shard}: pax record does not parse")
+            yield member
+
+    monkeypatch.setattr(shard_reader, "tar_files", parse_fails)
+    before = storage.retries()
+    with pytest.raises(ValueError, match="does not parse"):
+        list(read_piece(str(tmp_path / "shard-000000.tar"), budget_s=600))
+    assert len(reads) == 1 and t.slept == [] and storage.retries() == before
+
+
+def test_an_endpoint_that_does_not_answer_is_retried_then_gives_up_as_the_environment():
+    """A store restarting is what retries are for; once the budget is spent, the error is the
+    environment's (exit 1 at the CLI), naming the read and the variable that sets the budget."""
+    import botocore.exceptions
+
+    t = FakeTime()
+    retry = t.retries("reading s3://b/shard-000000.tar", budget_s=1.0)
+    with pytest.raises(GaveUp, match=r"reading s3://b/shard-000000\.tar: still failing .*ORBITGEN_DATA_RETRY_S") as e:
+        while True:
+            retry.wait(botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b"))
+    assert len(t.slept) > 1 and isinstance(e.value, storage.EnvironmentProblem)

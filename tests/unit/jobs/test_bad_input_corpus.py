@@ -1,6 +1,8 @@
 """Bad input, across every command: one or two lines `error: ...` naming the input, exit 2,
 nothing written. Each case runs in a fresh working directory; the test compares the
-file trees of that directory and of the shared fixtures before and after."""
+file trees of that directory and of the shared fixtures before and after. Cases with `code=1`
+are the environment rather than the input (a disk that refuses writes, a scheme whose filesystem
+is not installed): the same one line, exit 1 (jobs/cli/common.py, the error boundary)."""
 from __future__ import annotations
 
 import hashlib
@@ -20,6 +22,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -44,6 +47,7 @@ class Case:
     names: list[str]         # what the message must name
     env: dict[str, str] = field(default_factory=dict)
     absent: list[str] = field(default_factory=list)   # what it must not show (a buffer's repr, ...)
+    code: int = 2            # 1: the environment, not the input
 
 
 def train(*sets: str, spec: str = QS, extra: tuple[str, ...] = ()) -> list[str]:
@@ -248,6 +252,25 @@ CASES = [
                                        "search.select=best"], ["search.select", "sets"]),
     Case("search-mineaug-data-missing", ["search", "mineaug", QS, "--set", "workdir={work}/w", "--set",
                                          "data.train={work}/nowhere"], ["data.train", "nowhere"]),
+    # the world outside the spec: schemes, state files, hostile files, refusing disks (issue 25)
+    Case("train-data-scheme-not-installed", train("data.train=gs://bucket/x"), ["gs://bucket/x", "gs://", "gcsfs"],
+         code=1),
+    Case("data-inspect-scheme-not-installed", ["data", "inspect", "gs://bucket/set"], ["gs://", "pip install gcsfs"],
+         code=1),
+    Case("data-build-unknown-scheme", ["data", "build", "{fx}/square", "nope://x/y", "--resolution", "8"],
+         ["nope://x/y", "unknown URL scheme"]),
+    Case("train-resume-run-info-cut-short", train("checkpoint.storage={fx}/runs", extra=("--resume", "cut-1234")),
+         ["'cut-1234'", "orbitgen-run.json", "damaged", "without --resume"]),
+    Case("train-resume-run-info-without-run-id", train("checkpoint.storage={fx}/runs", extra=("--resume", "noid-1234")),
+         ["'noid-1234'", "mlflow_run_id"]),
+    Case("train-deepspeed-universal-checkpoint", train("strategy.kind=deepspeed",
+                                                       "strategy.deepspeed={{checkpoint: {{load_universal: true}}}}"),
+         ["strategy.deepspeed.checkpoint.load_universal", "unpickles"]),
+    Case("models-generate-snapshot-names-a-module", ["models", "generate", "{fx}/names-a-module.pt", "--n", "4", "--out",
+                                                     "{work}/out"], ["names-a-module.pt", "'antigravity:Fly'", "refused"]),
+    Case("eval-snapshot-names-a-module", ["eval", "{fx}/names-a-module.pt"], ["names-a-module.pt", "'antigravity:Fly'"]),
+    Case("data-build-dest-not-writable", ["data", "build", "{fx}/square", "/sys/orbitgen-corpus-out", "--resolution",
+                                          "8"], ["/sys/orbitgen-corpus-out", "choose"], code=1),
     Case("search-mineaug-channels-differ", ["search", "mineaug", QS, "--set", "workdir={work}/w", "--set", SHARDS,
                                             "--set", "data.resolution=16", "--set", "data.channels=3"],
          ["data.channels=3"]),
@@ -375,6 +398,13 @@ def fixtures(tmp_path_factory):
     (fx / "bad.yaml").write_text(BAD_YAML)
     (fx / "list.yaml").write_text("- name\n- family\n")
     (fx / "series.csv").write_text("past,mask,future\na.png,b.png,c.png\n")
+    (fx / "runs" / "cut-1234").mkdir(parents=True)   # a run info cut short by a crash
+    (fx / "runs" / "cut-1234" / "orbitgen-run.json").write_text('{"mlflow_run_id": "ab')
+    (fx / "runs" / "noid-1234").mkdir()
+    (fx / "runs" / "noid-1234" / "orbitgen-run.json").write_text('{"experiment": "x"}')
+    # A snapshot naming a module that importing would run (it opens a web browser).
+    torch.save({"format": "orbitgen-snapshot-v1", "family": "antigravity:Fly", "config": {}, "resolution": 8,
+                "channels": 1, "lr": 1e-3, "state_dict": {}, "extra": {}}, fx / "names-a-module.pt")
     _hostile_sources(fx)
     uri, run_id = _store(fx)
     mlflow.set_tracking_uri(None)
@@ -417,7 +447,7 @@ def test_bad_input_says_what_in_two_lines_exits_2_and_writes_nothing(case, fixtu
     res = CliRunner().invoke(main, [a.format(**values) for a in case.argv])
 
     lines = error_lines(res.stderr)
-    assert res.exit_code == 2, (res.exit_code, res.output, res.exc_info)
+    assert res.exit_code == case.code, (res.exit_code, res.output, res.exc_info)
     assert "Traceback" not in res.output and lines[0].startswith("error: "), res.stderr
     assert len(lines) <= 2, res.stderr
     for name in case.names:
@@ -427,8 +457,8 @@ def test_bad_input_says_what_in_two_lines_exits_2_and_writes_nothing(case, fixtu
     assert (tree(work), tree(Path(fixtures["fx"]))) == before
 
 
-def test_an_internal_error_keeps_its_traceback_and_exit_code(tmp_path):
-    """A bug is not bad input: the traceback stays and the exit code is not 2."""
+def test_an_internal_error_is_one_line_exit_70_with_its_traceback_in_a_log(tmp_path):
+    """A bug is not bad input: one `internal error:` line naming the log that holds its traceback, exit 70."""
     code = ("import sys, jobs.tracking.registry as r\n"
             "def broken(*a, **k): raise RuntimeError('internal bug')\n"
             "r.list_models = broken\n"
@@ -438,6 +468,9 @@ def test_an_internal_error_keeps_its_traceback_and_exit_code(tmp_path):
     (tmp_path / "mlflow.db").write_bytes(b"")   # a store that exists, so the bug is reached
     proc = subprocess.run([sys.executable, "-c", code, f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=REPO,
                           capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode not in (0, 2), proc.stderr
-    assert "Traceback" in proc.stderr and "RuntimeError: internal bug" in proc.stderr
+                          env={**os.environ, "PYTHONPATH": str(REPO), "ORBITGEN_LOG_DIR": str(tmp_path / "logs")})
+    assert proc.returncode == 70, proc.stderr
+    assert "Traceback" not in proc.stderr
+    [log] = (tmp_path / "logs").iterdir()
+    assert f"internal error: RuntimeError: internal bug; the traceback is in {log}; please report it" in proc.stderr
+    assert "Traceback" in log.read_text() and "RuntimeError: internal bug" in log.read_text()

@@ -4,6 +4,7 @@ timestamps; what the server did not take waits in the run's storage and is repla
 from __future__ import annotations
 
 import shutil
+import threading
 import sys
 import time
 from pathlib import Path
@@ -130,3 +131,83 @@ def test_retried_does_not_retry_refusals_nor_local_stores(store):
     assert buffered.transient(MlflowException("API request failed: Connection refused"))   # what a dead server gives
     assert not buffered.transient(FileNotFoundError("gone"))
     assert buffered.transient(ConnectionRefusedError())
+
+
+class FakeServer:
+    """A client whose server hangs (`hang`: each call waits until released, as a 30 s request
+    does), refuses connections (`away`) or takes everything; it keeps what it took, in order."""
+
+    def __init__(self):
+        self.hang, self.away = threading.Event(), False
+        self.released = threading.Event()
+        self.took: list = []
+
+    def log_batch(self, run_id, metrics=(), params=()):
+        if self.hang.is_set():
+            self.released.wait(timeout=30)
+        if self.away:
+            raise ConnectionRefusedError(111, "Connection refused")
+        self.took.extend([("metric", m.key, m.step) for m in metrics] + [("param", p.key) for p in params])
+
+    def get_metric_history(self, run_id, key):
+        return []
+
+
+def _wait(condition, seconds: float = 10) -> bool:
+    for _ in range(int(seconds / 0.02)):   # bounded polling
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_put_does_not_wait_for_a_server_that_hangs():
+    """The old put() sent while the queue was empty, holding its lock, for up to 30 s a call."""
+    server = FakeServer()
+    server.hang.set()
+    buf = buffered.RecordBuffer(server, "run", spill=None)
+    try:
+        t0 = time.monotonic()
+        for step in range(1, 4):
+            buf.put("metrics", [["loss", 1.0 / step, 1000 + step, step]])
+        assert time.monotonic() - t0 < 0.5   # while the first send hangs
+    finally:
+        server.released.set()
+    assert buf.close(timeout=10) == 0
+    assert server.took == [("metric", "loss", 1), ("metric", "loss", 2), ("metric", "loss", 3)]
+
+
+def test_records_kept_in_storage_leave_memory_and_are_sent_from_there(tmp_path):
+    """The old queue kept every record (grids included) in memory for the whole outage."""
+    server = FakeServer()
+    server.away = True
+    spill = (tmp_path / buffered.PENDING).as_uri()
+    buf = buffered.RecordBuffer(server, "run", spill=spill)
+    big = "x" * 200_000   # a grid's worth of base64
+    for step in range(1, 21):
+        buf.put("params", {f"p{step}": big})
+    assert _wait(lambda: len(list((tmp_path / buffered.PENDING).glob("*.json"))) == 20)
+    assert _wait(lambda: all(r.data is None for r in list(buf.queue)))   # stored: out of memory
+    assert buf.in_memory() == 0 and len(buf.queue) == 20
+    server.away = False   # back: read from storage, sent in order, files removed
+    assert buf.close(timeout=20) == 0
+    assert server.took == [("param", f"p{step}") for step in range(1, 21)]
+    assert not list((tmp_path / buffered.PENDING).glob("*"))
+
+
+def test_replay_leaves_out_a_damaged_file_and_says_so(store, tmp_path, caplog):
+    """The old replay failed on a file cut short, after training and on every --resume."""
+    run_id = _run(store)
+    run_storage = (tmp_path / "run").as_uri()
+    log = RunLogger(f"http://127.0.0.1:{free_port()}", run_id, spill=buffered.pending_url(run_storage))
+    _log_some(log)
+    assert log.close(timeout=2) == 7
+    kept = sorted((tmp_path / "run" / buffered.PENDING).iterdir())
+    kept[2].write_bytes(kept[2].read_bytes()[:20])   # step 3's metrics, cut short
+    (kept[0].parent / f".{kept[0].name}.0123.partial").write_bytes(b'{"ki')   # a write a crash cut short
+    with caplog.at_level("WARNING", logger="jobs.tracking.buffered"):
+        assert buffered.replay(store[1], run_id, run_storage) == 6
+    assert kept[2].name in caplog.text and "did not read whole" in caplog.text
+    assert [m.step for m in store[1].get_metric_history(run_id, "loss")] == [1, 2, 4, 5]
+    assert sorted(p.name for p in kept[0].parent.iterdir()) == [kept[2].name + ".damaged"]
+    assert buffered.replay(store[1], run_id, run_storage) == 0   # the next --resume goes through

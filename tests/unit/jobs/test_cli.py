@@ -31,7 +31,7 @@ def test_data_build_then_inspect_and_verify(tmp_path):
     res = runner.invoke(main, args + ["--on-error", "skip"])
     assert res.exit_code == 0, res.output
     assert "7 samples (image, json; 1 channels, 16²) in 3 shards" in res.output
-    assert "skipped 1 items" in res.output and "skipped.jsonl" in res.output and "nested/broken.png" in res.output
+    assert "skipped 1 item " in res.output and "skipped.jsonl" in res.output and "nested/broken.png" in res.output
     assert read_manifest(dest.as_uri())["samples"].tolist() == [3, 3, 1]
 
     res = runner.invoke(main, ["data", "inspect", str(dest), "--preview", str(tmp_path / "grid.png")])
@@ -57,7 +57,7 @@ def test_data_build_layout_options(tmp_path):
     runner = CliRunner()
     res = runner.invoke(main, ["data", "build", str(tmp_path / "maps"), str(tmp_path / "a"), "--layout", "side-by-side",
                                "--resolution", "8", "--input-side", "right", "--shard-size", "1MB"])
-    assert res.exit_code == 0 and "3 samples (image, cond, json; 3 channels, 8²) in 1 shards" in res.output, res.output
+    assert res.exit_code == 0 and "3 samples (image, cond, json; 3 channels, 8²) in 1 shard " in res.output, res.output
     res = runner.invoke(main, ["data", "build", str(tmp_path / "maps"), str(tmp_path / "b"), "--resolution", "8",
                                "--stride", "4"])
     assert res.exit_code == 2 and "--stride is for --layout geotiff" in res.output

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from jobs.train import checkpoints
-from jobs.train.engines.deepspeed import deepspeed_config
-from jobs.train.engines import DDPEngine, lr_factor
+from jobs.train.engines.deepspeed import MAX_BUCKET, MIN_BUCKET, deepspeed_config
+from jobs.train.engines import DDPEngine, check_training_setup, lr_factor, make_optimizer
 from jobs.spec import JobSpec, SchedulerSpec, SpecError, parse_spec
 from jobs.train.loop import build_training, split, step_seed, to_device, train_step
 from models.family import Phase
@@ -178,12 +178,83 @@ def test_deepspeed_config_follows_the_spec():
                      workers=2)
     c = deepspeed_config(spec, world_size=2)
     assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (16, 4, 2)
-    assert c["zero_optimization"] == {"stage": 2, "overlap_comm": True}   # merged, not replaced
+    bucket = c["zero_optimization"]["reduce_bucket_size"]
+    assert c["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": bucket,
+                                      "allgather_bucket_size": bucket}   # merged, not replaced
     # Gradients reduced in fp32 under DeepSpeed as under DDP: no module marked for bf16 communication.
     assert c["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     assert "bf16" not in c and "communication_data_type" not in c
     assert c["gradient_clipping"] == 0.0   # DeepSpeed would clip at 1.0 unless told
     assert deepspeed_config(make_spec("train.grad_clip=0.5"), 1)["gradient_clipping"] == 0.5
+
+
+def test_deepspeed_buckets_are_sized_from_the_network_unless_the_spec_sets_them():
+    small, big = nn.Linear(10, 10), nn.Embedding(60_000, 1000)   # 110 and 6e7 parameters
+    zero = lambda spec, m: deepspeed_config(spec, 1, m)["zero_optimization"]  # noqa: E731
+    assert zero(make_spec(), small)["reduce_bucket_size"] == MIN_BUCKET
+    assert zero(make_spec(), big)["allgather_bucket_size"] == MAX_BUCKET < 5e8   # not DeepSpeed's 2 GB default
+    mid = nn.Linear(2000, 1000)
+    assert zero(make_spec(), mid)["reduce_bucket_size"] == 2_001_000
+    own = make_spec("strategy.deepspeed={zero_optimization: {reduce_bucket_size: 123}}")
+    assert zero(own, mid)["reduce_bucket_size"] == 123 and zero(own, mid)["allgather_bucket_size"] == 2_001_000
+
+
+@pytest.mark.parametrize("family, overrides, needle", [
+    ("dcgan", ["model.r1_gamma=1"], "double backward"),
+    ("stylegan2", [], "double backward"),
+])
+def test_compile_with_deepspeed_is_refused_where_a_penalty_needs_double_backward(family, overrides, needle):
+    with pytest.raises(ValueError, match=needle):   # the spec itself is refused, on the driver
+        family_spec(family, "train.compile=true", "strategy.kind=deepspeed", *overrides)
+    # Allowed: DDP compiles a copy (the bare module stays eager), and without the penalty nothing needs it.
+    ddp = family_spec(family, "train.compile=true", *overrides)
+    check_training_setup(ddp, ddp.make_family())
+    plain = family_spec("dcgan", "train.compile=true", "strategy.kind=deepspeed")
+    check_training_setup(plain, plain.make_family())
+
+
+def test_fp16_is_refused_for_stylegan2_in_one_line_and_bf16_is_not():
+    with pytest.raises(ValueError, match=r"train\.precision fp16: the stylegan2 family trains only in fp32 or bf16"):
+        family_spec("stylegan2", "train.precision=fp16")
+    bf16 = family_spec("stylegan2", "train.precision=bf16")
+    check_training_setup(bf16, bf16.make_family())
+    dcgan = make_spec("train.precision=fp16")
+    check_training_setup(dcgan, dcgan.make_family())   # others keep fp16 (on GPU)
+
+
+def family_spec(family: str, *overrides: str) -> JobSpec:
+    from models.registry import get_family_cls
+
+    tiny = [f"{k}={'null' if v is None else v}" for k, v in get_family_cls(family).tiny.items()]
+    base = f"name: t\nfamily: {family}\ndata: {{train: 'builtin:craters'}}\ntrain: {{batch: 8, steps: 10}}\n"
+    return parse_spec(base, ["scaling.num_workers=1", *tiny, *overrides])
+
+
+def test_gpu_switches_are_spec_keys_that_change_nothing_on_cpu():
+    spec = make_spec()
+    assert (spec.train.cudnn_benchmark, spec.train.fused_adam, spec.train.channels_last) == (True, True, False)
+    off = make_spec("train.cudnn_benchmark=false", "train.fused_adam=false")
+    assert (off.train.cudnn_benchmark, off.train.fused_adam) == (False, False)
+    assert "fused" not in linear_engine(spec).optimizer.defaults or not linear_engine(spec).optimizer.defaults["fused"]
+
+
+def test_fused_adam_takes_the_same_step_as_the_loop_adam():
+    """What the DDP engine builds on a GPU, checked where fused Adam also runs (CPU, torch >= 2.4)."""
+    spec = make_spec()
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 1), nn.Linear(4, 1)
+    b.load_state_dict(a.state_dict())
+    phase = Phase("net", 0.1, (0.0, 0.99))
+    opts = [make_optimizer([list(a.parameters())], phase, spec.train),
+            make_optimizer([list(b.parameters())], phase, spec.train, fused=True)]
+    x, y = data()
+    for _ in range(3):
+        for net, opt in zip((a, b), opts):
+            opt.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -206,3 +277,63 @@ def test_step_seeds_of_ranks_never_coincide():
     assert step_seed(0, 0, 7_919) != step_seed(0, 1, 0)
     assert step_seed(3, 2, 10) == step_seed(3, 2, 10) != step_seed(4, 2, 10)
     assert all(0 <= step_seed(s, r, t) < 2**63 for s, r, t in [(0, 0, 0), (2**40, 63, 10**9)])
+
+
+# --------------------------------------------------------------------------- rank 0's solo work
+def _solo_work_rank(rank: int, port: int, use_on_rank0: bool, out) -> None:
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from jobs.train.loop import _from_rank0, _on_rank0
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=1))   # the run's collective timeout, scaled down
+    try:
+        def work():
+            time.sleep(2.5)   # longer than the timeout
+            return {"chosen": "vgg16"}
+
+        def broken():
+            raise OSError("no weights")
+        if use_on_rank0:
+            run = _on_rank0(2, rank, timeout_s=60)
+            result = run(work)
+            try:   # a failure on rank 0 reaches rank 1 at once, not after the long timeout
+                run(broken)
+            except (OSError, RuntimeError) as e:
+                result = {**result, "then": type(e).__name__}
+        else:
+            result = _from_rank0(2)(work() if rank == 0 else None)
+        out.put((rank, result))
+    except Exception as e:   # noqa: BLE001 - the control case must report its failure
+        out.put((rank, f"failed: {type(e).__name__}"))
+
+
+@pytest.mark.parametrize("use_on_rank0", [True, False])
+def test_rank0_solo_work_outlasts_the_collective_timeout_only_through_on_rank0(use_on_rank0):
+    """Two gloo processes, a 1 s collective timeout and 2.5 s of work on rank 0: `on_rank0` hands the
+    result to rank 1; a plain broadcast after the work (the control) times out on rank 1. Spawned:
+    a fork of a test process that earlier tests left with threads (Ray's, gRPC's) can hang."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_solo_work_rank, args=(r, port, use_on_rank0, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    if use_on_rank0:
+        assert results == {0: {"chosen": "vgg16", "then": "OSError"}, 1: {"chosen": "vgg16", "then": "RuntimeError"}}
+    else:
+        assert str(results[1]).startswith("failed"), results

@@ -77,3 +77,52 @@ def test_deepspeed_states_load_weights_only(stage, tmp_path, process_group):
         with pytest.raises(UntrustedFileError, match=planted.name):
             checkpoints.read(directory, engines=engines, networks=networks, family=family)
     assert not marker.exists()
+
+
+def snapshot_naming(path: Path, family: str) -> Path:
+    torch.save({"format": "orbitgen-snapshot-v1", "family": family, "config": {}, "resolution": 8, "channels": 1,
+                "lr": 1e-3, "state_dict": {}, "extra": {}}, path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["planted_family_module:Anything", "planted_family_module", "os:system",
+                                    "subprocess:Popen", "models.family:Family"])
+def test_a_snapshot_naming_a_module_imports_nothing_and_is_refused(family, tmp_path, monkeypatch):
+    """A snapshot's `family` must name a discovered family: a module it names is never imported
+    (importing runs the module's code before any subclass check could refuse it)."""
+    marker = tmp_path / "imported"
+    (tmp_path / "planted_family_module.py").write_text(f"open({str(marker)!r}, 'w').close()\nAnything = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = snapshot_naming(tmp_path / "g.pt", family)
+    with pytest.raises(UntrustedFileError, match=r"g\.pt: refused to load: it names the family .*dcgan"):
+        load_snapshot(path)
+    assert not marker.exists()
+
+
+def test_a_snapshot_of_a_discovered_family_still_loads(tmp_path):
+    from models.registry import make_family
+    from models.snapshot import save_snapshot
+
+    family = make_family("dcgan", {}, resolution=16, channels=1, lr=1e-3)
+    save_snapshot(tmp_path / "g.pt", family, family.build()[family.sampler_role])
+    loaded, sampler, _ = load_snapshot(tmp_path / "g.pt")
+    assert loaded.name == "dcgan" and not sampler.training
+
+
+def test_a_family_in_a_package_shipped_with_the_snapshot_may_be_imported(tmp_path, monkeypatch):
+    """A registered model ships a lab's package as code: its loader names that package as trusted."""
+    package = tmp_path / "labpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "fam.py").write_text("from models.families.dcgan import DCGAN\n\n\nclass LabGAN(DCGAN):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = snapshot_naming(tmp_path / "g.pt", "labpkg.fam:LabGAN")
+    with pytest.raises(UntrustedFileError):
+        load_snapshot(path)   # not trusted, not imported
+    import sys
+    assert "labpkg.fam" not in sys.modules
+    with pytest.raises(Exception) as caught:   # trusted: imported and built (this file holds no weights)
+        load_snapshot(path, trusted_packages=["labpkg"])
+    assert not isinstance(caught.value, UntrustedFileError) and "labpkg.fam" in sys.modules
+    monkeypatch.delitem(sys.modules, "labpkg.fam")
+    monkeypatch.delitem(sys.modules, "labpkg")

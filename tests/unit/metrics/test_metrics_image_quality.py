@@ -54,16 +54,16 @@ def test_ssim_and_psnr_agree_with_scikit_image(channels):
 
 def test_identical_images_and_ordering():
     real = images(4, 3, seed=3)
-    same = MetricSuite(["ssim", "psnr", "l1", "mse", "lpips"])
+    same = MetricSuite(["ssim", "psnr", "l1", "mse", "perceptual_randconv"])
     same.update(fake=real, real=real)
     s = same.compute()
-    assert s["ssim"] == pytest.approx(1.0, abs=1e-6) and s["l1"] == 0 and s["mse"] == 0 and s["lpips"] == pytest.approx(0, abs=1e-6)
+    assert s["ssim"] == pytest.approx(1.0, abs=1e-6) and s["l1"] == 0 and s["mse"] == 0 and s["perceptual_randconv"] == pytest.approx(0, abs=1e-6)
     assert s["psnr"] > 80   # torchmetrics clamps the zero error
-    light, heavy = MetricSuite(["ssim", "psnr", "lpips"]), MetricSuite(["ssim", "psnr", "lpips"])
+    light, heavy = (MetricSuite(["ssim", "psnr", "perceptual_randconv"]) for _ in range(2))
     light.update(fake=distort(real, 0, amount=5), real=real)
     heavy.update(fake=distort(real, 0, amount=60), real=real)
     a, b = light.compute(), heavy.compute()
-    assert a["ssim"] > b["ssim"] and a["psnr"] > b["psnr"] and 0 < a["lpips"] < b["lpips"]
+    assert a["ssim"] > b["ssim"] and a["psnr"] > b["psnr"] and 0 < a["perceptual_randconv"] < b["perceptual_randconv"]
 
 
 def test_l1_and_mse_by_hand():
@@ -137,12 +137,12 @@ def test_suite_interface_and_params():
         MetricSuite(["fid", "iou"], extractor=ex)
     with pytest.raises(ValueError, match="extractor"):
         MetricSuite(["fid"])
-    assert set(METRICS) == {"fid", "kid", "pr", "l1", "mse", "ssim", "psnr", "lpips", "f1"}
+    assert set(METRICS) == {"fid", "kid", "pr", "l1", "mse", "ssim", "psnr", "lpips", "perceptual_randconv", "f1"}
 
 
 def test_metrics_never_synchronise_across_processes():
     """Evaluation runs on rank 0 only: a metric that all-gathers at compute() would hang the run."""
-    suite = MetricSuite(METRICS, extractor=RandConvExtractor())
-    assert len(suite.metrics()) == len(METRICS)
+    suite = MetricSuite(METRICS, extractor=RandConvExtractor())   # without weights, lpips is perceptual_randconv
+    assert len(suite.metrics()) == len(METRICS) - 1
     for metric in suite.metrics():
         assert metric.sync_on_compute is False and metric.dist_sync_on_step is False, type(metric).__name__

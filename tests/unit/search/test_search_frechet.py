@@ -126,3 +126,19 @@ def test_screening_bounds_hold_and_the_screened_top_is_the_exact_top():
     assert [r.augmentations for r in screened[:5]] == [r.augmentations for r in full[:5]]
     assert all(r.exact for r in screened[:5])
     assert [r.fid for r in screened[:5]] == pytest.approx([r.fid for r in full[:5]], rel=1e-9)
+
+
+def test_fewer_images_than_dimensions_uses_the_gram_matrix_and_agrees_with_the_covariance_route():
+    """n <= d (Inception's 2048-d features of a small set): the reference is built from the n x n Gram
+    matrix; its FIDs equal the d x d route's, computed here independently (eigh of S_ref, A S A)."""
+    rng = np.random.default_rng(3)
+    ref_f, other = rng.normal(size=(40, 120)), rng.normal(0.3, 1.2, size=(50, 120))
+    ref = Reference(ref_f)
+    assert ref.rank == 39
+    s_ref, s = np.cov(ref_f, rowvar=False), np.cov(other, rowvar=False)
+    lam, vec = np.linalg.eigh(s_ref)
+    half = (vec * np.sqrt(np.clip(lam, 0, None))) @ vec.T
+    root = np.sqrt(np.clip(np.linalg.eigvalsh(half @ s @ half), 0, None)).sum()
+    expected = float(((ref_f.mean(0) - other.mean(0)) ** 2).sum() + np.trace(s_ref) + np.trace(s) - 2 * root)
+    # rel 1e-6: the independent route takes square roots of S_ref's numerically-zero eigenvalues (~1e-8 noise).
+    assert ref.fid(ref.stats(other)) == pytest.approx(expected, rel=1e-6)

@@ -1,4 +1,6 @@
 """What a researcher reads: the console's stage-2 lines and the written spec's header carry the verdict."""
+import numpy as np
+import pytest
 import yaml
 
 from jobs.cli.search import stage2_lines
@@ -29,3 +31,33 @@ def test_the_written_spec_carries_the_verdict_in_its_header():
     assert all(line.startswith("#") for line in header.splitlines())
     assert " ".join(line.lstrip("# ").removeprefix("Verdict: ") for line in header.splitlines()[1:]) == sentence
     assert yaml.safe_load(header + "a: 1\n") == {"a": 1}
+
+
+def test_trained_fid_and_kid_beside_each_comparison_and_in_the_csvs():
+    from search.stage2_tracking import stage2_artifacts
+    from search.validate import ValidatedRun, trained_summary
+
+    runs = [ValidatedRun("none", (), "expand", "control", s, "finished", fid=f, kid=k)
+            for s, f, k in ((0, 2.0, 0.10), (1, 2.2, 0.14))]
+    runs += [ValidatedRun("A+B", ("A", "B"), "expand", "control", s, "finished", fid=f, kid=k)
+             for s, f, k in ((0, 1.8, 0.08), (1, 1.9, 0.12))]
+    runs.append(ValidatedRun("C", ("C",), "expand", "proposal", 0, "stopped"))
+    trained = trained_summary(runs)
+    assert set(trained) == {"none", "A+B"}                     # a stopped run has no trained score
+    assert trained["none"]["kid"] == pytest.approx(0.12) and trained["none"]["kid_std"] == pytest.approx(0.0282842712)
+    assert trained["A+B"]["fid_std"] == pytest.approx(np.std([1.8, 1.9], ddof=1))
+    v = ValidationResult(runs=runs, chosen=["A"], source="stage1", reason="r", verdict="v", winner=None,
+                         comparisons=[Comparison("A+B", "best K-set", [0, 1], [-0.2, -0.3], -0.25, -0.3, -0.2,
+                                                 0.95, 0.5, False)], trained=trained)
+    text = "\n".join(stage2_lines(v))
+    assert "none" in text and "KID 0.12 ± 0.028" in text and "FID 1.85 ± 0.071, KID 0.1 ± 0.028" in text
+    files = stage2_artifacts(v)
+    header = files["verdict.csv"].splitlines()[0].split(",")
+    assert header[-4:] == ["fid", "fid_std", "kid", "kid_std"] and "0.1" in files["verdict.csv"].splitlines()[1]
+    assert files["trained.csv"].splitlines()[0] == "key,seeds,fid,fid_std,kid,kid_std"
+
+
+def test_the_written_spec_names_the_rule_that_chose():
+    header = spec_header("s-1", "abc", "", "search.select=singles: the 3 best singles by FID "
+                                           "(search.preset=paper: the published rule)")
+    assert "# Chosen by: search.select=singles" in header and yaml.safe_load(header + "a: 1\n") == {"a": 1}
