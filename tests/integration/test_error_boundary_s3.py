@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import s3fs
 from click.testing import CliRunner
 from PIL import Image
 
@@ -40,6 +41,8 @@ def test_missing_credentials_fail_at_once_naming_the_object(s3_server, monkeypat
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # A process without credentials: not an S3 filesystem fsspec cached (connected) earlier in this one.
+    s3fs.S3FileSystem.clear_instance_cache()
     url = "s3://orbitgen/eb/shard-000000.tar"
     before, start = storage.retries(), time.monotonic()
     with pytest.raises(EnvironmentProblem, match=r"s3://orbitgen/eb/shard-000000\.tar: no AWS credentials"):
