@@ -16,6 +16,7 @@ from family_checks import smooth_batch
 from jobs.cli import main
 from jobs.spec import SPECS_DIR, load_spec
 from models.images import nchw_to_nhwc_numpy, to_uint8
+from models.metrics.suite import named_for_weights
 from models.png import encode_png
 from tiny_specs import tiny_sets
 
@@ -66,8 +67,9 @@ def sample_registered(parsed, store, rows: int = 3) -> np.ndarray:
 def check(parsed, run, store) -> None:
     fam = parsed.make_family()
     assert parsed.data.resolution == RES
-    assert set(fam.metrics) <= set(run.data.metrics), f"missing metrics: {set(fam.metrics) - set(run.data.metrics)}"
-    assert all(np.isfinite(run.data.metrics[m]) for m in fam.metrics)
+    logged = named_for_weights(fam.metrics, parsed.eval.lpips_weights)   # lpips without weights: perceptual_randconv
+    assert set(logged) <= set(run.data.metrics), f"missing metrics: {set(logged) - set(run.data.metrics)}"
+    assert all(np.isfinite(run.data.metrics[m]) for m in logged)
     assert run.data.tags["orbitgen.family"] == parsed.family
     out = sample_registered(parsed, store)
     assert out.shape == (3, RES, RES, parsed.data.channels) and out.dtype == np.uint8
