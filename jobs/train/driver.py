@@ -98,10 +98,10 @@ def _experiment_id(spec: JobSpec, tracking_uri: str) -> str:
     return tracking.ensure_experiment(tracking_uri, spec.experiment, spec.workdir_path() / "mlartifacts")
 
 
-def _open_run(spec: JobSpec, tracking_uri: str, resumed: dict[str, Any] | None):
+def _open_run(spec: JobSpec, tracking_uri: str, resumed: dict[str, Any] | None, experiment_id: str | None = None):
     """The MLflow run to log into: a new one, or, on resume, the one the stopped run logged into."""
     if resumed is None:
-        return mlflow.start_run(experiment_id=_experiment_id(spec, tracking_uri))
+        return mlflow.start_run(experiment_id=experiment_id or _experiment_id(spec, tracking_uri))
     mlflow.set_tracking_uri(tracking_uri)
     run_id = resumed["mlflow_run_id"]
     # MLflow refuses to reopen a run outside the process's active experiment (a notebook's, an
@@ -141,10 +141,11 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         home = builtin_home(spec, cluster)
         refuse_unshared(cluster, training_places(spec, data_url=data_location(spec, home), tracking_uri=tracking_uri),
                         spec.storage.shared_mounts)
+        experiment_id = None   # made here only where its artifact location is checked
         if resumed is None and cluster.spans_machines and local_path(tracking_uri) is None:
             # Rank 0 writes the run's artifacts to the experiment's location itself.
-            refuse_unshared(cluster, [artifact_place(tracking_uri, _experiment_id(spec, tracking_uri))],
-                            spec.storage.shared_mounts)
+            experiment_id = _experiment_id(spec, tracking_uri)
+            refuse_unshared(cluster, [artifact_place(tracking_uri, experiment_id)], spec.storage.shared_mounts)
         check_files(spec)
         demand = training_demand(spec)
         refuse_unfitting(demand, cluster)
@@ -152,7 +153,7 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         card = check_data(spec, data_url)
     say(f"data      {data_url} ({card['count']} images, fingerprint {card['fingerprint'][:12]})")
 
-    with _open_run(spec, tracking_uri, resumed) as run:
+    with _open_run(spec, tracking_uri, resumed, experiment_id) as run:
         run_id, experiment_id = run.info.run_id, run.info.experiment_id
         run_name = resume or f"{spec.name}-{run_id[:8]}"
         if resume is None:
