@@ -34,15 +34,22 @@ def test_a_build_to_a_bucket_that_does_not_exist_is_one_line_naming_it(s3_server
     assert not (tmp_path / "logs").exists()   # not a bug
 
 
-def test_missing_credentials_fail_at_once_naming_the_object(s3_server, monkeypatch):
+@pytest.fixture
+def no_cached_s3():
+    """A process without credentials: not an S3 filesystem fsspec cached (connected) earlier in this
+    one; and the one made here, without credentials, not left cached for the tests after."""
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_missing_credentials_fail_at_once_naming_the_object(s3_server, no_cached_s3, monkeypatch):
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
     # No other source either: no files, no instance metadata (whose probe alone waits seconds).
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    # A process without credentials: not an S3 filesystem fsspec cached (connected) earlier in this one.
-    s3fs.S3FileSystem.clear_instance_cache()
     url = "s3://orbitgen/eb/shard-000000.tar"
     before, start = storage.retries(), time.monotonic()
     with pytest.raises(EnvironmentProblem, match=r"s3://orbitgen/eb/shard-000000\.tar: no AWS credentials"):
