@@ -22,14 +22,15 @@ WAIT_REPORT_S = float(os.environ.get("ORBITGEN_WAIT_REPORT_S", "30"))   # betwee
 
 @dataclass(frozen=True)
 class Demand:
-    what: str                     # "training workers", "search trials", ...
+    what: str                     # "training workers", "search trials", ... (plural; one drops the s)
     count: int
     bundle: Mapping[str, float]   # each one's resources
     one_per_node: bool = False    # STRICT_SPREAD
     keys: str = "scaling"         # the spec section whose keys change it
 
     def __str__(self) -> str:
-        return f"{self.count} {self.what} × {_fmt(self.bundle)}"
+        what = self.what[:-1] if self.count == 1 and self.what.endswith("s") else self.what
+        return f"{self.count} {what} × {_fmt(self.bundle)}"
 
 
 def _fmt(resources: Mapping[str, float]) -> str:

@@ -123,3 +123,8 @@ def test_the_waiting_line_names_what_is_missing_or_busy(monkeypatch):
     assert Pending(cpu2).line() == "waiting for 2 training workers × {CPU: 1}: 1 of 8 CPUs free (other work holds the rest)"
     placed = True
     assert "placed, starting" in Pending(cpu2).line()
+
+
+def test_one_of_a_demand_is_named_in_the_singular():
+    assert str(Demand("search trials", 1, {"CPU": 1})) == "1 search trial × {CPU: 1}"
+    assert str(Demand("search trials", 2, {"CPU": 1})) == "2 search trials × {CPU: 1}"
