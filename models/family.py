@@ -135,6 +135,14 @@ class Family(ABC):
     tiny: ClassVar[dict[str, Any]] = {}
     # The `train.precision` values the family trains correctly in; engines refuse the others.
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16", "fp16")
+    # Whether DDP copies rank 0's buffers into every rank before each forward of a trained network
+    # (torch's default, one broadcast per forward). False is safe only when no rank reads a buffer
+    # that differs from rank 0's in a way that matters: constants (identical from the seeded build,
+    # and the DDP engine still copies rank 0's once at construction), or running values whose rank-0
+    # copy alone reaches checkpoints and samples (rank 0 never receives another rank's buffers, so
+    # its copy is the same either way). BatchNorm running statistics stay True: eval-mode forwards
+    # on any rank read them. Each family states its reason beside its value.
+    broadcast_buffers: ClassVar[bool] = True
 
     def __init__(self, config: FamilyConfig, *, resolution: int, channels: int, lr: float):
         self.config = config

@@ -3,7 +3,7 @@ subsets, same cubic kernel, unbiased MMD²), plus the standard deviation over it
 for the search's many calls against one set of originals.
 
 The three kernel matrices (fake-fake, real-real, fake-real) are computed once over ALL features,
-so each of the 100 subsets is an index gather rather than three matrix products; above
+and the 100 subsets' kernel sums come from three products with their 0/1 row indicators; above
 FULL_KERNEL_MAX rows a side (whose matrices would not fit comfortably) each subset is computed
 directly with `mmd2_unbiased`. The subset spread is 0 when both sides have at most `subset_size`
 images (every subset is then the whole set): the search reports KID's spread over repeats or seeds
@@ -34,22 +34,21 @@ def kid_subset_values(real, fake, *, subsets: int = SUBSETS, subset_size: int = 
     if m < 2:
         raise ValueError(f"KID needs at least 2 images on each side, got {real.shape[0]} real and {fake.shape[0]} fake")
     g = torch.Generator().manual_seed(seed)   # drawn in kid_from_features' order: fake, then real
-    full = max(real.shape[0], fake.shape[0]) <= FULL_KERNEL_MAX
-    if full:
-        # numpy fancy indexing: torch's x[i][:, i] gathers are ~50x slower on the CPU.
-        kxx, kyy, kxy = (_cubic_kernel(p, q).numpy() for p, q in ((fake, fake), (real, real), (fake, real)))
-    values = np.empty(subsets)
-    for s in range(subsets):
-        ix = torch.randperm(fake.shape[0], generator=g)[:m]
-        iy = torch.randperm(real.shape[0], generator=g)[:m]
-        if not full:
-            values[s] = float(mmd2_unbiased(fake[ix], real[iy]))
-            continue
-        ixn, iyn = ix.numpy(), iy.numpy()
-        a, b = kxx[np.ix_(ixn, ixn)], kyy[np.ix_(iyn, iyn)]
-        within = (a.sum() - np.trace(a) + b.sum() - np.trace(b)) / (m * (m - 1))
-        values[s] = float(within - 2 * kxy[np.ix_(ixn, iyn)].mean())
-    return values
+    draws = [(torch.randperm(fake.shape[0], generator=g)[:m], torch.randperm(real.shape[0], generator=g)[:m])
+             for _ in range(subsets)]
+    if max(real.shape[0], fake.shape[0]) > FULL_KERNEL_MAX:
+        return np.array([float(mmd2_unbiased(fake[ix], real[iy])) for ix, iy in draws])
+    # Every subset's kernel sums at once: with c_s the 0/1 indicator of subset s's rows (a subset
+    # holds no row twice), the sum of K over the pairs of s is c_s' K c_s, its diagonal part
+    # diag(K)' c_s. Three matrix products replace 3 x `subsets` gathers of m x m blocks.
+    cx, cy = np.zeros((fake.shape[0], subsets)), np.zeros((real.shape[0], subsets))
+    for s, (ix, iy) in enumerate(draws):
+        cx[ix.numpy(), s], cy[iy.numpy(), s] = 1.0, 1.0
+    kxx, kyy, kxy = (_cubic_kernel(p, q).numpy() for p, q in ((fake, fake), (real, real), (fake, real)))
+    pairs_xx = (cx * (kxx @ cx)).sum(0) - np.diag(kxx) @ cx
+    pairs_yy = (cy * (kyy @ cy)).sum(0) - np.diag(kyy) @ cy
+    cross = (cx * (kxy @ cy)).sum(0)
+    return (pairs_xx + pairs_yy) / (m * (m - 1)) - 2 * cross / (m * m)
 
 
 def kid_with_std(real, fake, **kw) -> tuple[float, float]:

@@ -18,12 +18,15 @@ is Inception-v3, refused in one line without its weights file) -> originals read
 once (driver) -> stage 1, one Ray Tune trial per candidate (search.stage1: FID, KID, MSE) ->
 ranking with MSE gate, near-duplicate groups and ties (search.select) -> every K-subset of the
 kept candidates scored as an expanded mixture from cached features (and a mixture KID for the K
-best singles and the best K-set) -> optional stage 2 (search.validate: controls at every seed,
-Optuna proposals under successive halving, a verdict against plain data with Holm-corrected
-paired bootstrap intervals) -> MLflow parent run with ranking.csv, subsets.csv, a FID bar chart,
-a contact sheet, stage 2's verdict.csv / trained.csv / rungs.csv / rank_agreement.csv, and the
-chosen list, the rule that chose it (search.labels) and the verdict as tags
-(search.tracking, search.stage2_tracking). The originals never include the `holdout` split.
+best singles and for the SUBSET_KID_ROWS best K-sets, beside their FID in subsets.csv) ->
+optional stage 2 (search.validate: controls at every seed, Optuna proposals under successive
+halving, a verdict against plain data with Holm-corrected paired bootstrap intervals) -> MLflow
+parent run with ranking.csv, subsets.csv, a FID bar chart, a contact sheet, stage 2's
+verdict.csv / trained.csv / rungs.csv / rank_agreement.csv / param_importances.csv
+(search.param_importances, once enough proposals finished), Optuna's plots (search.study_plots:
+PNG; HTML only where plotly is installed), and the chosen list, the rule that chose it
+(search.labels) and the verdict as tags (search.tracking, search.stage2_tracking). The originals
+never include the `holdout` split.
 
 Errors in the inputs raise `SearchConfigError` whose message starts with the spec field
 (`search.k: ...`), before anything is written; Ray is used as connected (`ray.init()` on the
@@ -49,15 +52,18 @@ from search.plots import contact_sheet, fid_bar_chart
 from search.labels import best_set_rule, features_note, singles_rule, stage1_rule
 from search.scoring import CandidateScore, repeat_seed, with_kids
 from search.gate_message import too_few_kept
-from search.select import (RankRow, SubsetRow, best_singles, mixture_fid, mixture_kid, mixture_table,
-                           rank_candidates, rank_subsets, screening_note)
+from search.select import (RankRow, SubsetRow, add_mixture_kids, best_singles, mixture_fid, mixture_kid,
+                           mixture_table, rank_candidates, rank_subsets, screening_note)
 from search.stage1 import run_stage1
 from search.store import SearchStore
 from search.tracking import (RANKING_COLUMNS, TAG_CHOSEN, TAG_SELECT, SearchTracker, format_ranking, write_csv)
 from search.stage2_tracking import TAG_VERDICT, log_stage2_run, stage2_artifacts, stage2_metrics
-from search.validate import ValidationResult, run_stage2
+from search.validate import STUDY_NAME, ValidationResult, run_stage2
+from search.param_importances import (finished_trials, importances_csv, importances_line, param_importances,
+                                      too_few_line)
 
-SUBSET_COLUMNS = ("rank", "augmentations", "fid", "fid_std", "fids", "exact")
+# kid/kid_std last, so a reader of the former columns by position still finds them where they were.
+SUBSET_COLUMNS = ("rank", "augmentations", "fid", "fid_std", "fids", "exact", "kid", "kid_std")
 # What must match for a resumed search to reuse stored trials.
 _RESUME_KEYS = ("candidates", "repeats", "seed", "max_images")
 _STATE_FIELDS = {"data": "data.train", "channels": "data.channels", "extractor": "search.features (or eval.fid_extractor)",
@@ -239,8 +245,13 @@ def _search(ctx: SearchContext) -> SearchResult:
     singles = best_singles(ranking, cfg.k)
     singles_fid, _ = mixture_fid(table, kept, singles)
     best_set, best_set_fid = list(subsets[0].augmentations), subsets[0].fid
+    t0 = time.perf_counter()
+    with_kid = add_mixture_kids(subsets, originals.features, scores)
+    if with_kid:
+        say(f"mixture KID of the {with_kid} best {cfg.k}-subsets in {time.perf_counter() - t0:.2f}s (subsets.csv)")
     singles_kid = mixture_kid(originals.features, scores, singles)
-    best_set_kid = mixture_kid(originals.features, scores, best_set)
+    best_set_kid = ((subsets[0].kid, subsets[0].kid_std) if np.isfinite(subsets[0].kid)
+                    else mixture_kid(originals.features, scores, best_set))
     chosen = singles if cfg.select == "singles" else best_set
     chosen_rule = stage1_rule(cfg)
     reason = (f"stage 1, {chosen_rule}; singles {'+'.join(singles)} mixture FID {singles_fid:.4g}, best set "
@@ -304,6 +315,13 @@ def _report(ctx: SearchContext, result: SearchResult) -> None:
                                             indent=1, default=str)}
         if validation:
             files.update(stage2_artifacts(validation))
+            study_url = ctx.store.optuna_storage()
+            found = param_importances(study_url, STUDY_NAME)
+            if found is not None:
+                files["param_importances.csv"] = importances_csv(*found)
+                ctx.say(importances_line(*found))
+            elif study_url is not None:
+                ctx.say(too_few_line(len(finished_trials(study_url, STUDY_NAME))))
         for fname, text in files.items():
             with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
                 f.write(text)
@@ -314,10 +332,10 @@ def _report(ctx: SearchContext, result: SearchResult) -> None:
                             for r in res.ranking], os.path.join(tmp, "contact_sheet.png"))
         pictures = ["fid_bar.png", "contact_sheet.png"]
         if validation:
-            from search.study_plots import study_pngs
-            from search.validate import STUDY_NAME
+            from search.study_plots import study_htmls, study_pngs
 
             pictures += [os.path.basename(p) for p in study_pngs(ctx.store.optuna_storage(), STUDY_NAME, tmp)]
+            pictures += [os.path.basename(p) for p in study_htmls(ctx.store.optuna_storage(), STUDY_NAME, tmp)]
         for fname in (*files, *pictures):
             ctx.tracker.artifact(ctx.parent_run_id, os.path.join(tmp, fname))
         for fname in files:

@@ -66,9 +66,10 @@ class CandidateScore:
 
 
 def augmented_copy(name: str, originals: Originals, search_seed: int, repeat: int,
-                   device: str | torch.device = "cpu") -> torch.Tensor:
-    """Every original with `name` applied once (probability 1), in the originals' order (and keys)."""
-    images = originals.images.to(device)
+                   device: str | torch.device = "cpu", images: torch.Tensor | None = None) -> torch.Tensor:
+    """Every original with `name` applied once (probability 1), in the originals' order (and keys).
+    `images`: the originals' pixels already on `device` (a caller with several repeats moves them once)."""
+    images = originals.images.to(device) if images is None else images
     return apply_uint8(name, images, originals.channels, repeat_seed(search_seed, name, repeat)).cpu()
 
 
@@ -78,9 +79,12 @@ def score_candidate(name: str, originals: Originals, extractor: torch.nn.Module,
     start = time.perf_counter()
     reference = reference or Reference(originals.features)
     extractor = extractor.to(device).eval()
+    # One transfer per trial, not per repeat: a trial sharing a GPU under a memory cap (search.gpu_share)
+    # holds one device copy of the originals, and the host does not copy the whole set each repeat.
+    on_device = originals.images.to(device)
     fids, mses, feats = [], [], []
     for r in range(repeats):
-        aug = augmented_copy(name, originals, search_seed, r, device)
+        aug = augmented_copy(name, originals, search_seed, r, device, images=on_device)
         f = extract(extractor, aug, device)
         feats.append(f)
         fids.append(reference.fid(reference.stats(f)))

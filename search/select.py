@@ -34,6 +34,7 @@ from search.scoring import CandidateScore, spread
 DUP_RATIO = 1.15
 SCREEN_RANK = 256     # above this reference rank, subsets are screened before exact scoring
 EXACT_TOP = 32
+SUBSET_KID_ROWS = 10  # subsets.csv rows (best FID first) that also get a mixture KID
 
 
 @dataclass
@@ -64,10 +65,13 @@ class SubsetRow:
     fid_std: float
     fids: list[float]
     exact: bool = True               # False: a screened upper bound (see rank_subsets)
+    kid: float = float("nan")        # mixture KID, mean over repeats (add_mixture_kids; nan: not computed)
+    kid_std: float = float("nan")
 
     def as_csv(self) -> dict:
         return {"rank": self.rank, "augmentations": "+".join(self.augmentations), "fid": self.fid,
-                "fid_std": self.fid_std, "fids": " ".join(f"{v:.6g}" for v in self.fids), "exact": self.exact}
+                "fid_std": self.fid_std, "fids": " ".join(f"{v:.6g}" for v in self.fids), "exact": self.exact,
+                "kid": self.kid, "kid_std": self.kid_std}
 
 
 def _matched_sq(x: np.ndarray, y: np.ndarray) -> float:
@@ -168,6 +172,26 @@ def mixture_kid(originals_features: np.ndarray, scores: Mapping[str, CandidateSc
                          np.concatenate([originals_features, *(scores[a].features[r] for a in subset)]))[0]
             for r in range(repeats)]
     return float(np.mean(kids)), spread(kids)
+
+
+def add_mixture_kids(subsets: Sequence[SubsetRow], originals_features: np.ndarray,
+                     scores: Mapping[str, CandidateScore], rows: int = SUBSET_KID_ROWS,
+                     max_rows: int = FULL_KERNEL_MAX) -> int:
+    """Fills `kid`/`kid_std` (mixture_kid) of the first `rows` exact subsets, in rank order; how many
+    got one. Bounded by count: a mixture KID costs kernel matrices over every mixture row, so all
+    C(M, K) subsets (thousands at the paper's 26 candidates) would outlast the whole of stage 1;
+    the top rows are the ones a choice is made from. Above `max_rows` mixture rows none is computed."""
+    done = 0
+    for row in subsets:
+        if done >= rows:
+            break
+        if not row.exact:
+            continue
+        row.kid, row.kid_std = mixture_kid(originals_features, scores, row.augmentations, max_rows)
+        done += int(np.isfinite(row.kid))
+        if not np.isfinite(row.kid):
+            break   # every subset has the same size: none fits under max_rows
+    return done
 
 
 def rank_subsets(table: MixtureTable, names: Sequence[str], k: int, screen_rank: int = SCREEN_RANK,

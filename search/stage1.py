@@ -19,6 +19,7 @@ from ray import tune
 
 from models.metrics.extractors import make_extractor
 from search.frechet import Reference
+from search.gpu_share import trial_gpu_share
 from search.originals import Originals
 from search.scoring import CandidateScore, score_candidate
 from search.store import SearchStore
@@ -28,15 +29,23 @@ OnResult = Callable[[CandidateScore], None]
 
 def _trial(config: dict, payload: tuple) -> None:
     """The Tune trainable: score one candidate, persist it, report its numbers."""
-    originals, reference, extractor_name, weights, repeats, seed, storage, cpus = payload
+    originals, reference, extractor_name, weights, repeats, seed, storage, resources = payload
     name = config["candidate"]
-    torch.set_num_threads(max(1, int(cpus)))   # as many threads as CPUs reserved, no more
+    torch.set_num_threads(max(1, int(resources["CPU"])))   # as many threads as CPUs reserved, no more
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-    extractor = make_extractor(extractor_name, weights)
-    score = score_candidate(name, originals, extractor, repeats, seed, reference, device)
+    # Capped to its GPU share; the cache is emptied after _score returns, its tensors then unreferenced.
+    with trial_gpu_share(resources):
+        score = _score(name, originals, reference, extractor_name, weights, repeats, seed, device)
     storage.save_score(score)
     tune.report({"candidate": name, "fid": score.fid, "fid_std": score.fid_std, "mse": score.mse,
                  "kid": score.kid, "kid_std": score.kid_std, "seconds": score.seconds})
+
+
+def _score(name: str, originals: Originals, reference: Reference, extractor_name: str, weights: str | None,
+           repeats: int, seed: int, device: str) -> CandidateScore:
+    """One candidate's score; the extractor (on the device) lives only inside this call."""
+    extractor = make_extractor(extractor_name, weights)
+    return score_candidate(name, originals, extractor, repeats, seed, reference, device)
 
 
 class _Forward(tune.Callback):
@@ -88,7 +97,7 @@ def run_stage1(originals: Originals, candidates: list[str], *, repeats: int, see
         log(f"stage 1: {len(todo)} trial(s), up to {limit} at once, {resources} each")
         # The store travels as an object: its fsspec filesystem carries the S3 endpoint, which workers
         # started before it was set would not find in their environment; never credentials (search/store.py).
-        payload = (originals, reference, extractor, weights_path, repeats, seed, store, resources["CPU"])
+        payload = (originals, reference, extractor, weights_path, repeats, seed, store, dict(resources))
         # with_parameters puts the payload into Ray's object store once; every trial reads that copy.
         trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload),
                                         {"cpu": resources["CPU"], "gpu": resources.get("GPU", 0.0)})

@@ -1,8 +1,11 @@
 """Pictures of stage 2's Optuna study for the parent run: optimisation history and parallel
-coordinates, as PNG (Optuna's matplotlib backend; its HTML backend needs plotly, which orbitgen
-does not install). Parameter importances are not drawn: the study has one parameter (the subset)."""
+coordinates, as PNG (Optuna's matplotlib backend), and the same plus parameter importances as
+HTML where plotly is importable (Optuna's default backend; orbitgen does not install it, so
+without it no HTML is written, and nothing fails). The importances' numbers are
+`param_importances.csv` (search.param_importances)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -38,5 +41,37 @@ def study_pngs(storage_url: str | None, study_name: str, folder: str) -> list[st
             path = os.path.join(folder, name)
             fig.savefig(path, dpi=90, bbox_inches="tight")
             plt.close(fig)
+            out.append(path)
+    return out
+
+
+HTML_PLOTS = ("optuna_history.html", "optuna_parallel_coordinates.html", "optuna_param_importances.html")
+
+
+def study_htmls(storage_url: str | None, study_name: str, folder: str) -> list[str]:
+    """Paths of the interactive HTML plots written into `folder`; none without plotly, without a
+    stored study or without finished trials."""
+    if storage_url is None or importlib.util.find_spec("plotly") is None:
+        return []
+    import optuna
+    from optuna import visualization as ov
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage_url)
+    except KeyError:
+        return []
+    if not any(t.value is not None and t.value != float("inf") for t in study.trials):
+        return []
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, draw in zip(HTML_PLOTS, (ov.plot_optimization_history, ov.plot_parallel_coordinate,
+                                           ov.plot_param_importances)):
+            try:
+                fig = draw(study)
+            except Exception:   # too few finished trials, +inf values: a plot never fails the search
+                continue
+            path = os.path.join(folder, name)
+            fig.write_html(path, include_plotlyjs=True)   # self-contained: opens without a network
             out.append(path)
     return out

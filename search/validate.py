@@ -49,6 +49,7 @@ from data_shards.environ import environ_set
 from models.metrics.extractors import make_extractor
 from search.context import SearchContext
 from search.frechet import Gaussian, fid_gaussians
+from search.gpu_share import trial_gpu_share
 from search.halving import RecordedHalving, grace_steps
 from models.metrics.kid import SUBSET_SIZE
 from search.kid import kid_subset_values, kid_with_std
@@ -173,11 +174,20 @@ def call_train_fn(train_fn: Callable, augmentations: list[str], budget: int, rep
 
 
 def _trial(config: dict, payload: tuple) -> None:
-    train_fn, kept, budget, store, extractor_name, weights, cpus, first_seed = payload
+    train_fn, kept, budget, store, extractor_name, weights, resources, first_seed = payload
+    torch.set_num_threads(max(1, int(resources["CPU"])))
+    # The proxy training capped to the trial's GPU share; its networks are unreferenced once
+    # _proxy_run returns, so the cache emptied at the block's end gives their memory back.
+    with trial_gpu_share(resources):
+        _proxy_run(config, train_fn, kept, budget, store, extractor_name, weights, first_seed)
+
+
+def _proxy_run(config: dict, train_fn: Callable, kept: Sequence[str], budget: int, store: SearchStore,
+               extractor_name: str, weights: str | None, first_seed: int) -> None:
+    """One stage-2 trial: a stored run replayed, or one proxy training run, stored and reported."""
     config = config.get("run", config)   # controls and confirmations: a grid over whole runs
     key, seed, policy = config["subset"], int(config.get("seed", first_seed)), config.get("policy", EXPAND)
     augmentations = list(kept) if policy == TRIVIAL else list(members_of(key))
-    torch.set_num_threads(max(1, int(cpus)))
     tags = {"subset": key, "seed": seed}
     rec = store.read_json(*_run_path(key, seed)) if store.exists(*_run_path(key, seed)) else None
     if rec is not None and rec.get("budget_steps", budget) == budget:
@@ -370,7 +380,7 @@ def run_stage2(ctx: SearchContext, *, top: Sequence[str], kept: Sequence[str] | 
         if on_run:
             on_run(run)
 
-    payload = (ctx.train_fn, kept, budget, store, ctx.extractor, ctx.extractor_weights, resources["CPU"], seeds[0])
+    payload = (ctx.train_fn, kept, budget, store, ctx.extractor, ctx.extractor_weights, dict(resources), seeds[0])
     # Trials get these values, never the context: its tracker and originals stay on the driver (store: see stage1).
     trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload),
                                     {"cpu": resources["CPU"], "gpu": resources.get("GPU", 0.0)})

@@ -50,6 +50,9 @@ class DCGAN(Family):
     metrics = ("fid",)
     sampler_role = "G"
     tiny = {"data.resolution": 16, "model.nz": 8, "model.ngf": 8, "model.ndf": 8}
+    # G and D hold BatchNorm running statistics, which eval-mode forwards read (sampling, a preview
+    # on any rank): each rank keeps rank 0's, as torch does by default.
+    broadcast_buffers = True
 
     config: DCGANConfig
 

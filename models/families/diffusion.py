@@ -89,6 +89,10 @@ class Diffusion(Family):
     sampler_role = "ema"
     tiny = {"data.resolution": 16, "model.base_channels": 8, "model.channel_mult": [1, 2], "model.num_res_blocks": 1,
             "model.attention_resolutions": [8], "model.sample_steps": 2}
+    # "eps" (the only DDP-wrapped network) has GroupNorm, which keeps no running statistics; its only
+    # buffer is the ControlNet's `base_loaded` flag, a constant set at build (the EMA copy has no
+    # engine). Nothing to copy before each forward.
+    broadcast_buffers = False
 
     config: DiffusionConfig
 

@@ -55,6 +55,9 @@ class Pix2Pix(Family):
     tiny = {"data.resolution": 16, "model.ngf": 8, "model.ndf": 8, "model.d_layers": 2}
     attention: ClassVar[bool] = False   # attention gates on the UNet's skips
     mask_channels: ClassVar[int] = 0    # channels of a `mask` input concatenated to `cond`
+    # The UNet and PatchGAN hold BatchNorm running statistics (eval-mode sampling reads them): every
+    # rank keeps rank 0's, as torch does by default. The cGANs of cgan.py inherit this.
+    broadcast_buffers = True
 
     config: Pix2PixConfig
 

@@ -157,6 +157,9 @@ class Sat2Ground(DCGAN):
 
     name = "sat2ground"
     config_cls = Sat2GroundConfig
+    # BatchNorm in the generator and the encoder (eval-mode sampling reads their running
+    # statistics); stage 2's frozen generator, held as buffers, is a constant: rank 0's everywhere.
+    broadcast_buffers = True
 
     config: Sat2GroundConfig
 

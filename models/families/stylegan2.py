@@ -149,6 +149,13 @@ class StyleGAN2(Family):
     # fp16's range (65504) is too small for the modulated activations before demodulation and for
     # R1's gradients; bf16 has fp32's range.
     precisions = ("fp32", "bf16")
+    # G's buffers: `noise_const` and the FIR kernels are constants (seeded build, checkpoints);
+    # `w_avg` does differ by rank (each rank updates it from its own latents), but only rank 0's
+    # copy reaches G_ema, checkpoints and samples, and rank 0 never receives another rank's copy,
+    # so it is the same with or without the broadcast; and no forward on any rank reads it, the
+    # spread evaluation's sampling included (truncation, psi < 1, is never used). D's buffers are
+    # FIR kernels. Saves one broadcast of every noise map per G forward.
+    broadcast_buffers = False
 
     config: StyleGAN2Config
 

@@ -2,16 +2,38 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from jobs.train.engines.base import Engine, make_optimizer, make_scheduler, zero_state_
 from jobs.spec import JobSpec
 from models.family import Phase
+from models.registry import get_family_cls
 from models.safe_load import load_weights_only
+
+
+# DistributedDataParallel's keyword for syncing buffers before each forward: torch >= 2.13 names it
+# `forward_sync_buffers` (and deprecates `broadcast_buffers`, whose False also skipped the copy at
+# construction); older versions only know `broadcast_buffers`.
+_SYNC_KEYWORD = ("forward_sync_buffers" if "forward_sync_buffers" in
+                 inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers")
+
+
+def buffer_sync_kwargs(sync: bool) -> dict[str, bool]:
+    """The keyword argument that makes this torch's DDP sync buffers before each forward, or not."""
+    return {_SYNC_KEYWORD: sync}
+
+
+def copy_rank0_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers into every rank once, as DDP's construction does when it syncs buffers: what
+    an older torch skips under `broadcast_buffers=False`."""
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 class DDPEngine(Engine):
@@ -21,9 +43,16 @@ class DDPEngine(Engine):
         super().__init__(module, phase, device, spec)
         self.grad_accum, self.grad_clip = spec.train.grad_accum, spec.train.grad_clip
         self._micro = 0   # micro-batches stepped so far; a multiple of grad_accum after every train step
-        # DDP broadcasts rank 0's weights at construction, so every rank starts identical.
-        self.ddp = (DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None)
-                    if world_size > 1 else None)
+        # DDP broadcasts rank 0's weights at construction, so every rank starts identical. Whether it
+        # also copies rank 0's buffers before every forward is the family's call (Family.broadcast_buffers).
+        self.broadcast_buffers = bool(get_family_cls(spec.family).broadcast_buffers)
+        self.ddp = None
+        if world_size > 1:
+            sync = buffer_sync_kwargs(self.broadcast_buffers)
+            if "broadcast_buffers" in sync and not self.broadcast_buffers:
+                copy_rank0_buffers(self.module)
+            self.ddp = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None,
+                                               **sync)
         wrapped = self.ddp or self.module
         self.wrapped = torch.compile(wrapped) if spec.train.compile else wrapped
         self.optimizer = make_optimizer(self.groups, phase, spec.train,

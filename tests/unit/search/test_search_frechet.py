@@ -93,18 +93,17 @@ def test_gaussian_pairwise_is_symmetric_and_matches_scipy():
     assert fid_gaussians(ga, Gaussian(a)) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_all_triples_of_31_candidates_take_seconds():
-    import time
-
+def test_all_triples_of_31_candidates_are_scored_in_one_batch_as_one_at_a_time():
+    # Its speed is measured in benchmarks/mineaug_search.py, not asserted here.
     rng = np.random.default_rng(4)
     ref = Reference(feats(rng, 256, 64))
     stats = [[ref.stats(feats(rng, 256, 64, shift=0.01 * c)) for _ in range(3)] for c in range(31)]
     table = MixtureTable(ref, stats)
     combos = np.array(list(itertools.combinations(range(31), 3)))
-    start = time.perf_counter()
     out = table.fids(combos)
     assert out.shape == (4495, 3) and np.isfinite(out).all()
-    assert time.perf_counter() - start < 20
+    for row in rng.choice(len(combos), 5, replace=False):
+        assert table.fids(combos[row:row + 1])[0] == pytest.approx(out[row], rel=1e-9)
 
 
 def test_screening_bounds_hold_and_the_screened_top_is_the_exact_top():
