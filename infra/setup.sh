@@ -95,7 +95,7 @@ if [[ $mode == dry-run ]]; then
   echo "torch line: $line"
   echo "torch: pip install ${torch_args[*]}"
   echo "deepspeed: DS_BUILD_OPS=$DS_BUILD_OPS DS_IGNORE_CUDA_DETECTION=$DS_IGNORE_CUDA_DETECTION (no ops compiled, no nvcc needed)"
-  echo "then: install -c $venv/constraints.txt --no-build-isolation -e .[test]"
+  echo "then: install -c $venv/constraints.txt --no-build-isolation -e .[test,geo]"
   ((gpu)) && [[ $line != cpu ]] && echo "check: torch.cuda.is_available() must be True after installing torch"
   echo "stamp: $want"
   if [[ $current == "$want" ]]; then echo "action: none (stamp matches)"; else echo "action: install (stamp: $current)"; fi
@@ -131,6 +131,6 @@ fi
 # Keep whatever torch was chosen: later resolutions must not swap it for another build.
 echo "torch==$("$venv/bin/python" -c 'import torch; print(torch.__version__)')" > "$venv/constraints.txt"
 # deepspeed ships as an sdist that imports torch while building, hence --no-build-isolation.
-install -c "$venv/constraints.txt" --no-build-isolation -e ".[test]"
+install -c "$venv/constraints.txt" --no-build-isolation -e ".[test,geo]"
 echo "$want" > "$stamp"
 echo "orbitgen set up in ./$venv ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__, "· CUDA", torch.version.cuda, "· GPU", torch.cuda.is_available())'))"

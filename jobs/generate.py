@@ -4,19 +4,26 @@ that `data verify`, `data inspect` and a spec's `data.train` accept, its lineage
 Why it is shaped this way:
 - The same command gives the same bytes, whatever the worker count. The set is cut into shards
   of `shard_size` samples, fixed by N alone: sample i (seed `seed_base + i`; input i of a
-  conditional model) is always in shard i // shard_size. Each image is drawn on its own,
-  `family.sample(sampler, 1, seed=...)`, as the registered pyfunc draws one per seed, so its
-  pixels do not depend on its batch-mates; workers run torch on one thread. Shards and manifest
-  match byte for byte between runs; only the card's `created` time differs.
+  conditional model) is always in shard i // shard_size. Each image is the one
+  `family.sample(sampler, 1, seed=...)` draws, as the registered pyfunc draws one per seed, so its
+  noise does not depend on its batch-mates: images go through the sampler `--batch` at a time
+  only where the family draws every image of a batch from its own seed (`draw`). Shards and
+  manifest match byte for byte between runs on the same kind of worker (the same device and
+  thread count: float sums may differ in their last bit between a GPU and a CPU, or between
+  thread counts); only the card's `created` time differs.
 - W Ray actors each load the model once and take shards from a queue: a shard is one disjoint
   seed (or input) range, written by one actor as a one-shard set under a temporary prefix
-  (`write_shards`: the checks and encoding of `data build`).
+  (`write_shards`: the checks and encoding of `data build`). Each asks for `--gpus-per-worker`
+  GPUs and an equal share of the CPUs (jobs/eval/resources.py), and runs on its GPU when it has one.
 - Nothing is visible at `--out` until the set is complete: the driver stages the whole set (shards,
   card, manifest) under the temporary prefix, then moves it into place with the manifest last
   (`swap_in`). `--overwrite` publishes the new set before the old one goes: the old set is moved
-  aside, the new one in, and the old one back if that fails; it is removed only once the new set
-  is complete. On failure the temporary prefix goes, and so does a destination folder the command
-  created.
+  to a named backup beside it (`.orbitgen-overwrite-backup`, with a journal of the swap's phase),
+  the new one in, and the old one back if that fails; it is removed only once the new set is
+  complete. A kill in between (where no handler runs) leaves the backup: the next `generate` at
+  that --out restores the old set, or drops the backup when the new set was complete, and says so
+  in one line (`recover_interrupted_swap`). On failure the temporary prefix goes, and so does a
+  destination folder the command created.
 """
 from __future__ import annotations
 
@@ -139,18 +146,46 @@ def _is_set_file(path: str) -> bool:
     return base in (CARD, MANIFEST, SKIPPED) or (base.startswith("shard-") and base.endswith(".tar"))
 
 
-@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")   # one a node while nodes are free
+GPU_BATCH, CPU_BATCH = 64, 16   # images per sampler call when --batch is not given
+
+
+def sample_images(family, sampler, seeds: list[int], inputs: dict | None = None):
+    """Float NCHW images in [-1, 1], image i from `seeds[i]` (and row i of each of `inputs`), each
+    the image `family.sample(sampler, 1, seed=seeds[i], ...)` draws alone. In one call when the
+    family draws a batch with every image from its own seed (`family.sample_seeds(sampler, seeds,
+    cond=, mask=)`); else one call an image: `sample(n, seed)` draws a whole batch's noise from one
+    seed, so batching it would change the images."""
+    import torch
+
+    inputs = inputs or {}
+    per_seed = getattr(family, "sample_seeds", None)
+    if callable(per_seed):
+        return per_seed(sampler, list(seeds), **inputs)
+    return torch.cat([family.sample(sampler, 1, seed=s, **{k: v[i:i + 1] for k, v in inputs.items()})
+                      for i, s in enumerate(seeds)])
+
+
+def draw(family, sampler, seeds: list[int], inputs: dict | None = None) -> np.ndarray:
+    """`sample_images` as uint8 N×H×W×C, on the CPU."""
+    from models.images import nchw_to_nhwc_numpy, to_uint8
+
+    return nchw_to_nhwc_numpy(to_uint8(sample_images(family, sampler, seeds, inputs).cpu()))
+
+
+@ray.remote(scheduling_strategy="SPREAD")   # one a node while nodes are free
 class _Generator:
-    """One worker: the model loaded once; writes whole shards of a seed (input) range."""
+    """One worker: the model loaded once on its device; writes whole shards of a seed (input) range,
+    drawing `batch` images a call."""
 
-    def __init__(self, snapshot: bytes, env: dict[str, str]):
-        import torch
-
+    def __init__(self, snapshot: bytes, env: dict[str, str], batch: int | None = None):
+        from jobs.eval.resources import use_cpu_share, worker_device
         from models.snapshot import load_snapshot
 
         os.environ.update(env)
-        torch.set_num_threads(1)   # the same float sums on every worker, whatever its core count
-        self.family, self.sampler, _ = load_snapshot(io.BytesIO(snapshot))
+        self.device = worker_device()
+        use_cpu_share()   # a thread per whole CPU of this worker
+        self.family, self.sampler, _ = load_snapshot(io.BytesIO(snapshot), device=self.device)
+        self.batch = batch or (GPU_BATCH if self.device.type == "cuda" else CPU_BATCH)
 
     def write(self, index: int, lo: int, hi: int, seed_base: int, tmp: str, inputs: list[tuple[str, int, int]]) -> dict:
         """Samples lo..hi-1 as a one-shard set under `tmp`; returns its manifest row, the shard's
@@ -164,15 +199,11 @@ class _Generator:
         return {"index": index, "shard": row["url"], "samples": int(row["samples"]), "bytes": int(row["bytes"]),
                 "sha256": row["sha256"], "modalities": card.modalities}
 
-    def _image(self, seed: int, **inputs) -> np.ndarray:
-        from models.images import nchw_to_nhwc_numpy, to_uint8
-
-        return nchw_to_nhwc_numpy(to_uint8(self.family.sample(self.sampler, 1, seed=seed, **inputs)))[0]
-
     def _drawn(self, lo: int, hi: int, seed_base: int) -> Iterator[Sample]:
-        for i in range(lo, hi):
-            seed = seed_base + i
-            yield Sample(key=f"seed{seed:010d}", image=self._image(seed), meta={"seed": seed})
+        for start in range(lo, hi, self.batch):
+            seeds = list(range(seed_base + start, seed_base + min(start + self.batch, hi)))
+            for seed, image in zip(seeds, draw(self.family, self.sampler, seeds)):
+                yield Sample(key=f"seed{seed:010d}", image=image, meta={"seed": seed})
 
     def _conditional(self, lo: int, seed_base: int, inputs: list[tuple[str, int, int]]) -> Iterator[Sample]:
         import torch
@@ -183,14 +214,24 @@ class _Generator:
         fam = self.family
         keys = tuple(k for k in ("cond", "mask") if k in fam.data_keys)
         shapes = expected_shapes(fam.resolution, fam.channels)
-        i = lo
+
+        def drawn(batch: list[dict], first: int) -> Iterator[Sample]:
+            given = {k: torch.cat([to_float(torch.from_numpy(s[k]).permute(2, 0, 1)[None]) for s in batch])
+                     .to(self.device) for k in keys}
+            seeds = list(range(seed_base + first, seed_base + first + len(batch)))
+            for s, seed, image in zip(batch, seeds, draw(fam, self.sampler, seeds, given)):
+                yield Sample(key=s["__key__"], image=image, cond=s["cond"], mask=s.get("mask"),
+                             meta={"input": s["__key__"], "seed": seed})
+
+        pending, first = [], lo
         for url, a, b in inputs:
             for raw in read_piece(url, a, b):
-                s = decode_sample(raw, keys, shapes)
-                given = {k: to_float(torch.from_numpy(s[k]).permute(2, 0, 1)[None]) for k in keys}
-                yield Sample(key=s["__key__"], image=self._image(seed_base + i, **given), cond=s["cond"],
-                             mask=s.get("mask"), meta={"input": s["__key__"], "seed": seed_base + i})
-                i += 1
+                pending.append(decode_sample(raw, keys, shapes))
+                if len(pending) == self.batch:
+                    yield from drawn(pending, first)
+                    pending, first = [], first + self.batch
+        if pending:
+            yield from drawn(pending, first)
 
 
 def input_pieces(counts: list[int], urls: list[str], lo: int, hi: int) -> list[tuple[str, int, int]]:
@@ -206,16 +247,20 @@ def input_pieces(counts: list[int], urls: list[str], lo: int, hi: int) -> list[t
 
 def generate(model: ModelSource, n: int | None, out: str, *, workers: int = 1, inputs: str | None = None,
              seed_base: int = 0, shard_size: int = SHARD_SIZE, overwrite: bool = False, client=None,
-             progress: bool = True, say: Callable[[str], None] = print) -> GenerateResult:
-    """Write the set at `out`; on a registered version, record it on the version (`record_on_version`)."""
+             progress: bool = True, say: Callable[[str], None] = print, gpus_per_worker: float = 0.0,
+             batch: int | None = None) -> GenerateResult:
+    """Write the set at `out`; on a registered version, record it on the version (`record_on_version`).
+    Each worker asks for `gpus_per_worker` GPUs (0: the CPU) and draws `batch` images a call
+    (None: GPU_BATCH on a GPU, CPU_BATCH on the CPU)."""
     import time
 
     from models.snapshot import load_snapshot
 
     started = time.perf_counter()
-    if workers < 1 or shard_size < 1 or seed_base < 0 or (n is not None and n < 1):
-        raise UserError("--n, --workers and --shard-size must be >= 1, --seed-base >= 0")
+    if workers < 1 or shard_size < 1 or seed_base < 0 or (n is not None and n < 1) or (batch is not None and batch < 1):
+        raise UserError("--n, --workers, --shard-size and --batch must be >= 1, --seed-base >= 0")
     out = to_url(out).rstrip("/")
+    recover_interrupted_swap(out, say)   # before the check: it may put an old set back
     check_out(out, overwrite)
     family, _, _ = load_snapshot(model.snapshot)
     n, input_card = check_inputs(family, inputs, n)
@@ -229,11 +274,12 @@ def generate(model: ModelSource, n: int | None, out: str, *, workers: int = 1, i
 
     fs, root = filesystem(out)
     tmp = join(out, f".tmp-generate-{uuid.uuid4().hex}")
-    aside = join(tmp, "old")   # an --overwrite's old set while the new one moves in
+    aside = filesystem(backup_of(out))[1]   # an --overwrite's old set while the new one moves in
     made_root = not fs.exists(root)
     done = False
     try:
-        rows = _write_shards(model, ranges, seed_base, tmp, workers, inputs, progress)
+        rows = _write_shards(model, ranges, seed_base, tmp, workers, inputs, progress,
+                             gpus_per_worker=gpus_per_worker, batch=batch)
         card = DatasetCard(layout=f"generated:{family.name}", modalities=rows[0]["modalities"],
                            resolution=family.resolution, channels=family.channels, count=n,
                            fingerprint=fingerprint([r["sha256"] for r in rows]), shards=len(rows), source=model.ref)
@@ -248,46 +294,72 @@ def generate(model: ModelSource, n: int | None, out: str, *, workers: int = 1, i
                                 for name, r in zip(names, rows)])
         with publishing(out, fs, root):
             check_out(out, overwrite)   # again: another command may have written there meanwhile
-            swap_in(fs, staged, root, names, aside)
+            swapped = False
+            try:
+                swap_in(fs, staged, root, names, aside)
+                swapped = True
+                _kill_point("published")
+            finally:   # under the lock: the next command's swap uses the same backup folder
+                _remove_backup(fs, aside, swapped)
         done = True
     except BaseException:
         if made_root and fs.exists(root):
             fs.rm(root, recursive=True)
         raise
     finally:
-        _remove_staging(fs, tmp, keep=None if done else aside)
+        _remove_staging(fs, tmp)
     if model.version is not None and client is not None:
         record_on_version(client, model.name, model.version,
                           {"url": out, "n": n, "seeds": lineage["seeds"], "fingerprint": card.fingerprint})
     return GenerateResult(out, card, lineage, workers, time.perf_counter() - started)
 
 
-def _remove_staging(fs, tmp: str, keep: str | None) -> None:
-    """The temporary prefix (with an --overwrite's old set, once the new one is in place), but
-    `keep` if files are there: an old set that could not be moved back is not deleted."""
+def _remove_staging(fs, tmp: str) -> None:
+    """The temporary prefix, whatever is left there."""
     fs.invalidate_cache()   # s3fs lists from a cache: what was moved out of `tmp` may still be listed there
-    keep_path = filesystem(keep)[1] if keep else None
-    kept = keep_path is not None and fs.exists(keep_path) and bool(fs.find(keep_path))
     try:
-        if not kept:
-            fs.rm(filesystem(tmp)[1], recursive=True)
-            return
-        for p in fs.ls(filesystem(tmp)[1], detail=False):
-            if p.rstrip("/") != keep_path:
-                fs.rm(p, recursive=True)
+        fs.rm(filesystem(tmp)[1], recursive=True)
     except FileNotFoundError:   # nothing left there (an object store has no empty folders)
+        pass
+
+
+def _remove_backup(fs, aside: str, done: bool) -> None:
+    """An --overwrite's backup: removed once the new set is in place, or once nothing of the old set
+    is in it (it moved back); an old set that could not be moved back stays (the error said where)."""
+    fs.invalidate_cache()
+    if not fs.exists(aside) or (not done and _set_files(fs, aside)):
+        return
+    _drop_backup(fs, aside)
+
+
+def _drop_backup(fs, aside: str) -> None:
+    """The backup's set files first, then its journal: a kill in between leaves a journal that still
+    says `publishing` beside the complete new set, which the next run reads as "drop the backup"."""
+    try:
+        for name in _set_files(fs, aside):
+            fs.rm(join(aside, name))
+        fs.rm(aside, recursive=True)
+    except FileNotFoundError:   # an object store has no empty folders
         pass
 
 
 def swap_in(fs, staged: str, root: str, names: list[str], aside: str) -> None:
     """Publish the complete set at `staged` into `root` (its shards, card, and last its manifest),
-    replacing a set there (--overwrite): the old one is moved `aside` first (its manifest first,
-    so it never looks complete half-moved) and moved back if the new one cannot be published; the
-    caller removes `aside` once this returns. A failure leaves the old set whole, or no set."""
+    replacing a set there (--overwrite): the old one is moved `aside` (`backup_of(root)`) first (its
+    manifest first, so it never looks complete half-moved) and moved back if the new one cannot be
+    published; the caller removes `aside` once this returns. A failure leaves the old set whole,
+    or no set. A kill (no `except` runs) leaves the old set in `aside` with a journal saying how
+    far the swap went: the next `generate` at this --out puts it back (`recover_interrupted_swap`)."""
     old = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if _is_set_file(p)),
                  key=lambda name: name != MANIFEST) if fs.exists(root) else []
+    if old:
+        fs.makedirs(aside, exist_ok=True)
+        _journal(fs, aside, MOVING_ASIDE)   # root still holds what has not moved yet
     publish(fs, root, aside, old)   # all or none of the old set's files move
+    if old:
+        _journal(fs, aside, PUBLISHING)     # root holds nothing of the old set, perhaps part of the new
     try:
+        _kill_point("swap")
         publish(fs, staged, root, [*names, CARD, MANIFEST])
     except BaseException:
         try:
@@ -298,21 +370,127 @@ def swap_in(fs, staged: str, root: str, names: list[str], aside: str) -> None:
         raise
 
 
+# The backup of the set an --overwrite replaces, and its journal: what the next run needs to know
+# to restore it after a kill (SIGKILL, OOM, a lost node) in the swap, where no `except` runs.
+BACKUP = ".orbitgen-overwrite-backup"
+JOURNAL = "swap.json"
+MOVING_ASIDE, PUBLISHING, RESTORING = "moving-aside", "publishing", "restoring"
+
+
+def backup_of(root: str) -> str:
+    return join(root, BACKUP)
+
+
+def _journal(fs, aside: str, phase: str) -> None:
+    write_whole(fs, join(aside, JOURNAL), json.dumps({"phase": phase}).encode())
+
+
+def _kill_point(name: str) -> None:
+    """Tests of a hard kill: with ORBITGEN_TEST_KILL_AT=`name`, the process SIGKILLs itself here."""
+    if os.environ.get("ORBITGEN_TEST_KILL_AT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def recover_interrupted_swap(out: str, say: Callable[[str], None] = print) -> str | None:
+    """Finish what a killed `--overwrite` left at `out`, under the publishing lock; returns the line
+    said, None when there was nothing to do. The old set waits in `backup_of(out)`; its journal says
+    where the swap stopped:
+      moving-aside  the old set is split between --out and the backup: the backup's files go back;
+      publishing    --out holds part of the new set, or all of it: all of it (its manifest, moved
+                    last, is there) stays and the backup goes; else the new set's files go and the
+                    old set comes back (`restoring` is journalled between the two, so a kill
+                    during the restore never removes restored files).
+    Each step can be cut short and run again."""
+    fs, root = filesystem(out)
+    aside = filesystem(backup_of(out))[1]
+    if not fs.exists(aside):
+        return None
+    _clear_dead_lock(root, say)
+    with publishing(out, fs, root):
+        fs.invalidate_cache()
+        if not fs.exists(aside):   # another command recovered it meanwhile
+            return None
+        try:
+            phase = json.loads(fs.cat_file(join(aside, JOURNAL)))["phase"]
+        except (FileNotFoundError, ValueError, KeyError):
+            phase = MOVING_ASIDE   # killed before the journal's first write: nothing of the set moved yet
+        backed = _set_files(fs, aside)
+        if phase == PUBLISHING and MANIFEST in _set_files(fs, root):
+            _drop_backup(fs, aside)
+            line = f"--out {out}: an earlier --overwrite was stopped after publishing its new set; removed the old set's backup"
+        else:
+            if phase == PUBLISHING:
+                for name in _set_files(fs, root):   # the part of the new set that came in
+                    fs.rm(join(root, name))
+                _journal(fs, aside, RESTORING)
+            publish(fs, aside, root, sorted(backed, key=lambda name: name == MANIFEST))   # the manifest last
+            _drop_backup(fs, aside)
+            line = (f"--out {out}: an earlier --overwrite was stopped while swapping sets; restored the old set "
+                    f"from {BACKUP}")
+    say(line)
+    return line
+
+
+def _set_files(fs, folder: str) -> list[str]:
+    fs.invalidate_cache()
+    if not fs.exists(folder):
+        return []
+    return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False) if _is_set_file(p)]
+
+
+def _clear_dead_lock(root: str, say: Callable[[str], None]) -> None:
+    """A local publishing lock whose holder, a process of this host, is gone (it was killed in the
+    swap) is removed, said in one line; any other lock is left to `publishing`'s wait."""
+    import socket
+
+    from data_shards.writer import LOCK
+
+    lock = os.path.join(root, LOCK)
+    try:
+        host, pid = Path(lock).read_text().split()
+    except (OSError, ValueError):
+        return
+    if host != socket.gethostname() or _alive(int(pid)):
+        return
+    try:
+        os.unlink(lock)
+        say(f"removed {lock}, left by process {pid}, which was stopped while publishing")
+    except FileNotFoundError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
+
+
 def _write_shards(model: ModelSource, ranges, seed_base: int, tmp: str, workers: int, inputs: str | None,
-                  progress: bool) -> list[dict]:
+                  progress: bool, *, gpus_per_worker: float = 0.0, batch: int | None = None) -> list[dict]:
     """Every shard written under `tmp` by `workers` actors taking shards from a queue; their rows, in order."""
     from ray.util import ActorPool
     from tqdm import tqdm
 
+    from jobs.eval.resources import cpu_share, refuse_gpu_ask
     from jobs.placement import Place, refuse_unshared
     from jobs.runtime.env import forwarded_env
     from jobs.runtime.ray_session import ensure_ray
 
     manifest = read_manifest(to_url(inputs)) if inputs else None
+    cluster = ensure_ray()
+    refuse_gpu_ask(gpus_per_worker, workers, cluster, "generation workers")
     # The actors write the shards and read the inputs themselves: on a cluster, where every node reaches.
-    refuse_unshared(ensure_ray(), [Place("--out", tmp), Place("--inputs", inputs or "")])
+    refuse_unshared(cluster, [Place("--out", tmp), Place("--inputs", inputs or "")])
     snapshot = ray.put(Path(model.snapshot).read_bytes())
-    actors = [_Generator.remote(snapshot, forwarded_env()) for _ in range(workers)]
+    cpus = cpu_share(list(cluster.nodes), workers)
+    actors = [_Generator.options(num_cpus=cpus, num_gpus=gpus_per_worker).remote(snapshot, forwarded_env(), batch)
+              for _ in range(workers)]
 
     def task(actor, item):
         index, (lo, hi) = item

@@ -276,7 +276,7 @@ class JobSpec(_Section):
                 raise ValueError(f"eval.metrics: {', '.join(unknown) or 'an empty list'} — the {self.family} family is "
                                  f"judged by {', '.join(instance.metrics)}; pick among those (or null for all)")
         check_training_setup(self, instance)
-        logged = reported_names(self.eval_metrics(instance))
+        logged = self.reported_metrics(instance)
         if self.tracking.registry_model and self.tracking.promote_metric not in logged:
             raise ValueError(f"tracking.promote_metric {self.tracking.promote_metric!r} is not computed; "
                              f"eval.metrics gives {', '.join(logged)}")
@@ -302,6 +302,11 @@ class JobSpec(_Section):
     def eval_metrics(self, family: Family) -> tuple[str, ...]:
         """What evaluation computes: `eval.metrics`, else every metric the family is judged by."""
         return tuple(self.eval.metrics) if self.eval.metrics is not None else tuple(family.metrics)
+
+    def reported_metrics(self, family: Family) -> tuple[str, ...]:
+        """The names evaluation logs its values under (promotion, best checkpoint, registration):
+        `lpips` with eval.lpips_weights, else perceptual_randconv; `pr` as precision and recall."""
+        return reported_names(self.eval_metrics(family), self.eval.lpips_weights)
 
     def make_family(self) -> Family:
         """This spec's family (models.registry.make_family: the one construction path)."""

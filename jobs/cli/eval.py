@@ -22,15 +22,21 @@ def _metric_names(ctx, param, value: tuple[str, ...]) -> list[str] | None:
 @click.option("--data", "data_url", metavar="URL",
               help="Shard set to evaluate on (default: the data the model was trained on, from its spec).")
 @click.option("--metrics", multiple=True, callback=_metric_names, metavar="NAMES",
-              help="Metrics, comma-separated or repeated, among the family's (default: the spec's eval.metrics).")
+              help="Metrics, comma-separated or repeated, among the family's (default: the spec's eval.metrics). "
+                   "A family's perceptual metric is lpips with the spec's eval.lpips_weights, else perceptual_randconv "
+                   "(without weights, either name asks for it).")
 @click.option("--num-samples", type=int, metavar="N",
               help="Generated images (and at most as many reals) (default: the spec's eval.num_samples).")
 @click.option("--workers", type=int, default=1, show_default=True, metavar="W",
-              help="Ray workers, each with a disjoint seed range (or range of inputs); a GPU each when the "
-                   "cluster has them.")
+              help="Ray workers, each with a disjoint seed range (or range of inputs) and an equal share of the "
+                   "cluster's CPUs (torch runs a thread per whole CPU).")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), metavar="G",
+              help="GPUs each worker asks for (e.g. 1, or 0.5 to share one); 0 runs on the CPU. Refused at once on "
+                   "a cluster that never has them. Default: an equal share of the cluster's GPUs, at most one "
+                   "(none on a cluster without GPUs).")
 @click.option("--tracking-uri", help=f"MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./{DEFAULT_WORKDIR}/mlflow.db).")
 @click.option("--verbose", is_flag=True, help="Show Ray's lines and the workers' here.")
-def eval_command(model, data_url, metrics, num_samples, workers, tracking_uri, verbose) -> None:
+def eval_command(model, data_url, metrics, num_samples, workers, gpus_per_worker, tracking_uri, verbose) -> None:
     """Evaluate MODEL and record the values with their evaluation protocol.
 
     MODEL is models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, or a checkpoint folder or
@@ -56,7 +62,7 @@ def eval_command(model, data_url, metrics, num_samples, workers, tracking_uri, v
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_WORKDIR).absolute() / 'mlflow.db'}"
     say(f"evaluating {model} on {workers} worker{'s' * (workers != 1)}")
     res = evaluate_model(model, tracking_uri=uri, data_url=data_url, metrics=metrics, num_samples=num_samples,
-                         workers=workers)   # bad input: a UserError, exit 2 (jobs/cli/common.py)
+                         workers=workers, gpus_per_worker=gpus_per_worker)   # bad input: a UserError, exit 2 (jobs/cli/common.py)
     p = res.protocol
     for name, value in res.scores.items():
         click.echo(f"  {name:<10} {value:.6g}")

@@ -123,14 +123,23 @@ def _lineage_lines(info: dict) -> list[str]:
 @click.argument("model")
 @click.option("--n", "n", type=click.IntRange(min=1), help="Images to draw (conditional models: the first N inputs; default all).")
 @click.option("--out", required=True, help="Where the shard set goes: a folder or fsspec URL (file://, s3://).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Ray workers (1 CPU each), a shard each at a time.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ray workers, a shard each at a time, each with an equal share of the cluster's CPUs.")
 @click.option("--inputs", help="Conditional models: the shard set whose cond (and mask) samples are the inputs.")
 @click.option("--seed-base", type=click.IntRange(min=0), default=0, show_default=True,
               help="Image i is drawn from seed SEED_BASE + i (conditional: input i).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Samples per shard.")
-@click.option("--overwrite", is_flag=True, help="Replace a shard set already at --out.")
+@click.option("--overwrite", is_flag=True, help="Replace a shard set already at --out (the old set stays until the new "
+                                                "one is complete; after a kill in between, the next generate at "
+                                                "--out restores it).")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="G",
+              help="GPUs each worker asks for (1, or 0.5 to share one); 0 draws on the CPU, a thread per CPU of the "
+                   "worker's share. Refused at once on a cluster that never has them.")
+@click.option("--batch", type=click.IntRange(min=1), metavar="B",
+              help="Images per sampler call, each still drawn from its own seed (default 64 on a GPU, 16 on the CPU).")
 @tracking_option
-def models_generate(model, n, out, workers, inputs, seed_base, shard_size, overwrite, tracking_uri) -> None:
+def models_generate(model, n, out, workers, inputs, seed_base, shard_size, overwrite, gpus_per_worker, batch,
+                    tracking_uri) -> None:
     """Draw a WebDataset shard set from MODEL: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID
     or a snapshot file (generator.pt).
 
@@ -143,14 +152,15 @@ def models_generate(model, n, out, workers, inputs, seed_base, shard_size, overw
     import tempfile
 
     from data_shards.storage import to_url
-    from jobs.generate import check_out, generate, resolve_model
+    from jobs.generate import check_out, generate, recover_interrupted_swap, resolve_model
 
+    recover_interrupted_swap(to_url(out).rstrip("/"), say)   # an old set a killed --overwrite left aside
     check_out(to_url(out), overwrite)   # before any download
     client = _client(tracking_uri) if model.startswith(("models:/", "runs:/")) else None
     with tempfile.TemporaryDirectory(prefix="orbitgen-model-") as tmp:
         source = resolve_model(model, Path(tmp), client)
         r = generate(source, n, out, workers=workers, inputs=inputs, seed_base=seed_base, shard_size=shard_size,
-                     overwrite=overwrite, client=client, say=say)
+                     overwrite=overwrite, client=client, say=say, gpus_per_worker=gpus_per_worker, batch=batch)
     seeds = r.lineage["seeds"]
     click.echo(f"{r.card.count} image{'s' * (r.card.count != 1)} in {r.card.shards} shard{'s' * (r.card.shards != 1)} → {r.url} (fingerprint {r.card.fingerprint[:12]}; "
                f"seeds {seeds[0]}..{seeds[1]}; {r.workers} worker{'s' * (r.workers != 1)}, {r.card.count / r.seconds:.1f} images/s)")

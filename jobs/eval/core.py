@@ -33,7 +33,8 @@ from jobs.tracking.protocol import EvalProtocol, extractor_hashes
 from models.family import Family
 from models.images import nchw_to_nhwc_numpy, to_float, to_uint8
 from models.metrics.extractors import VGG16Extractor, make_extractor
-from models.metrics.suite import MetricSuite
+from models.metrics.lpips import LPIPS
+from models.metrics.suite import MetricSuite, named_for_weights
 
 EVAL_SEED = 1_000_000  # fixed, so two runs are judged on the same noise
 REAL_SEED = 0          # fixed, so two runs are judged on the same real samples
@@ -76,12 +77,14 @@ def split_holdout(split: str) -> Holdout:
 
 @functools.lru_cache(maxsize=4)
 def _extractor(kind: str, weights: str | None, stamp: tuple[int, int] | None) -> nn.Module:
+    if kind == "lpips":
+        return LPIPS(weights)
     return VGG16Extractor(weights) if kind == "vgg16" else make_extractor(kind, weights)
 
 
 def load_extractor(kind: str, weights: str | None = None) -> nn.Module:
-    """`randconv`, `inception` or `vgg16`, built once per process and weights file (Inception is
-    100 MB to read, and its weights hash is cached per module)."""
+    """`randconv`, `inception`, `vgg16` or `lpips`, built once per process and weights file
+    (Inception is 100 MB to read, and its weights hash is cached per module)."""
     stamp = (os.stat(weights).st_size, os.stat(weights).st_mtime_ns) if weights and os.path.isfile(weights) else None
     return _extractor(kind, weights, stamp)
 
@@ -166,30 +169,44 @@ class EvalSettings:
     real_seed: int = REAL_SEED
     seed_base: int = EVAL_SEED
     batch: int = BATCH
+    lpips_weights: str | None = None         # set: a family's `lpips` is published LPIPS, else perceptual_randconv
 
     @classmethod
     def from_spec(cls, spec: JobSpec, family: Family) -> "EvalSettings":
         """The evaluation a training of `spec` runs at its checkpoints."""
         ev = spec.eval
         return cls(num_samples=ev.num_samples, metrics=spec.eval_metrics(family), extractor=ev.fid_extractor,
-                   inception_weights=ev.inception_weights, vgg_weights=ev.vgg_weights, holdout=spec.data.holdout)
+                   inception_weights=ev.inception_weights, vgg_weights=ev.vgg_weights, holdout=spec.data.holdout,
+                   lpips_weights=ev.lpips_weights)
+
+    def requested(self, family: Family) -> tuple[str, ...]:
+        """The metrics as asked for (a family's names: `lpips` whatever the weights)."""
+        return tuple(self.metrics) if self.metrics is not None else tuple(family.metrics)
 
     def names(self, family: Family) -> tuple[str, ...]:
-        return tuple(self.metrics) if self.metrics is not None else tuple(family.metrics)
+        """The metrics computed: `lpips` only with its weights, else `perceptual_randconv`."""
+        return named_for_weights(self.requested(family), self.lpips_weights)
 
     def extractors(self, family: Family) -> tuple[nn.Module | None, nn.Module | None]:
         return feature_extractors(self.names(family), extractor=self.extractor,
                                   inception_weights=self.inception_weights, vgg_weights=self.vgg_weights)
 
+    def perceptual(self, family: Family) -> nn.Module | None:
+        """Published LPIPS's network when it is computed (its weights belong in the protocol), else None."""
+        return load_extractor("lpips", self.lpips_weights) if "lpips" in self.names(family) else None
+
     def suite(self, family: Family, device: torch.device) -> MetricSuite:
         """An empty suite of these metrics."""
         feature, pr_feature = self.extractors(family)
-        return MetricSuite(self.names(family), extractor=feature, pr_extractor=pr_feature, device=device)
+        # The names as asked for: the suite renames `lpips` itself, and notes it in its params.
+        return MetricSuite(self.requested(family), extractor=feature, pr_extractor=pr_feature, device=device,
+                           lpips_weights=self.lpips_weights)
 
     def protocol(self, family: Family, data_url: str) -> EvalProtocol:
         """What values computed with these settings on `data_url` were measured under."""
-        return protocol_of(self.extractors(family), family, data_url=data_url, num_samples=self.num_samples,
-                           holdout=self.holdout, real_seed=self.real_seed, seed_base=self.seed_base)
+        return protocol_of([*self.extractors(family), self.perceptual(family)], family, data_url=data_url,
+                           num_samples=self.num_samples, holdout=self.holdout, real_seed=self.real_seed,
+                           seed_base=self.seed_base)
 
 
 def evaluate(family: Family, sampler: nn.Module, settings: EvalSettings, *, data_url: str, device: torch.device

@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 from data_shards.split import Holdout, Positions
 from jobs.capacity import WAIT_REPORT_S, Demand, Pending
+from jobs.eval import weights
 from jobs.eval.core import EvalSettings, eval_params, fp32_highest, real_positions, score_part
+from jobs.eval.resources import auto_gpu_share, cpu_share, use_cpu_share, worker_device
 from jobs.runtime.env import forwarded_env
 from models.metrics.suite import MetricSuite
 from models.snapshot import load_snapshot
@@ -80,10 +82,14 @@ def plan(positions: Positions, settings: EvalSettings, *, conditional: bool, wor
 class EvalWorker:
     """One worker of a distributed evaluation: the model, the extractors and its own suite."""
 
-    def __init__(self, snapshot: bytes, data_url: str, settings: EvalSettings, env: dict[str, str]):
+    def __init__(self, snapshot: bytes, data_url: str, settings: EvalSettings, env: dict[str, str],
+                 shipped: dict | None = None):
         os.environ.update(env)   # the S3 endpoint as the driver has it; credentials are the node's own
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = worker_device()
+        use_cpu_share()
         self.family, self.sampler, _ = load_snapshot(io.BytesIO(snapshot), device=self.device)
+        # The extractors' weights files where this node lacks the driver's paths (jobs/eval/weights.py).
+        settings = weights.place(settings, shipped or {}, weights.node_folder())
         self.data_url, self.settings = data_url, settings
         self.suite = settings.suite(self.family, self.device)
 
@@ -101,10 +107,9 @@ class EvalWorker:
         return True
 
 
-def _share(resource: str, workers: int) -> float:
-    """Each worker's share of the cluster's CPUs or GPUs, at most one: W workers always fit."""
-    total = ray.cluster_resources().get(resource, 0)
-    return min(1.0, total / workers) if total else 0
+def _nodes() -> list[dict[str, float]]:
+    """Each alive node's total resources."""
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
 
 def _started(actors: list, demand: Demand) -> None:
@@ -116,19 +121,24 @@ def _started(actors: list, demand: Demand) -> None:
 
 
 def evaluate_distributed(snapshot: Path, data_url: str, settings: EvalSettings, *, workers: int,
-                         progress: bool = True) -> tuple[dict[str, float], dict[str, str], MetricSuite]:
+                         progress: bool = True, gpus_per_worker: float | None = None
+                         ) -> tuple[dict[str, float], dict[str, str], MetricSuite]:
     """(values, params, the merged suite) of the model in `snapshot` on `workers` Ray workers
-    (Ray must be initialised); equal to `jobs.eval.core.evaluate` with the same settings."""
+    (Ray must be initialised); equal to `jobs.eval.core.evaluate` with the same settings.
+    `gpus_per_worker`: each worker's GPUs; None: an equal share of the cluster's, at most one."""
     family, _, _ = load_snapshot(snapshot)
     # Built first: a bad setting (an extractor's missing weights) fails here, not in every worker.
     suite = settings.suite(family, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     positions = real_positions(family, data_url, settings.num_samples, settings.holdout, settings.real_seed)
     chunks = [c for c in plan(positions, settings, conditional=family.conditional, workers=workers) if c]
     model = ray.put(snapshot.read_bytes())
+    shipped = weights.ship(weights.weight_paths(settings))
     # SPREAD: one worker a node while nodes are free, so W workers use W machines' cores (or GPUs).
-    each = {"CPU": _share("CPU", len(chunks)), "GPU": _share("GPU", len(chunks))}
+    nodes = _nodes()
+    gpus = auto_gpu_share(nodes, len(chunks)) if gpus_per_worker is None else gpus_per_worker
+    each = {"CPU": cpu_share(nodes, len(chunks)), "GPU": gpus}
     actors = [EvalWorker.options(num_cpus=each["CPU"], num_gpus=each["GPU"], scheduling_strategy="SPREAD")
-              .remote(model, data_url, settings, forwarded_env()) for _ in chunks]
+              .remote(model, data_url, settings, forwarded_env(), shipped) for _ in chunks]
     try:
         _started(actors, Demand("evaluation workers", len(actors), each, keys="--workers"))
         pending = {actor.score.remote(c): c for actor, mine in zip(actors, chunks) for c in mine}

@@ -34,10 +34,12 @@ from jobs.tracking.protocol import (TAG_EVAL_OF, TAG_MODEL_NAME, TAG_MODEL_VERSI
 from jobs.tracking.store_check import check_answers, local_store_path, require_store
 from models.family import Family
 from models.metrics.extractors import InceptionExtractor, RandConvExtractor, VGG16Extractor
+from models.metrics.suite import named_for_weights
 from models.snapshot import SNAPSHOT, load_snapshot
 
 EVAL_EXPERIMENT = "orbitgen-eval"   # the experiment of evaluations of snapshots no tracked run made
 FID_EXTRACTORS = {RandConvExtractor.name: "randconv", InceptionExtractor.name: "inception"}
+LPIPS_PREFIX = "lpips-"   # published LPIPS in a protocol: `lpips-<backbone>/<hash of its weights file>`
 
 
 @dataclass
@@ -61,9 +63,11 @@ class _Model:
 
 def evaluate_model(model: str, *, tracking_uri: str, data_url: str | None = None,
                    metrics: Sequence[str] | None = None, num_samples: int | None = None,
-                   workers: int = 1, like: EvalProtocol | None = None, log: bool = True) -> EvalResult:
+                   workers: int = 1, like: EvalProtocol | None = None, log: bool = True,
+                   gpus_per_worker: float | None = None) -> EvalResult:
     """Evaluates `model` on `workers` Ray workers (see the module's docstring); bad input raises
-    UserError. With `like`, its protocol sets the split, seeds, sample count and extractors
+    UserError. `gpus_per_worker`: each worker's GPUs (refused up front where the cluster never holds
+    them); None: an equal share of the cluster's GPUs, at most one, none without. With `like`, its protocol sets the split, seeds, sample count and extractors
     (`num_samples` is not used). Ray is started locally unless it runs (or RAY_ADDRESS names a
     cluster). `log=False`: nothing is written to MLflow (`run_id` is None)."""
     if workers < 1:
@@ -79,13 +83,17 @@ def evaluate_model(model: str, *, tracking_uri: str, data_url: str | None = None
         if like is not None and like != protocol:
             raise UserError(f"cannot evaluate {model} under the given protocol here: "
                             + "; ".join(_explain(d, data_url) for d in like.differences(protocol)))
+        from jobs.eval.resources import refuse_gpu_ask
         from jobs.placement import Place, refuse_unshared
         from jobs.runtime.ray_session import ensure_ray
 
+        cluster = ensure_ray()
+        refuse_gpu_ask(gpus_per_worker or 0.0, workers, cluster, "evaluation workers")
         # The workers read the data themselves: on a cluster, from where every node reaches.
-        refuse_unshared(ensure_ray(), [Place("--data" if given_data else "data.train", data_url)],
+        refuse_unshared(cluster, [Place("--data" if given_data else "data.train", data_url)],
                         m.spec.storage.shared_mounts if m.spec else ())
-        scores, params, _ = evaluate_distributed(m.snapshot, data_url, settings, workers=workers)
+        scores, params, _ = evaluate_distributed(m.snapshot, data_url, settings, workers=workers,
+                                                 gpus_per_worker=gpus_per_worker)
     run_id = _log(tracking_uri, m, family, data_url, protocol, scores, params) if log else None
     return EvalResult(protocol, scores, run_id, m.name, m.version)
 
@@ -182,11 +190,7 @@ def _settings(family: Family, spec: JobSpec | None, metrics: Sequence[str] | Non
         ev = EvalSpec()
         settings = EvalSettings(num_samples=ev.num_samples, metrics=tuple(family.metrics), extractor=ev.fid_extractor)
     if metrics:
-        unknown = [m for m in metrics if m not in family.metrics]
-        if unknown:
-            raise UserError(f"--metrics: {', '.join(unknown)} — a {family.name} model is judged by "
-                            f"{', '.join(family.metrics)}")
-        settings = replace(settings, metrics=tuple(metrics))
+        settings = replace(settings, metrics=_family_names(family, metrics, settings.lpips_weights))
     if num_samples is not None:
         settings = replace(settings, num_samples=num_samples)
     if like is not None:
@@ -196,15 +200,33 @@ def _settings(family: Family, spec: JobSpec | None, metrics: Sequence[str] | Non
     return settings
 
 
+def _family_names(family: Family, metrics: Sequence[str], lpips_weights: str | None) -> tuple[str, ...]:
+    """--metrics as the family's names: `perceptual_randconv` is what a family's `lpips` is without
+    LPIPS weights, so it is read as `lpips` (computed and logged as perceptual_randconv); with the
+    weights (the spec's eval.lpips_weights) it would be published LPIPS, so it is refused, as the spec refuses it."""
+    if lpips_weights and "perceptual_randconv" in metrics and "lpips" in family.metrics:
+        raise UserError("--metrics perceptual_randconv: this model's spec gives LPIPS weights (eval.lpips_weights), "
+                        "so its perceptual metric is published LPIPS: ask for lpips")
+    named = tuple(dict.fromkeys("lpips" if m == "perceptual_randconv" and "lpips" in family.metrics else m
+                                for m in metrics))
+    unknown = [m for m in named if m not in family.metrics]
+    if unknown:
+        known = named_for_weights(family.metrics, lpips_weights)
+        raise UserError(f"--metrics: {', '.join(unknown)} — a {family.name} model is judged by {', '.join(known)}")
+    return named
+
+
 def _like(settings: EvalSettings, like: EvalProtocol) -> EvalSettings:
     """`settings` under the protocol `like`: its split, seeds, sample count and extractors."""
-    unknown = [e for e in like.extractors if e not in FID_EXTRACTORS and e != VGG16Extractor.name]
+    lpips = [e for e in like.extractors if e.startswith(LPIPS_PREFIX)]   # lpips-alex/<hash of its file>
+    unknown = [e for e in like.extractors if e not in FID_EXTRACTORS and e != VGG16Extractor.name and e not in lpips]
     if unknown:
         raise UserError(f"the protocol's extractor {', '.join(unknown)} is not one orbitgen has "
-                        f"({', '.join([*FID_EXTRACTORS, VGG16Extractor.name])})")
+                        f"({', '.join([*FID_EXTRACTORS, VGG16Extractor.name, LPIPS_PREFIX + '…'])})")
     fid = [FID_EXTRACTORS[e] for e in like.extractors if e in FID_EXTRACTORS]
     return replace(settings, num_samples=like.num_samples, extractor=fid[0] if fid else settings.extractor,
                    vgg_weights=settings.vgg_weights if VGG16Extractor.name in like.extractors else None,
+                   lpips_weights=settings.lpips_weights if lpips else None,
                    holdout=split_holdout(like.split), real_seed=like.real_seed, seed_base=like.seed_base)
 
 

@@ -21,9 +21,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from jobs.tracking.protocol import TAG_RUN_PROTOCOL, EvalProtocol, read_version_tags
-from models.metrics.suite import METRICS, reported_names
+from models.metrics.suite import all_reported_names
 
-EVAL_METRICS = frozenset(reported_names(METRICS))   # what a run logs that is an evaluation score
+# What a run logs that is an evaluation score (lpips with LPIPS weights, perceptual_randconv without).
+EVAL_METRICS = frozenset(all_reported_names())
 
 
 @dataclass(frozen=True)

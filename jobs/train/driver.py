@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from data_shards.environ import environ_set
 from data_shards.storage import join, ray_storage
 from jobs.capacity import WAIT_REPORT_S, Pending, refuse_unfitting, training_demand
+from jobs.eval import weights as eval_weights
 from jobs.eval.core import EvalSettings
 from jobs.inputs import check_data, check_files, resolve_data
 from jobs.placement import (artifact_place, builtin_home, data_location, local_path, refuse_unshared,
@@ -112,11 +113,9 @@ def _open_run(spec: JobSpec, tracking_uri: str, resumed: dict[str, Any] | None, 
 
 def _registered_scores(spec: JobSpec, result, checkpoint) -> dict[str, float]:
     """The evaluation values of the checkpoint that was registered (the best one, or the last)."""
-    from models.metrics.suite import reported_names
-
     values = next((m for c, m in result.best_checkpoints or [] if c.path == checkpoint.path), None)
     values = dict(result.metrics or {}) if values is None else values
-    return {k: float(values[k]) for k in reported_names(spec.eval_metrics(spec.make_family())) if k in values}
+    return {k: float(values[k]) for k in spec.reported_metrics(spec.make_family()) if k in values}
 
 
 def run_job(spec: JobSpec, say: Callable[[str], None] = print, resume: str | None = None) -> JobResult:
@@ -179,7 +178,9 @@ def _run_job(spec: JobSpec, say: Callable[[str], None], resume: str | None) -> J
         bar = ProgressBar(run_name, spec.total_steps, waiting=Pending(demand).line, waiting_every_s=WAIT_REPORT_S)
         try:
             worker = WorkerConfig(spec=spec.model_dump(mode="json"), run_id=run_id, tracking_uri=tracking_uri,
-                                  data_url=data_url, env=forwarded_env(), model_files=model_refs.ship(spec),
+                                  data_url=data_url, env=forwarded_env(),
+                                  # with the extractors' weights: every rank evaluates (jobs/eval/spread.py)
+                                  model_files=model_refs.ship(spec) | eval_weights.ship(spec.eval.weight_files()),
                                   progress_board=bar.name)
             with environ_set(one_node_settings()):   # Ray Train hands these on to its controller
                 result = make_trainer(spec, run_name, storage, worker.as_loop_config()).fit()

@@ -3,9 +3,10 @@
 Per step: one batch from this rank's share of the shards; for each phase of the family, only
 that phase's network is trainable, the family computes the loss (per micro-batch) and the phase's
 engine steps. Every checkpoint interval, every rank saves its part of the training state and
-reports it to Ray Train; rank 0 also logs to MLflow and evaluates. After a failure Ray restarts
-the worker group, and the loop continues from the latest checkpoint at the same step, with the
-same batches and the same noise as an uninterrupted run.
+reports it to Ray Train; every rank scores its share of the evaluation (jobs/eval/spread.py) and
+rank 0 logs to MLflow. After a failure Ray restarts the worker group, and the loop continues from
+the latest checkpoint at the same step, with the same batches and the same noise as an
+uninterrupted run.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from data_shards.storage import join
 from data_shards.stream import batches_per_epoch, image_stream, iterate_once, retries, skipped, training_share
 from jobs.train import checkpoints
 from jobs.train.engines import Engine, check_training_setup, make_engine
-from jobs.eval.core import EvalSettings, evaluate, preview
+from jobs.eval.core import EvalSettings, preview
+from jobs.eval.spread import evaluate_spread, gather_to_rank0
 from jobs.train.config import WorkerConfig
 from jobs.train.progress import WorkerProgress
 from jobs.train.resume import checkpoint_to_resume
@@ -361,6 +363,15 @@ def run_worker(cfg: WorkerConfig) -> None:
         log.close()   # what the server did not take by then, the driver delivers
 
 
+def _eval_settings(w: Worker) -> EvalSettings:
+    """The spec's evaluation, its weights files on this node (shipped by the driver where the
+    node lacks the driver's paths: jobs/eval/weights.py)."""
+    from jobs.eval import weights
+
+    settings = EvalSettings.from_spec(w.spec, w.family)
+    return weights.place(settings, w.cfg.model_files, weights.node_folder())
+
+
 def _report(w: Worker, step: int, images_seen: int, final: bool) -> None:
     spec, family, networks, engines, rank, log, device = w.spec, w.family, w.networks, w.engines, w.rank, w.log, w.device
     world, data_url = w.world, w.cfg.data_url
@@ -374,19 +385,22 @@ def _report(w: Worker, step: int, images_seen: int, final: bool) -> None:
             say(f"data: {data['data_retries']} reads retried after storage faults, "
                 f"{data['data_skipped']} corrupt samples skipped (all ranks, so far)")
     with tempfile.TemporaryDirectory() as tmp:
-        # Save first (collective for DeepSpeed), then evaluate on rank 0 alone: the other ranks wait
-        # in ray.train.report, not in a process-group barrier that the collective timeout would end.
+        # Save first (collective for DeepSpeed), then evaluate: every rank scores its share (the
+        # shares are equal, so no rank waits long in the gather), rank 0 merges and logs.
         checkpoints.write(Path(tmp), rank=rank, engines=engines, networks=networks, family=family, step=step,
                           images_seen=images_seen,
                           extra={"steps_per_rank": steps_per_rank, "mlflow_run_id": w.cfg.run_id})
         due = final or (spec.eval.every_steps and step % spec.eval.every_steps == 0)
-        if rank == 0 and (due or spec.checkpoint.best_metric):   # best-by-metric ranks every checkpoint
+        if due or spec.checkpoint.best_metric:   # best-by-metric ranks every checkpoint
             sampler = networks[family.sampler_role]
+            settings = _eval_settings(w)
+            spread = evaluate_spread(family, sampler, settings, data_url=data_url, device=device, rank=rank,
+                                     world=world, gather=gather_to_rank0(world, rank))
+        if rank == 0 and (due or spec.checkpoint.best_metric):
+            scores, params = spread
             log.image(image_grid(preview(family, sampler, data_url=data_url, n=64, seed=GRID_SEED,
                                          device=device, holdout=spec.data.holdout)),
                       f"samples/grid_step{step:07d}.png")
-            scores, params = evaluate(family, sampler, EvalSettings.from_spec(spec, family), data_url=data_url,
-                                      device=device)
             log.metrics(step, scores)
             if final:
                 log.params(params)

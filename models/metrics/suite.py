@@ -46,8 +46,9 @@ from models.metrics.perceptual import PerceptualDistance
 from models.metrics.precision_recall import PrecisionRecall
 from models.metrics.ssim import ssim
 
-# Evaluation runs on rank 0 alone: a metric that synchronised across the process group at
-# compute() would wait for ranks that never call it.
+# Suites never synchronise on their own: a distributed or spread evaluation merges their states
+# explicitly, in the order of one process (`state`/`merge`), on one rank or the driver, and a
+# metric that synchronised at compute() would wait for ranks that never call it.
 LOCAL = {"sync_on_compute": False, "dist_sync_on_step": False}
 
 # torchmetrics metrics updated with (fake, real) scaled to [0, 1].
@@ -94,6 +95,12 @@ def reported_names(names: Iterable[str], lpips_weights: str | None = None) -> tu
     weights logs as perceptual_randconv)."""
     return tuple(r for n in named_for_weights(names, lpips_weights)
                  for r in (("precision", "recall") if n == "pr" else (n,)))
+
+
+def all_reported_names() -> tuple[str, ...]:
+    """Every name a value of a suite may be logged under, with LPIPS weights or without (what a
+    reader of logged runs counts as an evaluation score)."""
+    return tuple(dict.fromkeys(reported_names(METRICS) + reported_names(METRICS, lpips_weights="given")))
 
 
 class MetricSuite:

@@ -113,3 +113,10 @@ def test_eval_of_a_conditional_checkpoint_on_the_held_out_split(mlflow_server, r
     assert ev.info.experiment_id == client.get_experiment_by_name(EVAL_EXPERIMENT).experiment_id
     assert ev.data.tags[TAG_EVAL_OF] == str(snapshot) and TAG_MODEL_NAME not in ev.data.tags
     assert ev.data.params["eval_split"] == "holdout=0.5"
+
+    # Through the command: --metrics perceptual_randconv is the family's perceptual metric without LPIPS
+    # weights (a snapshot with no spec has none), on a CPU worker (--gpus-per-worker 0).
+    out = CliRunner().invoke(main, ["eval", str(snapshot), "--data", data, "--metrics", "perceptual_randconv,ssim",
+                                    "--num-samples", "16", "--gpus-per-worker", "0", "--tracking-uri", mlflow_server.url])
+    assert out.exit_code == 0, out.output
+    assert "perceptual_randconv" in out.output and "lpips" not in out.output.replace("perceptual_randconv", "")

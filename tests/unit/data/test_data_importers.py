@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import sys
 import zipfile
 
 import numpy as np
@@ -56,9 +57,25 @@ def geotiff_build(tmp_path, source, **kw):
     return build(str(source), str(tmp_path / "out"), layout="geotiff", resolution=4, progress=False, **kw)
 
 
+@pytest.fixture
+def whole_raster_reader(monkeypatch):
+    """The tifffile reader that reads each raster whole: what runs without the `orbitgen[geo]` extra
+    (rasterio's own checks are in test_geotiff_windowed.py)."""
+    monkeypatch.setitem(sys.modules, "rasterio", None)
+
+
+@pytest.fixture(params=["windowed", "whole"])
+def either_reader(request, monkeypatch):
+    """Each GeoTIFF reader in turn: rasterio's windows (the `orbitgen[geo]` extra), then tifffile's."""
+    if request.param == "whole":
+        monkeypatch.setitem(sys.modules, "rasterio", None)
+    else:
+        pytest.importorskip("rasterio")
+
+
 # --- TIFF bands -----------------------------------------------------------------------------------
 
-def test_a_tiff_with_zero_bands_is_refused_in_one_line(tmp_path):
+def test_a_tiff_with_zero_bands_is_refused_in_one_line(either_reader, tmp_path):
     """Today: 4 tiles of 0 bands each, exit 0."""
     tiff(tmp_path / "empty.tif", np.zeros((8, 8, 0), np.uint8))
     with pytest.raises(SourceItemError, match=r"^empty.tif: a TIFF with zero bands or no pixels") as err:
@@ -70,7 +87,7 @@ def test_a_tiff_with_zero_bands_is_refused_in_one_line(tmp_path):
         build(str(tmp_path / "photos"), str(tmp_path / "out"), layout="folder", resolution=4, progress=False)
 
 
-def test_a_tiff_declaring_zero_samples_per_pixel_is_refused(tmp_path):
+def test_a_tiff_declaring_zero_samples_per_pixel_is_refused(either_reader, tmp_path):
     import tifffile
 
     buf = io.BytesIO()
@@ -83,13 +100,13 @@ def test_a_tiff_declaring_zero_samples_per_pixel_is_refused(tmp_path):
         geotiff_build(tmp_path, tmp_path / "zero.tif")
 
 
-def test_several_multi_band_images_in_one_tiff_are_refused_not_reshaped(tmp_path):
+def test_several_multi_band_images_in_one_tiff_are_refused_not_reshaped(either_reader, tmp_path):
     tiff(tmp_path / "stack.tif", np.zeros((2, 8, 8, 3), np.uint8), photometric="rgb")
     with pytest.raises(SourceItemError, match=r"^stack.tif: a TIFF of shape \(2, 8, 8, 3\).*several multi-band images"):
         geotiff_build(tmp_path, tmp_path / "stack.tif")
 
 
-def test_a_raster_larger_than_the_cap_is_refused_before_it_is_read(tmp_path, monkeypatch):
+def test_a_raster_larger_than_the_cap_is_refused_before_it_is_read(whole_raster_reader, tmp_path, monkeypatch):
     tiff(tmp_path / "scene.tif", np.ones((16, 16, 3), np.uint16), photometric="rgb")
     monkeypatch.setenv("ORBITGEN_MAX_RASTER_BYTES", "1000")
     says = r"16x16 pixels x 3 bands of uint16 = 1,536 bytes decoded, more than the 1,000"
@@ -104,7 +121,7 @@ def test_a_raster_larger_than_the_cap_is_refused_before_it_is_read(tmp_path, mon
     (("gcps+scale",), "georeferenced by 3 tie points"),            # today: a traceback
     (("tie-only",), "one tie point without ModelPixelScale"),
 ])
-def test_a_geotiff_without_one_affine_transform_is_refused_in_one_line(tmp_path, georef, says):
+def test_a_geotiff_without_one_affine_transform_is_refused_in_one_line(whole_raster_reader, tmp_path, georef, says):
     tiff(tmp_path / "scene.tif", np.ones((8, 8), np.uint8), georef=georef)
     with pytest.raises(SourceItemError) as err:
         geotiff_build(tmp_path, tmp_path / "scene.tif")

@@ -34,7 +34,7 @@ def tree(folder) -> dict[str, bytes]:
 
 def fake_workers(fail_after: int | None = None):
     """`_write_shards` as the actors do it (one-shard sets under `tmp`); raises after `fail_after` shards."""
-    def write(model, ranges, seed_base, tmp, workers, inputs, progress):
+    def write(model, ranges, seed_base, tmp, workers, inputs, progress, **resources):
         rows = []
         for index, (lo, hi) in enumerate(ranges):
             if fail_after is not None and index == fail_after:
@@ -80,7 +80,7 @@ def test_a_destination_that_fails_while_publishing_leaves_the_old_set(old_set, m
     real_mv = LocalFileSystem.mv
 
     def mv(self, src, dst, **kw):
-        if dst.endswith("/out/shard-000001.tar") and "/old/" not in src:   # the new set's 2nd shard, going in
+        if dst.endswith("/out/shard-000001.tar") and gen.BACKUP not in src:   # the new set's 2nd shard, going in
             raise PermissionError(13, "Permission denied", dst)
         return real_mv(self, src, dst, **kw)
 

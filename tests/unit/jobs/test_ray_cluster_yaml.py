@@ -82,8 +82,9 @@ def test_node_types_cpu_head_and_autoscaling_gpu_workers(cluster):
 
 def test_nodes_install_the_repo(cluster):
     assert cluster["file_mounts"] == {"~/orbitgen": "."}
-    install = [c for c in cluster["setup_commands"] if "-e ~/orbitgen" in c]
+    install = [c for c in cluster["setup_commands"] if '-e "$HOME/orbitgen' in c]
     assert len(install) == 1 and "--no-build-isolation" in install[0]
+    assert "orbitgen[geo]" in install[0], "nodes tile large GeoTIFF scenes with the geo extra (rasterio)"
     # Ray must stay the image's version when pip resolves orbitgen's dependencies.
     assert any(f"=={ray.__version__}" in c for c in cluster["setup_commands"])
 
@@ -94,7 +95,7 @@ def test_nodes_install_torch_and_deepspeed_without_a_cuda_toolkit(cluster):
     commands = cluster["setup_commands"]
     assert not any(re.search(r"pip install (-q )?torch(\s|$)", c) for c in commands)
     assert any("infra/setup.sh --torch-args" in c for c in commands)
-    install = next(c for c in commands if "-e ~/orbitgen" in c)
+    install = next(c for c in commands if '-e "$HOME/orbitgen' in c)
     # DeepSpeed's setup.py runs nvcc in its op checks unless told not to: no nvcc on the image's runtime.
     assert "DS_BUILD_OPS=0" in install and "DS_IGNORE_CUDA_DETECTION=1" in install
     # A GPU node whose torch sees no GPU fails its set-up instead of joining as a CPU node.
