@@ -97,7 +97,7 @@ def checked(items, on_error: str, skipped: list[dict]) -> Iterator[Sample]:
 def build(source: str, dest: str, *, layout: str, resolution: int, channels: str | int | None = "keep",
           shard_size: str | int = 1000, on_error: str = "fail", progress: bool = True, **options) -> BuildResult:
     """Read `source` in `layout`, write shards to `dest`. `options` go to the layout's reader
-    (input_side, cond_dir, image_dir, columns, stride, max_nodata)."""
+    (input_side, cond_dir, image_dir, columns, stride, max_nodata, bands)."""
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}; layouts: {', '.join(LAYOUTS)}")
     if on_error not in ON_ERROR:

@@ -4,6 +4,12 @@ The manifest is written last: a manifest that reads whole means the set is compl
 short by a crash or a full disk reads as an incomplete set, `IncompleteSet`). It stores shard
 names relative to the set, so a set can be copied elsewhere (local -> S3) as is; `read_manifest`
 returns full URLs. Every file here is written whole or not at all (`write_whole`).
+
+A set made elsewhere (plain WebDataset tars, adopted by `adopt.py`) gets the same two files; its
+card's `shards_url` says where the manifest's names are relative to when the card does not lie
+beside the shards (a brace-expanded URL's card lies in a hidden folder beside them, see
+`adopted_folder`; one that could not be written there, under the job's storage). A `dataset.json`
+may name such a place itself: a set whose card points at shards elsewhere.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import errno
 import hashlib
 import io
 import os
+import posixpath
 import uuid
 from datetime import datetime, timezone
 from importlib import metadata
@@ -22,14 +29,17 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .errors import InputNotFound, UserError
 from .member_names import is_unsafe
-from .storage import check_reachable, filesystem, join, to_url
+from .storage import check_reachable, filesystem, join, storage_problem, to_url
 
 CARD = "dataset.json"
 MANIFEST = "manifest.parquet"
 SKIPPED = "skipped.jsonl"  # what a build left out, one JSON object a line
 NOTHING_THERE = "nothing there (no such folder or prefix); build a shard set with `orbitgen data build`"
-NOT_A_SET = "no dataset.json: not an orbitgen shard set (build one with `orbitgen data build`)"
+NOT_A_SET = ("no dataset.json: not an orbitgen shard set (build one with `orbitgen data build`, or adopt plain "
+             "WebDataset tars with `orbitgen data adopt URL`)")
+NO_ADOPTED_CARD = "no card for these shards yet: write one with `orbitgen data adopt URL` (training on them does too)"
 SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".tar"
+ADOPTED_PREFIX = ".orbitgen-adopted-"   # the folder of an adopted set's card, beside its shards
 
 
 class IncompleteSet(InputNotFound):
@@ -43,7 +53,13 @@ def write_whole(fs, path: str, data: bytes) -> None:
     from fsspec.implementations.local import LocalFileSystem
 
     if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(path, data)
+        try:
+            fs.pipe_file(path, data)
+        except Exception as e:   # a missing bucket, no credentials, access denied: one line naming the file
+            problem = storage_problem(e, fs.unstrip_protocol(path))
+            if problem is None or problem is e:
+                raise
+            raise problem from e
         return
     folder, name = os.path.split(fs._strip_protocol(path))   # a file:// URL or a path
     os.makedirs(folder, exist_ok=True)
@@ -89,6 +105,11 @@ class DatasetCard(BaseModel):
     source: str
     classes: list[str] | None = None  # names of the `cls` values, in order
     skipped: int = 0               # source items left out (--on-error skip); listed in skipped.jsonl
+    # Adopted sets (adopt.py); absent from the cards of sets orbitgen wrote, which read as before.
+    shards_url: str | None = None  # where the manifest's names are relative to, when not the card's folder
+    resize: bool = False           # images of another size are fitted to `resolution` on read (data.resize)
+    members: dict[str, list[str]] | None = None  # per modality, the member names found (e.g. image: [jpg])
+    split: dict | None = None      # holdout (by key hash, split.py) when adopted: {holdout, training, held_out}
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     builder: str = Field(default_factory=builder)
 
@@ -100,14 +121,42 @@ def fingerprint(shard_sha256s: list[str]) -> str:
     return h.hexdigest()
 
 
+def is_pattern(url: str) -> bool:
+    """A brace-expanded shard URL (`s3://b/x/shard-{000000..000099}.tar`), not a set's folder."""
+    return "{" in str(url)
+
+
+def pattern_base(url: str) -> str:
+    """The folder a brace pattern's shards lie under: its part before the first brace, up to a '/'."""
+    return str(url).split("{", 1)[0].rsplit("/", 1)[0]
+
+
+def adopted_folder(url: str, resize_to: int | None = None) -> str:
+    """Where the card of the shards at `url` goes when written beside them: a folder of tars gets it
+    in the folder itself; a brace pattern, or a view resized to `resize_to`, in a hidden folder
+    beside the shards, named by a hash of what it describes (one card per pattern and size)."""
+    url = to_url(str(url)).rstrip("/")   # the same folder whichever way the URL was written
+    if not is_pattern(url) and resize_to is None:
+        return url
+    base = pattern_base(url) if is_pattern(url) else url
+    described = url + (f"|resize={resize_to}" if resize_to is not None else "")
+    return join(base, ADOPTED_PREFIX + hashlib.sha256(described.encode()).hexdigest()[:12])
+
+
+def card_home(url: str) -> str:
+    """The folder whose dataset.json describes `url`: a brace pattern's hidden card folder, else `url`."""
+    return adopted_folder(url) if is_pattern(url) else url
+
+
 def read_card(url: str) -> DatasetCard:
     check_reachable(url)
-    fs, path = filesystem(url)
+    fs, path = filesystem(card_home(url))
     try:
         with fs.open(join(path, CARD), "rb") as f:
             text = f.read()
     except FileNotFoundError:
-        raise InputNotFound(f"{url}: {NOT_A_SET if fs.exists(path) else NOTHING_THERE}") from None
+        why = NO_ADOPTED_CARD if is_pattern(url) else NOT_A_SET if fs.exists(path) else NOTHING_THERE
+        raise InputNotFound(f"{url}: {why}") from None
     try:
         return DatasetCard.model_validate_json(text)
     except ValidationError as e:
@@ -122,6 +171,7 @@ def write_card(url: str, card: DatasetCard) -> None:
 
 def read_manifest(url: str) -> pd.DataFrame:
     """Columns url (full shard URL), samples, bytes, sha256; one row a shard, in order."""
+    url = card_home(url)
     fs, path = filesystem(url)
     try:
         with fs.open(join(path, MANIFEST), "rb") as f:
@@ -133,8 +183,20 @@ def read_manifest(url: str) -> pd.DataFrame:
                             "(interrupted build?); build it again") from None
     df = parse_manifest(raw, url)
     refuse_outside(df["url"], url)
-    df["url"] = [join(to_url(url), u) for u in df["url"]]
+    base = shards_base(url, read_card(url).shards_url)
+    df["url"] = [join(base, u) for u in df["url"]]
     return df
+
+
+def shards_base(url: str, shards_url: str | None) -> str:
+    """The URL the manifest's shard names are relative to: the card's folder `url`, or the card's
+    `shards_url` (a URL, an absolute path, or a path relative to the card's folder)."""
+    if not shards_url:
+        return to_url(url)
+    if "://" in shards_url or os.path.isabs(shards_url):
+        return to_url(shards_url).rstrip("/")
+    protocol, _, path = to_url(url).partition("://")
+    return f"{protocol}://{posixpath.normpath(posixpath.join(path, shards_url))}"
 
 
 def parse_manifest(raw: bytes, url: str) -> pd.DataFrame:

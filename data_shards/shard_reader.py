@@ -45,7 +45,7 @@ class DamagedShardError(ShardReadError, UserError):
 
 def tar_samples(f: IO[bytes], shard: str = "shard") -> Iterator[dict]:
     """Samples of a WebDataset tar stream: consecutive files with the same key (the name up to
-    the first dot of its base name) as `{"__key__": key, "image.png": bytes, "json": bytes}`.
+    the first dot of its base name) as `{"__key__": key, "png": bytes, "json": bytes}`.
     `shard` names the stream in errors."""
     current: dict | None = None
     for name, data in tar_files(f, shard):

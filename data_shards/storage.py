@@ -168,6 +168,12 @@ def _s3_code(exc: BaseException) -> str | None:
     return None if code is None else str(code)
 
 
+def s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind `exc` ("PreconditionFailed", "NoSuchBucket", ...), also when s3fs
+    raised its own OSError from botocore's ClientError; None when `exc` is no S3 answer."""
+    return _s3_code(exc)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether another try may succeed: a connection refused, reset or timed out, an endpoint
     down, a 5xx or throttling answer. Nothing else: missing credentials, invalid or missing
@@ -211,7 +217,8 @@ def storage_problem(exc: BaseException, what: str | None = None) -> Exception | 
     """`exc` as the error a user can fix, naming `what` (a URL) and the fix: an EnvironmentProblem
     (missing credentials, access denied, an endpoint nobody answers, a full or read-only disk), an
     InputNotFound for a bucket that does not exist, a UserError for an invalid bucket name;
-    None when it is none of these (transient, or a bug)."""
+    None when it is none of these (transient, or a bug). The errors made here also carry the fix
+    alone, as `fix`, for reports that show it on a line of its own (`orbitgen doctor`)."""
     disk = environment_problem(exc, what)
     if disk is not None:
         return disk
@@ -222,31 +229,43 @@ def storage_problem(exc: BaseException, what: str | None = None) -> Exception | 
     if botocore_exceptions is not None:
         for e in _chain(exc):
             if isinstance(e, (botocore_exceptions.NoCredentialsError, botocore_exceptions.PartialCredentialsError)):
-                return EnvironmentProblem(f"{subject}no AWS credentials found ({e}); set AWS_ACCESS_KEY_ID and "
-                                          "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, for this S3 store")
+                fix = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, for this S3 store"
+                return _fixable(EnvironmentProblem, f"{subject}no AWS credentials found ({e}); {fix}", fix)
             if isinstance(e, botocore_exceptions.ParamValidationError):   # refused before sending: a bad name
                 bucket = _bucket_of(what)
                 said = f"{bucket!r} is not a valid bucket name" if bucket else " ".join(str(e).split())[:160]
-                return UserError(f"{subject}{said} (a bucket name has 3-63 lower-case letters, digits, dots and "
-                                 "hyphens)")
+                return _fixable(UserError, f"{subject}{said} (a bucket name has 3-63 lower-case letters, digits, dots "
+                                           "and hyphens)", BUCKET_NAMES)
             if isinstance(e, botocore_exceptions.EndpointConnectionError):
-                return EnvironmentProblem(f"{subject}the S3 endpoint does not answer ({e}); check AWS_ENDPOINT_URL "
-                                          "and the network, or try again when the store is back")
+                fix = "check AWS_ENDPOINT_URL and the network, or try again when the store is back"
+                return _fixable(EnvironmentProblem, f"{subject}the S3 endpoint does not answer ({e}); {fix}", fix)
     if isinstance(exc, ConnectionError) or (isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS):
         said = " ".join(str(exc).split()) or type(exc).__name__
-        return EnvironmentProblem(f"{subject}{said}; check the network and that the server is up, then try again")
+        fix = "check the network and that the server is up, then try again"
+        return _fixable(EnvironmentProblem, f"{subject}{said}; {fix}", fix)
     code = _s3_code(exc)
     bucket = _bucket_of(what) or _s3_error(exc).get("BucketName")
     if code == "NoSuchBucket":
-        return InputNotFound(f"{subject}the bucket {bucket!r} does not exist; create it or name an existing one")
+        fix = "create it or name an existing one"
+        return _fixable(InputNotFound, f"{subject}the bucket {bucket!r} does not exist; {fix}", fix)
     if code == "InvalidBucketName":
-        return UserError(f"{subject}{bucket!r} is not a valid bucket name (3-63 lower-case letters, digits, "
-                         "dots and hyphens)")
+        return _fixable(UserError, f"{subject}{bucket!r} is not a valid bucket name (3-63 lower-case letters, digits, "
+                                   "dots and hyphens)", BUCKET_NAMES)
     if code in ("AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                 "403"):
-        return EnvironmentProblem(f"{subject}access denied ({code}); check the AWS credentials in use and that "
-                                  f"they may read and write bucket {bucket!r}")
+        fix = f"check the AWS credentials in use and that they may read and write bucket {bucket!r}"
+        return _fixable(EnvironmentProblem, f"{subject}access denied ({code}); {fix}", fix)
     return None
+
+
+BUCKET_NAMES = "name a bucket of 3-63 lower-case letters, digits, dots and hyphens"
+
+
+def _fixable(kind: type[Exception], message: str, fix: str) -> Exception:
+    """`kind(message)` with `fix` (the part of the message that says what to do) kept as `fix`."""
+    problem = kind(message)
+    problem.fix = fix
+    return problem
 
 
 def _bucket_of(url: str | None) -> str | None:

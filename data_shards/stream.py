@@ -137,9 +137,10 @@ class _Worker(torch.utils.data.IterableDataset):
     """Endless batches of one (rank, DataLoader worker), from rank batch `start_batch` on."""
 
     def __init__(self, urls, counts, shapes, *, rank, world_size, batch_size, seed, shuffle_buffer, keys, start_batch,
-                 kept: Positions | None = None):
+                 kept: Positions | None = None, resize: bool = False):
         super().__init__()
         self.urls, self.counts, self.shapes = list(urls), [int(c) for c in counts], shapes
+        self.resize = resize  # the card's: images of another size are fitted, not refused (decode.py)
         self.kept = kept  # per shard, the indices of its training samples; None: all of them
         self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, batch_size, seed
         self.shuffle_buffer, self.keys, self.start_batch = shuffle_buffer, keys, start_batch
@@ -171,7 +172,7 @@ class _Worker(torch.utils.data.IterableDataset):
             good = 0
             for raw in itertools.islice(self._raw(epoch, worker, num_workers), skip, None):
                 try:
-                    s = decode_sample(raw, self.keys, self.shapes)
+                    s = decode_sample(raw, self.keys, self.shapes, self.resize)
                 except Exception as exc:  # whatever a decoder raises on bad bytes
                     _count_skip(raw, exc)
                     owed += 1
@@ -236,7 +237,8 @@ def image_stream(url: str, *, rank: int, world_size: int, batch_size: int, seed:
                          f"{world_size} ranks")
     dataset = _Worker(manifest.url, counts, expected_shapes(card.resolution, card.channels),
                       rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
-                      shuffle_buffer=max(1, shuffle_buffer), keys=keys, start_batch=start_batch, kept=kept)
+                      shuffle_buffer=max(1, shuffle_buffer), keys=keys, start_batch=start_batch, kept=kept,
+                      resize=card.resize)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                          persistent_workers=num_workers > 0,
                                          prefetch_factor=2 if num_workers > 0 else None)
@@ -273,7 +275,7 @@ def iterate_once(url: str, batch_size: int, limit: int | None = None,
             for shard_url, indices in shards:
                 for raw in read_positions(shard_url, indices, prefetcher=prefetcher):
                     try:
-                        yield decode_sample(raw, keys, shapes)
+                        yield decode_sample(raw, keys, shapes, card.resize)
                     except Exception as exc:
                         _count_skip(raw, exc)
         finally:

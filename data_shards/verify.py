@@ -1,9 +1,11 @@
 """`orbitgen data verify`: re-read every shard, check it against the manifest, decode every sample.
 
 Checks: each shard's size and sha256 against `manifest.parquet`; its samples decode (every key
-of the card's modalities, at the card's resolution and channels) and number what the manifest
-says; the card's count, shard count and fingerprint agree with the manifest. Each problem
-names its shard (and sample, where one is to blame).
+of the card's modalities, at the card's resolution and channels, or fitted to it where the card
+says `resize`) and number what the manifest says; the card's count, shard count and fingerprint agree with the manifest. Each problem
+names its shard (and sample, where one is to blame). An adopted set (adopt.py: shards made
+elsewhere, the card beside them or under the job's storage) is checked the same way against the
+card written when it was adopted, so a shard changed since then is reported.
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def verify(url: str) -> Report:
             for raw in tar_samples(io.BytesIO(data), row.url):
                 n += 1
                 try:
-                    decode_sample(raw, keys, shapes)
+                    decode_sample(raw, keys, shapes, card.resize)
                 except CorruptSample as exc:  # its message names the sample (said once here) and the part
                     reason = str(exc).removeprefix(f"sample {raw['__key__']!r}").lstrip(": ")
                     report.problems.append(Problem(name, raw["__key__"], reason))

@@ -3,14 +3,17 @@
 Nothing half-written: the whole set (shards, skipped list, card, manifest) is written under
 `<dest>/.tmp-<uuid>/` first, then moved into place (`publish`: renames on a local disk, so a full
 disk cannot stop it halfway) with the manifest last, so a manifest that reads whole means the set
-is complete. One build at a time publishes into a folder (`publishing`: an O_EXCL lock file), and
+is complete. One build at a time publishes into a folder (`publishing`: an O_EXCL lock file; on S3 a
+conditional-PUT lease, `publish_lock.py`), and
 checks there that no other build finished meanwhile. A failure removes what this build wrote
 (staging folder, moved files, folders it created): the destination is left as it was. A folder
 holding part of a set (a build cut short) is refused (`PartialSet`), never written into.
 Tar headers carry a fixed mtime and PNG/JSON encoding is deterministic: the same samples
 give the same bytes, hence the same fingerprint, which is how a rebuild is recognised.
-A sample is `KEY.image.png` (+ `cond.png`, `mask.png`, `cls`, `json`); images with more than
-4 bands, which PNG can't hold, are `.npy` instead.
+A sample is `KEY.png` (+ `KEY.cond.png`, `KEY.mask.png`, `KEY.cls`, `KEY.json`): the common
+WebDataset names, which plain `webdataset`, Ray Data and `tarfile` read as they are; images with
+more than 4 bands, which PNG can't hold, are `.npy` instead. Sets written before (`image.png`,
+`image.npy`) still read (member_names.py `part_names`).
 """
 from __future__ import annotations
 
@@ -21,9 +24,7 @@ import itertools
 import json
 import logging
 import os
-import socket
 import sys
-import time
 import uuid
 from contextlib import contextmanager, suppress
 from typing import Iterable, Iterator, Sequence
@@ -34,9 +35,10 @@ from PIL import Image
 from .errors import InputExists, UserError
 from .card import CARD, MANIFEST, SKIPPED, DatasetCard, complete_card, fingerprint, is_set_file, read_card, \
     write_card, write_manifest
+from .member_names import written_name
 from .pixels import PIL_MODES
 from .sources import Sample
-from .storage import filesystem, join, to_url
+from .storage import filesystem, join, storage_problem, to_url
 from .threads import in_threads
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ def _record(s: Sample, resolution: int, channels: int, modalities: list[str]) ->
             raise ValueError(f"sample {s.key}: {m} is {a.dtype} {a.shape}, the set promises uint8 "
                              f"{(resolution, resolution, bands)}")
         ext, data = encode_image(a)
-        rec[f"{m}.{ext}"] = data
+        rec[written_name(m, ext)] = data
     if s.cls is not None:
         rec["cls"] = str(int(s.cls)).encode()
     rec["json"] = json.dumps(s.meta, sort_keys=True).encode()
@@ -115,19 +117,50 @@ def _record(s: Sample, resolution: int, channels: int, modalities: list[str]) ->
 
 
 def _write_shard(fs, path: str, records: Iterator[dict], max_samples: int, max_bytes: int | None) -> tuple[int, int, str]:
-    """Write records until the shard holds `max_samples` or `max_bytes` (whichever comes first)."""
+    """Write records until the shard holds `max_samples` or `max_bytes` (whichever comes first).
+    On an object store, an error of the upload (a missing bucket, no credentials, access denied)
+    ends as one line naming the set (`storage_problem`); the samples' own errors stay as they are."""
     import webdataset as wds  # imports torch: only when actually writing
+    from fsspec.implementations.local import LocalFileSystem
 
+    pulled = _Pulled(records)
     n = 0
-    with fs.open(path, "wb") as f:
-        out = _Hashing(f)
-        with wds.TarWriter(out, encoder=False, mtime=TAR_MTIME) as tar:
-            for rec in records:
-                tar.write(rec)
-                n += 1
-                if n >= max_samples or (max_bytes is not None and out.size >= max_bytes):
-                    break
+    try:
+        with fs.open(path, "wb") as f:
+            out = _Hashing(f)
+            with wds.TarWriter(out, encoder=False, mtime=TAR_MTIME) as tar:
+                for rec in pulled:
+                    tar.write(rec)
+                    n += 1
+                    if n >= max_samples or (max_bytes is not None and out.size >= max_bytes):
+                        break
+    except Exception as e:
+        if e is pulled.error or isinstance(fs, LocalFileSystem):   # a local disk's errors: write_shards names them
+            raise
+        problem = storage_problem(e, fs.unstrip_protocol(path.rsplit("/", 2)[0]))   # <set>/.tmp-…/shard: the set
+        if problem is None or problem is e:
+            raise
+        raise problem from e
     return n, out.size, out.sha.hexdigest()
+
+
+class _Pulled:
+    """An iterator that keeps the error its source raised: a sample's, not the store's."""
+
+    def __init__(self, source: Iterator[dict]):
+        self.source, self.error = source, None
+
+    def __iter__(self) -> "_Pulled":
+        return self
+
+    def __next__(self) -> dict:
+        try:
+            return next(self.source)
+        except StopIteration:
+            raise
+        except BaseException as e:
+            self.error = e
+            raise
 
 
 class PartialSet(InputExists):
@@ -184,30 +217,13 @@ def _refuse_other(dest: str, existing: DatasetCard, card: DatasetCard) -> None:
 
 @contextmanager
 def publishing(dest: str, fs, root: str) -> Iterator[None]:
-    """Only one build at a time moves files into a local `root` (a lock file made with O_EXCL);
-    the check that nobody finished meanwhile happens inside. An object store has no such lock:
-    there the manifest's single PUT, last, is what makes a set visible."""
-    from fsspec.implementations.local import LocalFileSystem
+    """Only one build at a time moves files into `root`; the check that nobody finished meanwhile
+    happens inside. The lock (data_shards/publish_lock.py): a file made with O_EXCL on a local disk,
+    an object made by a conditional PUT (a lease) on S3."""
+    from .publish_lock import publish_lock
 
-    if not isinstance(fs, LocalFileSystem):
+    with publish_lock(dest, fs, root, name=LOCK, wait_s=LOCK_WAIT_S, poll_s=LOCK_POLL_S):
         yield
-        return
-    lock = os.path.join(root, LOCK)
-    for _ in range(int(LOCK_WAIT_S / LOCK_POLL_S)):
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            break
-        except FileExistsError:
-            time.sleep(LOCK_POLL_S)
-    else:
-        raise InputExists(f"{dest}: another build has been publishing there for {LOCK_WAIT_S:.0f} s ({lock} "
-                          "exists); if no build runs, remove that file")
-    try:
-        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-        os.close(fd)
-        yield
-    finally:
-        os.unlink(lock)
 
 
 def publish(fs, staged: str, root: str, names: list[str]) -> None:
@@ -234,6 +250,24 @@ def _one_line(e: OSError, dest: str) -> OSError:
                             "nothing was left there")
 
 
+def _existing_or_publishing(dest: str, fs, root: str) -> DatasetCard | None:
+    """`existing_set`, where part of a set may be another build publishing right now: it is whole
+    once that build releases the lock. A store that cannot be read ends as one line naming `dest`."""
+    try:
+        try:
+            return existing_set(dest, fs, root)
+        except PartialSet:
+            with publishing(dest, fs, root):
+                return existing_set(dest, fs, root)
+    except UserError:
+        raise
+    except Exception as e:   # e.g. botocore's NoCredentialsError: before anything is written
+        problem = storage_problem(e, dest)
+        if problem is None or problem is e:
+            raise
+        raise problem from e
+
+
 def write_shards(samples: Iterable[Sample], dest: str, *, layout: str, resolution: int, channels: int,
                  source: str, shard_samples: int = 1000, shard_bytes: int | None = None,
                  classes: Sequence[str] | None = None, skipped: Sequence[dict] = (),
@@ -253,7 +287,7 @@ def write_shards(samples: Iterable[Sample], dest: str, *, layout: str, resolutio
         raise ValueError("shard_samples and shard_bytes must be >= 1")
     dest = to_url(dest).rstrip("/")
     fs, root = filesystem(dest)
-    existing = existing_set(dest, fs, root)
+    existing = _existing_or_publishing(dest, fs, root)
     what = dict(layout=layout, resolution=resolution, channels=channels)  # content decides the rest
     if existing is not None and existing.model_dump(include=set(what)) != what:
         raise InputExists(f"{dest} already holds a different shard set "

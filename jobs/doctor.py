@@ -16,8 +16,8 @@ from typing import Callable, Iterator
 
 from data_shards.builtin import is_builtin
 from data_shards.endpoint import unanswered
-from data_shards.errors import UserError
-from data_shards.storage import filesystem
+from data_shards.errors import EnvironmentProblem, UserError
+from data_shards.storage import filesystem, storage_problem
 from jobs.capacity import fits_ever, training_demand, unfitting
 from jobs.inputs import check_data, check_files
 from jobs.placement import Place, artifact_place, builtin_home, data_location, local_path, refuse_unshared
@@ -66,6 +66,17 @@ def _tracking(spec: JobSpec, cluster: Cluster | None) -> Check:
     return Check("tracking", True, redact(uri))
 
 
+def _store_failure(name: str, e: Exception, url: str) -> Check | None:
+    """A failed check whose cause is the store at `url` (no credentials, access denied, a bucket
+    that does not exist, an endpoint nobody answers, a full or forbidden disk), named with that
+    store's own fix (data_shards/storage.py `storage_problem`); None when `e` is something else."""
+    problem = storage_problem(e, url)
+    if problem is None or (problem is e and not isinstance(e, EnvironmentProblem)):
+        return None   # a bug, or bad input whose message the caller explains
+    fix = getattr(problem, "fix", None) or "do what the line above says, or choose a place you can read and write"
+    return Check(name, False, str(problem).removesuffix(f"; {fix}"), fix)
+
+
 def _storage(spec: JobSpec, cluster: Cluster | None) -> Check:
     """Run storage takes a file and gives it back, and every node reaches it: what every checkpoint needs."""
     url = spec.storage_url()
@@ -91,6 +102,8 @@ def _storage(spec: JobSpec, cluster: Cluster | None) -> Check:
         back = fs.cat_file(probe)
         fs.rm_file(probe)
     except Exception as e:   # any failure here is the answer: credentials, bucket, permissions
+        if (failed := _store_failure("storage", e, url)) is not None:
+            return failed
         return Check("storage", False, f"{url}: cannot write and read back a file ({type(e).__name__}: {e})",
                      "set checkpoint.storage to a folder or bucket you can write, with AWS credentials for s3://")
     return Check("storage", back == b"ok", url, "" if back == b"ok" else "storage returned other bytes than written")
@@ -107,6 +120,8 @@ def _data(spec: JobSpec, cluster: Cluster | None) -> Check:
     try:
         card = check_data(spec, spec.data.train)
     except Exception as e:   # unreadable, absent or not matching the spec: the message names it
+        if (failed := _store_failure("data", e, spec.data.train)) is not None:
+            return failed   # the store stopped the read: building the set again would not help
         return Check("data", False, str(e), "build it with `orbitgen data build SOURCE DEST`, point data.train "
                                             "at a built shard set, or set data.channels/resolution to match it")
     return Check("data", True, f"{spec.data.train} ({card['count']} images)")

@@ -42,11 +42,17 @@ class _Section(BaseModel):
 
 
 class DataSpec(_Section):
-    train: str = Field(description="fsspec URL of a shard set (file://, s3://) or builtin:NAME?count=N&seed=S")
+    train: str = Field(description="fsspec URL of a shard set (file://, s3://) or builtin:NAME?count=N&seed=S; also "
+                                   "plain WebDataset shards, adopted on first use (data_shards/adopt.py): a brace "
+                                   "URL (s3://b/x/shard-{000000..000099}.tar), a folder of tars, or a dataset.json "
+                                   "pointing at shards elsewhere")
     resolution: int = Field(64, ge=8, le=4096)
     channels: int = Field(1, ge=1, le=16)
     shuffle_buffer: int = Field(256, ge=1)
     loader_workers: int = Field(1, ge=0, description="DataLoader processes per training worker")
+    resize: Literal["refuse", "resize"] = Field("refuse", description="images of another size than data.resolution "
+                                                "in an adopted set: refuse (one line naming the sizes) or resize "
+                                                "(centre crop, then Lanczos to data.resolution, on read)")
     # A float or an int on purpose: 0.1 is a fraction, 100 a count (data_shards/split.py).
     holdout: float | int | None = Field(None, description="samples set aside for evaluation, chosen by a hash of "
                                                           "their key: a fraction 0<x<1, a count >= 2, or null (none)")

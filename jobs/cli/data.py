@@ -1,4 +1,5 @@
-"""`orbitgen data`: build WebDataset shards from a source layout, look at them, verify them."""
+"""`orbitgen data`: build WebDataset shards from a source layout, adopt shards made elsewhere, look
+at them, verify them."""
 from __future__ import annotations
 
 import click
@@ -14,12 +15,33 @@ geotiff = a GeoTIFF or a folder of them, cut into tiles (image, json with CRS an
 
 # option -> (reader keyword, the layout it belongs to)
 LAYOUT_OPTIONS = {"input_side": "side-by-side", "cond_dir": "paired-folders", "image_dir": "paired-folders",
-                  "columns": "timeseries-csv", "stride": "geotiff", "max_nodata": "geotiff"}
+                  "columns": "timeseries-csv", "stride": "geotiff", "max_nodata": "geotiff",
+                  "bands": "geotiff"}
+
+
+ADOPT_TARGETS = """URL is one of:
+a brace-expanded shard URL on any fsspec filesystem, e.g. 's3://bucket/x/shard-{000000..000099}.tar' (quote it);
+a folder of plain WebDataset tars (every *.tar in it, in name order);
+a folder whose dataset.json has "shards_url" (a pattern or folder) and no manifest yet."""
 
 
 @click.group()
 def data() -> None:
-    """Build WebDataset shards from a source layout, look at them, verify them."""
+    """Build WebDataset shards from a source layout, adopt shards made elsewhere, look at them, verify them."""
+
+
+def _adopted(dest: str, *, refresh: bool = False) -> str:
+    """What `inspect` and `verify` read for DEST: shards made elsewhere get their card first (said
+    on stderr); a card written before is used as it is, so a changed shard is reported, not adopted."""
+    from data_shards.adopt import resolve
+    from data_shards.storage import to_url
+
+    adopted = resolve(to_url(dest), refresh=refresh)
+    if adopted is None:
+        return to_url(dest)
+    if adopted.note:
+        click.echo(adopted.note, err=True)
+    return adopted.url
 
 
 @data.command("build")
@@ -43,6 +65,8 @@ def data() -> None:
 @click.option("--columns", help="timeseries-csv: CSV column names, e.g. past=before,future=after,mask=change,id=aoi.")
 @click.option("--stride", type=int, help="geotiff: pixels between tile origins. [the resolution]")
 @click.option("--max-nodata", type=float, help="geotiff: largest nodata fraction a kept tile may have. [0]")
+@click.option("--bands", help="geotiff: band numbers to keep, in order, from 1 (GDAL's numbering), e.g. 3,2,1. "
+                              "[all but an alpha band]")
 def data_build(source, dest, layout, resolution, channels, shard_size, on_error, **layout_options) -> None:
     """Write SOURCE (a path or fsspec URL) as shards to DEST (a folder or fsspec URL: file://, s3://).
 
@@ -61,7 +85,7 @@ def data_build(source, dest, layout, resolution, channels, shard_size, on_error,
     result = build(source, dest, layout=layout, resolution=resolution, channels=channels,
                    shard_size=shard_size, on_error=on_error, **options)
     card = result.card
-    click.echo(f"{card.count} samples ({', '.join(card.modalities)}; {card.channels} channels, {card.resolution}²) "
+    click.echo(f"{card.count} sample{'s' * (card.count != 1)} ({', '.join(card.modalities)}; {card.channels} channels, {card.resolution}²) "
                f"in {card.shards} shard{'s' * (card.shards != 1)} → {to_url(dest)} (fingerprint {card.fingerprint[:12]})")
     for note in result.notes:
         click.echo(note)
@@ -79,13 +103,17 @@ def data_build(source, dest, layout, resolution, channels, shard_size, on_error,
               help="Also write a PNG grid of the first samples here (pairs: cond, mask, image side by side).")
 @click.option("--samples", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Samples in the preview grid.")
 def data_inspect(dest, preview, n) -> None:
-    """Print the card and per-shard counts of the shard set DEST."""
+    """Print the card and per-shard counts of the shard set DEST.
+
+    DEST may also be plain WebDataset shards (a brace URL, a folder of tars): their card is
+    written on first use, as `orbitgen data adopt` does."""
     from data_shards.preview import describe, save_preview
     from data_shards.storage import to_url
 
-    click.echo(describe(to_url(dest)))
+    url = _adopted(dest)
+    click.echo(describe(url))
     if preview:
-        click.echo(f"preview → {save_preview(to_url(dest), preview, n=n)}")
+        click.echo(f"preview → {save_preview(url, preview, n=n)}")
 
 
 @data.command("verify")
@@ -93,12 +121,12 @@ def data_inspect(dest, preview, n) -> None:
 def data_verify(dest) -> None:
     """Re-read every shard of DEST: sha256 and size against the manifest, decode every sample.
 
-    Names each corrupt shard or sample and exits with status 1 if there is any.
+    Names each corrupt shard or sample and exits with status 1 if there is any. Shards made
+    elsewhere are checked against the card `orbitgen data adopt` wrote (written now if none was).
     """
-    from data_shards.storage import to_url
     from data_shards.verify import verify
 
-    report = verify(to_url(dest))
+    report = verify(_adopted(dest))
     if report.ok:
         click.echo(f"ok: {report.samples} sample{'s' * (report.samples != 1)} in {report.shards} "
                    f"shard{'s' * (report.shards != 1)}; sha256 and decoding checked")
@@ -108,3 +136,46 @@ def data_verify(dest) -> None:
     n = len(report.problems)
     raise click.ClickException(f"{n} problem{'s' * (n != 1)} in {report.shards} shard{'s' * (report.shards != 1)} "
                                f"of {report.url}")
+
+
+@data.command("adopt", epilog=ADOPT_TARGETS)
+@click.argument("url")
+@click.option("--card-dir", help="Write the card here instead of beside the shards (for shards you cannot write to).")
+@click.option("--resize", "resize_to", type=click.IntRange(min=1),
+              help="Promise this square size: images of other sizes are centre-cropped and resized on read "
+                   "(what data.resize: resize does). Without it, images must share one square size.")
+@click.option("--holdout", type=float, help="Record the split by key hash under this data.holdout (a fraction "
+                                            "0<x<1, or a count >= 2) in the card.")
+def data_adopt(url, card_dir, resize_to, holdout) -> None:
+    """Write an orbitgen card for WebDataset shards made elsewhere, without copying them.
+
+    Every shard is read once: counts, resolution and channels (from image headers), the members
+    found (png, jpg, jpeg, webp, tif, npy; cond.*, mask.*; cls; json), the key split, and a
+    fingerprint. The card and a manifest go beside the shards (a folder's in the folder, a brace
+    URL's in a hidden .orbitgen-adopted-* folder beside them), or into --card-dir. A card already
+    there is reused while the shards' names and sizes match it. Then `orbitgen data verify URL`
+    checks the shards against it, and data.train (or `orbitgen eval --data`) takes URL or the
+    card's folder.
+    """
+    from data_shards.adopt import adopt
+    from data_shards.errors import UserError
+    from data_shards.storage import to_url
+
+    if holdout is not None and holdout >= 1:
+        if holdout != int(holdout):
+            raise UserError(f"--holdout {holdout}: a fraction between 0 and 1, or a whole count >= 2")
+        holdout = int(holdout)
+    adopted = adopt(to_url(url), resize_to=resize_to, holdout=holdout, card_dir=card_dir)
+    card = adopted.card
+    if adopted.note:
+        click.echo(adopted.note)
+    else:
+        click.echo(f"{to_url(url)}: a card was already there and matches the shards: {adopted.url}/dataset.json")
+    members = "; ".join(f"{m}: {', '.join(names)}" for m, names in (card.members or {}).items())
+    click.echo(f"{card.count} sample{'s' * (card.count != 1)} ({', '.join(card.modalities)}; {card.channels} channels, {card.resolution}²"
+               f"{', resized on read' if card.resize else ''}) in {card.shards} shard{'s' * (card.shards != 1)} "
+               f"(fingerprint {card.fingerprint[:12]}); members {members}")
+    if card.split:
+        click.echo(f"split by key hash, holdout {card.split['holdout']}: {card.split['training']} training, "
+                   f"{card.split['held_out']} held out")
+    click.echo(f"next      orbitgen data verify {adopted.url}")

@@ -76,7 +76,7 @@ def evaluate_model(model: str, *, tracking_uri: str, data_url: str | None = None
         m = _resolve(model, tracking_uri, Path(tmp))
         family, _, _ = load_snapshot(m.snapshot)
         given_data = data_url is not None
-        data_url = data_url or _training_data(m)
+        data_url = _given_data(m, data_url) if given_data else _training_data(m)
         _check_data(family, data_url)
         settings = _settings(family, m.spec, metrics, num_samples, like)
         protocol = _protocol(family, data_url, settings)
@@ -168,6 +168,20 @@ def _training_data(m: _Model) -> str:
     from jobs.runtime.ray_session import ensure_ray
 
     return resolve_data(m.spec, builtin_home(m.spec, ensure_ray()))
+
+
+def _given_data(m: _Model, data_url: str) -> str:
+    """`--data` as the workers read it: shards made elsewhere (a brace URL, a folder of plain tars)
+    are adopted on first use, their card written beside them or under the model's storage."""
+    from jobs.inputs import resolve_data_url
+    from jobs.placement import builtin_home
+    from jobs.runtime.ray_session import ensure_ray
+    from jobs.spec import JobSpec
+
+    home = (builtin_home(m.spec, ensure_ray()) if m.spec
+            else str(Path(JobSpec.model_fields["workdir"].default) / "shards"))
+    resize_to = m.spec.data.resolution if m.spec and m.spec.data.resize == "resize" else None
+    return resolve_data_url(data_url, home=home, resize_to=resize_to)
 
 
 def _check_data(family: Family, data_url: str) -> None:

@@ -87,7 +87,7 @@ def test_generated_set_verifies_carries_lineage_is_deterministic_and_trains(regi
     # Each sample names its seed; different seeds give different images.
     raws = list(read_piece(read_manifest(two).url[0], 0, 2))
     assert [json.loads(r["json"])["seed"] for r in raws] == [100, 101]
-    assert not np.array_equal(decode_png(raws[0]["image.png"]), decode_png(raws[1]["image.png"]))
+    assert not np.array_equal(decode_png(raws[0]["png"]), decode_png(raws[1]["png"]))
     # The version lists the set.
     tag = MlflowClient(mlflow_server.url).get_model_version(MODEL, "1").tags["orbitgen.generated"]
     assert [(g["url"], g["n"], g["seeds"]) for g in json.loads(tag)] == [(two, 40, [100, 139])]
@@ -139,7 +139,7 @@ def test_a_conditional_model_pairs_each_output_with_its_input(pix2pix, ray_local
     made = [s for url in read_manifest(str(out)).url for s in read_piece(url)]
     assert [s["__key__"] for s in made] == [s["__key__"] for s in given]
     assert all(np.array_equal(decode_png(m["cond.png"]), decode_png(g["cond.png"])) for m, g in zip(made, given))
-    assert not np.array_equal(decode_png(made[0]["image.png"]), decode_png(given[0]["image.png"]))
+    assert not np.array_equal(decode_png(made[0]["png"]), decode_png(given[0]["png"]))
 
 
 def test_a_failed_generation_leaves_nothing_at_out(pix2pix, ray_local, tmp_path):

@@ -25,8 +25,9 @@ def sets(tmp_path_factory):
                          str(root / "bands"), layout="geotiff", resolution=8, channels=6, source="test",
                          shard_samples=3, progress=False)
     assert bands.count == 7
-    return {"pairs": (pairs, {"cond.png", "mask.png", "image.png", "json"}, 10),
-            "bands": (storage.to_url(str(root / "bands")), {"image.npy", "json"}, 7)}
+    # The common member names: the image is `png` (`npy` beyond 4 bands), pairs add `cond.png` / `mask.png`.
+    return {"pairs": (pairs, {"cond.png", "mask.png", "png", "json"}, 10),
+            "bands": (storage.to_url(str(root / "bands")), {"npy", "json"}, 7)}
 
 
 def paths(url):
@@ -43,7 +44,7 @@ def test_plain_webdataset_reads_our_shards(sets):
     pair = list(wds.WebDataset(paths(sets["pairs"][0]), shardshuffle=False))[0]
     assert Image.open(io.BytesIO(pair["mask.png"])).mode == "L"
     tiles = list(wds.WebDataset(paths(sets["bands"][0]), shardshuffle=False).decode())
-    assert tiles[0]["image.npy"].shape == (8, 8, 6) and tiles[0]["image.npy"].dtype == np.uint8
+    assert tiles[0]["npy"].shape == (8, 8, 6) and tiles[0]["npy"].dtype == np.uint8
 
 
 @pytest.mark.integration
@@ -55,7 +56,7 @@ def test_ray_data_reads_our_shards(ray_local, sets):
         assert len(rows) == count
         assert all({k for k in r if not k.startswith("__")} == parts for r in rows)
     rows = ray.data.read_webdataset(paths(sets["pairs"][0])).take_all()
-    assert rows[0]["image.png"].shape == (16, 16, 3) and rows[0]["mask.png"].shape == (16, 16)
+    assert rows[0]["png"].shape == (16, 16, 3) and rows[0]["mask.png"].shape == (16, 16)
 
 
 @pytest.mark.integration

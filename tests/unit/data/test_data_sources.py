@@ -255,7 +255,7 @@ def test_six_band_geotiff_tiles(tmp_path):
     card = res.card
     assert (card.channels, card.count, card.modalities) == (6, 17, ["image", "json"])
     tar = read_manifest(str(tmp_path / "set")).url[0][len("file://"):]
-    assert "scene-r000000-c000000.image.npy" in tarfile.open(tar).getnames()
+    assert "scene-r000000-c000000.npy" in tarfile.open(tar).getnames()
     batch = everything(str(tmp_path / "set"), ("image", "json"))
     assert tuple(batch["image"].shape) == (17, 6, 16, 16)
     assert "scene-r000016-c000032" not in batch["__key__"] and "scene-r000024-c000032" in batch["__key__"]

@@ -122,9 +122,9 @@ def corrupt_set(tmp_path):
     good = list(wds.WebDataset(shard0, shardshuffle=False))
     with wds.TarWriter(shard0, encoder=False) as tar:
         for s in good:
-            rec = {k: v for k, v in s.items() if k in ("__key__", "image.png", "json")}
+            rec = {k: v for k, v in s.items() if k in ("__key__", "png", "json")}
             if s["__key__"] == "crater-000002":
-                rec["image.png"] = b"\x89PNG\r\n\x1a\n this is not an image"
+                rec["png"] = b"\x89PNG\r\n\x1a\n this is not an image"
             tar.write(rec)
     data = open(shard1, "rb").read()
     open(shard1, "wb").write(data[: len(data) // 2 + 100])  # truncated mid-way

@@ -1,6 +1,8 @@
 """Checking a set (verify) and looking at it (describe, preview grid)."""
 from __future__ import annotations
 
+import tarfile
+
 import numpy as np
 from PIL import Image
 from shard_helpers import write_craters
@@ -24,7 +26,9 @@ def test_verify_passes_a_good_set_and_names_a_flipped_byte(tmp_path):
     assert report.ok and (report.shards, report.samples) == (3, 12)
 
     shard = dest / "shard-000001.tar"
-    flip_byte(shard, 512 + 60)  # inside the first member's data: crater-000004's image.png
+    with tarfile.open(shard) as tar:   # inside crater-000004's image (`png`; `image.png` before the common names)
+        offset = tar.getmember("crater-000004.png").offset_data
+    flip_byte(shard, offset + 60)
     report = verify(str(dest))
     problems = [str(p) for p in report.problems]
     assert not report.ok

@@ -162,6 +162,9 @@ CASES = [
     # data inspect / verify
     Case("inspect-missing", ["data", "inspect", "{work}/nope"], ["nope", "nothing there"]),
     Case("inspect-not-a-shard-set", ["data", "inspect", "{fx}/square"], ["square", "no dataset.json"]),
+    Case("adopt-no-tars", ["data", "adopt", "{fx}/square"], ["square", "no dataset.json"]),
+    Case("adopt-missing-shards", ["data", "adopt", "{fx}/square/shard-{{000000..000003}}.tar"],
+         ["shard-000000.tar", "do not exist"]),
     Case("inspect-s3-endpoint-dead", ["data", "inspect", "s3://bucket/set"], ["s3://bucket/set", DEAD],
          env={"AWS_ENDPOINT_URL": DEAD}),
     Case("inspect-preview-escaping-member", ["data", "inspect", "{fx}/evil", "--preview", "{work}/grid.png"],
@@ -426,7 +429,7 @@ def error_lines(stderr: str) -> list[str]:
 
 def test_the_corpus_covers_every_command():
     commands = {" ".join(a for a in c.argv[:2] if not a.startswith(("{", "/"))) for c in CASES}
-    wanted = {"train", "quickstart", "data build", "data inspect", "data verify", "models show", "models list",
+    wanted = {"train", "quickstart", "data build", "data inspect", "data verify", "data adopt", "models show", "models list",
               "models promote", "models rollback", "models generate", "eval", "jobs submit", "jobs status", "jobs logs", "jobs stop", "search show", "search mineaug"}
     assert wanted <= {c if c.split()[0] in ("data", "models", "jobs", "search") else c.split()[0] for c in commands}
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)

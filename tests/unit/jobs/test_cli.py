@@ -112,3 +112,25 @@ def test_train_names_missing_backbone_weights_before_starting(tmp_path):
     assert "model.vision_aided.weights.clip_vitb32: no file at" in res.output
     assert f"model.vision_aided.weights.vgg16: no file at {tmp_path / 'vgg16.pth'}" in res.output
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_data_build_keeps_the_geotiff_bands_named_by_bands_in_their_order(tmp_path):
+    import tifffile
+
+    scene = np.stack([np.full((16, 16), v, np.uint8) for v in (10, 20, 30)], axis=-1)
+    geokeys = (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633)
+    tifffile.imwrite(tmp_path / "scene.tif", scene, photometric="minisblack", planarconfig="contig", extratags=[
+        (33550, "d", 3, (10.0, 10.0, 0.0), True), (33922, "d", 6, (0, 0, 0, 500000.0, 4000000.0, 0), True),
+        (34735, "H", len(geokeys), geokeys, True)])
+    res = CliRunner().invoke(main, ["data", "build", str(tmp_path / "scene.tif"), str(tmp_path / "set"),
+                                    "--layout", "geotiff", "--resolution", "16", "--channels", "keep", "--bands", "3,1"])
+    assert res.exit_code == 0, res.output
+    assert "1 sample (image, json; 2 channels, 16²) in 1 shard " in res.output, res.output
+    from data_shards.stream import iterate_once
+
+    batch = next(iterate_once(str(tmp_path / "set"), 1, keys=("image", "json")))
+    assert batch["json"][0]["band_indexes"] == [3, 1]
+    assert batch["image"][0, :, 0, 0].tolist() == [30, 10]   # 8-bit bands are kept as they are
+    res = CliRunner().invoke(main, ["data", "build", str(tmp_path / "scene.tif"), str(tmp_path / "x"),
+                                    "--layout", "folder", "--resolution", "16", "--bands", "1"])
+    assert res.exit_code == 2 and "--bands is for --layout geotiff" in res.output
