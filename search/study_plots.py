@@ -1,7 +1,7 @@
 """Pictures of stage 2's Optuna study for the parent run: optimisation history and parallel
 coordinates, as PNG (Optuna's matplotlib backend), and the same plus parameter importances as
-HTML where plotly is importable (Optuna's default backend; orbitgen does not install it, so
-without it no HTML is written, and nothing fails). The importances' numbers are
+HTML (Optuna's default backend, plotly: a dependency; in an environment without it no HTML is
+written, and nothing fails). The importances' numbers are
 `param_importances.csv` (search.param_importances)."""
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ where plotly is importable (it is not here), skipped without an error."""
 from __future__ import annotations
 
 import csv
+import os
 import io
 import math
 
@@ -70,3 +71,12 @@ def test_html_plots_are_skipped_without_plotly(tmp_path, monkeypatch):
                         lambda name, *a: None if name == "plotly" else __import__("importlib").util.find_spec(name))
     assert study_plots.study_htmls(url, STUDY, str(tmp_path)) == []
     assert not list(tmp_path.glob("*.html"))
+
+
+def test_html_plots_are_written_with_plotly(tmp_path):
+    url = stored_study(tmp_path, [(i / 5, "ab"[i % 2], float(i)) for i in range(6)])
+    written = study_plots.study_htmls(url, STUDY, str(tmp_path))
+    assert sorted(os.path.basename(p) for p in written) == sorted(study_plots.HTML_PLOTS)
+    for path in written:
+        text = open(path, encoding="utf-8").read()
+        assert "plotly" in text.lower() and "<html" in text.lower() and "https://cdn" not in text[:2000]
