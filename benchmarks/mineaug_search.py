@@ -1,26 +1,51 @@
-"""MineAug stage 1: the published way (serial, originals re-extracted per candidate) against
-orbitgen's Ray Tune stage 1 with one and with two concurrent trials.
+"""MineAug stage 1, two measurements.
 
-    .venv/bin/python benchmarks/mineaug_search.py [--count 384] [--resolution 64] [--repeats 1] [--rounds 3]
+1. The default: the published way (serial, originals re-extracted per candidate) against
+   orbitgen's Ray Tune stage 1 with one and with two concurrent trials (issue 11).
 
-Same images (built-in crater set), same candidates (the 1-channel pool), same extractor
-(randconv), one repeat each by default so that every variant does the same augmentation work.
-(a) runs in this process with torch's default threads; (b) gives its one trial all CPUs; (c)
-splits them, one CPU per trial. Ray's start-up is outside the timings (a cluster is already up
-when a search runs); Tune's per-trial overhead is inside, and so is reading the originals.
+       .venv/bin/python benchmarks/mineaug_search.py [--count 384] [--resolution 64] [--repeats 1] [--rounds 3]
+
+   Same images (built-in crater set), same candidates (the 1-channel pool), same extractor
+   (randconv), one repeat each by default so that every variant does the same augmentation work.
+   (a) runs in this process with torch's default threads; (b) gives its one trial all CPUs; (c)
+   splits them, one CPU per trial. Ray's start-up is outside the timings (a cluster is already up
+   when a search runs); Tune's per-trial overhead is inside, and so is reading the originals.
+
+2. `--paper-scale` (issue 23, item 8): the whole stage 1 of `search.run.run_search` (no stage 2)
+   as `search.preset: paper` runs it: 2,500 crater images at 256², the 26 one-channel candidates,
+   3 repeats, Inception-v3 2048-d features, one CPU per trial. The extractor has Inception-v3's
+   architecture with random weights (`RandomInceptionV3`, saved as TorchScript with the interface
+   of NVIDIA's file): what a forward pass costs does not depend on the weights, and no weights file
+   is on these machines.
+
+       .venv/bin/python benchmarks/mineaug_search.py --paper-scale [--count N] [--resolution R] [--repeats R]
+
+   `--count` etc. shrink it (a 2-core CPU extracts Inception features of some 20 images a second:
+   the paper's 197,500 extractions take hours there); the table says which scale ran. It prints:
+   - the driver's peak RSS (this process: `getrusage`, plus a sampled RSS per phase of the search),
+     against the issue's 2 GB goal, PASS or FAIL in the line itself;
+   - stage 1's wall time, from the progress line announcing the Tune trials to the last trial's line;
+   - the trials' own compute (each trial's `seconds`, stored by the trial: augmenting, extracting,
+     scoring) summed, and two ratios: wall / (sum / slots) (the issue's, goal <= 1.15; slots = trials
+     Tune runs at once) and sum / wall (the parallel efficiency in trial-seconds per wall-second).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from data_shards.builtin import ensure_builtin  # noqa: E402
 from models.augment.pool import apply_uint8, mse_pm1, names_for  # noqa: E402
@@ -31,6 +56,122 @@ from search.scoring import repeat_seed  # noqa: E402
 from search.stage1 import run_stage1  # noqa: E402
 from search.store import SearchStore  # noqa: E402
 
+# The paper's stage 1 (issue 23, item 8; MINEAUG.md §1): Rosetta2495 / Dawn2500 at 256².
+PAPER = {"count": 2500, "resolution": 256, "repeats": 3}
+GOAL_RSS_GB = 2.0
+GOAL_RATIO = 1.15
+
+
+# -- Inception-v3's architecture, random weights ------------------------------------------------
+# Szegedy et al. 2016 ("Rethinking the Inception Architecture"), in the layout of the FID network:
+# every convolution without bias, then batch norm (eps 1e-3) and ReLU; the 2048-d global average
+# pool is the feature. Written from the paper's block structure and widths.
+
+def _conv(cin: int, cout: int, kernel, stride: int = 1, padding=0) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False),
+                         nn.BatchNorm2d(cout, eps=1e-3), nn.ReLU(inplace=True))
+
+
+class _Branches(nn.Module):
+    """Runs every branch on the same input and concatenates along channels."""
+
+    def __init__(self, *branches: nn.Module):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([b(x) for b in self.branches], 1)
+
+
+class _Split(nn.Module):
+    """A stem followed by a 1×3 and a 3×1 convolution side by side (Inception-v3's widest blocks)."""
+
+    def __init__(self, stem: nn.Module, width: int, cout: int):
+        super().__init__()
+        self.stem, self.wide, self.tall = stem, _conv(width, cout, (1, 3), padding=(0, 1)), \
+            _conv(width, cout, (3, 1), padding=(1, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        return torch.cat([self.wide(y), self.tall(y)], 1)
+
+
+def _pool_proj(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.AvgPool2d(3, stride=1, padding=1), _conv(cin, cout, 1))
+
+
+def _block_a(cin: int, pool: int) -> _Branches:      # 35×35: 1×1, 5×5, double 3×3, pool
+    return _Branches(_conv(cin, 64, 1),
+                     nn.Sequential(_conv(cin, 48, 1), _conv(48, 64, 5, padding=2)),
+                     nn.Sequential(_conv(cin, 64, 1), _conv(64, 96, 3, padding=1), _conv(96, 96, 3, padding=1)),
+                     _pool_proj(cin, pool))
+
+
+def _block_b(cin: int) -> _Branches:                 # 35 → 17, grid reduction
+    return _Branches(_conv(cin, 384, 3, stride=2),
+                     nn.Sequential(_conv(cin, 64, 1), _conv(64, 96, 3, padding=1), _conv(96, 96, 3, stride=2)),
+                     nn.MaxPool2d(3, stride=2))
+
+
+def _block_c(c7: int) -> _Branches:                  # 17×17: factorised 7×7
+    row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+    return _Branches(_conv(768, 192, 1),
+                     nn.Sequential(_conv(768, c7, 1), _conv(c7, c7, **row), _conv(c7, 192, **col)),
+                     nn.Sequential(_conv(768, c7, 1), _conv(c7, c7, **col), _conv(c7, c7, **row),
+                                   _conv(c7, c7, **col), _conv(c7, 192, **row)),
+                     _pool_proj(768, 192))
+
+
+def _block_d() -> _Branches:                         # 17 → 8, grid reduction
+    return _Branches(nn.Sequential(_conv(768, 192, 1), _conv(192, 320, 3, stride=2)),
+                     nn.Sequential(_conv(768, 192, 1), _conv(192, 192, (1, 7), padding=(0, 3)),
+                                   _conv(192, 192, (7, 1), padding=(3, 0)), _conv(192, 192, 3, stride=2)),
+                     nn.MaxPool2d(3, stride=2))
+
+
+def _block_e(cin: int) -> _Branches:                 # 8×8: expanded filter banks
+    return _Branches(_conv(cin, 320, 1),
+                     _Split(_conv(cin, 384, 1), 384, 384),
+                     _Split(nn.Sequential(_conv(cin, 448, 1), _conv(448, 384, 3, padding=1)), 384, 384),
+                     _pool_proj(cin, 192))
+
+
+class RandomInceptionV3(nn.Module):
+    """Inception-v3 to its 2048-d pool, randomly initialised, called as NVIDIA's TorchScript file is:
+    uint8-valued RGB NCHW floats in, resized to 299² and scaled by (x − 128) / 128 inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(_conv(3, 32, 3, stride=2), _conv(32, 32, 3), _conv(32, 64, 3, padding=1),
+                                  nn.MaxPool2d(3, stride=2), _conv(64, 80, 1), _conv(80, 192, 3),
+                                  nn.MaxPool2d(3, stride=2))
+        self.blocks = nn.Sequential(_block_a(192, 32), _block_a(256, 64), _block_a(288, 64), _block_b(288),
+                                    _block_c(128), _block_c(160), _block_c(160), _block_c(192), _block_d(),
+                                    _block_e(1280), _block_e(2048))
+        # He initialisation keeps the activations' scale through the 94 convolutions; torch's default
+        # shrinks them to ~1e-8 by the pool, where denormal floats would make the CPU time unlike real weights'.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        x = nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.blocks(self.stem((x - 128.0) / 128.0)).mean(dim=(2, 3))
+
+
+def random_inception_file(path: str, seed: int = 0) -> str:
+    """`RandomInceptionV3` saved as TorchScript at `path` (what `eval.inception_weights` points to)."""
+    import warnings
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        # torch.jit is deprecated in recent torch, but NVIDIA's file, which this stands in for, is TorchScript.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.", category=DeprecationWarning)
+        torch.jit.save(torch.jit.script(RandomInceptionV3().eval()), path)
+    return path
+
+
+# -- issue 11: the published way against Tune ---------------------------------------------------
 
 def published(originals, names, repeats):
     """Execute + Select as the original notebooks do: per candidate, augment, then FID from scratch
@@ -46,13 +187,7 @@ def published(originals, names, repeats):
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--count", type=int, default=384)
-    ap.add_argument("--resolution", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=3, help="each variant's best of this many interleaved runs")
-    args = ap.parse_args()
+def compare(args) -> None:
     import ray
 
     work = tempfile.mkdtemp(prefix="mab")
@@ -92,6 +227,205 @@ def main() -> None:
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# -- issue 23: stage 1 at the paper's scale ------------------------------------------------------
+
+def rss_bytes() -> int:
+    """This process's resident set now (Linux /proc)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PhaseMemory:
+    """Samples the driver's RSS every `every` seconds and keeps the peak per phase; a phase is named by
+    the search's latest progress line (so the table shows which step holds the memory)."""
+
+    def __init__(self, every: float = 0.1):
+        self.every, self.phase, self.peaks, self.marks = every, "start", {}, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss_bytes())
+
+    def say(self, line: str) -> None:
+        """The search's `progress`: timestamps each line and starts a phase at each step's first line."""
+        now = time.perf_counter()
+        self.marks.append((now, line))
+        for prefix, phase in (("originals:", "originals read and featurised"), ("stage 1:", "stage 1 trials"),
+                              ("ranked ", "mixture table and subset ranking")):
+            if line.startswith(prefix):
+                self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss_bytes())
+                self.phase = phase
+        print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+    def __enter__(self) -> "PhaseMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def stage1_wall(marks: list[tuple[float, str]]) -> float:
+    """Seconds from the line announcing stage 1's Tune trials to the last trial's result line."""
+    start = next(t for t, line in marks if line.startswith("stage 1:") and "trial(s), up to" in line)
+    end = max(t for t, line in marks if line.lstrip().startswith("[") and "FID" in line)
+    return end - start
+
+
+def parallel_ratios(wall: float, trial_seconds: list[float], slots: int) -> tuple[float, float]:
+    """(wall / (sum of trial seconds / slots), sum of trial seconds / wall): the issue's ratio (1.0 when
+    the slots are busy with trial work the whole time) and the parallel efficiency (trial-seconds done
+    per wall-second, at most `slots`)."""
+    total = float(sum(trial_seconds))
+    return wall / (total / slots), total / wall
+
+
+def held_bytes(count: int, resolution: int, candidates: int, repeats: int, dim: int = 2048) -> dict[str, int]:
+    """What `search.run` keeps in the driver's memory through stage 1's ranking, array by array (computed
+    from the shapes, not measured): the originals' pixels (uint8, 1 channel) and features, and every
+    candidate's stored features for every repeat (float32), which `run_search` loads all at once for
+    the mixture table; and the table itself (`search.frechet.MixtureTable`): an r × r float64 matrix
+    per candidate and repeat, r = min(d, N − 1), counted here as if every candidate were kept (an
+    upper bound: the MSE gate drops some)."""
+    rank = min(dim, count - 1)
+    return {"originals' pixels": count * resolution * resolution,
+            "originals' features": count * dim * 4,
+            "every candidate's features, all repeats": candidates * repeats * count * dim * 4,
+            "mixture table, r × r per candidate and repeat": candidates * repeats * rank * rank * 8}
+
+
+def held_table(count: int, resolution: int, candidates: int, repeats: int) -> str:
+    here = held_bytes(count, resolution, candidates, repeats)
+    paper = held_bytes(PAPER["count"], PAPER["resolution"], 26, PAPER["repeats"])
+    rows = ["| arrays the driver holds (computed from shapes) | this run | paper scale |", "|---|---:|---:|"]
+    rows += [f"| {k} | {here[k] / 1e9:.3f} GB | {paper[k] / 1e9:.3f} GB |" for k in here]
+    rows.append(f"| sum | {sum(here.values()) / 1e9:.3f} GB | {sum(paper.values()) / 1e9:.3f} GB |")
+    return "\n".join(rows)
+
+
+def extract_probe(batch: int, resolution: int) -> None:
+    """Peak RSS of one `search.originals.extract` call over `batch` random images with the random
+    Inception-v3, in this (fresh) process: what the driver pays to featurise the originals, whose
+    batch is `search.originals.BATCH` (256) once a set has that many images."""
+    from search.originals import BATCH, extract
+
+    work = tempfile.mkdtemp(prefix="mab-probe")
+    try:
+        weights = os.path.join(work, "inception-random.pt")
+        subprocess.run([sys.executable, __file__, "--write-inception", weights], check=True)
+        net = make_extractor("inception", weights)
+        images = torch.randint(0, 256, (batch, 1, resolution, resolution), dtype=torch.uint8)
+        before = peak_rss_bytes()
+        t = time.perf_counter()
+        extract(net, images, batch=min(batch, BATCH))
+        seconds = time.perf_counter() - t
+        print(f"extract() of {batch} images {resolution}² with Inception-v3 (random weights), batch "
+              f"{min(batch, BATCH)}, {torch.get_num_threads()} threads: {seconds:.1f} s ({batch / seconds:.1f} "
+              f"images/s); peak RSS {before / 1e9:.2f} GB before, {peak_rss_bytes() / 1e9:.2f} GB after")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def paper_scale(args) -> None:
+    import ray
+
+    from search.run import run_search
+
+    count, resolution, repeats = args.count or PAPER["count"], args.resolution or PAPER["resolution"], \
+        args.repeats or PAPER["repeats"]
+    names = names_for(1)[:args.candidates] if args.candidates else names_for(1)
+    cpus = os.cpu_count() or 2
+    slots = max(1, cpus // args.cpus_per_trial)
+    work = tempfile.mkdtemp(prefix="mab-paper")
+    try:
+        # Written by a child process: building the network here would add its ~0.1 GB to the driver's RSS.
+        weights = os.path.join(work, "inception-random.pt")
+        subprocess.run([sys.executable, __file__, "--write-inception", weights], check=True)
+        t = time.perf_counter()
+        url = ensure_builtin(f"builtin:craters?count={count}&seed=0", os.path.join(work, "shards"), resolution, 1)
+        built = time.perf_counter() - t
+        scale = "paper scale" if (count, resolution, repeats, len(names)) == (
+            PAPER["count"], PAPER["resolution"], PAPER["repeats"], 26) else "REDUCED scale (paper: 2500 × 256², 26 " \
+                                                                          "candidates, 3 repeats)"
+        print(f"{count} crater images {resolution}², {len(names)} candidates, {repeats} repeats, Inception-v3 "
+              f"architecture with random weights (2048-d), {slots} trial(s) at once × {args.cpus_per_trial} CPU, "
+              f"{cpus} CPUs, torch {torch.__version__}, ray {ray.__version__}: {scale}; shards built in {built:.0f} s")
+        # Ray as a cluster would have it, up before the search; its start-up is outside the times.
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=os.path.join(work, "ray"))
+        config = {"preset": "paper", "repeats": repeats, "candidates": names,
+                  "resources_per_trial": {"CPU": float(args.cpus_per_trial), "GPU": 0.0}}
+        before = peak_rss_bytes()
+        with PhaseMemory() as memory:
+            t = time.perf_counter()
+            result = run_search(url, channels=1, resolution=resolution, config=config,
+                                tracking_uri=f"sqlite:///{os.path.join(work, 'mlflow.db')}", experiment="bench",
+                                name="paper-scale", storage=os.path.join(work, "search"), extractor="inception",
+                                extractor_weights=weights, progress=memory.say)
+            total = time.perf_counter() - t
+        ray.shutdown()
+        store = SearchStore(os.path.join(work, "search"))
+        trial_seconds = [store.read_json("stage1", f"{n}.json")["seconds"] for n in names]
+        wall = stage1_wall(memory.marks)
+        ratio, efficiency = parallel_ratios(wall, trial_seconds, slots)
+        peak = peak_rss_bytes()
+        ok = peak < GOAL_RSS_GB * 1e9
+        print(f"\nchosen: {', '.join(result.chosen)}")
+        print("\n| phase of the search (driver) | peak RSS |\n|---|---:|")
+        for phase, value in memory.peaks.items():
+            print(f"| {phase} | {value / 1e9:.2f} GB |")
+        print(f"\n| measure | value |\n|---|---:|")
+        print(f"| images × resolution, candidates, repeats | {count} × {resolution}², {len(names)}, {repeats} |")
+        print(f"| whole search (run_search, stage 1 only) wall | {total:.1f} s |")
+        print(f"| stage 1 wall (first trial line to last) | {wall:.1f} s |")
+        print(f"| trials' own compute, summed ({len(trial_seconds)} trials) | {sum(trial_seconds):.1f} s |")
+        print(f"| wall / (compute / {slots} slots) (goal <= {GOAL_RATIO}) | {ratio:.3f} |")
+        print(f"| compute / wall (parallel efficiency, at most {slots}) | {efficiency:.2f} |")
+        print(f"| driver peak RSS before the search (Ray up, torch loaded) | {before / 1e9:.2f} GB |")
+        print(f"| driver peak RSS, whole run | {peak / 1e9:.2f} GB |")
+        print(f"\n{held_table(count, resolution, len(names), repeats)}")
+        print(f"\ndriver peak RSS {peak / 1e9:.2f} GB: {'PASS' if ok else 'FAIL'} (goal < {GOAL_RSS_GB:g} GB); "
+              f"wall/compute ratio {ratio:.3f}: {'PASS' if ratio <= GOAL_RATIO else 'FAIL'} (goal <= {GOAL_RATIO}); "
+              f"{scale}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--paper-scale", action="store_true",
+                    help="stage 1 as search.preset paper runs it (2500 × 256², 26 candidates, 3 repeats, Inception)")
+    ap.add_argument("--count", type=int, default=None, help="images (default 384; --paper-scale: 2500)")
+    ap.add_argument("--resolution", type=int, default=None, help="pixels a side (default 64; --paper-scale: 256)")
+    ap.add_argument("--repeats", type=int, default=None, help="repeats per candidate (default 1; --paper-scale: 3)")
+    ap.add_argument("--candidates", type=int, default=None, help="--paper-scale: only the first N of the 26")
+    ap.add_argument("--cpus-per-trial", type=int, default=1, help="--paper-scale: CPUs per stage-1 trial")
+    ap.add_argument("--rounds", type=int, default=3, help="each variant's best of this many interleaved runs")
+    ap.add_argument("--extract-probe", type=int, default=None, metavar="N",
+                    help="only measure the driver's feature extraction of N originals (peak RSS, images/s)")
+    ap.add_argument("--write-inception", help=argparse.SUPPRESS)   # the child process of paper_scale
+    args = ap.parse_args()
+    if args.write_inception:
+        random_inception_file(args.write_inception)
+    elif args.extract_probe:
+        extract_probe(args.extract_probe, args.resolution or PAPER["resolution"])
+    elif args.paper_scale:
+        paper_scale(args)
+    else:
+        args.count, args.resolution, args.repeats = args.count or 384, args.resolution or 64, args.repeats or 1
+        compare(args)
 
 
 if __name__ == "__main__":

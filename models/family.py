@@ -195,6 +195,30 @@ class Family(ABC):
         (and `mask`), float NCHW in [-1, 1], one per image. Families decorate theirs with
         `torch.no_grad()`."""
 
+    def sample_seeds(self, sampler: nn.Module, seeds: list[int], *, cond: torch.Tensor | None = None,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One image per seed, NCHW in [-1, 1]: image i is the image `sample(sampler, 1, seed=seeds[i],
+        cond=cond[i:i+1], mask=mask[i:i+1])` draws alone (`cond`, `mask`: one row per seed, or None).
+
+        `sample(n, seed)` draws a whole batch's noise from one seed, so its images change with n;
+        here each image's noise comes from its own seed, so a set drawn in batches of any size holds
+        the same images (`models generate`, the registered model). This default draws one image a
+        sampler call; families override it to draw the batch in one forward, equal to this within
+        float tolerance (their sampler runs in eval mode: an image does not depend on its batch-mates).
+        """
+        seeds = [int(s) for s in seeds]
+        if not seeds:
+            raise ValueError(f"{self.name}: sample_seeds() needs at least one seed")
+        for key, rows in (("cond", cond), ("mask", mask)):
+            if rows is not None and rows.shape[0] != len(seeds):
+                raise ValueError(f"{self.name}: {len(seeds)} seeds but {rows.shape[0]} {key} images")
+
+        def row(rows: torch.Tensor | None, i: int) -> torch.Tensor | None:
+            return rows[i:i + 1] if rows is not None else None
+
+        return torch.cat([self.sample(sampler, 1, seed=s, cond=row(cond, i), mask=row(mask, i))
+                          for i, s in enumerate(seeds)])
+
 
 def run_in_eval(net: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
     """`net(*inputs)` in eval mode (BatchNorm running statistics, no dropout: deterministic),

@@ -127,3 +127,16 @@ class DCGAN(Family):
         # (benchmarks/BENCHMARKS.md, "Learning"): eval mode, train mode and statistics recomputed
         # over 1024 fresh noise vectors give the same grids.
         return run_in_eval(sampler, z)
+
+    @torch.no_grad()
+    def sample_seeds(self, sampler: nn.Module, seeds: list[int], *, cond: torch.Tensor | None = None,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`Family.sample_seeds` in one forward: image i's noise is what `sample(sampler, 1, seed=seeds[i])`
+        draws, and eval mode keeps it independent of its batch-mates."""
+        if cond is not None or mask is not None:
+            raise ValueError(f"{self.name} is unconditional: sample_seeds() takes no cond or mask")
+        if not seeds:
+            raise ValueError(f"{self.name}: sample_seeds() needs at least one seed")
+        z = torch.cat([torch.randn(1, *self.latent_shape, generator=torch.Generator(device="cpu").manual_seed(int(s)))
+                       for s in seeds])
+        return run_in_eval(sampler, z)

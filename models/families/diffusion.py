@@ -243,3 +243,33 @@ class Diffusion(Family):
             sampler.train(was_training)
         # The last DDIM step returns the clipped x̂_0; the clamp only guards float rounding.
         return x.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def sample_seeds(self, sampler: nn.Module, seeds: list[int], *, cond: Tensor | None = None,
+                     mask: Tensor | None = None) -> Tensor:
+        """`Family.sample_seeds` with one network call per DDIM step for the whole batch: image i
+        starts from the x_T that `sample(sampler, 1, seed=seeds[i], ...)` draws, and with eta > 0
+        takes each step's noise from its own seed's generator, in `sample`'s order (x_T, then one
+        draw per step)."""
+        if not seeds:
+            raise ValueError(f"{self.name}: sample_seeds() needs at least one seed")
+        n = len(seeds)
+        hint = self.condition(cond, mask, n)
+        param = next(sampler.parameters())
+        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        x = torch.cat([torch.randn(1, self.channels, self.resolution, self.resolution, generator=g) for g in gens])
+        x = x.to(param.device, param.dtype)
+        if hint is not None:
+            hint = hint.to(param.device, param.dtype)
+        sched = self.sampling_scheduler()
+        was_training = sampler.training
+        sampler.eval()
+        try:
+            for t in sched.timesteps:
+                eps = self.predict(sampler, x, t.to(param.device).expand(n), hint)
+                # A list of generators: diffusers draws row i of the step noise (eta > 0) from
+                # generator i, with the shape, dtype and device `sample` draws one image's with.
+                x = sched.step(eps, int(t), x, eta=self.config.ddim_eta, generator=gens).prev_sample
+        finally:
+            sampler.train(was_training)
+        return x.float().clamp(-1, 1)

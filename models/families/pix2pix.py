@@ -131,3 +131,10 @@ class Pix2Pix(Family):
         if x.shape[0] != n:
             raise ValueError(f"{self.name}: n={n} but {x.shape[0]} input images")
         return run_in_eval(sampler, x)
+
+    @torch.no_grad()
+    def sample_seeds(self, sampler: nn.Module, seeds: list[int], *, cond: Tensor | None = None,
+                     mask: Tensor | None = None) -> Tensor:
+        """`Family.sample_seeds` in one forward: `sample` uses no seed (eval mode: no dropout), so
+        image i is the output for input row i alone; `seeds` only counts the images."""
+        return self.sample(sampler, len(seeds), cond=cond, mask=mask)

@@ -260,3 +260,12 @@ class Sat2Ground(DCGAN):
         if cond.shape[0] != n:
             raise ValueError(f"sat2ground: n={n} but {cond.shape[0]} satellite tiles")
         return run_in_eval(sampler, cond)
+
+    @torch.no_grad()
+    def sample_seeds(self, sampler: nn.Module, seeds: list[int], *, cond: Tensor | None = None,
+                     mask: Tensor | None = None) -> Tensor:
+        """`Family.sample_seeds` in one forward. Stage 1: DCGAN's per-seed latents (4x4). Stage 2:
+        `sample` uses no seed (eval mode), so image i is the ground view of tile i alone."""
+        if self.config.stage == 1:
+            return super().sample_seeds(sampler, seeds, cond=cond, mask=mask)
+        return self.sample(sampler, len(seeds), cond=cond, mask=mask)

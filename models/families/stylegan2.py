@@ -383,6 +383,19 @@ class StyleGAN2(Family):
         # writes images, (x·127.5 + 128).clamp(0, 255); the contract's range is [-1, 1].
         return run_in_eval(_Const(sampler), z).clamp(-1, 1)
 
+    @torch.no_grad()
+    def sample_seeds(self, sampler: nn.Module, seeds: list[int], *, cond: Tensor | None = None,
+                     mask: Tensor | None = None) -> Tensor:
+        """`Family.sample_seeds` in one forward: image i's latent is what `sample(sampler, 1,
+        seed=seeds[i])` draws; the fixed noise inputs and the clamp as `sample`."""
+        if cond is not None or mask is not None:
+            raise ValueError(f"{self.name} is unconditional: sample_seeds() takes no cond or mask")
+        if not seeds:
+            raise ValueError(f"{self.name}: sample_seeds() needs at least one seed")
+        z = torch.cat([torch.randn(1, self.config.z_dim, generator=torch.Generator().manual_seed(int(s)))
+                       for s in seeds])
+        return run_in_eval(_Const(sampler), z).clamp(-1, 1)
+
 
 class _Const(nn.Module):
     """Sampling with the fixed noise inputs: a seed gives the same image anywhere."""
