@@ -6,11 +6,11 @@ Why it is shaped this way:
   of `shard_size` samples, fixed by N alone: sample i (seed `seed_base + i`; input i of a
   conditional model) is always in shard i // shard_size. Each image is the one
   `family.sample(sampler, 1, seed=...)` draws, as the registered pyfunc draws one per seed, so its
-  noise does not depend on its batch-mates: images go through the sampler `--batch` at a time
-  only where the family draws every image of a batch from its own seed (`draw`). Shards and
-  manifest match byte for byte between runs on the same kind of worker (the same device and
-  thread count: float sums may differ in their last bit between a GPU and a CPU, or between
-  thread counts); only the card's `created` time differs.
+  noise does not depend on its batch-mates; images go through the sampler `--batch` at a time,
+  each from its own seed (`Family.sample_seeds`). Shards and manifest match byte for byte between
+  runs on the same kind of worker with the same `--batch` (float sums may differ in their last
+  bit between a GPU and a CPU, between thread counts or batch sizes; diffusion's first DDIM step
+  magnifies that to ±1 uint8 level in a few pixels); only the card's `created` time differs.
 - W Ray actors each load the model once and take shards from a queue: a shard is one disjoint
   seed (or input) range, written by one actor as a one-shard set under a temporary prefix
   (`write_shards`: the checks and encoding of `data build`). Each asks for `--gpus-per-worker`
@@ -150,19 +150,10 @@ GPU_BATCH, CPU_BATCH = 64, 16   # images per sampler call when --batch is not gi
 
 
 def sample_images(family, sampler, seeds: list[int], inputs: dict | None = None):
-    """Float NCHW images in [-1, 1], image i from `seeds[i]` (and row i of each of `inputs`), each
-    the image `family.sample(sampler, 1, seed=seeds[i], ...)` draws alone. In one call when the
-    family draws a batch with every image from its own seed (`family.sample_seeds(sampler, seeds,
-    cond=, mask=)`); else one call an image: `sample(n, seed)` draws a whole batch's noise from one
-    seed, so batching it would change the images."""
-    import torch
-
-    inputs = inputs or {}
-    per_seed = getattr(family, "sample_seeds", None)
-    if callable(per_seed):
-        return per_seed(sampler, list(seeds), **inputs)
-    return torch.cat([family.sample(sampler, 1, seed=s, **{k: v[i:i + 1] for k, v in inputs.items()})
-                      for i, s in enumerate(seeds)])
+    """Float NCHW images in [-1, 1], image i from `seeds[i]` (and row i of each of `inputs`): the
+    image `family.sample(sampler, 1, seed=seeds[i], ...)` draws alone, drawn with its batch-mates
+    in one forward (`Family.sample_seeds`; a family without its own draws one image a call)."""
+    return family.sample_seeds(sampler, list(seeds), **(inputs or {}))
 
 
 def draw(family, sampler, seeds: list[int], inputs: dict | None = None) -> np.ndarray:

@@ -27,6 +27,7 @@ from jobs.cli import main
 from jobs.eval.resources import auto_gpu_share, cpu_share, refuse_gpu_ask
 from jobs.runtime.cluster import Cluster
 from models.families.dcgan import DCGAN
+from models.family import Family
 from models.registry import make_family
 from tiny_specs import perturb_
 
@@ -71,10 +72,19 @@ def test_a_per_seed_family_draws_a_batch_in_one_call_with_the_images_of_one_at_a
     assert not torch.allclose(batched, fam.sample(sampler, len(SEEDS), seed=SEEDS[0]), atol=1e-3)
 
 
+class DefaultDrawDCGAN(DCGAN):
+    """DCGAN with Family's default draw, as a family from another package that defines none."""
+
+    sample_seeds = Family.sample_seeds
+
+
 def test_a_family_without_a_batched_draw_is_drawn_one_image_a_call():
-    fam, sampler = _family(DCGAN)
+    fam, sampler = _family(DefaultDrawDCGAN)
+    calls = []
+    sampler.register_forward_hook(lambda *_: calls.append(1))
     torch.testing.assert_close(gen.sample_images(fam, sampler, SEEDS), one_at_a_time(fam, sampler, SEEDS),
                                atol=0, rtol=0)
+    assert len(calls) == 2 * len(SEEDS)   # one forward an image, then the same again one at a time
 
 
 def _worker(fam, sampler, batch):
