@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import data_shards.adopt
 import data_shards.build
 import data_shards.preview
 from data_shards.errors import EnvironmentProblem, environment_problem
@@ -83,7 +84,7 @@ def test_a_disk_that_refuses_a_write_is_one_line_naming_the_file_exit_1(code, na
      ["access denied", "AccessDenied"]),
 ])
 def test_the_environment_raised_raw_by_a_library_is_one_line_exit_1(exc, names, tmp_path, monkeypatch):
-    monkeypatch.setattr(data_shards.preview, "describe", raises(exc))
+    monkeypatch.setattr(data_shards.adopt, "resolve", raises(exc))   # inspect's first read of the store
     res = run(["data", "inspect", "s3://team-b/set"], monkeypatch, tmp_path / "logs")
     assert res.exit_code == 1, res.output
     lines = res.stderr.strip().splitlines()
