@@ -112,8 +112,11 @@ class ProgressBar:
         self._since = time.monotonic()
         try:
             line = self.waiting()
-        except Exception as e:   # the cluster's state API busy: say so rather than nothing
-            line = f"waiting for the workers to start ({type(e).__name__})"
+        except Exception as e:   # the cluster's state API busy or not up yet: say so rather than nothing
+            # requests' ConnectionError and the built-in one are both OSErrors
+            why = ("Ray's state API does not answer yet" if isinstance(e, OSError)
+                   else f"Ray's state API: {type(e).__name__}")
+            line = f"waiting for the workers to start ({why})"
         print(f"[orbitgen] {line}", file=sys.stderr, flush=True)
 
     def close(self) -> None:

@@ -57,7 +57,7 @@ def test_tile_transform_and_bounds_agree_with_rasterio_on_a_rotated_grid():
     for row, col, size in [(0, 0, 16), (32, 48, 16), (7, 3, 64)]:
         w = Window(col, row, size, size)
         assert tile_transform(gdal, row, col) == pytest.approx(list(transform(w, t))[:6])
-        corners = [t * (c, r) for r in (row, row + size) for c in (col, col + size)]
+        corners = [t @ (c, r) for r in (row, row + size) for c in (col, col + size)]
         xs, ys = [x for x, _ in corners], [y for _, y in corners]    # the envelope of all four corners
         assert tile_bounds(gdal, row, col, size) == pytest.approx([min(xs), min(ys), max(xs), max(ys)])
     north_up = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4200000.0)
