@@ -40,9 +40,9 @@ from .card import CARD, MANIFEST, NOT_A_SET, DatasetCard, adopted_folder, card_h
 from .decode import IMAGE_KEYS, CorruptSample, header_shape
 from .errors import InputNotFound, UserError
 from .member_names import IMAGE_EXTENSIONS, find_part
-from .shard_reader import fetch, tar_samples
+from .shard_reader import read_shard, tar_samples
 from .split import held_out_keys
-from .storage import check_reachable, filesystem, is_local, join, to_url
+from .storage import check_reachable, filesystem, join, to_url
 
 LAYOUT = "webdataset"            # the layout an adopted card names
 MAX_SHARDS = 1_000_000           # a brace pattern expanding to more is refused (a typo, not a set)
@@ -135,20 +135,12 @@ class Scan:
     unreadable: list[str] = field(default_factory=list)   # images whose header does not read (counted, not sized)
 
 
-def _read(url: str) -> bytes:
-    if is_local(url):
-        fs, path = filesystem(url)
-        with fs.open(path, "rb") as f:
-            return f.read()
-    return fetch(url)
-
-
 def scan(shards: list[str]) -> Scan:
     """Reads each shard once (one at a time: memory holds one shard): sizes, hashes, keys, and
     each image's shape from its header."""
     out = Scan()
     for url in shards:
-        data = _read(url)
+        data = read_shard(url)
         n = 0
         for raw in tar_samples(io.BytesIO(data), url):
             n += 1

@@ -78,6 +78,15 @@ def fetch(url: str, retry: Retries | None = None) -> bytes:
             retry.wait(exc)
 
 
+def read_shard(url: str) -> bytes:
+    """A whole shard: a local file read as it is, a remote object through `fetch` (retried)."""
+    if is_local(url):
+        fs, path = filesystem(url)
+        with fs.open(path, "rb") as f:
+            return f.read()
+    return fetch(url)
+
+
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 
 

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from .card import fingerprint, read_card, read_manifest
 from .decode import KEYS, CorruptSample, decode_sample, expected_shapes
 from .member_names import UnsafeMemberName
-from .shard_reader import fetch, tar_samples
-from .storage import filesystem, is_local
+from .shard_reader import read_shard, tar_samples
 
 
 @dataclass
@@ -43,14 +42,6 @@ class Report:
         return not self.problems
 
 
-def _read(url: str) -> bytes:
-    if is_local(url):
-        fs, path = filesystem(url)
-        with fs.open(path, "rb") as f:
-            return f.read()
-    return fetch(url)
-
-
 def verify(url: str) -> Report:
     card, manifest = read_card(url), read_manifest(url)
     report = Report(url)
@@ -60,7 +51,7 @@ def verify(url: str) -> Report:
         name = row.url.rsplit("/", 1)[-1]
         report.shards += 1
         try:
-            data = _read(row.url)
+            data = read_shard(row.url)
         except Exception as exc:
             report.problems.append(Problem(name, None, f"cannot read: {type(exc).__name__}: {exc}"))
             continue

@@ -224,25 +224,11 @@ class Diffusion(Family):
     @torch.no_grad()
     def sample(self, sampler: nn.Module, n: int, *, seed: int = 0, cond: Tensor | None = None,
                mask: Tensor | None = None) -> Tensor:
-        hint = self.condition(cond, mask, n)
-        param = next(sampler.parameters())
         # Start noise (and DDIM's noise when eta > 0) from a local CPU generator: the same images
         # for a seed on any device, whatever the global RNG state is.
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        x = torch.randn(n, self.channels, self.resolution, self.resolution, generator=gen).to(param.device, param.dtype)
-        if hint is not None:
-            hint = hint.to(param.device, param.dtype)
-        sched = self.sampling_scheduler()
-        was_training = sampler.training
-        sampler.eval()   # no dropout: the output depends on the seed (and the input) only
-        try:
-            for t in sched.timesteps:
-                eps = self.predict(sampler, x, t.to(param.device).expand(n), hint)
-                x = sched.step(eps, int(t), x, eta=self.config.ddim_eta, generator=gen).prev_sample
-        finally:
-            sampler.train(was_training)
-        # The last DDIM step returns the clipped x̂_0; the clamp only guards float rounding.
-        return x.float().clamp(-1, 1)
+        x = torch.randn(n, self.channels, self.resolution, self.resolution, generator=gen)
+        return self._denoise(sampler, x, self.condition(cond, mask, n), gen)
 
     @torch.no_grad()
     def sample_seeds(self, sampler: nn.Module, seeds: list[int], *, cond: Tensor | None = None,
@@ -253,23 +239,27 @@ class Diffusion(Family):
         draw per step)."""
         if not seeds:
             raise ValueError(f"{self.name}: sample_seeds() needs at least one seed")
-        n = len(seeds)
-        hint = self.condition(cond, mask, n)
-        param = next(sampler.parameters())
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         x = torch.cat([torch.randn(1, self.channels, self.resolution, self.resolution, generator=g) for g in gens])
+        # A list of generators: diffusers draws row i of the step noise (eta > 0) from generator i,
+        # with the shape, dtype and device `sample` draws one image's with.
+        return self._denoise(sampler, x, self.condition(cond, mask, len(seeds)), gens)
+
+    def _denoise(self, sampler: nn.Module, x: Tensor, hint: Tensor | None, generator) -> Tensor:
+        """DDIM from x_T (on the CPU) to the images, on the sampler's device; `generator` draws the
+        step noise when eta > 0 (one, or one per row)."""
+        param = next(sampler.parameters())
         x = x.to(param.device, param.dtype)
         if hint is not None:
             hint = hint.to(param.device, param.dtype)
         sched = self.sampling_scheduler()
         was_training = sampler.training
-        sampler.eval()
+        sampler.eval()   # no dropout: the output depends on the seed (and the input) only
         try:
             for t in sched.timesteps:
-                eps = self.predict(sampler, x, t.to(param.device).expand(n), hint)
-                # A list of generators: diffusers draws row i of the step noise (eta > 0) from
-                # generator i, with the shape, dtype and device `sample` draws one image's with.
-                x = sched.step(eps, int(t), x, eta=self.config.ddim_eta, generator=gens).prev_sample
+                eps = self.predict(sampler, x, t.to(param.device).expand(x.shape[0]), hint)
+                x = sched.step(eps, int(t), x, eta=self.config.ddim_eta, generator=generator).prev_sample
         finally:
             sampler.train(was_training)
+        # The last DDIM step returns the clipped x̂_0; the clamp only guards float rounding.
         return x.float().clamp(-1, 1)

@@ -2,8 +2,8 @@
 the old one waits in the named backup, and the next `generate` at that --out puts it back (or,
 when the new set was already complete, drops the backup), saying so in one line.
 
-The killed generation runs in a subprocess with Ray's actors replaced by a function that writes
-the same one-shard parts (test_generate_atomic.py's, also used here in-process), and is killed by
+The killed generation runs in a subprocess with Ray's actors replaced by the function of
+test_generate_atomic.py that writes the same one-shard parts (also used here in-process), and is killed by
 patching the move of the new set's second shard (mid-publish), or by the ORBITGEN_TEST_KILL_AT
 hook once the new set is in.
 """
@@ -30,33 +30,15 @@ ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = textwrap.dedent('''
     import os, signal, sys
     from types import SimpleNamespace
-    import numpy as np
     from fsspec.implementations.local import LocalFileSystem
     import models.snapshot
-    from data_shards.card import read_manifest
-    from data_shards.sources import Sample
-    from data_shards.storage import join
-    from data_shards.writer import write_shards
     from jobs import generate as gen
+    from test_generate_atomic import fake_workers
 
     out, source, seed_base, n, kill_mid_publish = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
     family = SimpleNamespace(name="fake", conditional=False, resolution=16, channels=1, data_keys=("image",))
     models.snapshot.load_snapshot = lambda snapshot: (family, None, None)
-
-    def write(model, ranges, seed_base, tmp, workers, inputs, progress, **resources):
-        rows = []
-        for index, (lo, hi) in enumerate(ranges):
-            samples = (Sample(key=f"seed{s:010d}", image=np.full((16, 16, 1), s % 256, np.uint8), meta={"seed": s})
-                       for s in range(seed_base + lo, seed_base + hi))
-            part = join(tmp, f"part-{index:06d}")
-            card = write_shards(samples, part, layout="generated", resolution=16, channels=1, source="generated",
-                                shard_samples=hi - lo, progress=False)
-            row = read_manifest(part).iloc[0]
-            rows.append({"index": index, "shard": row["url"], "samples": int(row["samples"]),
-                         "bytes": int(row["bytes"]), "sha256": row["sha256"], "modalities": card.modalities})
-        return rows
-
-    gen._write_shards = write
+    gen._write_shards = fake_workers()
     if kill_mid_publish:
         real_mv = LocalFileSystem.mv
         def mv(self, src, dst, **kw):
@@ -71,7 +53,7 @@ SCRIPT = textwrap.dedent('''
 
 def run(out: Path, source: str, seed_base: int, n: int, *, kill_mid_publish: bool = False,
         kill_at: str | None = None) -> int:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)])}
     env.pop("ORBITGEN_TEST_KILL_AT", None)
     if kill_at:
         env["ORBITGEN_TEST_KILL_AT"] = kill_at
