@@ -263,7 +263,10 @@ def windowed_tiles(fs, path: str, rel: str, stem: str, resolution: int, stride: 
     except Exception as exc:
         yield Skipped(rel, raster_problem(exc, path, rel))
         return
-    with src:
+    # Closed in `finally`, not by `with src`: entering a dataset pushes a GDAL environment on this
+    # thread's stack, and a generator finalised later (by the garbage collector) would pop whichever
+    # environment is on top then, another caller's.
+    try:
         try:
             plan = plan_tiles(src, bands)
         except UserError as exc:
@@ -298,6 +301,8 @@ def windowed_tiles(fs, path: str, rel: str, stem: str, resolution: int, stride: 
                              meta={**meta, "row": row, "col": col, "nodata_fraction": fraction,
                                    "transform": tile_transform(plan.geo.transform, row, col),
                                    "bounds": tile_bounds(plan.geo.transform, row, col, resolution)})
+    finally:
+        src.close()
 
 
 def tile_transform(t: list[float] | None, row: int, col: int) -> list[float] | None:

@@ -169,6 +169,19 @@ def test_bands_beyond_the_raster_and_blocks_over_the_cap_are_refused_in_one_line
         build(str(tmp_path / "strip.tif"), str(tmp_path / "o"), layout="geotiff", resolution=8, progress=False)
 
 
+def test_a_tile_reader_left_half_read_does_not_pop_another_callers_gdal_environment(tmp_path):
+    import gc
+
+    rasterio = pytest.importorskip("rasterio")
+    write_scene(tmp_path / "scene.tif", np.ones((1, 32, 32), np.uint16))
+    tiles = iter(read_geotiff(str(tmp_path / "scene.tif"), 8).items)
+    next(tiles)   # suspended inside the open raster
+    with rasterio.Env():   # another caller's environment, on top of this thread's stack
+        del tiles
+        gc.collect()   # the reader is finalised now, as the garbage collector may do at any point
+    # Leaving the Env above raised "No GDAL environment exists" when the reader had popped it.
+
+
 # --- without the extra ----------------------------------------------------------------------------
 
 def test_without_rasterio_the_whole_raster_reader_stays_and_names_the_extra_over_its_cap(tmp_path, monkeypatch):
