@@ -28,6 +28,12 @@
    - the trials' own compute (each trial's `seconds`, stored by the trial: augmenting, extracting,
      scoring) summed, and two ratios: wall / (sum / slots) (the issue's, goal <= 1.15; slots = trials
      Tune runs at once) and sum / wall (the parallel efficiency in trial-seconds per wall-second).
+
+3. The driver's memory at the paper's scale, piece by piece (a whole run there takes hours on a CPU):
+   `--extract-probe N` featurises N originals as the driver does (its batches of
+   `search.originals.EXTRACT_BATCH`); `--driver-probe` runs the driver's steps after stage 1
+   (ranking, mixture table, subsets, mixture KIDs) on a store of synthetic features of the paper's
+   shape. Both print the peak RSS against the 2 GB goal.
 """
 from __future__ import annotations
 
@@ -294,12 +300,13 @@ def parallel_ratios(wall: float, trial_seconds: list[float], slots: int) -> tupl
 
 
 def held_bytes(count: int, resolution: int, candidates: int, repeats: int, dim: int = 2048) -> dict[str, int]:
-    """What `search.run` keeps in the driver's memory through stage 1's ranking, array by array (computed
-    from the shapes, not measured): the originals' pixels (uint8, 1 channel) and features, and every
-    candidate's stored features for every repeat (float32), which `run_search` loads all at once for
-    the mixture table; and the table itself (`search.frechet.MixtureTable`): an r × r float64 matrix
-    per candidate and repeat, r = min(d, N − 1), counted here as if every candidate were kept (an
-    upper bound: the MSE gate drops some)."""
+    """What `search.run` kept in the driver's memory through stage 1's ranking BEFORE issue 23 item 8's
+    changes (the first table of BENCHMARKS.md's section; `held_now_bytes` is what it holds now),
+    array by array, computed from the shapes: the originals' pixels (uint8, 1 channel) and features,
+    every candidate's stored features for every repeat (float32), which `run_search` loaded all at
+    once, and the table (`search.frechet.MixtureTable`) stacked in memory: an r × r float64 matrix
+    per candidate and repeat, r = min(d, N − 1), counted as if every candidate were kept (an upper
+    bound: the MSE gate drops some)."""
     rank = min(dim, count - 1)
     return {"originals' pixels": count * resolution * resolution,
             "originals' features": count * dim * 4,
@@ -307,34 +314,129 @@ def held_bytes(count: int, resolution: int, candidates: int, repeats: int, dim: 
             "mixture table, r × r per candidate and repeat": candidates * repeats * rank * rank * 8}
 
 
+def held_now_bytes(count: int, resolution: int, candidates: int, repeats: int, dim: int = 2048) -> dict[str, int]:
+    """What `search.run` keeps in the driver's memory through stage 1's ranking, array by array (computed
+    from the shapes, not measured), as the driver now works (issue 23 item 8): the originals' pixels
+    (uint8, 1 channel) and features; candidates' features read from the store one at a time (two at
+    once while a near-duplicate pair is compared; float32, every repeat); the reference (its basis,
+    d × r, and its own r × r matrix); the mixture table's per-(candidate, repeat) vectors (a d-vector
+    and two r-vectors, float64; counted as if every candidate were kept, an upper bound) and its r × r
+    matrices, in memory only while all of them fit `search.set_matrices.MEMORY_BYTES` (else on
+    local disk, with the screening's leading blocks cached when those fit); one scoring batch (two
+    (B, r, r) arrays of `search.frechet.BATCH_BYTES`). r = min(d, N − 1)."""
+    from search.frechet import BATCH_BYTES
+    from search.select import SCREEN_RANK
+    from search.set_matrices import MEMORY_BYTES
+
+    rank = min(dim, count - 1)
+    matrices = candidates * repeats * rank * rank * 8
+    blocks = candidates * repeats * min(rank, SCREEN_RANK) ** 2 * 8
+    return {"originals' pixels": count * resolution * resolution,
+            "originals' features": count * dim * 4,
+            "candidates' features, two at a time (all repeats)": 2 * repeats * count * dim * 4,
+            "reference: basis d × r and its own r × r": (dim * rank + rank * rank) * 8,
+            "mixture table vectors (d + 2r per candidate and repeat)": candidates * repeats * (dim + 2 * rank) * 8,
+            "mixture table r × r matrices in memory (else on disk)": matrices if matrices <= MEMORY_BYTES else 0,
+            "screening blocks cached (leading 256 × 256)": blocks if matrices > MEMORY_BYTES and rank > SCREEN_RANK
+            and blocks <= MEMORY_BYTES else 0,
+            "one scoring batch, two (B, r, r) arrays (at most)": 2 * max(BATCH_BYTES, rank * rank * 8)}
+
+
 def held_table(count: int, resolution: int, candidates: int, repeats: int) -> str:
-    here = held_bytes(count, resolution, candidates, repeats)
-    paper = held_bytes(PAPER["count"], PAPER["resolution"], 26, PAPER["repeats"])
+    """What the driver holds now (`held_now_bytes`), at this run's scale and at the paper's."""
+    here = held_now_bytes(count, resolution, candidates, repeats)
+    paper = held_now_bytes(PAPER["count"], PAPER["resolution"], 26, PAPER["repeats"])
     rows = ["| arrays the driver holds (computed from shapes) | this run | paper scale |", "|---|---:|---:|"]
     rows += [f"| {k} | {here[k] / 1e9:.3f} GB | {paper[k] / 1e9:.3f} GB |" for k in here]
     rows.append(f"| sum | {sum(here.values()) / 1e9:.3f} GB | {sum(paper.values()) / 1e9:.3f} GB |")
     return "\n".join(rows)
 
 
-def extract_probe(batch: int, resolution: int) -> None:
-    """Peak RSS of one `search.originals.extract` call over `batch` random images with the random
-    Inception-v3, in this (fresh) process: what the driver pays to featurise the originals, whose
-    batch is `search.originals.BATCH` (256) once a set has that many images."""
-    from search.originals import BATCH, extract
+def extract_probe(count: int, resolution: int) -> None:
+    """Peak RSS of one `search.originals.extract` call over `count` random images with the random
+    Inception-v3, in this (fresh) process, in the driver's batches (`search.originals.EXTRACT_BATCH`):
+    what the driver pays to featurise the originals."""
+    from search.originals import EXTRACT_BATCH, extract
 
     work = tempfile.mkdtemp(prefix="mab-probe")
     try:
         weights = os.path.join(work, "inception-random.pt")
         subprocess.run([sys.executable, __file__, "--write-inception", weights], check=True)
         net = make_extractor("inception", weights)
-        images = torch.randint(0, 256, (batch, 1, resolution, resolution), dtype=torch.uint8)
+        images = torch.randint(0, 256, (count, 1, resolution, resolution), dtype=torch.uint8)
         before = peak_rss_bytes()
         t = time.perf_counter()
-        extract(net, images, batch=min(batch, BATCH))
+        extract(net, images)
         seconds = time.perf_counter() - t
-        print(f"extract() of {batch} images {resolution}² with Inception-v3 (random weights), batch "
-              f"{min(batch, BATCH)}, {torch.get_num_threads()} threads: {seconds:.1f} s ({batch / seconds:.1f} "
+        print(f"extract() of {count} images {resolution}² with Inception-v3 (random weights), batch "
+              f"{min(count, EXTRACT_BATCH)}, {torch.get_num_threads()} threads: {seconds:.1f} s ({count / seconds:.1f} "
               f"images/s); peak RSS {before / 1e9:.2f} GB before, {peak_rss_bytes() / 1e9:.2f} GB after")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def driver_probe(args) -> None:
+    """The driver's steps after stage 1 (`search.run._search`: ranking with near-duplicate groups, the
+    mixture table, the subset ranking, mixture KIDs) at the paper's scale, from a store holding 26
+    candidates × 3 repeats × 2,500 × 2048 float32 features (1.6 GB on disk, synthetic: per candidate
+    a per-image offset plus per-repeat noise, so that no two are near-duplicates), in this fresh
+    process; peak RSS after each step. Exact subset scoring is cut to `EXACT` subsets (its memory is
+    one batch whatever their number; each costs 3 eigenvalue problems of 2048 × 2048)."""
+    import numpy as np
+
+    from search.frechet import Reference
+    from search.scoring import CandidateScore
+    from search.select import add_mixture_kids, mixture_table, rank_candidates, rank_subsets
+
+    count, resolution, repeats = args.count or PAPER["count"], args.resolution or PAPER["resolution"], \
+        args.repeats or PAPER["repeats"]
+    names = names_for(1)[:args.candidates] if args.candidates else names_for(1)
+    dim, k, exact = 2048, 3, 4
+    work = tempfile.mkdtemp(prefix="mab-driver")
+    marks: list[tuple[str, float, float]] = []
+
+    def mark(step: str, since: float) -> None:
+        marks.append((step, time.perf_counter() - since, peak_rss_bytes() / 1e9))
+        print(f"[{time.strftime('%H:%M:%S')}] {step}: {marks[-1][1]:.1f} s, peak RSS {marks[-1][2]:.2f} GB", flush=True)
+
+    try:
+        store = SearchStore(os.path.join(work, "search"))
+        rng = np.random.default_rng(0)
+        t = time.perf_counter()
+        for i, name in enumerate(names):
+            base = rng.standard_normal((count, dim), dtype=np.float32)
+            feats = [base + np.float32(0.3) * rng.standard_normal((count, dim), dtype=np.float32) for _ in range(repeats)]
+            store.save_score(CandidateScore(name, [1.0 + 0.01 * i] * repeats, [0.1] * repeats, feats, 0.0,
+                                            [0.0] * repeats))
+            del base, feats
+        pixels = np.full((count, 1, resolution, resolution), 7, dtype=np.uint8)   # what the driver holds of them
+        originals = rng.standard_normal((count, dim), dtype=np.float32)
+        mark(f"store written ({len(names)} candidates × {repeats} repeats × {count} × {dim})", t)
+        t = time.perf_counter()
+        scores = {n: store.load_score(n, features=False) for n in names}
+        reference = Reference(originals)
+        mark(f"scores without features, reference (rank {reference.rank})", t)
+        t = time.perf_counter()
+        ranking = rank_candidates(scores, 0.02, True, features=store.load_features)
+        kept = [r.augmentation for r in ranking if r.kept]
+        mark(f"ranking with near-duplicate groups ({len(kept)} kept)", t)
+        t = time.perf_counter()
+        table = mixture_table(reference, scores, kept, store.load_features)
+        mark(f"mixture table ({'on disk' if table.outer.on_disk else 'in memory'})", t)
+        t = time.perf_counter()
+        subsets = rank_subsets(table, kept, k, exact_top=exact, max_exact=exact)
+        mark(f"{len(subsets)} {k}-subsets screened, {sum(s.exact for s in subsets)} scored exactly", t)
+        t = time.perf_counter()
+        with_kid = add_mixture_kids(subsets, originals, scores, features=store.load_features)
+        mark(f"mixture KIDs ({with_kid}: above search.kid.FULL_KERNEL_MAX rows none is computed)", t)
+        table.close()
+        peak = peak_rss_bytes()
+        print(f"\n| step of the driver after stage 1 | seconds | peak RSS so far |\n|---|---:|---:|")
+        for step, seconds, gb in marks:
+            print(f"| {step} | {seconds:.1f} | {gb:.2f} GB |")
+        print(f"\n{held_table(count, resolution, len(names), repeats)}")
+        print(f"\ndriver peak RSS {peak / 1e9:.2f} GB: {'PASS' if peak < GOAL_RSS_GB * 1e9 else 'FAIL'} "
+              f"(goal < {GOAL_RSS_GB:g} GB); pixels {pixels.nbytes / 1e9:.2f} GB held")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -414,11 +516,15 @@ def main() -> None:
     ap.add_argument("--cpus-per-trial", type=int, default=1, help="--paper-scale: CPUs per stage-1 trial")
     ap.add_argument("--rounds", type=int, default=3, help="each variant's best of this many interleaved runs")
     ap.add_argument("--extract-probe", type=int, default=None, metavar="N",
-                    help="only measure the driver's feature extraction of N originals (peak RSS, images/s)")
+                    help="only measure the driver's feature extraction of N originals, in its batches (peak RSS, images/s)")
+    ap.add_argument("--driver-probe", action="store_true",
+                    help="only measure the driver's steps after stage 1 at the paper's scale, from synthetic stored features")
     ap.add_argument("--write-inception", help=argparse.SUPPRESS)   # the child process of paper_scale
     args = ap.parse_args()
     if args.write_inception:
         random_inception_file(args.write_inception)
+    elif args.driver_probe:
+        driver_probe(args)
     elif args.extract_probe:
         extract_probe(args.extract_probe, args.resolution or PAPER["resolution"])
     elif args.paper_scale:

@@ -22,8 +22,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from search.set_matrices import MEMORY_BYTES, SetMatrices
+
 # Reference eigenvalues below this fraction of the largest are numerically zero (rank cut).
 RANK_TOL = 1e-12
+# Bytes of one (B, r, r) batch of a mixture table's scoring (B = 2 at r = 2048, 2048 at r = 64).
+BATCH_BYTES = 2**26
 
 
 def _f64(features) -> np.ndarray:
@@ -143,29 +147,59 @@ def fid_features(x, y) -> float:
 
 
 class MixtureTable:
-    """Per-(candidate, repeat) statistics stacked, for scoring many subsets at once.
+    """Per-(candidate, repeat) statistics, for scoring many subsets at once.
 
     mixture(subset, repeat) = the originals + candidate c's repeat-`repeat` copy for every c in
-    `subset`; its FID against the originals is `fids(subsets)[:, repeat]`. Memory: one r x r
-    float64 matrix per (candidate, repeat) (64 x 64 for random-conv features; 32 MB each at
-    r = 2048).
+    `subset`; its FID against the originals is `fids(subsets)[:, repeat]`.
+
+    Built all at once (`MixtureTable(reference, stats)`) or incrementally (`MixtureTable(reference,
+    candidates=C, repeats=R)`, then `add(c, rep, stats)` as each set's statistics are computed, so
+    the caller holds one feature set at a time). Memory: per (candidate, repeat) a count, a d-vector
+    and two r-vectors, filled into preallocated arrays (no np.stack copy); the r x r float64 matrix
+    of each goes to `search.set_matrices.SetMatrices`, in memory when all of them fit
+    `memory_bytes` (64 x 64 for random-conv features), else one file each on local disk (32 MB each
+    at r = 2048), read back per batch of subsets. Batches are sized by `batch_bytes`: a batch holds
+    a few (B, r, r) arrays.
     """
 
-    def __init__(self, reference: Reference, stats: Sequence[Sequence[SetStats]]):
+    def __init__(self, reference: Reference, stats: Sequence[Sequence[SetStats]] | None = None, *,
+                 candidates: int | None = None, repeats: int | None = None, memory_bytes: int = MEMORY_BYTES):
+        if stats is not None:
+            candidates, repeats = len(stats), len(stats[0])
+        if not candidates or not repeats:
+            raise ValueError("a mixture table needs at least one candidate and one repeat")
         self.ref = reference
-        self.n = np.array([[s.n for s in per] for per in stats], dtype=np.float64)        # (C, R)
-        self.total = np.stack([np.stack([s.total for s in per]) for per in stats])         # (C, R, d)
-        self.sq = np.array([[s.sq for s in per] for per in stats])                         # (C, R)
-        self.ptotal = np.stack([np.stack([s.ptotal for s in per]) for per in stats])       # (C, R, r)
-        self.pouter = np.stack([np.stack([s.pouter for s in per]) for per in stats])       # (C, R, r, r)
-        self.pdiag = np.diagonal(self.pouter, axis1=2, axis2=3).copy()                     # (C, R, r)
-        self.repeats = self.n.shape[1]
+        r = reference.rank
+        self.n = np.zeros((candidates, repeats))                    # (C, R)
+        self.total = np.zeros((candidates, repeats, reference.d))   # (C, R, d)
+        self.sq = np.zeros((candidates, repeats))                   # (C, R)
+        self.ptotal = np.zeros((candidates, repeats, r))            # (C, R, r)
+        self.pdiag = np.zeros((candidates, repeats, r))             # (C, R, r): the matrices' diagonals
+        self.outer = SetMatrices(candidates, repeats, r, memory_bytes)
+        self.repeats = repeats
+        self._added = np.zeros((candidates, repeats), dtype=bool)
+        for c, per in enumerate(stats or ()):
+            if len(per) != repeats:
+                raise ValueError(f"candidate {c} has {len(per)} repeats, the first has {repeats}")
+            for rep, st in enumerate(per):
+                self.add(c, rep, st)
 
-    def fids(self, subsets, batch_bytes: int = 2**28) -> np.ndarray:
+    def add(self, c: int, rep: int, stats: SetStats) -> None:
+        """Candidate `c`'s repeat-`rep` statistics (any order; each (c, rep) once before scoring)."""
+        self.n[c, rep], self.total[c, rep], self.sq[c, rep] = stats.n, stats.total, stats.sq
+        self.ptotal[c, rep], self.pdiag[c, rep] = stats.ptotal, np.diagonal(stats.pouter)
+        self.outer.put(c, rep, stats.pouter)
+        self._added[c, rep] = True
+
+    def close(self) -> None:
+        """Free the matrices' files now (else when the table is collected)."""
+        self.outer.close()
+
+    def fids(self, subsets, batch_bytes: int = BATCH_BYTES) -> np.ndarray:
         """(S, R) FIDs of the mixtures of `subsets` (an (S, k) array of candidate indices, k >= 0)."""
         return self._run(subsets, None, batch_bytes)[0]
 
-    def bounds(self, subsets, rank: int, batch_bytes: int = 2**28) -> tuple[np.ndarray, np.ndarray]:
+    def bounds(self, subsets, rank: int, batch_bytes: int = BATCH_BYTES) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) bounds of `fids(subsets)` from the `rank` leading principal directions of
         the reference only (a p x p block P of the r x r matrix M instead of all of it):
           Tr sqrt(M) >= Tr sqrt(P)                  (eigenvalue interlacing)  -> upper bound of FID
@@ -176,6 +210,9 @@ class MixtureTable:
         return self._run(subsets, rank, batch_bytes)
 
     def _run(self, subsets, rank: int | None, batch_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self._added.all():
+            missing = np.argwhere(~self._added)[0]
+            raise ValueError(f"mixture table: candidate {missing[0]} repeat {missing[1]} was never added")
         subsets = np.asarray(subsets, dtype=np.int64).reshape(len(subsets), -1)
         own, r = self.ref.own, max(1, self.ref.rank)
         # The basis columns come from eigh in ascending eigenvalue order: the leading ones are last.
@@ -194,8 +231,11 @@ class MixtureTable:
                 tr = (own.sq + self.sq[idx, rep].sum(1) - n * np.einsum("bd,bd->b", mu, mu)) / (n - 1)
                 ptot = own.ptotal + self.ptotal[idx, rep].sum(1)                            # (B, r)
                 pmu = ptot[:, lead] / n[:, None]
-                m = (own.pouter[lead, lead] + self.pouter[idx, rep, lead, lead].sum(1)
-                     - n[:, None, None] * pmu[:, :, None] * pmu[:, None, :]) / (n - 1)[:, None, None]
+                # In place on the summed block: the batch holds two (B, p, p) arrays, not five.
+                m = self.outer.summed(idx, rep, lead)
+                m += own.pouter[lead, lead]
+                m -= n[:, None, None] * pmu[:, :, None] * pmu[:, None, :]
+                m /= (n - 1)[:, None, None]
                 root = _sqrt_trace(torch.linalg.eigvalsh(torch.from_numpy(m))).numpy()
                 diff = mu - self.ref.mu
                 cheap = np.einsum("bd,bd->b", diff, diff) + self.ref.trace + tr

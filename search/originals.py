@@ -17,7 +17,11 @@ from data_shards.split import Holdout, Positions, evaluation_positions
 from data_shards.stream import iterate_once, training_share
 from models.metrics.extractors import make_extractor
 
-BATCH = 256
+BATCH = 256          # images read per shard batch (uint8: 16 MB at 256² x 256)
+# Images per extractor forward pass. Inception at 299² holds ~15 MB of activations per image while
+# a batch runs: 256 a batch peaked at 4.4 GB in the driver, 32 at ~1.1 GB (benchmarks/BENCHMARKS.md,
+# "MineAug stage 1 at the paper's scale"), at the same images/s on a CPU.
+EXTRACT_BATCH = 32
 ORIGINALS_SEED = 0   # the same draw for every search of a set, so their FIDs compare
 
 
@@ -36,12 +40,23 @@ class Originals:
         return int(self.images.shape[0])
 
 
-@torch.no_grad()
 def extract(extractor: torch.nn.Module, images: torch.Tensor, device: str | torch.device = "cpu",
-            batch: int = BATCH) -> np.ndarray:
-    """Features of uint8 NCHW images, in batches, as float32 numpy (N, d)."""
-    out = [extractor(images[s:s + batch].to(device)).float().cpu() for s in range(0, images.shape[0], batch)]
-    return torch.cat(out).numpy()
+            batch: int = EXTRACT_BATCH) -> np.ndarray:
+    """Features of uint8 NCHW images, in batches, as float32 numpy (N, d).
+
+    Inference mode (no autograd record) and each batch's output copied into one preallocated array:
+    a batch's activations are freed before the next runs, and no list of outputs is concatenated."""
+    out: np.ndarray | None = None
+    with torch.inference_mode():
+        for s in range(0, images.shape[0], batch):
+            f = extractor(images[s:s + batch].to(device)).float().cpu().numpy()
+            if out is None:
+                out = np.empty((images.shape[0], *f.shape[1:]), dtype=np.float32)
+            out[s:s + f.shape[0]] = f
+            del f
+    if out is None:
+        raise ValueError("extract: no images")
+    return out
 
 
 def resolve_url(url: str, root: str, resolution: int | None, channels: int) -> str:

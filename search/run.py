@@ -220,13 +220,17 @@ def _search(ctx: SearchContext) -> SearchResult:
 
     scores, ran = run_stage1(originals, candidates, repeats=cfg.repeats, seed=cfg.seed, extractor=ctx.extractor,
                              weights_path=ctx.extractor_weights, store=store, resources=cfg.resources_per_trial,
-                             concurrency=cfg.concurrency, reference=reference, on_result=on_result, log=say)
-    scores = {n: with_kids(sc, originals.features) for n, sc in scores.items()}   # stored before KID: filled in
+                             concurrency=cfg.concurrency, reference=reference, on_result=on_result, log=say,
+                             with_features=False)
+    # The scores hold no features: each step below reads a candidate's from the store when it needs
+    # them and drops them before the next (all of them: 1.6 GB at the paper's scale, issue 23 item 8).
+    features = store.load_features
+    scores = {n: with_kids(sc, originals.features, features) for n, sc in scores.items()}   # stored before KID
     for n in candidates:
         if n not in ran:
             on_result(scores[n])   # finished before a restart: its child run may lack the metrics
 
-    ranking = rank_candidates(scores, cfg.mse_min, cfg.dedupe)
+    ranking = rank_candidates(scores, cfg.mse_min, cfg.dedupe, features=features)
     for row in ranking:
         run_id, _ = tracker.child(row.augmentation, stage=1)
         tracker.log(run_id, metrics={"kept": float(row.kept)},
@@ -235,7 +239,7 @@ def _search(ctx: SearchContext) -> SearchResult:
     kept = [r.augmentation for r in ranking if r.kept]
     if cfg.k > len(kept):
         raise SearchConfigError(too_few_kept(ranking, cfg.k, cfg.mse_min, ctx.name))
-    table = mixture_table(reference, scores, kept)
+    table = mixture_table(reference, scores, kept, features)
     t0 = time.perf_counter()
     subsets = rank_subsets(table, kept, cfg.k)
     say(f"ranked {len(subsets)} {cfg.k}-subsets of {len(kept)} kept candidates by mixture FID in "
@@ -246,12 +250,12 @@ def _search(ctx: SearchContext) -> SearchResult:
     singles_fid, _ = mixture_fid(table, kept, singles)
     best_set, best_set_fid = list(subsets[0].augmentations), subsets[0].fid
     t0 = time.perf_counter()
-    with_kid = add_mixture_kids(subsets, originals.features, scores)
+    with_kid = add_mixture_kids(subsets, originals.features, scores, features=features)
     if with_kid:
         say(f"mixture KID of the {with_kid} best {cfg.k}-subsets in {time.perf_counter() - t0:.2f}s (subsets.csv)")
-    singles_kid = mixture_kid(originals.features, scores, singles)
+    singles_kid = mixture_kid(originals.features, scores, singles, features=features)
     best_set_kid = ((subsets[0].kid, subsets[0].kid_std) if np.isfinite(subsets[0].kid)
-                    else mixture_kid(originals.features, scores, best_set))
+                    else mixture_kid(originals.features, scores, best_set, features=features))
     chosen = singles if cfg.select == "singles" else best_set
     chosen_rule = stage1_rule(cfg)
     reason = (f"stage 1, {chosen_rule}; singles {'+'.join(singles)} mixture FID {singles_fid:.4g}, best set "
@@ -260,13 +264,12 @@ def _search(ctx: SearchContext) -> SearchResult:
     validation = None
     if cfg.validate_.top_m > 0:
         top = kept[:cfg.validate_.top_m]
-        cache: dict[str, list[np.ndarray]] = {}
 
         def proxy(subset) -> float:
             return mixture_fid(table, kept, list(subset))[0]
 
         validation = run_stage2(ctx, top=top, kept=kept, singles=singles, best_set=best_set, stage1_choice=chosen,
-                                proxy=proxy, augmented_features=lambda n: cache.setdefault(n, scores[n].features),
+                                proxy=proxy, augmented_features=features,
                                 on_run=lambda run: log_stage2_run(tracker, run, cfg.validate_.budget_steps))
         chosen, reason = validation.chosen, f"stage 2: {validation.reason}"
         if validation.winner:
@@ -283,6 +286,7 @@ def _search(ctx: SearchContext) -> SearchResult:
                 f"{lr.get('kid_samples_originals', float('nan')):.3g}, margin {lr.get('margin', float('nan')):.2g}, "
                 f"{lr.get('samples', '?')} samples)")
 
+    table.close()   # its matrices' files on local disk, at the paper's scale (search.set_matrices)
     result = SearchResult(name=ctx.name, parent_run_id=parent, experiment_id=tracker.experiment_id, ranking=ranking,
                           subsets=subsets, singles=singles, singles_fid=singles_fid, best_set=best_set,
                           best_set_fid=best_set_fid, chosen=chosen, select=cfg.select, reason=reason,

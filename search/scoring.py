@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -94,8 +95,11 @@ def score_candidate(name: str, originals: Originals, extractor: torch.nn.Module,
     return CandidateScore(name, fids, mses, feats, time.perf_counter() - start, kids)
 
 
-def with_kids(score: CandidateScore, originals_features: np.ndarray) -> CandidateScore:
-    """`score` with its per-repeat KIDs, computed from its stored features when it was stored without them."""
+def with_kids(score: CandidateScore, originals_features: np.ndarray,
+              features: Callable[[str], list[np.ndarray]] | None = None) -> CandidateScore:
+    """`score` with its per-repeat KIDs, computed from its stored features when it was stored without
+    them: the score's own, else `features(score.name)` (read for this candidate only, then dropped)."""
     if not score.kids:
-        score.kids = [kid_with_std(originals_features, f)[0] for f in score.features]
+        feats = score.features or (features(score.name) if features else [])
+        score.kids = [kid_with_std(originals_features, f)[0] for f in feats]
     return score

@@ -1,6 +1,10 @@
 """Select: from per-candidate scores to a ranking, near-duplicate groups, ties and the best K-sets.
 
-All pure functions of cached scores and features (no augmentation, no extraction here).
+All pure functions of cached scores and features (no augmentation, no extraction here). Where
+features are needed, a `features` loader (name -> that candidate's per-repeat features) may stand
+in for the scores' own: the search's driver passes `SearchStore.load_features`, and every function
+here loads one candidate at a time and drops it before the next (two for a near-duplicate
+comparison), so the driver never holds every candidate's features (1.6 GB at the paper's scale).
 
 Near-duplicates are judged from outputs, per image. For candidates a and b with repeats r, r',
 and f_a^r(i) the features of image i under a's r-th draw:
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -35,6 +39,19 @@ DUP_RATIO = 1.15
 SCREEN_RANK = 256     # above this reference rank, subsets are screened before exact scoring
 EXACT_TOP = 32
 SUBSET_KID_ROWS = 10  # subsets.csv rows (best FID first) that also get a mixture KID
+
+# name -> that candidate's features, float32 (N, d) per repeat
+FeatureLoader = Callable[[str], list[np.ndarray]]
+
+
+def _loader(scores: Mapping[str, CandidateScore], features: FeatureLoader | None) -> FeatureLoader:
+    """`features`, else the features the scores hold."""
+    return features or (lambda name: scores[name].features)
+
+
+def _repeats(score: CandidateScore) -> int:
+    """Repeats of a score, with its features or without (one FID per repeat)."""
+    return len(score.features) or len(score.fids)
 
 
 @dataclass
@@ -79,35 +96,46 @@ def _matched_sq(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.einsum("ij,ij->i", d, d).mean())
 
 
-def output_spread(score: CandidateScore) -> float:
-    """Mean squared feature distance, per image, between two draws of the same candidate."""
-    f = score.features
+def output_spread(score: CandidateScore | Sequence[np.ndarray]) -> float:
+    """Mean squared feature distance, per image, between two draws of the same candidate (its score,
+    or its per-repeat features)."""
+    f = score.features if isinstance(score, CandidateScore) else score
     pairs = [_matched_sq(f[r], f[q]) for r in range(len(f)) for q in range(r + 1, len(f))]
     return float(np.mean(pairs)) if pairs else 0.0
 
 
-def output_cross(a: CandidateScore, b: CandidateScore) -> float:
+def output_cross(a: CandidateScore | Sequence[np.ndarray], b: CandidateScore | Sequence[np.ndarray]) -> float:
     """Mean squared feature distance, per image, between a's and b's outputs (repeat by repeat)."""
-    return float(np.mean([_matched_sq(x, y) for x, y in zip(a.features, b.features)]))
+    fa = a.features if isinstance(a, CandidateScore) else a
+    fb = b.features if isinstance(b, CandidateScore) else b
+    return float(np.mean([_matched_sq(x, y) for x, y in zip(fa, fb)]))
 
 
 def near_duplicate_groups(scores: Mapping[str, CandidateScore], names: Sequence[str],
-                          ratio: float = DUP_RATIO) -> dict[str, str]:
+                          ratio: float = DUP_RATIO, features: FeatureLoader | None = None) -> dict[str, str]:
     """member -> representative for every candidate of `names` that joins a group. Greedy by FID:
-    each candidate, best first, joins the first representative it duplicates (no chains)."""
+    each candidate, best first, joins the first representative it duplicates (no chains). With a
+    `features` loader, at most two candidates' features are held at once (the one placed, and the
+    representative it is compared with)."""
+    load = _loader(scores, features)
     order = sorted(names, key=lambda n: scores[n].fid)
-    spreads = {n: output_spread(scores[n]) for n in order}
+    spreads = {n: output_spread(load(n)) for n in order}
     reps: list[str] = []
     member_of: dict[str, str] = {}
     for n in order:
+        if not reps:
+            reps.append(n)
+            continue
+        own = load(n)
+        # A tiny absolute floor so that two deterministic, identical transforms (spread 0) group.
+        floor = 1e-12 * (1.0 + np.mean(np.square(own[0])))
         for rep in reps:
-            # A tiny absolute floor so that two deterministic, identical transforms (spread 0) group.
-            floor = 1e-12 * (1.0 + np.mean(np.square(scores[n].features[0])))
-            if output_cross(scores[n], scores[rep]) <= ratio * min(spreads[n], spreads[rep]) + floor:
+            if output_cross(own, load(rep)) <= ratio * min(spreads[n], spreads[rep]) + floor:
                 member_of[n] = rep
                 break
         else:
             reps.append(n)
+        del own
     return member_of
 
 
@@ -120,7 +148,7 @@ def tied(rows: Sequence[RankRow]) -> None:
 
 
 def rank_candidates(scores: Mapping[str, CandidateScore], mse_min: float, dedupe: bool,
-                    dup_ratio: float = DUP_RATIO) -> list[RankRow]:
+                    dup_ratio: float = DUP_RATIO, features: FeatureLoader | None = None) -> list[RankRow]:
     """Kept candidates (MSE > mse_min, not a near-duplicate of a better one when `dedupe`) ranked by
     FID ascending, then the dropped ones in FID order. Near-duplicate groups are reported even when
     `dedupe` is off (then all members stay eligible)."""
@@ -132,7 +160,7 @@ def rank_candidates(scores: Mapping[str, CandidateScore], mse_min: float, dedupe
         elif not s.mse > mse_min:
             rows[n].kept, rows[n].reason = False, f"mse {s.mse:.4g} <= mse_min {mse_min:g} (near-identity)"
     passing = [n for n in scores if rows[n].kept]
-    for member, rep in near_duplicate_groups(scores, passing, dup_ratio).items():
+    for member, rep in near_duplicate_groups(scores, passing, dup_ratio, features).items():
         rows[member].near_duplicate_of = rep
         if dedupe:
             rows[member].kept, rows[member].reason = False, f"near-duplicate of {rep} (lower FID)"
@@ -148,8 +176,20 @@ def best_singles(rows: Sequence[RankRow], k: int) -> list[str]:
     return [r.augmentation for r in rows if r.kept][:k]
 
 
-def mixture_table(reference: Reference, scores: Mapping[str, CandidateScore], names: Sequence[str]) -> MixtureTable:
-    return MixtureTable(reference, [[reference.stats(f) for f in scores[n].features] for n in names])
+def mixture_table(reference: Reference, scores: Mapping[str, CandidateScore], names: Sequence[str],
+                  features: FeatureLoader | None = None) -> MixtureTable:
+    """The table of `names` (in that order), built candidate by candidate: one candidate's features
+    are loaded, turned into per-repeat statistics, and dropped before the next."""
+    load = _loader(scores, features)
+    table = MixtureTable(reference, candidates=len(names), repeats=_repeats(scores[names[0]]) if names else 0)
+    for c, name in enumerate(names):
+        feats = load(name)
+        if len(feats) != table.repeats:
+            raise ValueError(f"{name}: {len(feats)} repeats of features, the table has {table.repeats}")
+        for rep in range(len(feats)):
+            table.add(c, rep, reference.stats(feats[rep]))
+        del feats   # no name left holding a repeat of it while the next one loads
+    return table
 
 
 def mixture_fid(table: MixtureTable, names: Sequence[str], subset: Sequence[str]) -> tuple[float, float]:
@@ -160,23 +200,29 @@ def mixture_fid(table: MixtureTable, names: Sequence[str], subset: Sequence[str]
 
 
 def mixture_kid(originals_features: np.ndarray, scores: Mapping[str, CandidateScore], subset: Sequence[str],
-                max_rows: int = FULL_KERNEL_MAX) -> tuple[float, float]:
+                max_rows: int = FULL_KERNEL_MAX, features: FeatureLoader | None = None) -> tuple[float, float]:
     """(mean, spread over repeats) of the KID of the expanded mixture (originals plus one copy per
     `subset` member, repeat r mixing the r-th copies) against the originals; (nan, nan) above
-    `max_rows` mixture rows, where its kernel matrices stop being cheap (the FID table is not)."""
+    `max_rows` mixture rows, where its kernel matrices stop being cheap (the FID table is not).
+    Repeat by repeat: each member is loaded in turn and only its repeat-r rows are kept."""
     n = originals_features.shape[0] * (1 + len(subset))
     if n > max_rows or not subset:
         return float("nan"), float("nan")
-    repeats = min(len(scores[a].features) for a in subset)
-    kids = [kid_with_std(originals_features,
-                         np.concatenate([originals_features, *(scores[a].features[r] for a in subset)]))[0]
-            for r in range(repeats)]
+    load = _loader(scores, features)
+    repeats = min(_repeats(scores[a]) for a in subset)
+    kids = []
+    for r in range(repeats):
+        rows = [originals_features]
+        for a in subset:
+            rows.append(np.array(load(a)[r]))   # a copy: the member's other repeats are not kept alive
+        kids.append(kid_with_std(originals_features, np.concatenate(rows))[0])
+        del rows
     return float(np.mean(kids)), spread(kids)
 
 
 def add_mixture_kids(subsets: Sequence[SubsetRow], originals_features: np.ndarray,
                      scores: Mapping[str, CandidateScore], rows: int = SUBSET_KID_ROWS,
-                     max_rows: int = FULL_KERNEL_MAX) -> int:
+                     max_rows: int = FULL_KERNEL_MAX, features: FeatureLoader | None = None) -> int:
     """Fills `kid`/`kid_std` (mixture_kid) of the first `rows` exact subsets, in rank order; how many
     got one. Bounded by count: a mixture KID costs kernel matrices over every mixture row, so all
     C(M, K) subsets (thousands at the paper's 26 candidates) would outlast the whole of stage 1;
@@ -187,7 +233,7 @@ def add_mixture_kids(subsets: Sequence[SubsetRow], originals_features: np.ndarra
             break
         if not row.exact:
             continue
-        row.kid, row.kid_std = mixture_kid(originals_features, scores, row.augmentations, max_rows)
+        row.kid, row.kid_std = mixture_kid(originals_features, scores, row.augmentations, max_rows, features)
         done += int(np.isfinite(row.kid))
         if not np.isfinite(row.kid):
             break   # every subset has the same size: none fits under max_rows

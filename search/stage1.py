@@ -62,7 +62,7 @@ class _Forward(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         name = trial.config["candidate"]
         if self.on_result and self.store.stage1_done(name):
-            self.on_result(self.store.load_score(name))
+            self.on_result(self.store.load_score(name, features=False))   # a summary: the line and child run
 
 
 def concurrency_limit(resources: dict[str, float], wanted: int | None) -> int:
@@ -84,9 +84,10 @@ def run_stage1(originals: Originals, candidates: list[str], *, repeats: int, see
                weights_path: str | None, store: SearchStore, resources: dict[str, float],
                concurrency: int | None = None, reference: Reference | None = None,
                on_result: OnResult | None = None, log: Callable[[str], None] = lambda s: None,
-               ) -> tuple[dict[str, CandidateScore], list[str]]:
+               with_features: bool = True) -> tuple[dict[str, CandidateScore], list[str]]:
     """Scores of every candidate (finished ones read back, the rest run as Tune trials), and the
-    names that ran in this call."""
+    names that ran in this call. `with_features=False`: the scores without their features, which
+    stay in the store (`SearchStore.load_features`), so the driver never holds all of them."""
     done = [n for n in candidates if store.stage1_done(n)]
     todo = [n for n in candidates if n not in done]
     if done:
@@ -116,4 +117,4 @@ def run_stage1(originals: Originals, candidates: list[str], *, repeats: int, see
         if failed or missing:
             raise RuntimeError("stage 1 trials failed (rerun with resume to retry only these):\n  "
                                + "\n  ".join(failed or missing))
-    return {n: store.load_score(n) for n in candidates}, todo
+    return {n: store.load_score(n, features=with_features) for n in candidates}, todo

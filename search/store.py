@@ -77,12 +77,20 @@ class SearchStore:
         self.write_json({"candidate": score.name, "fid": score.fid, "fid_std": score.fid_std, "mse": score.mse,
                          "kid": score.kid, "kid_std": score.kid_std, "repeats": len(score.fids), "seconds": score.seconds}, "stage1", f"{score.name}.json")
 
-    def load_score(self, name: str) -> CandidateScore:
-        with np.load(io.BytesIO(self.read_bytes("stage1", f"{name}.npz"))) as z:
+    def load_score(self, name: str, features: bool = True) -> CandidateScore:
+        """One candidate's stored score; `features=False` leaves its features on storage (the npz is
+        read member by member, so a summary never reads the (repeats, N, d) array)."""
+        with self.fs.open(self._p("stage1", f"{name}.npz"), "rb") as f, np.load(f) as z:
             return CandidateScore(name, [float(v) for v in z["fids"]], [float(v) for v in z["mses"]],
-                                  list(z["features"]), float(z["seconds"]),
+                                  list(z["features"]) if features else [], float(z["seconds"]),
                                   # a score stored before KID has none: search.scoring.with_kids fills it in
                                   [float(v) for v in z["kids"]] if "kids" in z.files else [])
+
+    def load_features(self, name: str) -> list[np.ndarray]:
+        """One candidate's augmented features, float32 (N, d) per repeat: what the driver reads for one
+        candidate at a time and drops after (at the paper's scale 61 MB a candidate, 1.6 GB all)."""
+        with self.fs.open(self._p("stage1", f"{name}.npz"), "rb") as f, np.load(f) as z:
+            return list(z["features"])
 
     def optuna_storage(self) -> str | None:
         """The URL of the Optuna study's database beside the search (sqlite: local folders only,

@@ -39,7 +39,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -272,7 +272,7 @@ LEAK_SUBSETS = 100
 
 
 def leak_check(sample_features: np.ndarray, originals_features: np.ndarray,
-               augmented_features: dict[str, list[np.ndarray]]) -> tuple[list[str], dict[str, Any]]:
+               augmented_features: Mapping[str, list[np.ndarray]]) -> tuple[list[str], dict[str, Any]]:
     """Members whose augmented copies are closer to the generator's samples than the originals are,
     by KID, beyond a noise margin. KID, not FID: it has no sample-size bias, so a few hundred
     generated samples compare fairly.
@@ -520,13 +520,32 @@ def _agreement_points(runs: Sequence[ValidatedRun]) -> list[tuple[int, float, fl
     return [(len(rs[0].augmentations), rs[0].proxy_fid, float(np.mean([r.fid for r in rs]))) for rs in by_key.values()]
 
 
+class _ReadWhenAsked(Mapping):
+    """name -> a candidate's augmented features, read from the store when asked: leak_check goes
+    through the members one by one, so the driver holds one member's features, not all of them."""
+
+    def __init__(self, names: Sequence[str], load: Callable[[str], list[np.ndarray]]):
+        self.names, self.load = list(names), load
+
+    def __getitem__(self, name: str) -> list[np.ndarray]:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.load(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def _leaks(ctx: SearchContext, store: SearchStore, chosen: Sequence[str], runs: Sequence[ValidatedRun],
            augmented_features: Callable[[str], list[np.ndarray]]) -> tuple[list[str], dict[str, Any]]:
     key = subset_key(chosen)
     seeds = sorted(r.seed for r in runs if r.key == key and r.status == "finished")
     if seeds and chosen and store.exists(*_samples_path(key, seeds[0])):
         samples = np.load(io.BytesIO(store.read_bytes(*_samples_path(key, seeds[0]))))
-        leaks, report = leak_check(samples, ctx.originals.features, {n: augmented_features(n) for n in chosen})
+        leaks, report = leak_check(samples, ctx.originals.features, _ReadWhenAsked(chosen, augmented_features))
         return leaks, {**report, "checked": True, "seed": seeds[0]}
     return [], {"checked": False, "why_not": "the chosen subset's proxy training returned no samples "
                                              "(or the chosen subset was not trained)"}
