@@ -321,6 +321,8 @@ def run_worker(cfg: WorkerConfig) -> None:
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda":   # NCCL's object collectives (the spread evaluation's gather) use the current device
+        torch.cuda.set_device(device)
     # What the MLflow server does not take (it went away) waits in the run's storage: the run's
     # folder is Ray's experiment name under the spec's storage (jobs/train/driver.make_trainer).
     spill = pending_url(join(spec.storage_url(), tctx.get_experiment_name()))
