@@ -358,7 +358,8 @@ def test_commands_waiting_for_busy_nodes_say_what_they_wait_for(cluster, trained
         cluster, ["eval", f"models:/{trained.model}/1", "--workers", "2", "--num-samples", "128"], trained.env)
     assert code == 0, "".join(lines)[-4000:]
     waited = [line for line in lines if "waiting for" in line]
-    assert waited and "waiting for 2 evaluation workers × {CPU: 1}: 0 of 4 CPUs free (other work holds the rest)" in waited[0]
+    # Each evaluation worker asks for its node's CPUs (two workers, two 2-CPU nodes: jobs/eval/resources.py).
+    assert waited and "waiting for 2 evaluation workers × {CPU: 2}: 0 of 4 CPUs free (other work holds the rest)" in waited[0]
 
 
 def test_an_experiment_whose_artifacts_go_to_a_local_folder_is_refused(cluster, s3_server, mlflow_server):
