@@ -110,6 +110,9 @@ class TrainSpec(_Section):
                                                     "the fastest (no effect on CPU)")
     fused_adam: bool = Field(True, description="on GPU under DDP, torch's fused (one-kernel) Adam: the same update, "
                                                "fewer launches (no effect on CPU)")
+    broadcast_buffers: bool | None = Field(None, description="under DDP, copy rank 0's buffers into every rank before "
+                                                         "each forward; null = the family's call "
+                                                         "(Family.broadcast_buffers: off for stylegan2 and diffusion)")
 
 
 class StrategySpec(_Section):

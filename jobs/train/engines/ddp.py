@@ -44,8 +44,10 @@ class DDPEngine(Engine):
         self.grad_accum, self.grad_clip = spec.train.grad_accum, spec.train.grad_clip
         self._micro = 0   # micro-batches stepped so far; a multiple of grad_accum after every train step
         # DDP broadcasts rank 0's weights at construction, so every rank starts identical. Whether it
-        # also copies rank 0's buffers before every forward is the family's call (Family.broadcast_buffers).
-        self.broadcast_buffers = bool(get_family_cls(spec.family).broadcast_buffers)
+        # also copies rank 0's buffers before every forward is the family's call (Family.broadcast_buffers),
+        # unless the spec sets train.broadcast_buffers (so that the GPU check can measure both).
+        chosen = spec.train.broadcast_buffers
+        self.broadcast_buffers = bool(get_family_cls(spec.family).broadcast_buffers if chosen is None else chosen)
         self.ddp = None
         if world_size > 1:
             sync = buffer_sync_kwargs(self.broadcast_buffers)

@@ -33,13 +33,14 @@ class NetWithBuffer(nn.Module):
         self.register_buffer("running", torch.zeros(3))
 
 
-def engine_for(family: str, monkeypatch, **patches) -> tuple[ddp.DDPEngine, dict]:
+def engine_for(family: str, monkeypatch, spec_flag: bool | None = None, **patches) -> tuple[ddp.DDPEngine, dict]:
     RecordingDDP.made = []
     monkeypatch.setattr(ddp, "DistributedDataParallel", RecordingDDP)
     for name, value in patches.items():
         monkeypatch.setattr(ddp, name, value)
     # The engine reads only `spec.family` for the flag; the rest of the dcgan spec is the run's.
-    spec = SPEC.model_copy(update={"family": family})
+    spec = SPEC.model_copy(update={"family": family,
+                                   "train": SPEC.train.model_copy(update={"broadcast_buffers": spec_flag})})
     engine = ddp.DDPEngine(NetWithBuffer(), Phase("net", 0.1), CPU, spec, world_size=2)
     assert len(RecordingDDP.made) == 1
     return engine, RecordingDDP.made[0]
@@ -51,6 +52,14 @@ def test_engine_passes_the_familys_flag(family, monkeypatch):
     expected = get_family_cls(family).broadcast_buffers
     assert engine.broadcast_buffers is expected
     assert kwargs[next(iter(ddp.buffer_sync_kwargs(True)))] is expected
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_the_spec_overrides_the_familys_flag(flag, monkeypatch):
+    for family in ("stylegan2", "dcgan"):
+        engine, kwargs = engine_for(family, monkeypatch, spec_flag=flag)
+        assert engine.broadcast_buffers is flag
+        assert kwargs[next(iter(ddp.buffer_sync_kwargs(True)))] is flag
 
 
 def test_the_flag_per_family_follows_its_buffers():
