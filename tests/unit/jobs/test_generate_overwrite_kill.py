@@ -16,14 +16,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
-import models.snapshot
 from data_shards.card import MANIFEST, read_card
 from data_shards.verify import verify
 from data_shards.writer import LOCK
 from jobs import generate as gen
-from test_generate_atomic import FAMILY, fake_workers
+from test_generate_atomic import old_set  # noqa: F401  (the fixture: the same old set)
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -59,16 +56,6 @@ def run(out: Path, source: str, seed_base: int, n: int, *, kill_mid_publish: boo
         env["ORBITGEN_TEST_KILL_AT"] = kill_at
     return subprocess.run([sys.executable, "-c", SCRIPT, str(out), source, str(seed_base), str(n),
                            "1" if kill_mid_publish else "0"], env=env, cwd=ROOT, timeout=120).returncode
-
-
-@pytest.fixture
-def old_set(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setattr(models.snapshot, "load_snapshot", lambda snapshot: (FAMILY, None, None))
-    monkeypatch.setattr(gen, "_write_shards", fake_workers())
-    out = tmp_path / "out"
-    gen.generate(gen.ModelSource("old.pt", "old.pt"), 8, str(out), shard_size=4, progress=False, say=lambda m: None)
-    assert verify(str(out)).ok
-    return out
 
 
 def set_files(out: Path) -> list[str]:
