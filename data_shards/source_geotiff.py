@@ -173,6 +173,7 @@ def read_geotiff(source: str, resolution: int, channels: str | int | None = "kee
     def items() -> Iterator[Sample | Skipped]:
         for rel in rels:
             yield from tiles(rel)
-        source_notes.append(f"{counts['dropped']} of {counts['tiles']} tiles dropped as nodata")
+        if counts["dropped"]:
+            source_notes.append(f"{counts['dropped']} of {counts['tiles']} tiles dropped as nodata")
 
     return Source(items(), notes=source_notes)

@@ -119,8 +119,10 @@ def test_a_nan_pixel_is_nodata_and_8_bit_bands_are_kept_as_they_are(tmp_path):
     assert items[0].image[0, 0, 0] == 0 and items[0].image[1, 1, 0] == 255
     b = np.arange(2 * 16 * 16, dtype=np.uint8).reshape(2, 16, 16)
     write_scene(tmp_path / "bytes.tif", b, nodata=None)
-    (tile,) = read_geotiff(str(tmp_path / "bytes.tif"), 16).items
+    source = read_geotiff(str(tmp_path / "bytes.tif"), 16)
+    (tile,) = source.items
     assert np.array_equal(tile.image, np.moveaxis(b, 0, -1)) and "range" not in tile.meta
+    assert source.notes == []                                      # nothing dropped: no "0 of 1" note
 
 
 def test_an_alpha_band_masks_the_others_and_is_not_kept(tmp_path):
