@@ -129,6 +129,8 @@ class Pending:
             has = ", ".join(f"{have:g} {k}{'s' * (have != 1)}" for k, have in lacking.items())
             return f"waiting for {self.demand}: cluster has {has}; the autoscaler is adding nodes"
         busy = ", ".join(f"{free.get(k, 0.0):g} of {total[k]:g} {k}s free" for k in wanted)
+        if all(free.get(k, 0.0) >= v for k, v in wanted.items()):   # the other work just let go
+            return f"waiting for {self.demand}: {busy}, Ray is placing them"
         return f"waiting for {self.demand}: {busy} (other work holds the rest)"
 
 

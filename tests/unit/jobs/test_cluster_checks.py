@@ -121,6 +121,8 @@ def test_the_waiting_line_names_what_is_missing_or_busy(monkeypatch):
     cpu2 = training_demand(quickstart())
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.0})
     assert Pending(cpu2).line() == "waiting for 2 training workers × {CPU: 1}: 1 of 8 CPUs free (other work holds the rest)"
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 2.0})   # room, but not yet placed
+    assert Pending(cpu2).line() == "waiting for 2 training workers × {CPU: 1}: 2 of 8 CPUs free, Ray is placing them"
     placed = True
     assert "placed, starting" in Pending(cpu2).line()
 
