@@ -351,7 +351,8 @@ def run_stage2(ctx: SearchContext, *, top: Sequence[str], kept: Sequence[str] | 
                on_run: Callable[[ValidatedRun], None] | None = None) -> ValidationResult:
     from optuna.samplers import TPESampler
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.search.optuna import OptunaSearch
+
+    from search.proposal_searcher import ProposalSearch
 
     if ctx.train_fn is None:
         raise ValueError("run_stage2: the context has no train_fn")
@@ -412,7 +413,7 @@ def run_stage2(ctx: SearchContext, *, top: Sequence[str], kept: Sequence[str] | 
         # With room for every choice, each is tried once (in order); else TPE samples the categorical.
         points = ([{"subset": c} for c in choices if c not in set(done) | queued] if v.trials >= len(choices)
                   else [])
-        searcher = OptunaSearch(metric=OBJECTIVE, mode="min", points_to_evaluate=points or None,
+        searcher = ProposalSearch(metric=OBJECTIVE, mode="min", points_to_evaluate=points or None,
                                 sampler=TPESampler(seed=cfg.seed), study_name=STUDY_NAME, storage=study.storage)
         log(f"stage 2: {n_proposals} Optuna proposal(s) among {len(choices)} valid subsets of 1..{k} of the top "
             f"{len(top)} ({', '.join(top)}), seed {seeds[0]}, halving at steps {halving.rungs} "

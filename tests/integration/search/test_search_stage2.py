@@ -4,9 +4,11 @@ and a verdict that says so when nothing beats plain data.
 
 The stand-ins report FID at steps 2, 4, 6, 8 of an 8-step budget; rungs sit at 2 and 4.
 """
+import math
 import sys
 from types import SimpleNamespace
 
+import optuna
 import pytest
 import ray.cloudpickle
 from mlflow.tracking import MlflowClient
@@ -79,6 +81,11 @@ def test_late_help_wins_controls_run_in_full_and_a_stopped_trial_never_wins(ray_
     assert "B+C" in stopped and v.winner != "B+C" and "B+C" not in {c.key for c in v.comparisons}
     assert sum(r["stopped"] for r in v.rungs) == len(stopped) and v.rungs[0]["judged"] >= 8 - 1
     assert all(d["cutoff"] is None or d["stopped"] == (d["value"] > d["cutoff"]) for d in v.rung_decisions)
+    # In the stored Optuna study (what optuna-dashboard shows) a stopped proposal is PRUNED, not finished.
+    study = optuna.load_study(study_name="stage2-proposals", storage=f"sqlite:///{tmp_path}/s2/optuna.db")
+    state = {t.params["subset"]: t.state for t in study.trials}
+    assert {key for key, s in state.items() if s == optuna.trial.TrialState.PRUNED} == stopped
+    assert all(math.isfinite(t.value) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
     # G helps only late, yet wins: confirmed on every seed, its interval below zero.
     assert v.winner == "G" and v.chosen == ["G"] and v.source == "stage2"
     assert sorted(r.seed for r in v.runs if r.key == "G") == [0, 1, 2]
@@ -114,8 +121,6 @@ def test_nothing_beats_none_and_the_verdict_says_so(ray_local, tmp_path):
 
 
 def test_a_resumed_stage2_continues_the_optuna_study_with_no_extra_trials(ray_local, tmp_path):
-    import optuna
-
     first, _, _ = stage2(tmp_path, late_help_fid, seeds=1, trials=3)
     db = f"sqlite:///{tmp_path}/s2/optuna.db"
     trials = optuna.load_study(study_name="stage2-proposals", storage=db).trials
