@@ -275,7 +275,7 @@ def _search(ctx: SearchContext) -> SearchResult:
         if validation.winner:
             chosen_rule = "stage 2: it beat no augmentation beyond seed noise (Holm-corrected paired bootstrap)"
         else:
-            chosen_rule = f"{chosen_rule} (stage 2 found no subset beating no augmentation)"
+            chosen_rule = f"{chosen_rule}; stage 2 found no subset beating no augmentation"
         say("verdict: " + validation.verdict)
         if validation.warning:
             say("WARNING: " + validation.warning)
