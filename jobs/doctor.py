@@ -132,8 +132,9 @@ def _files(spec: JobSpec, cluster: Cluster | None) -> Check:
     try:
         check_files(spec)
     except SpecError as e:
-        return Check("files", False, str(e).replace("\n", ";"), "copy the files to this machine and set them "
-                                                                 "with --set KEY=PATH")
+        first, *missing = str(e).splitlines()
+        return Check("files", False, first.rstrip(":") + ": " + "; ".join(m.strip() for m in missing),
+                     "copy the files to this machine and set them with --set KEY=PATH")
     needed = spec.make_family().required_files()
     return Check("files", True, f"{len(needed)} named file(s) present" if needed else "none needed")
 

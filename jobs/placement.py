@@ -67,7 +67,9 @@ def _fix(key: str) -> str:
     if key.startswith(("data.train", "--data", "--inputs")):
         return ("put the shards in object storage (`orbitgen data build SOURCE s3://bucket/shards/NAME`, or set "
                 "storage.root / ORBITGEN_STORAGE for built-in sets), " + declare)
-    return f"set storage.root or ORBITGEN_STORAGE to an s3:// URL (or {key} itself), {declare}"
+    if key == "storage.root":
+        return f"set storage.root or ORBITGEN_STORAGE to an s3:// URL, {declare}"
+    return f"set {key} (or storage.root / ORBITGEN_STORAGE) to an s3:// URL, {declare}"
 
 
 def training_places(spec: JobSpec, *, data_url: str, tracking_uri: str, storage: str | None = None) -> list[Place]:

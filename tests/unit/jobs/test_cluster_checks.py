@@ -50,6 +50,8 @@ def test_a_cluster_refuses_the_first_local_path_naming_key_path_and_fix(sets, ke
     line = str(err.value)
     assert "\n" not in line and line.startswith(f"{key}: ") and path in line and "2 nodes" in line
     assert ("s3://" in line or "http://" in line) and (key == "tracking.uri" or "storage.shared_mounts" in line)
+    if key in ("storage.root", "checkpoint.storage"):   # the setting to change, named once
+        assert line.count(f"set {key}") == 1 and "itself" not in line
 
 
 def test_a_cluster_takes_object_storage_and_declared_mounts(monkeypatch):

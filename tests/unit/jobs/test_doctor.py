@@ -37,6 +37,7 @@ def test_each_problem_is_named_with_a_fix(tmp_path):
     assert all(found[name].strip().startswith("FAIL") for name in ("ray", "gpus", "tracking", "storage", "data", "files"))
     assert result.output.count("fix:") == 6 and "6 problem(s) found" in result.output
     assert "model.vision_aided.weights.clip_vitb32" in found["files"]
+    assert "(set them with --set KEY=PATH): model.vision_aided.weights." in found["files"] and ":;" not in found["files"]
     assert f"{{CPU: {cpus}}}" in found["ray"] and f"--set scaling.num_workers={cpus} " in result.output and "http://127.0.0.1:1" in found["tracking"]
     assert list(tmp_path.iterdir()) == []
 
