@@ -352,11 +352,13 @@ def held_table(count: int, resolution: int, candidates: int, repeats: int) -> st
     return "\n".join(rows)
 
 
-def extract_probe(count: int, resolution: int) -> None:
+def extract_probe(count: int, resolution: int, batch: int | None = None) -> None:
     """Peak RSS of one `search.originals.extract` call over `count` random images with the random
-    Inception-v3, in this (fresh) process, in the driver's batches (`search.originals.EXTRACT_BATCH`):
-    what the driver pays to featurise the originals."""
+    Inception-v3, in this (fresh) process, in the driver's batches (`search.originals.EXTRACT_BATCH`,
+    or `batch`): what the driver pays to featurise the originals."""
     from search.originals import EXTRACT_BATCH, extract
+
+    batch = batch or EXTRACT_BATCH
 
     work = tempfile.mkdtemp(prefix="mab-probe")
     try:
@@ -366,10 +368,10 @@ def extract_probe(count: int, resolution: int) -> None:
         images = torch.randint(0, 256, (count, 1, resolution, resolution), dtype=torch.uint8)
         before = peak_rss_bytes()
         t = time.perf_counter()
-        extract(net, images)
+        extract(net, images, batch=batch)
         seconds = time.perf_counter() - t
         print(f"extract() of {count} images {resolution}² with Inception-v3 (random weights), batch "
-              f"{min(count, EXTRACT_BATCH)}, {torch.get_num_threads()} threads: {seconds:.1f} s ({count / seconds:.1f} "
+              f"{min(count, batch)}, {torch.get_num_threads()} threads: {seconds:.1f} s ({count / seconds:.1f} "
               f"images/s); peak RSS {before / 1e9:.2f} GB before, {peak_rss_bytes() / 1e9:.2f} GB after")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -517,6 +519,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="each variant's best of this many interleaved runs")
     ap.add_argument("--extract-probe", type=int, default=None, metavar="N",
                     help="only measure the driver's feature extraction of N originals, in its batches (peak RSS, images/s)")
+    ap.add_argument("--extract-batch", type=int, default=None, metavar="B",
+                    help="--extract-probe: batches of B images (default search.originals.EXTRACT_BATCH)")
     ap.add_argument("--driver-probe", action="store_true",
                     help="only measure the driver's steps after stage 1 at the paper's scale, from synthetic stored features")
     ap.add_argument("--write-inception", help=argparse.SUPPRESS)   # the child process of paper_scale
@@ -526,7 +530,7 @@ def main() -> None:
     elif args.driver_probe:
         driver_probe(args)
     elif args.extract_probe:
-        extract_probe(args.extract_probe, args.resolution or PAPER["resolution"])
+        extract_probe(args.extract_probe, args.resolution or PAPER["resolution"], args.extract_batch)
     elif args.paper_scale:
         paper_scale(args)
     else:

@@ -276,8 +276,8 @@ def test_a_training_outlives_its_worker_node(cluster, s3_server, mlflow_server):
     resumed = [int(m.value) for m in client.get_metric_history(run, "resumed_from_step")]
     before = [m.step for m in client.get_metric_history(run, "loss_D") if m.timestamp <= stopped_at * 1000]
     # Each restart resumes from a checkpoint, never from scratch. A lost node may cost two restarts
-    # (seen once in six runs here: the first restart failed as well, both from step 10), which
-    # checkpoint.max_failures=2 covers.
+    # (seen here once: the first restart failed as well, both from step 10; five reruns restarted
+    # once), which checkpoint.max_failures=2 covers.
     assert 1 <= len(resumed) <= 2 and resumed == sorted(resumed), (resumed, stderr[-4000:])
     assert all(r > 0 and r % 10 == 0 for r in resumed), resumed
     assert before and resumed[0] <= max(before) < 200, f"the stop did not land mid-run: {before}"
