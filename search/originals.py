@@ -18,10 +18,13 @@ from data_shards.stream import iterate_once, training_share
 from models.metrics.extractors import make_extractor
 
 BATCH = 256          # images read per shard batch (uint8: 16 MB at 256² x 256)
-# Images per extractor forward pass. Inception at 299² holds ~15 MB of activations per image while
-# a batch runs: 256 a batch peaked at 4.4 GB in the driver, 32 at ~1.1 GB (benchmarks/BENCHMARKS.md,
-# "MineAug stage 1 at the paper's scale"), at the same images/s on a CPU.
-EXTRACT_BATCH = 32
+# Images per extractor forward pass on a CPU. Inception at 299² holds ~15 MB of activations per
+# image while a batch runs: featurising 2,500 originals at 256² peaked the driver at 4.4 GB in
+# batches of 256, 1.65 GB in 32 and 1.26 GB in 16, and 16 was also the fastest on 2 cores
+# (benchmarks/BENCHMARKS.md, "MineAug stage 1 at the paper's scale").
+EXTRACT_BATCH = 16
+# On a GPU (stage-1 trials given one): larger batches keep it busy; not yet measured on one.
+EXTRACT_BATCH_GPU = 32
 ORIGINALS_SEED = 0   # the same draw for every search of a set, so their FIDs compare
 
 
@@ -41,11 +44,13 @@ class Originals:
 
 
 def extract(extractor: torch.nn.Module, images: torch.Tensor, device: str | torch.device = "cpu",
-            batch: int = EXTRACT_BATCH) -> np.ndarray:
-    """Features of uint8 NCHW images, in batches, as float32 numpy (N, d).
+            batch: int | None = None) -> np.ndarray:
+    """Features of uint8 NCHW images, in batches (default: EXTRACT_BATCH on a CPU, EXTRACT_BATCH_GPU
+    else), as float32 numpy (N, d).
 
     Inference mode (no autograd record) and each batch's output copied into one preallocated array:
     a batch's activations are freed before the next runs, and no list of outputs is concatenated."""
+    batch = batch or (EXTRACT_BATCH if torch.device(device).type == "cpu" else EXTRACT_BATCH_GPU)
     out: np.ndarray | None = None
     with torch.inference_mode():
         for s in range(0, images.shape[0], batch):

@@ -177,7 +177,7 @@ def test_the_originals_are_featurised_in_small_batches_without_autograd():
     images = torch.randint(0, 256, (300, 3, 2, 2), dtype=torch.uint8)
     net = _Recording()
     out = extract(net, images)
-    assert EXTRACT_BATCH <= 32 and max(net.batches) == EXTRACT_BATCH and sum(net.batches) == 300
+    assert EXTRACT_BATCH <= 16 and max(net.batches) == EXTRACT_BATCH and sum(net.batches) == 300
     assert not any(net.grad)
     with torch.no_grad():
         want = net.lin(images.float().flatten(1) / 255).numpy()
