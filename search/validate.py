@@ -414,7 +414,7 @@ def run_stage2(ctx: SearchContext, *, top: Sequence[str], kept: Sequence[str] | 
         points = ([{"subset": c} for c in choices if c not in set(done) | queued] if v.trials >= len(choices)
                   else [])
         searcher = ProposalSearch(metric=OBJECTIVE, mode="min", points_to_evaluate=points or None,
-                                sampler=TPESampler(seed=cfg.seed), study_name=STUDY_NAME, storage=study.storage)
+                                  sampler=TPESampler(seed=cfg.seed), study_name=STUDY_NAME, storage=study.storage)
         log(f"stage 2: {n_proposals} Optuna proposal(s) among {len(choices)} valid subsets of 1..{k} of the top "
             f"{len(top)} ({', '.join(top)}), seed {seeds[0]}, halving at steps {halving.rungs} "
             f"(grace {grace_steps(budget)})")
