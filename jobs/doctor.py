@@ -122,8 +122,10 @@ def _data(spec: JobSpec, cluster: Cluster | None) -> Check:
     except Exception as e:   # unreadable, absent or not matching the spec: the message names it
         if (failed := _store_failure("data", e, spec.data.train)) is not None:
             return failed   # the store stopped the read: building the set again would not help
-        return Check("data", False, str(e), "build it with `orbitgen data build SOURCE DEST`, point data.train "
-                                            "at a built shard set, or set data.channels/resolution to match it")
+        fix = "build it with `orbitgen data build SOURCE DEST`, or point data.train at a built shard set"
+        if "but the spec says" in str(e):   # a set that is there, of other images (jobs/inputs.check_data)
+            fix = "set data.channels/resolution to match it, or point data.train at another shard set"
+        return Check("data", False, str(e), fix)
     return Check("data", True, f"{spec.data.train} ({card['count']} images)")
 
 

@@ -41,3 +41,25 @@ def test_each_problem_is_named_with_a_fix(tmp_path):
     assert f"{{CPU: {cpus}}}" in found["ray"] and f"--set scaling.num_workers={cpus} " in result.output and "http://127.0.0.1:1" in found["tracking"]
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_the_data_fix_fits_the_problem(tmp_path):
+    """Nothing at data.train: build or point elsewhere. A set of other images: match the spec to it."""
+    from data_shards.synthetic import crater_field
+    from data_shards.writer import write_shards
+
+    base = ["--set", f"workdir={tmp_path / 'work'}", "--set", "scaling.num_workers=1"]
+    missing = doctor(*base, "--set", f"data.train={tmp_path / 'nothing'}").output
+    assert lines_of(missing)["data"].strip().startswith("FAIL")
+    assert "orbitgen data build" in fix_of("data", missing) and "channels" not in fix_of("data", missing)
+    write_shards(crater_field(8, 16, 1, 0), str(tmp_path / "r16"), layout="synthetic:craters", resolution=16,
+                 channels=1, source="test", shard_samples=8, progress=False)
+    other = doctor(*base, "--set", f"data.train={tmp_path / 'r16'}", "--set", "data.resolution=32").output
+    assert "set data.channels/resolution to match it" in fix_of("data", other)
+
+
+def fix_of(name: str, output: str) -> str:
+    """The `fix:` line under check `name` in doctor's output ("" when it has none)."""
+    lines = output.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith(("ok", "FAIL")) and line.split()[1] == name)
+    return lines[at + 1] if at + 1 < len(lines) and "fix:" in lines[at + 1] else ""
