@@ -42,7 +42,6 @@ def test_each_problem_is_named_with_a_fix(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-
 def test_the_data_fix_fits_the_problem(tmp_path):
     """Nothing at data.train: build or point elsewhere. A set of other images: match the spec to it."""
     from data_shards.synthetic import crater_field
