@@ -19,7 +19,7 @@ from data_shards.endpoint import unanswered
 from data_shards.errors import EnvironmentProblem, UserError
 from data_shards.storage import filesystem, storage_problem
 from jobs.capacity import fits_ever, training_demand, unfitting
-from jobs.inputs import check_data, check_files
+from jobs.inputs import MISSING_FILES, DataMismatch, check_data, missing_files
 from jobs.placement import Place, artifact_place, builtin_home, data_location, local_path, refuse_unshared
 from jobs.runtime.cluster import Cluster
 from jobs.runtime.redact import redact
@@ -122,20 +122,17 @@ def _data(spec: JobSpec, cluster: Cluster | None) -> Check:
     except Exception as e:   # unreadable, absent or not matching the spec: the message names it
         if (failed := _store_failure("data", e, spec.data.train)) is not None:
             return failed   # the store stopped the read: building the set again would not help
-        fix = "build it with `orbitgen data build SOURCE DEST`, or point data.train at a built shard set"
-        if "but the spec says" in str(e):   # a set that is there, of other images (jobs/inputs.check_data)
-            fix = "set data.channels/resolution to match it, or point data.train at another shard set"
+        fix = ("set data.channels/resolution to match it, or point data.train at another shard set"
+               if isinstance(e, DataMismatch) else
+               "build it with `orbitgen data build SOURCE DEST`, or point data.train at a built shard set")
         return Check("data", False, str(e), fix)
     return Check("data", True, f"{spec.data.train} ({card['count']} images)")
 
 
 def _files(spec: JobSpec, cluster: Cluster | None) -> Check:
-    """The runner's check of the local files the family needs (eval weights: the spec checks them)."""
-    try:
-        check_files(spec)
-    except SpecError as e:
-        first, *missing = str(e).splitlines()
-        return Check("files", False, first.rstrip(":") + ": " + "; ".join(m.strip() for m in missing),
+    """The local files the spec needs, as the driver checks them (jobs/inputs.missing_files)."""
+    if missing := missing_files(spec):
+        return Check("files", False, f"{MISSING_FILES}: " + "; ".join(missing),
                      "copy the files to this machine and set them with --set KEY=PATH")
     needed = spec.make_family().required_files()
     return Check("files", True, f"{len(needed)} named file(s) present" if needed else "none needed")

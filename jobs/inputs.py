@@ -51,6 +51,10 @@ def resolve_data_url(url: str, *, home: str, resize_to: int | None = None, holdo
     return adopted.url
 
 
+class DataMismatch(SpecError):
+    """The shard set is there, but holds other images than the spec says (channels, resolution)."""
+
+
 def check_data(spec: JobSpec, url: str) -> dict[str, Any]:
     try:
         card = read_card(url)
@@ -61,16 +65,24 @@ def check_data(spec: JobSpec, url: str) -> dict[str, Any]:
     if differ:
         resize = (" (or data.resize: resize to fit its images to data.resolution on read)"
                   if card.layout == ADOPTED_LAYOUT and card.channels == spec.data.channels else "")
-        raise SpecError(f"data.train {url} holds {card.channels}-channel {card.resolution}² images, "
+        raise DataMismatch(f"data.train {url} holds {card.channels}-channel {card.resolution}² images, "
                         f"but the spec says {', '.join(differ)}; set it to match the shard set{resize}")
     return card.model_dump(mode="json")
 
 
-def check_files(spec: JobSpec, *, family_files: bool = True) -> None:
-    """The local files the spec needs, before Ray starts: the evaluation's extractor weights and,
-    unless `family_files` is off (a search that trains nothing), the family's pretrained weights."""
+MISSING_FILES = "files this spec needs are missing (set them with --set KEY=PATH)"
+
+
+def missing_files(spec: JobSpec, *, family_files: bool = True) -> list[str]:
+    """`KEY: no file at PATH` (or `KEY: not set`) for each local file the spec needs and lacks: the
+    evaluation's extractor weights and, unless `family_files` is off (a search that trains
+    nothing), the family's pretrained weights."""
     wanted = {**(spec.make_family().required_files() if family_files else {}), **spec.eval.weight_files()}
-    missing = [f"  {key}: " + (f"no file at {path}" if path else "not set")
-               for key, path in wanted.items() if not (path and Path(path).expanduser().is_file())]
-    if missing:
-        raise SpecError("files this spec needs are missing (set them with --set KEY=PATH):\n" + "\n".join(missing))
+    return [f"{key}: " + (f"no file at {path}" if path else "not set")
+            for key, path in wanted.items() if not (path and Path(path).expanduser().is_file())]
+
+
+def check_files(spec: JobSpec, *, family_files: bool = True) -> None:
+    """Refuses, before Ray starts, a spec whose local files are missing (`missing_files`)."""
+    if missing := missing_files(spec, family_files=family_files):
+        raise SpecError(f"{MISSING_FILES}:\n" + "\n".join(f"  {line}" for line in missing))
