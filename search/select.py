@@ -96,19 +96,22 @@ def _matched_sq(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.einsum("ij,ij->i", d, d).mean())
 
 
+def _per_repeat(x: CandidateScore | Sequence[np.ndarray]) -> Sequence[np.ndarray]:
+    """A candidate's per-repeat features, from its score or as they are."""
+    return x.features if isinstance(x, CandidateScore) else x
+
+
 def output_spread(score: CandidateScore | Sequence[np.ndarray]) -> float:
     """Mean squared feature distance, per image, between two draws of the same candidate (its score,
     or its per-repeat features)."""
-    f = score.features if isinstance(score, CandidateScore) else score
+    f = _per_repeat(score)
     pairs = [_matched_sq(f[r], f[q]) for r in range(len(f)) for q in range(r + 1, len(f))]
     return float(np.mean(pairs)) if pairs else 0.0
 
 
 def output_cross(a: CandidateScore | Sequence[np.ndarray], b: CandidateScore | Sequence[np.ndarray]) -> float:
     """Mean squared feature distance, per image, between a's and b's outputs (repeat by repeat)."""
-    fa = a.features if isinstance(a, CandidateScore) else a
-    fb = b.features if isinstance(b, CandidateScore) else b
-    return float(np.mean([_matched_sq(x, y) for x, y in zip(fa, fb)]))
+    return float(np.mean([_matched_sq(x, y) for x, y in zip(_per_repeat(a), _per_repeat(b))]))
 
 
 def near_duplicate_groups(scores: Mapping[str, CandidateScore], names: Sequence[str],
