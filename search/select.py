@@ -122,14 +122,12 @@ def near_duplicate_groups(scores: Mapping[str, CandidateScore], names: Sequence[
     representative it is compared with)."""
     load = _loader(scores, features)
     order = sorted(names, key=lambda n: scores[n].fid)
-    spreads = {n: output_spread(load(n)) for n in order}
+    spreads: dict[str, float] = {}   # each from the one load of its candidate below (reps come first)
     reps: list[str] = []
     member_of: dict[str, str] = {}
     for n in order:
-        if not reps:
-            reps.append(n)
-            continue
         own = load(n)
+        spreads[n] = output_spread(own)
         # A tiny absolute floor so that two deterministic, identical transforms (spread 0) group.
         floor = 1e-12 * (1.0 + np.mean(np.square(own[0])))
         for rep in reps:
